@@ -1,0 +1,93 @@
+import Boom from '@hapi/boom'
+
+/**
+ * Every failure a request can meet has a class with a stable `code` and the facts it needs.
+ * They are translated into HTTP responses in exactly one place, {@link toBoom}, so that no
+ * raw upstream text (which may echo a credential) ever reaches a client.
+ */
+export class ProxyError extends Error {
+  readonly code: string
+  readonly status: number
+  constructor(code: string, status: number, message: string, options?: { cause?: unknown }) {
+    super(message, options)
+    this.name = new.target.name
+    this.code = code
+    this.status = status
+  }
+}
+
+/** The request itself is malformed (400). */
+export class BadRequestError extends ProxyError {
+  constructor(message: string) {
+    super('EBADREQUEST', 400, message)
+  }
+}
+
+/** `repository` names no configured source (404); no outbound connection was made. */
+export class NoSourceError extends ProxyError {
+  constructor(readonly repository: string) {
+    super('ENOSOURCE', 404, `repository ${repository} matches no registry source`)
+  }
+}
+
+/** The registry says the manifest or blob does not exist (404). */
+export class NotFoundError extends ProxyError {
+  constructor(message: string) {
+    super('ENOTFOUND', 404, message)
+  }
+}
+
+/** The registry failed: an error status, a refused connection, TLS, a broken stream (502). */
+export class UpstreamError extends ProxyError {
+  constructor(
+    message: string,
+    readonly upstreamStatus?: number,
+    options?: { cause?: unknown },
+  ) {
+    super('EUPSTREAM', 502, message, options)
+  }
+}
+
+/** The registry sent something that cannot be a valid manifest for the request (502). */
+export class ManifestError extends ProxyError {
+  constructor(message: string) {
+    super('EMANIFEST', 502, message)
+  }
+}
+
+/** Bytes did not hash to the digest that names them (502); carries both digests. */
+export class DigestError extends ProxyError {
+  constructor(
+    readonly what: 'manifest' | 'layer',
+    readonly expected: string,
+    readonly found: string,
+  ) {
+    super('EDIGEST', 502, `${what} digest mismatch: expected ${expected}, got ${found}`)
+  }
+}
+
+/** The registry did not connect, answer or keep sending within its timeout (504). */
+export class TimeoutError extends ProxyError {
+  constructor(
+    readonly phase: 'connect' | 'headers' | 'idle' | 'fill',
+    readonly ms: number,
+  ) {
+    super('ETIMEOUT', 504, `registry did not ${phase === 'connect' ? 'accept the connection' : phase === 'headers' ? 'answer' : 'send data'} within ${ms} ms`)
+  }
+}
+
+/** The local cache failed (disk full, I/O error); the request may still be served. */
+export class CacheError extends ProxyError {
+  constructor(message: string, options?: { cause?: unknown }) {
+    super('ECACHE', 500, message, options)
+  }
+}
+
+/** Maps any error to the Boom response the client sees; unknown errors become a bare 500. */
+export function toBoom(err: unknown): Boom.Boom {
+  if (Boom.isBoom(err)) return err
+  if (err instanceof ProxyError) {
+    return new Boom.Boom(err.message, { statusCode: err.status, data: { code: err.code } })
+  }
+  return Boom.internal()
+}
