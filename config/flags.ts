@@ -1,0 +1,119 @@
+import { resolve } from 'node:path'
+import { parseQuantity } from './quantity.js'
+
+export type LogLevel = 'debug' | 'info' | 'warn' | 'error'
+
+/** The process configuration, as CONTRACT.md's flag table defines it. */
+export interface Flags {
+  listenHost: string
+  listenPort: number
+  cacheDirectory: string
+  cacheRetentionBytes: number
+  disableCache: boolean
+  kubeconfig?: string
+  registryConfig?: string
+  logLevel: LogLevel
+}
+
+/** A flag or config problem: main prints the message on one line and exits with code 2. */
+export class ConfigError extends Error {
+  readonly code = 'ECONFIG'
+}
+
+/** The folder used when neither the flag nor its env var is given (the image sets /cache). */
+export const DEFAULT_CACHE_DIRECTORY = 'cache'
+
+interface FlagSpec {
+  name: string
+  boolean?: boolean
+  default?: string
+}
+
+const SPECS: FlagSpec[] = [
+  { name: 'listen-address', default: '127.0.0.1:5080' },
+  { name: 'cache-directory', default: DEFAULT_CACHE_DIRECTORY },
+  { name: 'cache-retention-size', default: '1Gi' },
+  { name: 'disable-cache', boolean: true, default: 'false' },
+  { name: 'kubeconfig' },
+  { name: 'registry-config' },
+  { name: 'log-level', default: 'info' },
+]
+
+export const FLAG_NAMES: readonly string[] = SPECS.map((s) => s.name)
+
+/** `--cache-directory` -> `RPP_CACHE_DIRECTORY`. */
+export function envName(flag: string): string {
+  return `RPP_${flag.toUpperCase().replace(/-/g, '_')}`
+}
+
+function parseBoolean(flag: string, text: string): boolean {
+  if (/^(true|1|yes)$/i.test(text)) return true
+  if (/^(false|0|no|)$/i.test(text)) return false
+  throw new ConfigError(`--${flag}: "${text}" is not a boolean (true or false)`)
+}
+
+/** Splits `host:port` or `[v6]:port`; the port must be 0-65535. */
+export function parseListenAddress(text: string): { host: string; port: number } {
+  const m = /^(?:\[([^\]]+)\]|([^:]*)):(\d{1,5})$/.exec(text)
+  const port = m ? Number(m[3]) : NaN
+  if (!m || port > 65535) {
+    throw new ConfigError(`--listen-address: "${text}" is not host:port (example: 127.0.0.1:5080)`)
+  }
+  return { host: m[1] ?? (m[2] || '0.0.0.0'), port }
+}
+
+/**
+ * Parses argv (without node and script) over the environment. Flags win over `RPP_*` env
+ * vars, which win over defaults. Throws {@link ConfigError} naming the flag on any problem.
+ */
+export function parseFlags(argv: readonly string[], env: NodeJS.ProcessEnv = process.env, cwd = process.cwd()): Flags {
+  const values = new Map<string, string>()
+  for (const spec of SPECS) {
+    const fromEnv = env[envName(spec.name)]
+    if (fromEnv !== undefined && fromEnv !== '') values.set(spec.name, fromEnv)
+    else if (spec.default !== undefined) values.set(spec.name, spec.default)
+  }
+  for (let i = 0; i < argv.length; i++) {
+    const arg = argv[i] ?? ''
+    const m = /^--([a-z-]+)(?:=(.*))?$/s.exec(arg)
+    if (!m) throw new ConfigError(`unexpected argument "${arg}" (flags look like --name=value)`)
+    const name = m[1] ?? ''
+    const spec = SPECS.find((s) => s.name === name)
+    if (!spec) throw new ConfigError(`unknown flag --${name} (known: ${SPECS.map((s) => `--${s.name}`).join(', ')})`)
+    let value = m[2]
+    if (value === undefined) {
+      if (spec.boolean) value = 'true'
+      else {
+        value = argv[++i]
+        if (value === undefined) throw new ConfigError(`--${name} needs a value`)
+      }
+    }
+    values.set(name, value)
+  }
+
+  const listen = parseListenAddress(values.get('listen-address') ?? '')
+  let retention: number
+  try {
+    retention = parseQuantity(values.get('cache-retention-size') ?? '')
+  } catch (err) {
+    throw new ConfigError(`--cache-retention-size: ${(err as Error).message}`)
+  }
+  const logLevel = values.get('log-level') ?? 'info'
+  if (!['debug', 'info', 'warn', 'error'].includes(logLevel)) {
+    throw new ConfigError(`--log-level: "${logLevel}" is not one of debug, info, warn, error`)
+  }
+  const cacheDirectory = values.get('cache-directory') ?? ''
+  if (cacheDirectory === '') throw new ConfigError('--cache-directory must not be empty')
+  const kubeconfig = values.get('kubeconfig')
+  const registryConfig = values.get('registry-config')
+  return {
+    listenHost: listen.host,
+    listenPort: listen.port,
+    cacheDirectory: resolve(cwd, cacheDirectory),
+    cacheRetentionBytes: retention,
+    disableCache: parseBoolean('disable-cache', values.get('disable-cache') ?? 'false'),
+    ...(kubeconfig ? { kubeconfig: resolve(cwd, kubeconfig) } : {}),
+    ...(registryConfig ? { registryConfig: resolve(cwd, registryConfig) } : {}),
+    logLevel: logLevel as LogLevel,
+  }
+}

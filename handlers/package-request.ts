@@ -1,0 +1,79 @@
+import { BadRequestError } from '../errors.js'
+import { isRegistryHost, isRepositoryPath } from '../plugins/credentials/source.js'
+import { DIGEST } from '../plugins/packages/manifest.js'
+
+/** A validated `/package` query. */
+export interface PackageQuery {
+  digest: string
+  repository?: string
+  path?: string
+}
+
+function single(query: Record<string, unknown>, key: string): string | undefined {
+  const v = query[key]
+  if (v === undefined) return undefined
+  if (typeof v !== 'string') throw new BadRequestError(`"${key}" must be given once`)
+  return v
+}
+
+/** Validates `digest`, `repository` and `path` against CONTRACT.md; throws a 400 naming the field. */
+export function parsePackageQuery(query: Record<string, unknown>): PackageQuery {
+  const digest = single(query, 'digest')
+  if (digest === undefined || digest === '') throw new BadRequestError('"digest" is required (sha256:<64 lowercase hex>)')
+  if (!DIGEST.test(digest)) throw new BadRequestError('"digest" must be sha256:<64 lowercase hex>')
+  const repository = single(query, 'repository')
+  if (repository !== undefined && repository !== '') {
+    const slash = repository.indexOf('/')
+    const host = slash === -1 ? repository : repository.slice(0, slash)
+    const rest = slash === -1 ? '' : repository.slice(slash + 1)
+    if (repository.length > 512 || !isRegistryHost(host) || (slash !== -1 && !isRepositoryPath(rest))) {
+      throw new BadRequestError('"repository" must be host[:port]/path in the OCI name grammar')
+    }
+  }
+  const path = single(query, 'path')
+  if (path !== undefined && path !== '' && !isRepositoryPath(path)) {
+    throw new BadRequestError('"path" must be /-separated lowercase OCI name components (no "..", no empty segments)')
+  }
+  return {
+    digest,
+    ...(repository ? { repository } : {}),
+    ...(path ? { path } : {}),
+  }
+}
+
+/** A byte range `start..end` (inclusive) of an object of `size` bytes. */
+export interface ByteRange {
+  start: number
+  end: number
+}
+
+/**
+ * Interprets a `Range` header for an object of `size` bytes: undefined to send it whole (no
+ * header, a syntax we ignore as RFC 9110 allows, or several ranges), 'unsatisfiable' for 416.
+ */
+export function parseRange(header: string | undefined, size: number): ByteRange | 'unsatisfiable' | undefined {
+  if (!header) return undefined
+  const m = /^bytes=\s*(\d*)\s*-\s*(\d*)\s*$/.exec(header)
+  if (!m) return undefined
+  const [, a = '', b = ''] = m
+  if (a === '' && b === '') return undefined
+  if (a === '') {
+    const suffix = Number(b)
+    if (suffix === 0 || size === 0) return 'unsatisfiable'
+    return { start: Math.max(0, size - suffix), end: size - 1 }
+  }
+  const start = Number(a)
+  const end = b === '' ? size - 1 : Math.min(Number(b), size - 1)
+  if (b !== '' && Number(b) < start) return undefined
+  if (start >= size) return 'unsatisfiable'
+  return { start, end }
+}
+
+/** True when an `If-None-Match` header matches `etag` (weak comparison, `*` matches). */
+export function matchesIfNoneMatch(header: string | undefined, etag: string): boolean {
+  if (!header) return false
+  return header.split(',').some((t) => {
+    const tag = t.trim().replace(/^W\//, '')
+    return tag === '*' || tag === etag
+  })
+}

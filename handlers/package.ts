@@ -1,0 +1,71 @@
+import type { Request, ResponseObject, ResponseToolkit } from '@hapi/hapi'
+import type { SourceSet } from '../plugins/credentials/source-set.js'
+import type { PackageResult, PackageService } from '../plugins/packages/package-service.js'
+import { matchesIfNoneMatch, parsePackageQuery, parseRange } from './package-request.js'
+
+function header(request: Request, name: string): string | undefined {
+  const v: unknown = request.headers[name]
+  return typeof v === 'string' ? v : undefined
+}
+
+export interface PackageHandlerDeps {
+  sources: SourceSet
+  packages: PackageService
+  /** Told how each request was served (logs, metrics). */
+  onResult?: (request: Request, result: PackageResult | 'not-modified' | 'head') => void
+}
+
+/**
+ * `GET|HEAD /package`: validate, pick the source (an unknown repository is a 404 before any
+ * connection), resolve the manifest, then answer 304, 416, HEAD headers, or stream the bytes.
+ * Errors are thrown and mapped to JSON bodies by the plugin's error extension.
+ */
+export function packageHandler(deps: PackageHandlerDeps) {
+  return async (request: Request, h: ResponseToolkit): Promise<ResponseObject> => {
+    const query = parsePackageQuery(request.query)
+    const source = deps.sources.match(query.repository)
+    const name = [source.namePrefix, query.path].filter(Boolean).join('/')
+    const etag = `"${query.digest}"`
+    const hex = query.digest.slice('sha256:'.length)
+    const common = (response: ResponseObject): ResponseObject =>
+      response
+        .header('ETag', etag)
+        .header('Cache-Control', 'public, max-age=31536000, immutable')
+        .header('Accept-Ranges', 'bytes')
+
+    // The ETag is the digest the client asked for: a match needs no registry at all.
+    if (matchesIfNoneMatch(header(request, 'if-none-match'), etag)) {
+      deps.onResult?.(request, 'not-modified')
+      return common(h.response().code(304))
+    }
+
+    const pkg = await deps.packages.resolve(source, name, query.digest)
+    const size = pkg.layer.size
+    const ifRange = header(request, 'if-range')
+    const range = ifRange && ifRange !== etag ? undefined : parseRange(header(request, 'range'), size)
+    if (range === 'unsatisfiable') {
+      return common(h.response({ statusCode: 416, error: 'Range Not Satisfiable', message: `the package has ${size} bytes` }).code(416))
+        .header('Content-Range', `bytes */${size}`)
+    }
+    const start = range?.start ?? 0
+    const end = range?.end ?? size - 1
+    const withHeaders = (response: ResponseObject): ResponseObject => {
+      common(response)
+        .type('application/x-gzip')
+        .header('Content-Disposition', `attachment; filename="${hex}.tar.gz"`)
+        .header('Content-Length', String(end - start + 1))
+      if (range) response.code(206).header('Content-Range', `bytes ${start}-${end}/${size}`)
+      return response
+    }
+
+    // HEAD needs only the manifest: never start a layer download for it.
+    if (request.method === 'head' || size === 0) {
+      deps.onResult?.(request, 'head')
+      return withHeaders(h.response(size === 0 ? '' : undefined)).code(range ? 206 : 200)
+    }
+
+    const body = await deps.packages.open(source, name, pkg, start, end)
+    deps.onResult?.(request, body.result)
+    return withHeaders(h.response(body.stream))
+  }
+}

@@ -1,0 +1,87 @@
+#!/usr/bin/env node
+import { pino } from 'pino'
+import { ConfigError, parseFlags } from './config/flags.js'
+import { formatBytes } from './config/quantity.js'
+import { SourceError } from './plugins/credentials/source.js'
+import { createServer } from './server.js'
+
+/** How long SIGTERM waits for in-flight responses before closing them. */
+const DRAIN_MS = 25_000
+
+function fail(message: string): never {
+  process.stderr.write(`registry-packages-proxy: ${message.replace(/\s+/g, ' ')}\n`)
+  process.exit(2)
+}
+
+async function main(argv: string[]): Promise<void> {
+  let flags
+  try {
+    flags = parseFlags(argv)
+  } catch (err) {
+    if (err instanceof ConfigError) fail(err.message)
+    throw err
+  }
+  const logger = pino({
+    level: flags.logLevel,
+    base: { name: 'registry-packages-proxy' },
+    // Belt and braces: our code never logs these, and if a header object slips in, it is hidden.
+    redact: { paths: ['*.authorization', '*.Authorization', 'headers.authorization', '*.password', '*.token'], censor: '[redacted]' },
+  })
+  let proxy
+  try {
+    proxy = await createServer({
+      host: flags.listenHost,
+      port: flags.listenPort,
+      cacheDirectory: flags.cacheDirectory,
+      limitBytes: flags.cacheRetentionBytes,
+      disableCache: flags.disableCache,
+      ...(flags.registryConfig ? { registryConfig: flags.registryConfig } : {}),
+      logger,
+    })
+  } catch (err) {
+    if (err instanceof SourceError || err instanceof ConfigError) fail(err.message)
+    const code = (err as NodeJS.ErrnoException).code
+    if (code === 'EACCES' || code === 'EROFS' || code === 'ENOTDIR') fail(`--cache-directory ${flags.cacheDirectory}: ${code}`)
+    throw err
+  }
+  try {
+    await proxy.server.start()
+  } catch (err) {
+    fail(`--listen-address ${flags.listenHost}:${flags.listenPort}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`)
+  }
+  logger.info(
+    {
+      listen: proxy.server.info.uri,
+      cacheDirectory: flags.disableCache ? undefined : flags.cacheDirectory,
+      cacheLimit: formatBytes(flags.cacheRetentionBytes),
+      sources: proxy.sources.all().map((s) => ({ name: s.name, repository: s.repository, scheme: s.scheme })),
+    },
+    'registry-packages-proxy listening',
+  )
+
+  let stopping = false
+  const stop = (signal: string): void => {
+    if (stopping) return
+    stopping = true
+    logger.info({ signal }, 'stopping: draining in-flight responses')
+    // hapi stops accepting at once and waits up to DRAIN_MS for responses in flight; the
+    // onPostStop hooks then finish fills and close the index (its batched writes included).
+    proxy.server.stop({ timeout: DRAIN_MS }).then(
+      () => {
+        logger.info('stopped')
+        process.exit(0)
+      },
+      (err: unknown) => {
+        logger.error({ err: { message: (err as Error).message } }, 'error while stopping')
+        process.exit(1)
+      },
+    )
+  }
+  process.on('SIGTERM', () => stop('SIGTERM'))
+  process.on('SIGINT', () => stop('SIGINT'))
+}
+
+main(process.argv.slice(2)).catch((err: unknown) => {
+  process.stderr.write(`registry-packages-proxy: fatal: ${(err as Error).message}\n`)
+  process.exit(1)
+})

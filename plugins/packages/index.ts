@@ -1,0 +1,111 @@
+import Boom from '@hapi/boom'
+import type { Plugin, Request } from '@hapi/hapi'
+import { DigestError, toBoom } from '../../errors.js'
+import { packageHandler } from '../../handlers/package.js'
+import type { SourceSet } from '../credentials/source-set.js'
+import type { Metrics } from '../metrics/metrics.js'
+import { BlobStore } from './blob-store.js'
+import { CacheIndex } from './cache-index.js'
+import { describe, PackageService, type PackageLogger } from './package-service.js'
+import { reconcile } from './reconcile.js'
+import { RegistryClient } from './registry-client.js'
+import type { RegistryTimeouts } from './transport.js'
+
+export interface PackagesOptions {
+  sources: SourceSet
+  metrics: Metrics
+  log: PackageLogger
+  cacheDirectory: string
+  limitBytes: number
+  disableCache: boolean
+  timeouts?: Partial<RegistryTimeouts>
+  env?: NodeJS.ProcessEnv
+  /** How often batched access times are written to SQLite. */
+  flushIntervalMs?: number
+}
+
+/** What the plugin exposes to the server and to other plugins (health, cache API). */
+export interface PackagesApi {
+  service: PackageService
+  index: CacheIndex | undefined
+  ready(): boolean
+}
+
+/**
+ * Package handling: opens the cache (index + blob files, reconciled before the first request),
+ * builds the registry client, and registers `/package`. With `--disable-cache` nothing is
+ * opened or written.
+ */
+export const packagesPlugin: Plugin<PackagesOptions> = {
+  name: 'packages',
+  async register(server, o) {
+    let index: CacheIndex | undefined
+    let store: BlobStore | undefined
+    if (!o.disableCache) {
+      store = new BlobStore(o.cacheDirectory)
+      await store.init()
+      index = await CacheIndex.open(o.cacheDirectory, (err) => o.log.error({ err: describe(err) }, 'cache index error'))
+      const report = await reconcile(index, store)
+      o.log.info({ ...report, entries: index.blobCount, usedBytes: index.usedBytes }, 'cache reconciled')
+    }
+    const client = new RegistryClient({
+      ...(o.timeouts ? { timeouts: o.timeouts } : {}),
+      ...(o.env ? { env: o.env } : {}),
+      observe: (kind, code, seconds) => {
+        o.metrics.upstreamRequests.inc({ kind, code: String(code) })
+        o.metrics.upstreamSeconds.observe({ kind }, seconds)
+      },
+    })
+    const service = new PackageService({ index, store, client, limitBytes: o.limitBytes, disableCache: o.disableCache, log: o.log })
+    if (service.space) {
+      const trimmed = await service.space.trim()
+      if (trimmed > 0) o.log.info({ evicted: trimmed }, 'cache trimmed to --cache-retention-size')
+    }
+    o.metrics.attachCache({
+      usedBytes: () => service.space?.usedBytes ?? 0,
+      limitBytes: () => (o.disableCache ? 0 : o.limitBytes),
+      entries: () => index?.blobCount ?? 0,
+      activeFills: () => service.activeFills,
+    })
+    const flusher = setInterval(() => {
+      index?.flush().catch((err: unknown) => o.log.warn({ err: describe(err) }, 'cannot write access times'))
+    }, o.flushIntervalMs ?? 5000)
+    flusher.unref()
+
+    const onResult = (request: Request, result: string): void => {
+      o.metrics.packageResults.inc({ result })
+      ;(request.app as { result?: string }).result = result
+    }
+    const handler = packageHandler({ sources: o.sources, packages: service, onResult })
+    server.route({
+      method: 'GET',
+      path: '/package',
+      options: { response: { ranges: false, emptyStatusCode: 200 } },
+      handler: async (request, h) => {
+        try {
+          return await handler(request, h)
+        } catch (err) {
+          if (err instanceof DigestError) o.metrics.digestMismatches.inc({ what: err.what })
+          onResult(request, 'error')
+          ;(request.app as { error?: unknown }).error = describe(err)
+          throw toBoom(err)
+        }
+      },
+    })
+    server.route({
+      method: '*',
+      path: '/package',
+      handler: () => {
+        const err = Boom.methodNotAllowed('only GET and HEAD are allowed on /package', undefined, ['GET', 'HEAD'])
+        return err
+      },
+    })
+    server.expose('api', { service, index, ready: () => true } satisfies PackagesApi)
+    server.ext('onPostStop', async () => {
+      clearInterval(flusher)
+      await service.close()
+      client.close()
+      await index?.close()
+    })
+  },
+}

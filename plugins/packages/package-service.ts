@@ -1,0 +1,245 @@
+import { open, type FileHandle } from 'node:fs/promises'
+import type { Readable } from 'node:stream'
+import { ManifestError, ProxyError, UpstreamError } from '../../errors.js'
+import type { RegistrySource } from '../credentials/source.js'
+import type { BlobStore } from './blob-store.js'
+import type { CacheIndex } from './cache-index.js'
+import { Fill } from './fill.js'
+import { parseManifest, verifyDigest, type LayerRef } from './manifest.js'
+import { verifiedPassThrough } from './pass-through.js'
+import type { RegistryClient } from './registry-client.js'
+import { SpaceManager, type Reservation } from './space-manager.js'
+
+/** How a request was served, for logs and metrics. */
+export type PackageResult = 'hit' | 'miss' | 'coalesced' | 'bypass'
+
+export interface PackageLogger {
+  info(obj: object, msg: string): void
+  warn(obj: object, msg: string): void
+  error(obj: object, msg: string): void
+}
+
+export interface PackageServiceOptions {
+  index: CacheIndex | undefined
+  store: BlobStore | undefined
+  client: RegistryClient
+  limitBytes: number
+  disableCache: boolean
+  log: PackageLogger
+  /** Upper bound for one fill, whoever is waiting for it. */
+  fillTimeoutMs?: number
+}
+
+/** The resolution of a package request: which layer, and whether it is on disk. */
+export interface ResolvedPackage {
+  digest: string
+  layer: LayerRef
+  cached: boolean
+}
+
+/** An open body for a response. */
+export interface PackageBody {
+  stream: Readable
+  result: PackageResult
+}
+
+/**
+ * The package use case: manifest digest -> last layer -> bytes, from the cache when possible.
+ * Manifests are fetched once per concurrent (repository, digest); layers once per digest;
+ * space is reserved before a byte is written so the cache never exceeds its limit.
+ */
+export class PackageService {
+  readonly #o: PackageServiceOptions
+  readonly #fills = new Map<string, Promise<Fill | undefined>>()
+  readonly #resolving = new Map<string, Promise<LayerRef>>()
+  readonly space: SpaceManager | undefined
+  readonly #aborter = new AbortController()
+  readonly #running = new Set<Promise<void>>()
+
+  constructor(options: PackageServiceOptions) {
+    this.#o = options
+    this.space = options.index && options.store && !options.disableCache
+      ? new SpaceManager(options.index, options.store, options.limitBytes, options.log)
+      : undefined
+  }
+
+  get activeFills(): number {
+    return this.#fills.size
+  }
+
+  /** Finds the layer for `digest`: from the index when known, else from the registry. */
+  async resolve(source: RegistrySource, name: string, digest: string): Promise<ResolvedPackage> {
+    const known = this.#o.index?.manifest(digest)
+    if (known && !this.#o.disableCache) {
+      const blob = this.#o.index?.blob(known.layerDigest)
+      if (blob) return { digest, layer: { digest: blob.digest, size: blob.size, mediaType: known.layerMediaType }, cached: true }
+    }
+    const key = `${source.repository}\n${name}\n${digest}`
+    let pending = this.#resolving.get(key)
+    if (!pending) {
+      pending = this.#fetchLayerRef(source, name, digest).finally(() => this.#resolving.delete(key))
+      this.#resolving.set(key, pending)
+    }
+    const layer = await pending
+    const cached = !this.#o.disableCache && this.#o.index?.blob(layer.digest) !== undefined
+    if (cached) await this.#rememberManifest(digest, layer)
+    return { digest, layer, cached }
+  }
+
+  async #fetchLayerRef(source: RegistrySource, name: string, digest: string): Promise<LayerRef> {
+    const first = await this.#o.client.fetchManifest(source, name, digest)
+    verifyDigest('manifest', first.body, digest)
+    const parsed = parseManifest(first.body, first.mediaType)
+    if (parsed.kind === 'image') return parsed.layer
+    const second = await this.#o.client.fetchManifest(source, name, parsed.platformDigest)
+    verifyDigest('manifest', second.body, parsed.platformDigest)
+    const image = parseManifest(second.body, second.mediaType)
+    if (image.kind !== 'image') throw new ManifestError('linux/amd64 entry of the index is itself an index')
+    return image.layer
+  }
+
+  async #rememberManifest(digest: string, layer: LayerRef): Promise<void> {
+    try {
+      await this.#o.index?.putManifest({ digest, layerDigest: layer.digest, layerMediaType: layer.mediaType })
+    } catch (err) {
+      this.#o.log.warn({ err: describe(err), digest }, 'cache index write failed; serving without recording the manifest')
+    }
+  }
+
+  /**
+   * Opens bytes `start..end` (inclusive) of the package. A hit reads the file; a miss joins the
+   * running fill for the layer or starts one; an uncacheable layer streams straight through.
+   * Resolves once the first byte can be trusted to follow (the registry answered).
+   */
+  async open(source: RegistrySource, name: string, pkg: ResolvedPackage, start: number, end: number): Promise<PackageBody> {
+    const { layer } = pkg
+    if (pkg.cached && this.space && this.#o.store) {
+      const handle = await this.#openCached(layer.digest)
+      if (handle) {
+        this.#o.index?.touch(layer.digest)
+        const stream = handle.createReadStream({ start, end, highWaterMark: 256 * 1024 })
+        stream.once('close', () => this.space?.unpin(layer.digest))
+        return { stream, result: 'hit' }
+      }
+    }
+    let pending = this.#fills.get(layer.digest)
+    let result: PackageResult = 'coalesced'
+    if (!pending) {
+      // Registered synchronously, before any await, so every concurrent request joins this fill.
+      pending = this.#startFill(source, name, pkg.digest, layer)
+      this.#fills.set(layer.digest, pending)
+      result = 'miss'
+    }
+    const fill = await pending
+    if (!fill) {
+      const stream = await verifiedPassThrough(this.#o.client, source, name, layer, start, end)
+      return { stream, result: 'bypass' }
+    }
+    await fill.started
+    return { stream: fill.reader(start, end), result }
+  }
+
+  /** Opens a cached file, pinning it against eviction; undefined if it vanished meanwhile. */
+  async #openCached(digest: string): Promise<FileHandle | undefined> {
+    if (!this.space || !this.#o.store) return undefined
+    this.space.pin(digest)
+    try {
+      return await open(this.#o.store.pathFor(digest), 'r')
+    } catch {
+      this.space.unpin(digest)
+      return undefined
+    }
+  }
+
+  /**
+   * Starts the one fill for `layer`, or resolves undefined when it cannot be cached (no cache,
+   * larger than the limit, no space that is not being read, a disk error): the caller then
+   * streams straight through.
+   */
+  async #startFill(source: RegistrySource, name: string, digest: string, layer: LayerRef): Promise<Fill | undefined> {
+    const space = this.space
+    const store = this.#o.store
+    const index = this.#o.index
+    const reservation = space?.reserve(layer.size)
+    if (!space || !store || !index || !reservation) {
+      this.#fills.delete(layer.digest)
+      return undefined
+    }
+    let fill: Fill
+    try {
+      await reservation.ready
+      fill = new Fill(layer, await store.createTemp())
+    } catch (err) {
+      reservation.release()
+      this.#fills.delete(layer.digest)
+      this.#o.log.warn({ err: describe(err), layer: layer.digest }, 'cannot start a cache fill; streaming through')
+      return undefined
+    }
+    const signal = AbortSignal.any([AbortSignal.timeout(this.#o.fillTimeoutMs ?? 30 * 60_000), this.#aborter.signal])
+    const settled = fill
+      .run(() => this.#o.client.openBlob(source, name, layer.digest, { signal }))
+      .then(() => this.#finishFill(fill, digest, reservation))
+      .finally(() => {
+        reservation.release()
+        this.#fills.delete(layer.digest)
+        fill.release()
+        this.#running.delete(settled)
+      })
+    this.#running.add(settled)
+    return fill
+  }
+
+  /** Commits a verified fill (rename, then index rows) or discards a failed one. */
+  async #finishFill(fill: Fill, digest: string, reservation: Reservation): Promise<void> {
+    const { layer } = fill
+    const store = this.#o.store
+    const index = this.#o.index
+    if (!store || !index) return
+    if (fill.state !== 'verified') {
+      await store.removeTemp(fill.tempPath).catch(() => undefined)
+      this.#o.log.warn({ err: describe(fill.error), layer: layer.digest }, 'cache fill failed; nothing cached')
+      return
+    }
+    try {
+      await store.commit(fill.tempPath, layer.digest)
+      const now = Date.now()
+      await index.putBlob({ digest: layer.digest, size: layer.size, lastAccess: now, hits: 0, createdAt: now })
+      reservation.commit()
+      await index.putManifest({ digest, layerDigest: layer.digest, layerMediaType: layer.mediaType })
+    } catch (err) {
+      this.#o.log.error({ err: describe(err), layer: layer.digest }, 'cache commit failed; the layer was served but not cached')
+      await store.removeTemp(fill.tempPath).catch(() => undefined)
+      // Undo through the space manager so the byte accounting stays exact.
+      if (index.blob(layer.digest)) await this.space?.evict(layer.digest).catch(() => undefined)
+      else await store.remove(layer.digest).catch(() => undefined)
+    }
+  }
+
+  /** Removes one cached package by manifest or layer digest; false if it was not cached. */
+  async remove(digest: string): Promise<boolean> {
+    if (!this.space || !this.#o.index) return false
+    const layerDigest = this.#o.index.manifest(digest)?.layerDigest ?? digest
+    if (!this.#o.index.blob(layerDigest)) {
+      await this.#o.index.removeManifest(digest)
+      return false
+    }
+    return this.space.evict(layerDigest)
+  }
+
+  /** Aborts running fills (shutdown) and waits for them to settle. */
+  async close(): Promise<void> {
+    this.#aborter.abort(new UpstreamError('the proxy is shutting down'))
+    await Promise.allSettled([...this.#fills.values()])
+    await Promise.allSettled([...this.#running])
+  }
+}
+
+/** A log-safe description of an error: class, code and our own message only. */
+export function describe(err: unknown): { type: string; code?: string; message: string } {
+  if (err instanceof ProxyError) return { type: err.name, code: err.code, message: err.message }
+  if (err instanceof Error) {
+    const code = (err as NodeJS.ErrnoException).code
+    return { type: err.name, ...(code ? { code } : {}), message: code ?? err.name }
+  }
+  return { type: 'unknown', message: 'unknown error' }
+}

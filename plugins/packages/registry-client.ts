@@ -1,0 +1,339 @@
+import { PassThrough, type Readable } from 'node:stream'
+import axios, { type AxiosResponse } from 'axios'
+import { NotFoundError, ProxyError, TimeoutError, UpstreamError } from '../../errors.js'
+import type { RegistrySource } from '../credentials/source.js'
+import { parseChallenge, type Challenge } from './auth-challenge.js'
+import { TokenCache } from './token-cache.js'
+import { DEFAULT_TIMEOUTS, Transport, type RegistryTimeouts } from './transport.js'
+
+/** The upstream call kinds, as metric labels. */
+export type UpstreamKind = 'manifest' | 'blob' | 'token'
+
+/** Told about every upstream HTTP exchange (for metrics); never given URLs or headers. */
+export type UpstreamObserver = (kind: UpstreamKind, status: number | 'error', seconds: number) => void
+
+/** Everything a registry may answer for a manifest digest, best first. */
+export const MANIFEST_ACCEPT = [
+  'application/vnd.oci.image.manifest.v1+json',
+  'application/vnd.oci.image.index.v1+json',
+  'application/vnd.docker.distribution.manifest.v2+json',
+  'application/vnd.docker.distribution.manifest.list.v2+json',
+].join(', ')
+
+/** Manifests are small JSON documents; anything bigger is refused rather than buffered. */
+export const MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+
+const REDIRECTS = new Set([301, 302, 303, 307, 308])
+const MAX_REDIRECTS = 5
+
+export interface RegistryClientOptions {
+  timeouts?: Partial<RegistryTimeouts>
+  /** Proxy variables come from here (default `process.env`). */
+  env?: NodeJS.ProcessEnv
+  observe?: UpstreamObserver
+}
+
+export interface BlobResponse {
+  body: Readable
+  /** Bytes the body will carry (from Content-Length). */
+  length: number
+  /** First byte offset of the body within the blob. */
+  offset: number
+}
+
+/**
+ * A streaming OCI distribution client. It authenticates the way registries expect (anonymous,
+ * Basic from a docker config, Bearer tokens from the `WWW-Authenticate` challenge), follows
+ * redirects to blob storage without carrying credentials to another origin, and turns every
+ * failure into a {@link ProxyError} whose message holds no secret.
+ */
+export class RegistryClient {
+  readonly #timeouts: RegistryTimeouts
+  readonly #transport: Transport
+  readonly #tokens = new TokenCache()
+  readonly #observe: UpstreamObserver
+  /** What each source's registry asked for last time, so later requests authenticate up front. */
+  readonly #schemes = new WeakMap<RegistrySource, Challenge>()
+  /** Token cache keys use a per-object id: a source replaced with new credentials gets new tokens. */
+  readonly #ids = new WeakMap<RegistrySource, number>()
+  #nextId = 1
+
+  constructor(options: RegistryClientOptions = {}) {
+    this.#timeouts = { ...DEFAULT_TIMEOUTS, ...options.timeouts }
+    this.#transport = new Transport(this.#timeouts, options.env ?? process.env)
+    this.#observe = options.observe ?? (() => undefined)
+  }
+
+  /** Fetches a manifest (or index) by digest; the caller verifies the bytes. */
+  async fetchManifest(source: RegistrySource, name: string, reference: string, signal?: AbortSignal): Promise<{ body: Buffer; mediaType: string }> {
+    const res = await this.#exchange(source, 'manifest', name, `manifests/${reference}`, { Accept: MANIFEST_ACCEPT }, signal)
+    this.#checkStatus(res, 'manifest', [200])
+    const body = await readLimited(res.data, MAX_MANIFEST_BYTES, 'manifest')
+    const mediaType = String(res.headers['content-type'] ?? '').split(';')[0]?.trim() ?? ''
+    return { body, mediaType }
+  }
+
+  /**
+   * Opens a blob as a stream, from `offset` when given (a Range request, used to resume).
+   * Resolves once the registry answered with a success status; the body is guarded by the
+   * idle-read timeout and errors with a {@link ProxyError}.
+   */
+  async openBlob(source: RegistrySource, name: string, digest: string, options: { offset?: number; signal?: AbortSignal } = {}): Promise<BlobResponse> {
+    const offset = options.offset ?? 0
+    const headers: Record<string, string> = offset > 0 ? { Range: `bytes=${offset}-` } : {}
+    const res = await this.#exchange(source, 'blob', name, `blobs/${digest}`, headers, options.signal)
+    this.#checkStatus(res, 'blob', offset > 0 ? [206] : [200])
+    const length = Number(res.headers['content-length'])
+    if (!Number.isSafeInteger(length) || length < 0) {
+      res.data.destroy()
+      throw new UpstreamError(`registry ${source.registry} sent a blob without a valid Content-Length`)
+    }
+    return { body: guardBody(res.data, this.#timeouts.idleMs), length, offset }
+  }
+
+  /** Drops pooled connections (shutdown). */
+  close(): void {
+    this.#transport.close()
+    this.#tokens.clear()
+  }
+
+  #checkStatus(res: AxiosResponse<Readable>, what: 'manifest' | 'blob', ok: number[]): void {
+    if (ok.includes(res.status)) return
+    res.data.resume()
+    if (res.status === 404) throw new NotFoundError(`registry has no such ${what}`)
+    if (res.status === 401 || res.status === 403) {
+      throw new UpstreamError(`registry refused access to the ${what} (${res.status})`, res.status)
+    }
+    throw new UpstreamError(`registry answered ${res.status} for the ${what}`, res.status)
+  }
+
+  #sourceId(source: RegistrySource): number {
+    let id = this.#ids.get(source)
+    if (id === undefined) {
+      id = this.#nextId++
+      this.#ids.set(source, id)
+    }
+    return id
+  }
+
+  /**
+   * One logical request: authenticate with what the registry asked for before, and on a 401
+   * learn the challenge (or drop a refused token) and try again, at most twice.
+   */
+  async #exchange(
+    source: RegistrySource,
+    kind: 'manifest' | 'blob',
+    name: string,
+    path: string,
+    headers: Record<string, string>,
+    signal: AbortSignal | undefined,
+  ): Promise<AxiosResponse<Readable>> {
+    const url = `${source.scheme}://${source.registry}/v2/${name}/${path}`
+    const scope = `repository:${name}:pull`
+    for (let attempt = 0; ; attempt++) {
+      const auth = await this.#authorization(source, scope, signal)
+      const res = await this.#followRedirects(source, kind, url, { ...headers, ...(auth ? { Authorization: auth.header } : {}) }, signal)
+      if (res.status !== 401 || attempt >= 2) return res
+      res.data.resume()
+      if (auth?.tokenKey) this.#tokens.drop(auth.tokenKey, auth.token ?? '')
+      const challenge = parseChallenge(headerText(res.headers['www-authenticate']))
+      const previous = this.#schemes.get(source)
+      this.#schemes.set(source, challenge)
+      // Nothing new to try: anonymous against Basic without credentials, or an unknown scheme.
+      if (challenge.scheme === 'unknown') return res
+      if (challenge.scheme === 'basic' && (!source.credentials || previous?.scheme === 'basic')) return res
+    }
+  }
+
+  async #authorization(
+    source: RegistrySource,
+    scope: string,
+    signal: AbortSignal | undefined,
+  ): Promise<{ header: string; tokenKey?: string; token?: string } | undefined> {
+    const challenge = this.#schemes.get(source)
+    if (!challenge || challenge.scheme === 'unknown') return undefined
+    if (challenge.scheme === 'basic') return source.credentials ? { header: source.credentials.basicHeader() } : undefined
+    const key = `${this.#sourceId(source)}\n${challenge.realm}\n${challenge.service ?? ''}\n${scope}`
+    const token = await this.#tokens.get(key, () => this.#fetchToken(source, challenge, scope, signal))
+    return { header: `Bearer ${token}`, tokenKey: key, token }
+  }
+
+  async #fetchToken(
+    source: RegistrySource,
+    challenge: Extract<Challenge, { scheme: 'bearer' }>,
+    scope: string,
+    signal: AbortSignal | undefined,
+  ): Promise<{ token: string; expiresIn: number }> {
+    const url = new URL(challenge.realm)
+    if (challenge.service) url.searchParams.set('service', challenge.service)
+    url.searchParams.set('scope', scope)
+    const headers: Record<string, string> = { Accept: 'application/json' }
+    if (source.credentials) headers.Authorization = source.credentials.basicHeader()
+    const res = await this.#followRedirects(source, 'token', url.href, headers, signal)
+    if (res.status !== 200) {
+      res.data.resume()
+      throw new UpstreamError(`token server answered ${res.status}`, res.status)
+    }
+    const text = (await readLimited(res.data, 1024 * 1024, 'token')).toString('utf8')
+    let doc: { token?: unknown; access_token?: unknown; expires_in?: unknown }
+    try {
+      doc = JSON.parse(text) as typeof doc
+    } catch {
+      throw new UpstreamError('token server sent a response that is not JSON')
+    }
+    const token = typeof doc.token === 'string' && doc.token ? doc.token : typeof doc.access_token === 'string' ? doc.access_token : ''
+    if (!token) throw new UpstreamError('token server sent no token')
+    // The distribution spec: a missing or too small expires_in means 60 seconds.
+    const expiresIn = typeof doc.expires_in === 'number' && doc.expires_in >= 60 ? doc.expires_in : 60
+    return { token, expiresIn }
+  }
+
+  /**
+   * Sends one request and follows redirects by hand: `Authorization` goes only to the origin
+   * it was meant for, never to blob storage on another host.
+   */
+  async #followRedirects(
+    source: RegistrySource,
+    kind: UpstreamKind,
+    url: string,
+    headers: Record<string, string>,
+    signal: AbortSignal | undefined,
+  ): Promise<AxiosResponse<Readable>> {
+    const origin = new URL(url).origin
+    let current = url
+    for (let hop = 0; hop <= MAX_REDIRECTS; hop++) {
+      const sameOrigin = new URL(current).origin === origin
+      const sent = { ...headers }
+      if (!sameOrigin) delete sent.Authorization
+      const res = await this.#once(source, kind, current, sent, signal)
+      const location = headerText(res.headers.location)
+      if (!REDIRECTS.has(res.status) || !location) return res
+      res.data.resume()
+      const next = new URL(location, current)
+      if (next.protocol !== 'http:' && next.protocol !== 'https:') throw new UpstreamError('registry redirected to a non-HTTP URL')
+      current = next.href
+    }
+    throw new UpstreamError(`registry redirected more than ${MAX_REDIRECTS} times`)
+  }
+
+  async #once(
+    source: RegistrySource,
+    kind: UpstreamKind,
+    url: string,
+    headers: Record<string, string>,
+    signal: AbortSignal | undefined,
+  ): Promise<AxiosResponse<Readable>> {
+    const started = process.hrtime.bigint()
+    const headersTimer = new AbortController()
+    const timer = setTimeout(() => headersTimer.abort(new TimeoutError('headers', this.#timeouts.headersMs)), this.#timeouts.headersMs)
+    const combined = signal ? AbortSignal.any([signal, headersTimer.signal]) : headersTimer.signal
+    const seconds = (): number => Number(process.hrtime.bigint() - started) / 1e9
+    try {
+      const res = await axios.request<Readable>({
+        url,
+        method: 'GET',
+        headers: { 'User-Agent': 'registry-packages-proxy', ...headers },
+        responseType: 'stream',
+        // Layers are gzip files: deliver the bytes exactly as stored, they are what the digest covers.
+        decompress: false,
+        maxRedirects: 0,
+        validateStatus: () => true,
+        signal: combined,
+        ...this.#transport.optionsFor(url, source.ca),
+      })
+      this.#observe(kind, res.status, seconds())
+      return res
+    } catch (err) {
+      this.#observe(kind, 'error', seconds())
+      throw translate(err, headersTimer.signal, signal, source)
+    } finally {
+      clearTimeout(timer)
+    }
+  }
+}
+
+function headerText(value: unknown): string | undefined {
+  if (Array.isArray(value)) return value.map(String).join(', ')
+  return typeof value === 'string' ? value : undefined
+}
+
+/**
+ * Turns an axios/Node failure into our error. The axios error itself is dropped on purpose:
+ * it carries the request config, headers included, and must never reach a log.
+ */
+function translate(err: unknown, headersTimer: AbortSignal, caller: AbortSignal | undefined, source: RegistrySource): Error {
+  if (headersTimer.aborted && headersTimer.reason instanceof Error) return headersTimer.reason
+  if (caller?.aborted) return caller.reason instanceof Error ? caller.reason : new UpstreamError('request cancelled')
+  for (let e: unknown = err; e instanceof Error; e = e.cause) {
+    if (e instanceof ProxyError) return e
+  }
+  let code = 'error'
+  for (let e: unknown = err; e instanceof Error; e = e.cause) {
+    const c = (e as NodeJS.ErrnoException).code
+    if (typeof c === 'string' && c !== 'ERR_BAD_REQUEST' && !c.startsWith('ERR_BAD_')) {
+      code = c
+      if (!c.startsWith('ERR_')) break
+    }
+  }
+  return new UpstreamError(`connection to registry ${source.registry} failed (${code})`)
+}
+
+/** Reads a small body whole, refusing more than `limit` bytes. */
+async function readLimited(body: Readable, limit: number, what: string): Promise<Buffer> {
+  const chunks: Buffer[] = []
+  let size = 0
+  try {
+    for await (const chunk of body) {
+      const buf = chunk as Buffer
+      size += buf.length
+      if (size > limit) {
+        body.destroy()
+        throw new UpstreamError(`${what} is larger than ${limit} bytes`)
+      }
+      chunks.push(buf)
+    }
+  } catch (err) {
+    if (err instanceof ProxyError) throw err
+    throw new UpstreamError(`registry broke off the ${what} (${(err as NodeJS.ErrnoException).code ?? 'error'})`)
+  }
+  return Buffer.concat(chunks)
+}
+
+/**
+ * Re-exposes a response body so that (1) a stall longer than `idleMs` while the consumer is
+ * asking for data fails it with a {@link TimeoutError}, and (2) any socket error surfaces as an
+ * {@link UpstreamError} without the raw error's internals. Time spent paused by a slow consumer
+ * does not count as idle.
+ */
+function guardBody(res: Readable, idleMs: number): Readable {
+  const out = new PassThrough({ highWaterMark: 64 * 1024 })
+  const timer = setTimeout(function check() {
+    if (res.isPaused()) {
+      timer.refresh()
+      return
+    }
+    fail(new TimeoutError('idle', idleMs))
+  }, idleMs)
+  const fail = (err: Error): void => {
+    clearTimeout(timer)
+    res.destroy()
+    out.destroy(err)
+  }
+  res.pipe(out)
+  res.on('data', () => timer.refresh())
+  res.on('end', () => clearTimeout(timer))
+  res.on('aborted', () => fail(new UpstreamError('registry closed the connection mid-body')))
+  res.on('error', (err: NodeJS.ErrnoException) => {
+    if (err instanceof ProxyError) fail(err)
+    else fail(new UpstreamError(`registry connection broke mid-body (${err.code ?? 'error'})`))
+  })
+  // A premature close without 'error' (the socket just ended) must not look like success.
+  res.on('close', () => {
+    if (!res.readableEnded) fail(new UpstreamError('registry closed the connection mid-body'))
+  })
+  out.on('close', () => {
+    clearTimeout(timer)
+    if (!res.readableEnded) res.destroy()
+  })
+  return out
+}

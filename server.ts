@@ -1,0 +1,109 @@
+import Hapi from '@hapi/hapi'
+import type { Logger } from 'pino'
+import { credentialsPlugin } from './plugins/credentials/index.js'
+import { SourceSet } from './plugins/credentials/source-set.js'
+import { healthPlugin } from './plugins/health/index.js'
+import { metricsPlugin } from './plugins/metrics/index.js'
+import { Metrics } from './plugins/metrics/metrics.js'
+import { packagesPlugin, type PackagesApi } from './plugins/packages/index.js'
+import type { RegistryTimeouts } from './plugins/packages/transport.js'
+
+export interface ServerOptions {
+  host?: string
+  port?: number
+  cacheDirectory: string
+  limitBytes: number
+  disableCache?: boolean
+  registryConfig?: string
+  logger: Logger
+  /** Upstream timeouts (tests shorten them). */
+  timeouts?: Partial<RegistryTimeouts>
+  /** Proxy environment for the registry client (default `process.env`). */
+  env?: NodeJS.ProcessEnv
+  /** Prometheus process metrics (off in tests that build many servers). */
+  collectDefaultMetrics?: boolean
+  flushIntervalMs?: number
+}
+
+export interface ProxyServer {
+  server: Hapi.Server
+  sources: SourceSet
+  metrics: Metrics
+  packages: PackagesApi
+}
+
+/**
+ * Composes the plugins into an initialized (not yet listening) server. Everything a test
+ * needs to inspect is returned; nothing lives in module state.
+ */
+export async function createServer(o: ServerOptions): Promise<ProxyServer> {
+  const server = Hapi.server({
+    host: o.host ?? '127.0.0.1',
+    port: o.port ?? 0,
+    router: { stripTrailingSlash: false },
+    routes: {
+      // Package downloads can take long; upstream timeouts bound them, not a server timeout.
+      timeout: { server: false, socket: false },
+    },
+  })
+  const sources = new SourceSet()
+  const metrics = new Metrics({ collectDefaults: o.collectDefaultMetrics ?? true })
+  const log = o.logger
+
+  await server.register([
+    { plugin: metricsPlugin, options: { metrics } },
+    { plugin: credentialsPlugin, options: { sources, metrics, ...(o.registryConfig ? { registryConfig: o.registryConfig } : {}) } },
+    {
+      plugin: packagesPlugin,
+      options: {
+        sources,
+        metrics,
+        log,
+        cacheDirectory: o.cacheDirectory,
+        limitBytes: o.limitBytes,
+        disableCache: o.disableCache ?? false,
+        ...(o.timeouts ? { timeouts: o.timeouts } : {}),
+        ...(o.env ? { env: o.env } : {}),
+        ...(o.flushIntervalMs ? { flushIntervalMs: o.flushIntervalMs } : {}),
+      },
+    },
+  ])
+  const packages = (server.plugins as unknown as { packages: { api: PackagesApi } }).packages.api
+  await server.register({
+    plugin: healthPlugin,
+    options: {
+      checks: [
+        () => (packages.ready() ? undefined : 'cache index is not open'),
+        () => {
+          const pending = sources.unsynced()
+          return pending.length > 0 ? `credential sources not synced yet: ${pending.join(', ')}` : undefined
+        },
+        () => (sources.all().length === 0 ? 'no registry source is configured' : undefined),
+      ],
+    },
+  })
+
+  // One JSON line per request: what was asked, how it was served, how it ended.
+  server.events.on('response', (request) => {
+    const response = request.response
+    const status = response && 'statusCode' in response ? response.statusCode : 0
+    const app = request.app as { result?: string; error?: unknown }
+    const query = request.query as Record<string, unknown>
+    const line = {
+      req: request.info.id,
+      method: request.method,
+      path: request.path,
+      status,
+      ms: request.info.responded ? request.info.responded - request.info.received : undefined,
+      ...(request.path === '/package'
+        ? { digest: query.digest, repository: query.repository, pkgPath: query.path, result: app.result }
+        : {}),
+      ...(app.error ? { err: app.error } : {}),
+    }
+    if (request.path === '/healthz' || request.path === '/readyz' || request.path === '/metrics') log.debug(line, 'request')
+    else if (status >= 500) log.warn(line, 'request')
+    else log.info(line, 'request')
+  })
+  await server.initialize()
+  return { server, sources, metrics, packages }
+}
