@@ -61,11 +61,13 @@ export function packageHandler(deps: PackageHandlerDeps) {
     // HEAD needs only the manifest: never start a layer download for it.
     if (request.method === 'head' || size === 0) {
       deps.onResult?.(request, 'head')
-      return withHeaders(h.response(size === 0 ? '' : undefined)).code(range ? 206 : 200)
+      return withHeaders(h.response(size === 0 ? '' : undefined))
+        .code(range ? 206 : 200)
+        .header('X-Cache', pkg.cached ? 'HIT' : 'MISS')
     }
 
     const body = await deps.packages.open(source, name, pkg, start, end)
     deps.onResult?.(request, body.result)
-    return withHeaders(h.response(body.stream))
+    return withHeaders(h.response(body.stream)).header('X-Cache', body.result.toUpperCase())
   }
 }

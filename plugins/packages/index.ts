@@ -100,6 +100,14 @@ export const packagesPlugin: Plugin<PackagesOptions> = {
         return err
       },
     })
+    server.events.on('response', (request) => {
+      const result = (request.app as { result?: string }).result
+      const length = Number(request.response && 'headers' in request.response ? request.response.headers['content-length'] : 0)
+      // Only bodies that went out whole: an aborted response did not deliver its length.
+      if (result && ['hit', 'miss', 'coalesced', 'bypass'].includes(result) && request.raw.res.writableFinished && length > 0) {
+        o.metrics.bytesServed.inc(length)
+      }
+    })
     server.expose('api', { service, index, ready: () => true } satisfies PackagesApi)
     server.ext('onPostStop', async () => {
       clearInterval(flusher)
