@@ -1,0 +1,21 @@
+import t from 'tap'
+import { startHarness, packageUrl, DEFAULT_PREFIX, bytes, fetchRaw } from '../fixtures/proxy-harness.js'
+void t.test('explore', async (t) => {
+  const h = await startHarness(t)
+  const img = h.registry.addImage(DEFAULT_PREFIX, [bytes(100000, 3)])
+  h.registry.faults = { corruptBlob: true }
+  const r = await h.proxy.server.inject(packageUrl({ digest: img.manifestDigest })).catch((e: unknown) => { console.log('inject rejected', e); return undefined })
+  console.log('corrupt', r?.statusCode, r?.rawPayload.length, r?.headers, (r?.raw.res as any)?.destroyed)
+  h.registry.faults = { truncateBlobAt: 50000 }
+  const r2 = await h.proxy.server.inject(packageUrl({ digest: img.manifestDigest })).catch((e: unknown) => { console.log('inject rejected', e); return undefined })
+  console.log('trunc', r2?.statusCode, r2?.rawPayload.length)
+  const p = await h.proxy.server.inject({ method: 'POST', url: packageUrl({ digest: img.manifestDigest }), payload: '{bad', headers: { 'content-type': 'application/json' } })
+  console.log('post bad', p.statusCode, p.payload, p.headers.allow)
+  const p2 = await h.proxy.server.inject({ method: 'DELETE', url: packageUrl({ digest: img.manifestDigest }), payload: { a: 1 } })
+  console.log('delete', p2.statusCode, p2.payload, p2.headers.allow)
+  await h.proxy.server.start()
+  h.registry.faults = { corruptBlob: true }
+  const raw = await fetchRaw(`${h.proxy.server.info.uri}${packageUrl({ digest: img.manifestDigest })}`)
+  console.log('raw', raw.status, raw.body.length, raw.complete, raw.error, raw.headers['content-length'])
+  console.log(h.registry.counts)
+})
