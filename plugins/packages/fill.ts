@@ -1,12 +1,20 @@
 import { createHash } from 'node:crypto'
 import { EventEmitter } from 'node:events'
-import type { FileHandle } from 'node:fs/promises'
 import { Readable } from 'node:stream'
 import { DigestError, UpstreamError } from '../../errors.js'
 import type { BlobResponse } from './registry-client.js'
 import type { LayerRef } from './manifest.js'
 
 const READ_CHUNK = 256 * 1024
+/** In degraded (memory) mode the download waits for its slowest reader beyond this many bytes. */
+const MEMORY_WINDOW = 8 * 1024 * 1024
+
+/** The part of a file handle a fill uses; tests substitute one that fails like a full disk. */
+export interface TempFile {
+  write(buffer: Buffer, offset: number, length: number, position: number): Promise<{ bytesWritten: number }>
+  read(buffer: Buffer, offset: number, length: number, position: number): Promise<{ bytesRead: number }>
+  close(): Promise<void>
+}
 
 /**
  * One download of one layer into a temp file, shared by every client that wants it.
@@ -16,31 +24,42 @@ const READ_CHUNK = 256 * 1024
  * carries on whoever disconnects (its lifetime is its own, bounded by its own abort signal).
  * The last byte of any response is withheld until the whole layer has hashed to its digest, so
  * a corrupted download never produces a complete response.
+ *
+ * If the disk fails mid-fill (ENOSPC, EIO), the fill turns *degraded*: the rest of the layer is
+ * kept in a bounded memory window for the readers it already has, paced by the slowest of them;
+ * nothing will be cached and no new reader may join ({@link joinable} is false).
  */
 export class Fill extends EventEmitter {
   readonly layer: LayerRef
   readonly tempPath: string
-  /** Bytes written to the temp file and readable through {@link read}. */
+  /** Bytes received from the registry (on disk, or in memory when degraded). */
   written = 0
   state: 'running' | 'verified' | 'failed' = 'running'
   error: Error | undefined
+  /** Set when a disk write failed: the fill serves its readers from memory and caches nothing. */
+  diskError: Error | undefined
   /** Settles when the registry answered (resolved) or failed before sending a byte (rejected). */
   readonly started: Promise<void>
   /** Settles when the layer is verified (resolved) or the fill failed (rejected). */
   readonly done: Promise<void>
-  readonly #handle: FileHandle
+  readonly #file: TempFile
   #refs = 1
+  /** Bytes [0, #fileEnd) are in the file; [#memStart, written) in #mem. */
+  #fileEnd = 0
+  #memStart = 0
+  readonly #mem: Buffer[] = []
+  readonly #readers = new Set<FillReader>()
   #resolveStarted!: () => void
   #rejectStarted!: (err: Error) => void
   #resolveDone!: () => void
   #rejectDone!: (err: Error) => void
 
-  constructor(layer: LayerRef, temp: { path: string; handle: FileHandle }) {
+  constructor(layer: LayerRef, temp: { path: string; handle: TempFile }) {
     super()
     this.setMaxListeners(0)
     this.layer = layer
     this.tempPath = temp.path
-    this.#handle = temp.handle
+    this.#file = temp.handle
     this.started = new Promise((resolve, reject) => {
       this.#resolveStarted = resolve
       this.#rejectStarted = reject
@@ -52,6 +71,11 @@ export class Fill extends EventEmitter {
     // Observed by readers and the owner; these keep an unobserved failure from being "unhandled".
     this.started.catch(() => undefined)
     this.done.catch(() => undefined)
+  }
+
+  /** New readers may join only while the bytes are all on disk. */
+  get joinable(): boolean {
+    return this.diskError === undefined
   }
 
   /**
@@ -73,9 +97,12 @@ export class Fill extends EventEmitter {
           throw new UpstreamError('registry sent more bytes than the manifest says')
         }
         hash.update(chunk)
-        await writeAll(this.#handle, chunk, this.written)
-        this.written += chunk.length
-        this.emit('progress')
+        await this.#store(chunk)
+        if (this.diskError && this.#readers.size === 0) {
+          // Degraded and nobody left to serve: the bytes have no destination.
+          res.body.destroy()
+          throw this.diskError
+        }
       }
       if (this.written !== this.layer.size) throw new UpstreamError('registry ended the layer early')
       const found = `sha256:${hash.digest('hex')}`
@@ -92,6 +119,39 @@ export class Fill extends EventEmitter {
     }
   }
 
+  async #store(chunk: Buffer): Promise<void> {
+    if (!this.diskError) {
+      try {
+        await writeAll(this.#file, chunk, this.written)
+        this.written += chunk.length
+        this.#fileEnd = this.written
+        this.emit('progress')
+        return
+      } catch (err) {
+        this.diskError = err instanceof Error ? err : new Error(String(err))
+        this.#memStart = this.#fileEnd
+        this.emit('degraded', this.diskError)
+      }
+    }
+    this.#mem.push(chunk)
+    this.written += chunk.length
+    this.emit('progress')
+    // Pace the download to the slowest reader so memory stays bounded.
+    while (this.written - this.#memStart > MEMORY_WINDOW && this.#readers.size > 0) {
+      await new Promise<void>((resolve) => this.once('consumed', resolve))
+      this.#trimMemory()
+    }
+  }
+
+  /** Drops memory chunks every reader has passed. */
+  #trimMemory(): void {
+    let min = this.written
+    for (const r of this.#readers) min = Math.min(min, r.position)
+    while (this.#mem.length > 0 && this.#memStart + (this.#mem[0]?.length ?? 0) <= min) {
+      this.#memStart += this.#mem.shift()?.length ?? 0
+    }
+  }
+
   /** How many bytes from the start a reader whose range ends at `end` (inclusive) may take now. */
   readable(end: number): number {
     if (this.state === 'verified') return end + 1
@@ -99,31 +159,55 @@ export class Fill extends EventEmitter {
     return Math.min(this.written, end)
   }
 
-  /** Takes a reference on the temp file handle (released by {@link release}). */
+  /** Takes a reference on the temp file (released by {@link release}). */
   acquire(): void {
     this.#refs++
   }
 
-  /** Drops a reference; the handle closes with the last one (after the file may be renamed). */
+  /** Drops a reference; the file closes with the last one (after it may have been renamed). */
   release(): void {
-    if (--this.#refs === 0) this.#handle.close().catch(() => undefined)
+    if (--this.#refs === 0) this.#file.close().catch(() => undefined)
   }
 
+  /** Reads up to `length` bytes at `position`, from the file or the memory window. */
   async read(buffer: Buffer, length: number, position: number): Promise<number> {
-    const { bytesRead } = await this.#handle.read(buffer, 0, length, position)
-    return bytesRead
+    if (position < this.#fileEnd) {
+      const { bytesRead } = await this.#file.read(buffer, 0, Math.min(length, this.#fileEnd - position), position)
+      return bytesRead
+    }
+    if (position < this.#memStart) throw new Error('fill memory window passed this reader')
+    let offset = this.#memStart
+    for (const chunk of this.#mem) {
+      if (position < offset + chunk.length) {
+        const from = position - offset
+        return chunk.copy(buffer, 0, from, Math.min(chunk.length, from + length))
+      }
+      offset += chunk.length
+    }
+    return 0
   }
 
   /** A stream of bytes `start..end` (inclusive) that follows the fill as it grows. */
   reader(start: number, end: number): Readable {
-    return new FillReader(this, start, end)
+    const reader = new FillReader(this, start, end)
+    this.#readers.add(reader)
+    reader.once('close', () => {
+      this.#readers.delete(reader)
+      this.emit('consumed')
+    })
+    return reader
+  }
+
+  /** Called by readers as they advance, so a degraded fill can drop what everyone has read. */
+  advanced(): void {
+    if (this.diskError) this.emit('consumed')
   }
 }
 
-async function writeAll(handle: FileHandle, chunk: Buffer, position: number): Promise<void> {
+async function writeAll(file: TempFile, chunk: Buffer, position: number): Promise<void> {
   let offset = 0
   while (offset < chunk.length) {
-    const { bytesWritten } = await handle.write(chunk, offset, chunk.length - offset, position + offset)
+    const { bytesWritten } = await file.write(chunk, offset, chunk.length - offset, position + offset)
     offset += bytesWritten
   }
 }
@@ -141,6 +225,10 @@ class FillReader extends Readable {
     this.#pos = start
     this.#end = end
     fill.acquire()
+  }
+
+  get position(): number {
+    return this.#pos
   }
 
   override _read(): void {
@@ -164,6 +252,7 @@ class FillReader extends Readable {
         const n = await this.#fill.read(buffer, length, this.#pos)
         if (n <= 0) throw new Error('cache temp file is shorter than recorded')
         this.#pos += n
+        this.#fill.advanced()
         this.#reading = false
         if (this.push(n === length ? buffer : buffer.subarray(0, n))) {
           this.#reading = true

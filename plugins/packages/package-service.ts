@@ -30,6 +30,11 @@ export interface PackageServiceOptions {
   fillTimeoutMs?: number
 }
 
+/** A fill's entry in the single-flight map, known to the fill so it removes only itself. */
+interface FillSlot {
+  promise?: Promise<Fill | undefined>
+}
+
 /** The resolution of a package request: which layer, and whether it is on disk. */
 export interface ResolvedPackage {
   digest: string
@@ -122,15 +127,24 @@ export class PackageService {
         return { stream, result: 'hit' }
       }
     }
-    let pending = this.#fills.get(layer.digest)
+    let fill: Fill | undefined
     let result: PackageResult = 'coalesced'
-    if (!pending) {
-      // Registered synchronously, before any await, so every concurrent request joins this fill.
-      pending = this.#startFill(source, name, pkg.digest, layer)
-      this.#fills.set(layer.digest, pending)
-      result = 'miss'
+    const pending = this.#fills.get(layer.digest)
+    if (pending) {
+      fill = await pending
+      // A fill whose disk failed serves only the readers it had; later ones stream through.
+      if (fill && !fill.joinable) fill = undefined
+    } else {
+      const reservation = this.space?.reserve(layer.size)
+      if (reservation) {
+        // Registered synchronously, before any await, so every concurrent request joins this fill.
+        const slot: FillSlot = {}
+        slot.promise = this.#startFill(source, name, pkg.digest, layer, reservation, slot)
+        this.#fills.set(layer.digest, slot.promise)
+        fill = await slot.promise
+        result = 'miss'
+      }
     }
-    const fill = await pending
     if (!fill) {
       const stream = await verifiedPassThrough(this.#o.client, source, name, layer, start, end)
       return { stream, result: 'bypass' }
@@ -152,36 +166,39 @@ export class PackageService {
   }
 
   /**
-   * Starts the one fill for `layer`, or resolves undefined when it cannot be cached (no cache,
-   * larger than the limit, no space that is not being read, a disk error): the caller then
-   * streams straight through.
+   * Runs the one fill for `layer` in space already reserved, or resolves undefined when it
+   * cannot start (a disk error): the caller then streams straight through. `slot` is this
+   * fill's entry in the map, so cleanup never removes a newer fill for the same digest.
    */
-  async #startFill(source: RegistrySource, name: string, digest: string, layer: LayerRef): Promise<Fill | undefined> {
-    const space = this.space
+  async #startFill(source: RegistrySource, name: string, digest: string, layer: LayerRef, reservation: Reservation, slot: FillSlot): Promise<Fill | undefined> {
     const store = this.#o.store
-    const index = this.#o.index
-    const reservation = space?.reserve(layer.size)
-    if (!space || !store || !index || !reservation) {
-      this.#fills.delete(layer.digest)
-      return undefined
+    const forget = (): void => {
+      if (this.#fills.get(layer.digest) === slot.promise) this.#fills.delete(layer.digest)
     }
     let fill: Fill
     try {
       await reservation.ready
+      if (!store) throw new Error('no blob store')
       fill = new Fill(layer, await store.createTemp())
     } catch (err) {
       reservation.release()
-      this.#fills.delete(layer.digest)
+      forget()
       this.#o.log.warn({ err: describe(err), layer: layer.digest }, 'cannot start a cache fill; streaming through')
       return undefined
     }
+    fill.once('degraded', (err: unknown) => {
+      // No new reader may join a fill that cannot be cached; its current readers still finish.
+      // The reservation stays until the fill ends: the temp file's blocks are in use until then.
+      forget()
+      this.#o.log.error({ err: describe(err), layer: layer.digest }, 'disk error during a cache fill; serving current clients from memory, caching nothing')
+    })
     const signal = AbortSignal.any([AbortSignal.timeout(this.#o.fillTimeoutMs ?? 30 * 60_000), this.#aborter.signal])
     const settled = fill
       .run(() => this.#o.client.openBlob(source, name, layer.digest, { signal }))
       .then(() => this.#finishFill(fill, digest, reservation))
       .finally(() => {
         reservation.release()
-        this.#fills.delete(layer.digest)
+        forget()
         fill.release()
         this.#running.delete(settled)
       })
@@ -195,9 +212,9 @@ export class PackageService {
     const store = this.#o.store
     const index = this.#o.index
     if (!store || !index) return
-    if (fill.state !== 'verified') {
+    if (fill.state !== 'verified' || fill.diskError) {
       await store.removeTemp(fill.tempPath).catch(() => undefined)
-      this.#o.log.warn({ err: describe(fill.error), layer: layer.digest }, 'cache fill failed; nothing cached')
+      if (!fill.diskError) this.#o.log.warn({ err: describe(fill.error), layer: layer.digest }, 'cache fill failed; nothing cached')
       return
     }
     try {
