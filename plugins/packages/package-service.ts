@@ -243,6 +243,11 @@ export class PackageService {
     return this.space.evict(layerDigest)
   }
 
+  /** Resolves when every running fill has committed or cleaned up (tests, shutdown). */
+  async settled(): Promise<void> {
+    while (this.#running.size > 0) await Promise.allSettled([...this.#running])
+  }
+
   /** Aborts running fills (shutdown) and waits for them to settle. */
   async close(): Promise<void> {
     this.#aborter.abort(new UpstreamError('the proxy is shutting down'))
