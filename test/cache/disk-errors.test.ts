@@ -8,7 +8,7 @@ import { existsSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from 'nod
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { Writable } from 'node:stream'
-import { pino } from 'pino'
+import { pino, type Logger } from 'pino'
 import t from 'tap'
 import { BlobStore } from '../../plugins/packages/blob-store.js'
 import { CacheIndex } from '../../plugins/packages/cache-index.js'
@@ -23,7 +23,7 @@ function bytes(seed: number, size: number): Buffer {
   return createCipheriv('aes-128-ctr', Buffer.alloc(16, seed), Buffer.alloc(16, 0)).update(Buffer.alloc(size))
 }
 
-function capture(): { logger: ReturnType<typeof pino>; lines: () => Array<Record<string, unknown>> } {
+function capture(): { logger: Logger; lines: () => Array<Record<string, unknown>> } {
   const out: string[] = []
   const stream = new Writable({
     write(chunk: Buffer, _enc, cb) {
