@@ -1,7 +1,14 @@
 import { randomBytes } from 'node:crypto'
-import { mkdir, open, readdir, rename, rm, type FileHandle } from 'node:fs/promises'
+import { mkdir, open, readdir, rename, rm } from 'node:fs/promises'
 import { join } from 'node:path'
 import { DIGEST } from './manifest.js'
+
+/** The part of a file handle a fill uses; tests substitute one that fails like a full disk. */
+export interface TempFile {
+  write(buffer: Buffer, offset: number, length: number, position: number): Promise<{ bytesWritten: number }>
+  read(buffer: Buffer, offset: number, length: number, position: number): Promise<{ bytesRead: number }>
+  close(): Promise<void>
+}
 
 /**
  * Layer files on disk, named by their digest: `<dir>/blobs/sha256/<2 hex>/<64 hex>`.
@@ -31,7 +38,7 @@ export class BlobStore {
   }
 
   /** A new temp file open for writing and reading (readers share it while it grows). */
-  async createTemp(): Promise<{ path: string; handle: FileHandle }> {
+  async createTemp(): Promise<{ path: string; handle: TempFile }> {
     const path = join(this.tmpDir, `${Date.now()}-${randomBytes(6).toString('hex')}.partial`)
     const handle = await open(path, 'wx+', 0o600)
     return { path, handle }

@@ -1,20 +1,15 @@
 import { createHash } from 'node:crypto'
 import { EventEmitter } from 'node:events'
 import { Readable } from 'node:stream'
+export type { TempFile } from './blob-store.js'
 import { DigestError, UpstreamError } from '../../errors.js'
+import type { TempFile } from './blob-store.js'
 import type { BlobResponse } from './registry-client.js'
 import type { LayerRef } from './manifest.js'
 
 const READ_CHUNK = 256 * 1024
 /** In degraded (memory) mode the download waits for its slowest reader beyond this many bytes. */
 const MEMORY_WINDOW = 8 * 1024 * 1024
-
-/** The part of a file handle a fill uses; tests substitute one that fails like a full disk. */
-export interface TempFile {
-  write(buffer: Buffer, offset: number, length: number, position: number): Promise<{ bytesWritten: number }>
-  read(buffer: Buffer, offset: number, length: number, position: number): Promise<{ bytesRead: number }>
-  close(): Promise<void>
-}
 
 /**
  * One download of one layer into a temp file, shared by every client that wants it.
