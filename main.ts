@@ -3,7 +3,6 @@ import { pino } from 'pino'
 import { ConfigError, parseFlags } from './config/flags.js'
 import { formatBytes } from './config/quantity.js'
 import { SourceError } from './plugins/credentials/source.js'
-import { createServer } from './server.js'
 
 /** How long SIGTERM waits for in-flight responses before closing them. */
 const DRAIN_MS = 25_000
@@ -27,6 +26,8 @@ async function main(argv: string[]): Promise<void> {
     // Belt and braces: our code never logs these, and if a header object slips in, it is hidden.
     redact: { paths: ['*.authorization', '*.Authorization', 'headers.authorization', '*.password', '*.token'], censor: '[redacted]' },
   })
+  // Loaded only after the flags parsed, so a typo fails in milliseconds, not after a full load.
+  const { createServer } = await import('./server.js')
   let proxy
   try {
     proxy = await createServer({

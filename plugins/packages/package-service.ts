@@ -60,6 +60,8 @@ export class PackageService {
   readonly space: SpaceManager | undefined
   readonly #aborter = new AbortController()
   readonly #running = new Set<Promise<void>>()
+  /** Manifest digest -> layer for fills not yet committed, so a request in between needs no registry. */
+  readonly #inflightLayers = new Map<string, LayerRef>()
 
   constructor(options: PackageServiceOptions) {
     this.#o = options
@@ -79,6 +81,9 @@ export class PackageService {
       const blob = this.#o.index?.blob(known.layerDigest)
       if (blob) return { digest, layer: { digest: blob.digest, size: blob.size, mediaType: known.layerMediaType }, cached: true }
     }
+    // A fill that just finished may not have written its rows yet: its manifest is known here.
+    const inflight = this.#inflightLayers.get(digest)
+    if (inflight && !this.#o.disableCache) return { digest, layer: inflight, cached: this.#o.index?.blob(inflight.digest) !== undefined }
     const key = `${source.repository}\n${name}\n${digest}`
     let pending = this.#resolving.get(key)
     if (!pending) {
@@ -118,7 +123,8 @@ export class PackageService {
    */
   async open(source: RegistrySource, name: string, pkg: ResolvedPackage, start: number, end: number): Promise<PackageBody> {
     const { layer } = pkg
-    if (pkg.cached && this.space && this.#o.store) {
+    // Checked again here: the layer may have been committed since resolve().
+    if (this.space && this.#o.store && this.#o.index?.blob(layer.digest)) {
       const handle = await this.#openCached(layer.digest)
       if (handle) {
         this.#o.index?.touch(layer.digest)
@@ -139,6 +145,7 @@ export class PackageService {
       if (reservation) {
         // Registered synchronously, before any await, so every concurrent request joins this fill.
         const slot: FillSlot = {}
+        this.#inflightLayers.set(pkg.digest, layer)
         slot.promise = this.#startFill(source, name, pkg.digest, layer, reservation, slot)
         this.#fills.set(layer.digest, slot.promise)
         fill = await slot.promise
@@ -183,6 +190,7 @@ export class PackageService {
     } catch (err) {
       reservation.release()
       forget()
+      if (this.#inflightLayers.get(digest) === layer) this.#inflightLayers.delete(digest)
       this.#o.log.warn({ err: describe(err), layer: layer.digest }, 'cannot start a cache fill; streaming through')
       return undefined
     }
@@ -199,6 +207,7 @@ export class PackageService {
       .finally(() => {
         reservation.release()
         forget()
+        if (this.#inflightLayers.get(digest) === layer) this.#inflightLayers.delete(digest)
         fill.release()
         this.#running.delete(settled)
       })

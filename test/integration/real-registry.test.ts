@@ -14,6 +14,7 @@ import { promisify } from 'node:util'
 import { dockerRegistryBinary, startRealRegistry } from '../fixtures/real-registry.js'
 import type { PushedImage, RealRegistry, RealRegistryAuth } from '../fixtures/real-registry.js'
 import { makePackageTarGz } from '../fixtures/tarball.js'
+import KeyvSqlite from '@keyv/sqlite'
 import { createServer } from '../../server.js'
 import {
   basicToken,
@@ -54,13 +55,16 @@ interface RunningProxy {
   upstream(): Promise<Record<string, number>>
   /** Layer downloads into the cache running now. */
   activeFills(): number
+  /** Resolves once every running fill has committed or cleaned up. */
+  settled(): Promise<void>
 }
 
 async function startProxy(
   t: Test,
+  dir: string,
   config: { default?: DefaultSourceConfig; moduleSources?: ModuleSourceConfig[] },
 ): Promise<RunningProxy> {
-  const dir = t.testdir({ cache: {} })
+  await mkdir(dir, { recursive: true })
   const cacheDir = join(dir, 'cache')
   const registryConfig = await writeRegistryConfig(dir, config)
   const logs = captureLogger('info')
@@ -91,6 +95,7 @@ async function startProxy(
       return out
     },
     activeFills: () => proxy.packages.service.activeFills,
+    settled: () => proxy.packages.service.settled(),
   }
 }
 
@@ -103,6 +108,11 @@ function packageLayers(name: string): { base: Buffer; pkg: Buffer } {
     [`${name}/payload.bin`]: Buffer.from(`${name}:`.repeat(4096)),
   })
   return { base, pkg }
+}
+
+/** An assertion message for a 200 that shows the error body when it is not one. */
+function said200(what: string, res: RawResponse): string {
+  return res.status === 200 ? `${what}: 200` : `${what}: 200 (got ${res.status}: ${res.body.subarray(0, 300).toString('utf8')})`
 }
 
 /** Checks the contract's headers for a 200 of `layer` requested as `digest`. */
@@ -123,8 +133,8 @@ function checkHeaders(t: Test, res: RawResponse, digest: string, image: PushedIm
 }
 
 /** Extracts the served bytes with the system tar, as the node bootstrap does. */
-async function extractsAsPackage(t: Test, body: Buffer, name: string): Promise<void> {
-  const dir = t.testdir()
+async function extractsAsPackage(t: Test, dir: string, body: Buffer, name: string): Promise<void> {
+  await mkdir(dir, { recursive: true })
   const archive = join(dir, 'package.tar.gz')
   const out = join(dir, 'out')
   await mkdir(out)
@@ -168,15 +178,16 @@ function defaultSource(reg: RealRegistry, overrides: Partial<DefaultSourceConfig
 for (const mode of MODES) {
   const label = `${mode.auth}${mode.tls ? '+tls' : ''}`
   void t.test(`${label}: a package is served byte-exact, then from the cache with the registry gone`, { skip }, async (t) => {
-    const reg = await startRealRegistry({ dir: t.testdir(), auth: mode.auth, tls: mode.tls })
+    const dir = t.testdir()
+    const reg = await startRealRegistry({ dir: join(dir, 'registry'), auth: mode.auth, tls: mode.tls })
     t.teardown(() => reg.stop())
     const { base, pkg } = packageLayers('pkg')
     const image = await reg.push('deckhouse/ce/pkg', [base, pkg])
-    const proxy = await startProxy(t, { default: defaultSource(reg) })
+    const proxy = await startProxy(t, join(dir, 'proxy'), { default: defaultSource(reg) })
     const query = `digest=${image.manifestDigest}&path=pkg`
 
     const first = await proxy.get(query)
-    t.equal(first.status, 200, `miss: 200 (${first.body.subarray(0, 300).toString('utf8')})`)
+    t.equal(first.status, 200, said200('miss', first))
     t.ok(first.body.equals(pkg), 'miss: the bytes are the last layer, exactly')
     checkHeaders(t, first, image.manifestDigest, image)
     const tokensAfterMiss = reg.tokenRequests()
@@ -184,32 +195,39 @@ for (const mode of MODES) {
     const upstreamAfterMiss = await proxy.upstream()
     t.ok((upstreamAfterMiss.blob ?? 0) >= 1, 'the miss fetched the layer from the registry')
 
+    // The fill commits (rename, index rows) just after the last byte went out; a GET inside
+    // that window is the subject of its own test below. Here: the steady state, a hit.
+    await proxy.settled()
     const second = await proxy.get(query)
     t.equal(second.status, 200, 'second GET: 200')
     t.ok(second.body.equals(pkg), 'second GET: byte-exact')
     checkHeaders(t, second, image.manifestDigest, image)
     t.equal(reg.tokenRequests(), tokensAfterMiss, 'the hit asked the token server for nothing')
     t.same(await proxy.upstream(), upstreamAfterMiss, 'the hit made no upstream request at all')
-    t.same(proxy.results(), ['miss', 'hit'], 'logged as a miss, then a hit')
+    // The log line is written when hapi has finished the response, which may be just after
+    // the client saw its last byte.
+    const results = await waitFor(() => (proxy.results().length >= 2 ? proxy.results() : undefined))
+    t.same(results, ['miss', 'hit'], 'logged as a miss, then a hit')
 
     await reg.stop()
     const third = await proxy.get(query)
     t.equal(third.status, 200, 'with the registry stopped: still 200')
     t.ok(third.body.equals(pkg), 'with the registry stopped: byte-exact from the cache')
 
-    await extractsAsPackage(t, third.body, 'pkg')
+    await extractsAsPackage(t, join(dir, 'tar'), third.body, 'pkg')
     assertNoSecret(t, [['the proxy log', proxy.logs.text()]], reg)
   })
 }
 
 void t.test('a ModuleSource repository with its own dockerCfg credentials', { skip }, async (t) => {
-  const reg = await startRealRegistry({ dir: t.testdir(), auth: 'htpasswd' })
+  const dir = t.testdir()
+  const reg = await startRealRegistry({ dir: join(dir, 'registry'), auth: 'htpasswd' })
   t.teardown(() => reg.stop())
   const { base, pkg } = packageLayers('example')
   const image = await reg.push('modules/example/pkg', [base, pkg])
   const repo = `${reg.host}/modules/example`
   // The default source has no credentials: only the ModuleSource's dockerCfg can pull this.
-  const proxy = await startProxy(t, {
+  const proxy = await startProxy(t, join(dir, 'proxy'), {
     default: { address: reg.host, path: '/deckhouse/ce', scheme: 'http' },
     moduleSources: [
       {
@@ -221,21 +239,22 @@ void t.test('a ModuleSource repository with its own dockerCfg credentials', { sk
     ],
   })
   const res = await proxy.get(`digest=${image.manifestDigest}&repository=${encodeURIComponent(repo)}&path=pkg`)
-  t.equal(res.status, 200, `200 (${res.body.subarray(0, 300).toString('utf8')})`)
+  t.equal(res.status, 200, said200('200', res))
   t.ok(res.body.equals(pkg), 'byte-exact')
   checkHeaders(t, res, image.manifestDigest, image)
-  await extractsAsPackage(t, res.body, 'example')
+  await extractsAsPackage(t, join(dir, 'tar'), res.body, 'example')
 
   const unknown = await proxy.get(`digest=${image.manifestDigest}&repository=${encodeURIComponent(`${reg.host}/modules/other`)}&path=pkg`)
   t.equal(unknown.status, 404, 'a repository that matches no source: 404')
 })
 
 void t.test('image indexes resolve to linux/amd64; Docker schema 2 manifests are accepted', { skip }, async (t) => {
-  const reg = await startRealRegistry({ dir: t.testdir(), auth: 'none' })
+  const dir = t.testdir()
+  const reg = await startRealRegistry({ dir: join(dir, 'registry'), auth: 'none' })
   t.teardown(() => reg.stop())
   const amd = packageLayers('amd64')
   const arm = packageLayers('arm64')
-  const proxy = await startProxy(t, { default: defaultSource(reg) })
+  const proxy = await startProxy(t, join(dir, 'proxy'), { default: defaultSource(reg) })
 
   for (const kind of ['oci', 'docker'] as const) {
     const repo = `deckhouse/ce/multi-${kind}`
@@ -250,10 +269,10 @@ void t.test('image indexes resolve to linux/amd64; Docker schema 2 manifests are
       { mediaType: kind, tag: 'multi' },
     )
     const res = await proxy.get(`digest=${index.digest}&path=multi-${kind}`)
-    t.equal(res.status, 200, `${kind} index: 200 (${res.body.subarray(0, 300).toString('utf8')})`)
+    t.equal(res.status, 200, said200(`${kind} index`, res))
     t.ok(res.body.equals(amd.pkg), `${kind} index: the linux/amd64 image's last layer`)
     t.equal(res.headers.etag, `"${index.digest}"`, `${kind} index: the ETag is the index digest asked for`)
-    await extractsAsPackage(t, res.body, 'amd64')
+    await extractsAsPackage(t, join(dir, `tar-${kind}`), res.body, 'amd64')
   }
 
   const dockerRepo = 'deckhouse/ce/docker'
@@ -261,19 +280,20 @@ void t.test('image indexes resolve to linux/amd64; Docker schema 2 manifests are
   const image = await reg.push(dockerRepo, [base, pkg], { mediaType: 'docker' })
   t.match(image.manifest.toString('utf8'), 'application/vnd.docker.distribution.manifest.v2+json', 'pushed as Docker schema 2')
   const res = await proxy.get(`digest=${image.manifestDigest}&path=docker`)
-  t.equal(res.status, 200, `Docker schema 2: 200 (${res.body.subarray(0, 300).toString('utf8')})`)
+  t.equal(res.status, 200, said200(`Docker schema 2`, res))
   t.ok(res.body.equals(pkg), 'Docker schema 2: byte-exact')
   checkHeaders(t, res, image.manifestDigest, image)
 })
 
 for (const auth of ['htpasswd', 'token'] as const) {
   void t.test(`${auth}: a wrong password is a 502 that names no secret`, { skip }, async (t) => {
-    const reg = await startRealRegistry({ dir: t.testdir(), auth })
+    const dir = t.testdir()
+    const reg = await startRealRegistry({ dir: join(dir, 'registry'), auth })
     t.teardown(() => reg.stop())
     const { base, pkg } = packageLayers('pkg')
     const image = await reg.push('deckhouse/ce/pkg', [base, pkg])
     const wrong = 'Wr0ng-Pa55-do-not-print'
-    const proxy = await startProxy(t, {
+    const proxy = await startProxy(t, join(dir, 'proxy'), {
       default: defaultSource(reg, { dockerConfigJson: dockerConfigJson(reg.host, reg.username ?? '', wrong) }),
     })
     const res = await proxy.get(`digest=${image.manifestDigest}&path=pkg`)
@@ -295,31 +315,33 @@ for (const auth of ['htpasswd', 'token'] as const) {
 }
 
 void t.test('TLS: a registry whose CA is not configured is a 502; with the CA it works', { skip }, async (t) => {
-  const reg = await startRealRegistry({ dir: t.testdir(), auth: 'none', tls: true })
+  const dir = t.testdir()
+  const reg = await startRealRegistry({ dir: join(dir, 'registry'), auth: 'none', tls: true })
   t.teardown(() => reg.stop())
   const { base, pkg } = packageLayers('pkg')
   const image = await reg.push('deckhouse/ce/pkg', [base, pkg])
   const query = `digest=${image.manifestDigest}&path=pkg`
 
   const { ca: _ca, ...withoutCa } = defaultSource(reg)
-  const untrusting = await startProxy(t, { default: withoutCa })
+  const untrusting = await startProxy(t, join(dir, 'untrusting'), { default: withoutCa })
   const refused = await untrusting.get(query)
   t.equal(refused.status, 502, 'unknown CA: 502')
   t.match(JSON.parse(refused.body.toString('utf8')), { statusCode: 502 }, 'a JSON error body')
 
   // The same registry with its CA configured: the 502 above was the missing trust, nothing else.
-  const trusting = await startProxy(t, { default: defaultSource(reg) })
+  const trusting = await startProxy(t, join(dir, 'trusting'), { default: defaultSource(reg) })
   const ok = await trusting.get(query)
   t.equal(ok.status, 200, 'CA configured: 200')
   t.ok(ok.body.equals(pkg), 'CA configured: byte-exact')
 })
 
 void t.test('HEAD on a miss answers from the manifest and never downloads the layer', { skip }, async (t) => {
-  const reg = await startRealRegistry({ dir: t.testdir(), auth: 'none' })
+  const dir = t.testdir()
+  const reg = await startRealRegistry({ dir: join(dir, 'registry'), auth: 'none' })
   t.teardown(() => reg.stop())
   const { base, pkg } = packageLayers('pkg')
   const image = await reg.push('deckhouse/ce/pkg', [base, pkg])
-  const proxy = await startProxy(t, { default: defaultSource(reg) })
+  const proxy = await startProxy(t, join(dir, 'proxy'), { default: defaultSource(reg) })
   const query = `digest=${image.manifestDigest}&path=pkg`
 
   const head = await proxy.get(query, { method: 'HEAD' })
@@ -338,15 +360,60 @@ void t.test('HEAD on a miss answers from the manifest and never downloads the la
   t.equal(get.status, 200, 'GET: 200')
   t.ok(get.body.equals(pkg), 'GET: byte-exact')
   const layerHex = (image.layerDigests[1] ?? '').slice('sha256:'.length)
-  const afterGet = await waitFor(async () => {
-    const files = await listFiles(proxy.cacheDir)
-    return files.includes(join('blobs', 'sha256', layerHex.slice(0, 2), layerHex)) ? files : undefined
-  })
+  await proxy.settled()
+  const afterGet = (await listFiles(proxy.cacheDir)).includes(join('blobs', 'sha256', layerHex.slice(0, 2), layerHex))
   t.ok(afterGet, 'GET: the layer is now a blob file in the cache')
 })
 
+void t.test('a GET right after a complete miss needs no registry (the fill is committed in time)', { skip }, async (t) => {
+  const dir = t.testdir()
+  const reg = await startRealRegistry({ dir: join(dir, 'registry'), auth: 'none' })
+  t.teardown(() => reg.stop())
+  const { base, pkg } = packageLayers('pkg')
+  const image = await reg.push('deckhouse/ce/pkg', [base, pkg])
+  const proxy = await startProxy(t, join(dir, 'proxy'), { default: defaultSource(reg) })
+  const query = `digest=${image.manifestDigest}&path=pkg`
+
+  // Hold the SQLite write lock so the commit after the fill (rename + index rows) cannot finish:
+  // it makes the window between "the client has every byte" and "the entry is in the index"
+  // as long as the test needs, instead of a few racy milliseconds. The proxy's busy timeout
+  // is 5 s; the lock is released well before that.
+  const lock = new KeyvSqlite({ uri: `sqlite://${join(proxy.cacheDir, 'index.sqlite')}`, busyTimeout: 5_000 })
+  let locked = true
+  const unlock = async (): Promise<void> => {
+    if (!locked) return
+    locked = false
+    await lock.query('COMMIT')
+  }
+  t.teardown(async () => {
+    await unlock()
+    await lock.disconnect()
+  })
+  await lock.query('BEGIN IMMEDIATE')
+  // A proxy that withholds the last byte until the commit (one correct design) would wait on
+  // the lock: release it if the first response has not ended after 1.5 s.
+  const fallback = setTimeout(() => void unlock(), 1_500)
+  const first = await proxy.get(query)
+  clearTimeout(fallback)
+  t.equal(first.status, 200, 'first GET: 200')
+  t.ok(first.body.equals(pkg), 'first GET: byte-exact')
+  const upstreamAfterFirst = await proxy.upstream()
+
+  // The client has the whole package; the registry now goes away.
+  await reg.stop()
+  const second = await proxy.get(query)
+  t.equal(second.status, 200, said200('GET after the registry stopped', second))
+  t.ok(second.body.equals(pkg), 'GET after the registry stopped: byte-exact')
+  t.same(await proxy.upstream(), upstreamAfterFirst, 'no upstream request for a package the proxy has just served')
+  await unlock()
+  await proxy.settled()
+  const third = await proxy.get(query)
+  t.equal(third.status, 200, 'after the commit: 200')
+  t.ok(third.body.equals(pkg), 'after the commit: byte-exact')
+})
+
 /** Polls `check` every 20 ms until it returns a value, for at most `ms`. */
-async function waitFor<T>(check: () => Promise<T | undefined>, ms = 5_000): Promise<T | undefined> {
+async function waitFor<T>(check: () => T | undefined | Promise<T | undefined>, ms = 5_000): Promise<T | undefined> {
   const deadline = Date.now() + ms
   for (;;) {
     const value = await check()

@@ -30,7 +30,9 @@ export function request(url: string, init: { method?: string; headers?: Record<s
       const chunks: Buffer[] = []
       res.on('data', (c: Buffer) => chunks.push(c))
       res.on('error', reject)
-      res.on('aborted', () => reject(new Error(`response to ${url} aborted`)))
+      res.on('close', () => {
+        if (!res.complete) reject(new Error(`response to ${url} was cut before its end`))
+      })
       res.on('end', () => resolve({ status: res.statusCode ?? 0, headers: res.headers, body: Buffer.concat(chunks) }))
     })
     req.setTimeout(20_000, () => req.destroy(new Error(`timeout: ${url}`)))

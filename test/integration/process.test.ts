@@ -1,0 +1,374 @@
+/**
+ * The shipped process, `node dist/main.js`, as an operator and the cluster meet it: flag and
+ * config errors (one line on stderr, exit code 2), a graceful SIGTERM in the middle of a
+ * download, `--disable-cache`, and what it prints (JSON lines, never a credential).
+ */
+import t from 'tap'
+import type { Test } from 'tap'
+import { spawn, spawnSync } from 'node:child_process'
+import type { ChildProcess } from 'node:child_process'
+import { randomBytes } from 'node:crypto'
+import { existsSync } from 'node:fs'
+import { mkdir } from 'node:fs/promises'
+import * as http from 'node:http'
+import { join } from 'node:path'
+import { fileURLToPath } from 'node:url'
+import { FakeRegistry } from '../fixtures/fake-registry.js'
+import { dockerRegistryBinary, startRealRegistry } from '../fixtures/real-registry.js'
+import { makePackageTarGz } from '../fixtures/tarball.js'
+import { basicToken, dockerConfigJson, freePort, listFiles, request, writeRegistryConfig } from './support.js'
+
+const ROOT = fileURLToPath(new URL('../..', import.meta.url))
+const MAIN = join(ROOT, 'dist', 'main.js')
+
+// `npm test` and .ci/run build before tap; a bare `npx tap` on a fresh clone does not.
+if (!existsSync(MAIN)) {
+  const build = spawnSync('npx', ['tsc', '-p', 'tsconfig.build.json'], { cwd: ROOT, encoding: 'utf8' })
+  if (build.status !== 0) {
+    console.error(build.stdout, build.stderr)
+    throw new Error(`dist/main.js is missing and the build failed (exit ${String(build.status)})`)
+  }
+}
+
+/** The environment of every child: ours without `RPP_*` settings or proxy variables. */
+function childEnv(extra: Record<string, string> = {}): NodeJS.ProcessEnv {
+  const env: NodeJS.ProcessEnv = {}
+  for (const [k, v] of Object.entries(process.env)) {
+    if (k.startsWith('RPP_') || /^(https?|no|all)_proxy$/i.test(k) || k === 'NODE_OPTIONS') continue
+    env[k] = v
+  }
+  return { ...env, ...extra }
+}
+
+/** A running `node dist/main.js` with its output captured. */
+interface ProxyProcess {
+  child: ChildProcess
+  stdout(): string
+  stderr(): string
+  /** stdout lines parsed as JSON (a line that does not parse is kept as `{unparsed: line}`). */
+  logs(): Array<Record<string, unknown>>
+  /** Resolves with the first log line that satisfies `match`; rejects on exit or timeout. */
+  waitForLog(match: (line: Record<string, unknown>) => boolean, ms?: number): Promise<Record<string, unknown>>
+  exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>
+}
+
+function parseLines(text: string): Array<Record<string, unknown>> {
+  return text
+    .split('\n')
+    .filter((l) => l.trim() !== '')
+    .map((l) => {
+      try {
+        const v: unknown = JSON.parse(l)
+        return typeof v === 'object' && v !== null && !Array.isArray(v) ? (v as Record<string, unknown>) : { unparsed: l }
+      } catch {
+        return { unparsed: l }
+      }
+    })
+}
+
+/** Spawns the proxy; teardown kills it if the test left it running. */
+function spawnProxy(t: Test, args: string[], options: { env?: Record<string, string>; cwd?: string } = {}): ProxyProcess {
+  const child = spawn(process.execPath, [MAIN, ...args], {
+    cwd: options.cwd ?? t.testdirName,
+    env: childEnv(options.env),
+    stdio: ['ignore', 'pipe', 'pipe'],
+  })
+  let out = ''
+  let err = ''
+  let running = true
+  const listeners = new Set<() => void>()
+  child.stdout?.on('data', (c: Buffer) => {
+    out += c.toString('utf8')
+    for (const l of listeners) l()
+  })
+  child.stderr?.on('data', (c: Buffer) => {
+    err += c.toString('utf8')
+  })
+  const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => {
+    child.once('exit', (code, signal) => {
+      running = false
+      // Let the pipes drain so the last lines are in `out` and `err`.
+      setImmediate(() => {
+        for (const l of listeners) l()
+        resolve({ code, signal })
+      })
+    })
+  })
+  t.teardown(async () => {
+    if (running) child.kill('SIGKILL')
+    await exited
+  })
+  const logs = (): Array<Record<string, unknown>> => parseLines(out)
+  return {
+    child,
+    stdout: () => out,
+    stderr: () => err,
+    logs,
+    exited,
+    waitForLog: (match, ms = 15_000) =>
+      new Promise((resolve, reject) => {
+        const check = (): void => {
+          const line = logs().find(match)
+          if (line !== undefined) done(() => resolve(line))
+          else if (!running) done(() => reject(new Error(`the proxy exited before the expected log line:\n${out}\n${err}`)))
+        }
+        const timer = setTimeout(() => done(() => reject(new Error(`no such log line within ${ms} ms:\n${out}\n${err}`))), ms)
+        const done = (finish: () => void): void => {
+          clearTimeout(timer)
+          listeners.delete(check)
+          finish()
+        }
+        listeners.add(check)
+        check()
+      }),
+  }
+}
+
+/**
+ * Starts the proxy on a free port and waits for its "listening" line. The port is free when
+ * probed but may be taken before the child binds it: then it exits 2 naming
+ * `--listen-address`, and another port is tried.
+ */
+async function startProxy(t: Test, args: string[], env: Record<string, string> = {}): Promise<{ proc: ProxyProcess; url: string }> {
+  for (let attempt = 1; ; attempt++) {
+    const port = await freePort()
+    const proc = spawnProxy(t, [`--listen-address=127.0.0.1:${port}`, ...args], { env })
+    try {
+      await proc.waitForLog((l) => l.msg === 'registry-packages-proxy listening')
+      return { proc, url: `http://127.0.0.1:${port}` }
+    } catch (err) {
+      if (attempt >= 3 || !proc.stderr().includes('EADDRINUSE')) throw err
+    }
+  }
+}
+
+/** Runs the proxy to its exit (for start-up failures). */
+async function runToExit(t: Test, args: string[], env: Record<string, string> = {}): Promise<{ code: number | null; stdout: string; stderr: string }> {
+  const proc = spawnProxy(t, args, { env })
+  const { code } = await proc.exited
+  return { code, stdout: proc.stdout(), stderr: proc.stderr() }
+}
+
+/** Checks the contract for a start-up failure: exit code 2, exactly one line on stderr. */
+function failsWithOneLine(t: Test, what: string, r: { code: number | null; stdout: string; stderr: string }, mentions: string[]): void {
+  t.equal(r.code, 2, `${what}: exit code 2`)
+  const lines = r.stderr.split('\n').filter((l) => l !== '')
+  t.equal(lines.length, 1, `${what}: exactly one line on stderr: ${JSON.stringify(r.stderr)}`)
+  t.ok(r.stderr.endsWith('\n'), `${what}: the line ends with a newline`)
+  for (const m of mentions) t.ok(lines[0]?.includes(m), `${what}: the line names ${m}: ${lines[0] ?? ''}`)
+  t.equal(r.stdout, '', `${what}: nothing on stdout`)
+}
+
+/** A real package with a layer of `size` random (incompressible) bytes. */
+function bigPackage(size: number): Buffer {
+  return makePackageTarGz({ install: '#!/bin/sh\necho big\n', 'data/blob.bin': randomBytes(size) })
+}
+
+void t.test('start-up errors: one line naming the problem on stderr, exit code 2', async (t) => {
+  const dir = t.testdir({ 'bad.json': '{"default": {"address": ', 'empty-cache': {} })
+  const common = [`--cache-directory=${join(dir, 'empty-cache')}`, '--listen-address=127.0.0.1:1']
+  const missing = join(dir, 'missing.json')
+  const bad = join(dir, 'bad.json')
+  // Independent processes: run them side by side, each start costs most of a second.
+  const [unknown, quantity, noFile, notJson, level] = await Promise.all([
+    runToExit(t, ['--frobnicate=yes', ...common]),
+    runToExit(t, ['--cache-retention-size=12XB', ...common]),
+    runToExit(t, [`--registry-config=${missing}`, ...common]),
+    runToExit(t, [`--registry-config=${bad}`, ...common]),
+    runToExit(t, common, { RPP_LOG_LEVEL: 'loud' }),
+  ])
+  failsWithOneLine(t, 'an unknown flag', unknown, ['--frobnicate'])
+  failsWithOneLine(t, 'a bad quantity', quantity, ['--cache-retention-size', '12XB'])
+  failsWithOneLine(t, 'a missing --registry-config file', noFile, ['--registry-config', missing])
+  failsWithOneLine(t, 'a --registry-config file that is not JSON', notJson, ['--registry-config', bad])
+  failsWithOneLine(t, 'RPP_LOG_LEVEL=loud', level, ['loud'])
+  t.ok(/--log-level|RPP_LOG_LEVEL/.test(level.stderr), 'RPP_LOG_LEVEL=loud: the line names the flag or its variable')
+  t.same(await listFiles(join(dir, 'empty-cache')), [], 'a failed start wrote nothing to the cache directory')
+})
+
+void t.test('SIGTERM mid-download: the response completes, the fill is committed, exit 0', async (t) => {
+  const dir = t.testdir({ cache: {} })
+  const registry = await FakeRegistry.start()
+  t.teardown(() => registry.close())
+  const layer = bigPackage(2 * 1024 * 1024)
+  const image = registry.addImage('deckhouse/ce/pkg', [makePackageTarGz({ 'base.txt': 'base\n' }), layer])
+  const config = await writeRegistryConfig(dir, { default: { address: registry.host, path: '/deckhouse/ce', scheme: 'http' } })
+  const args = [`--cache-directory=${join(dir, 'cache')}`, `--registry-config=${config}`]
+  const query = `/package?digest=${image.manifestDigest}&path=pkg`
+
+  // ~2 s for the 2 MiB layer: 64 chunks of 32 KiB, 30 ms apart.
+  registry.faults = { blobChunkSize: 32 * 1024, blobChunkDelayMs: 30 }
+  const first = await startProxy(t, args)
+  const body = await new Promise<{ status: number; body: Buffer; signalledAt: number }>((resolve, reject) => {
+    const req = http.get(`${first.url}${query}`, { agent: false }, (res) => {
+      const chunks: Buffer[] = []
+      let signalledAt = -1
+      res.on('data', (c: Buffer) => {
+        chunks.push(c)
+        if (signalledAt < 0) {
+          signalledAt = chunks.reduce((n, b) => n + b.length, 0)
+          first.proc.child.kill('SIGTERM')
+        }
+      })
+      res.on('close', () => {
+        if (!res.complete) reject(new Error('the in-flight response was cut'))
+      })
+      res.on('error', reject)
+      res.on('end', () => resolve({ status: res.statusCode ?? 0, body: Buffer.concat(chunks), signalledAt }))
+    })
+    req.on('error', reject)
+  })
+  t.ok(body.signalledAt > 0 && body.signalledAt < layer.length, `SIGTERM was sent mid-body (after ${body.signalledAt} bytes)`)
+  t.equal(body.status, 200, 'the in-flight response: 200')
+  t.equal(body.body.length, layer.length, 'the in-flight response: every byte')
+  t.ok(body.body.equals(layer), 'the in-flight response: byte-exact')
+  const exit = await first.proc.exited
+  t.same(exit, { code: 0, signal: null }, 'the process exits 0')
+  t.ok(first.proc.logs().some((l) => l.msg === 'stopping: draining in-flight responses'), 'it logged the drain')
+  t.equal(registry.counts.blob, 1, 'one blob request reached the registry')
+
+  registry.faults = {}
+  const counts = { ...registry.counts }
+  const second = await startProxy(t, args)
+  const hit = await request(`${second.url}${query}`)
+  t.equal(hit.status, 200, 'a new process on the same cache: 200')
+  t.ok(hit.body.equals(layer), 'a new process on the same cache: byte-exact')
+  t.equal(registry.counts.blob, counts.blob, 'the new process did not fetch the blob (the fill was committed)')
+  t.equal(registry.counts.total, counts.total, 'the new process made no upstream request at all')
+  const line = await second.proc.waitForLog((l) => l.path === '/package')
+  t.equal(line.result, 'hit', 'logged as a hit')
+  second.proc.child.kill('SIGTERM')
+  t.same(await second.proc.exited, { code: 0, signal: null }, 'an idle process exits 0 on SIGTERM')
+})
+
+void t.test('SIGTERM: the listener stops accepting while a response drains', async (t) => {
+  const dir = t.testdir({ cache: {} })
+  const registry = await FakeRegistry.start()
+  t.teardown(() => registry.close())
+  const layer = bigPackage(1024 * 1024)
+  const image = registry.addImage('deckhouse/ce/pkg', [layer])
+  const config = await writeRegistryConfig(dir, { default: { address: registry.host, path: '/deckhouse/ce', scheme: 'http' } })
+  registry.faults = { blobChunkSize: 32 * 1024, blobChunkDelayMs: 40 }
+  const { proc, url } = await startProxy(t, [`--cache-directory=${join(dir, 'cache')}`, `--registry-config=${config}`])
+
+  let ended = false
+  const inFlight = request(`${url}/package?digest=${image.manifestDigest}&path=pkg`).finally(() => {
+    ended = true
+  })
+  await registry.waitForRequests(1, (r) => r.url.includes('/blobs/'))
+  proc.child.kill('SIGTERM')
+  await proc.waitForLog((l) => l.msg === 'stopping: draining in-flight responses')
+  // hapi closes the listener a few ticks after the log line: wait for the refusal, bounded.
+  let refused = false
+  for (let i = 0; i < 100 && !refused && !ended; i++) {
+    refused = await request(`${url}/healthz`).then(
+      () => false,
+      (err: NodeJS.ErrnoException) => err.code === 'ECONNREFUSED',
+    )
+    if (!refused) await new Promise((r) => setTimeout(r, 10))
+  }
+  t.ok(refused, 'a new connection is refused while the download still runs')
+  t.notOk(ended, 'the refusal came before the in-flight response ended')
+  const res = await inFlight
+  t.equal(res.status, 200, 'the in-flight response: 200')
+  t.ok(res.body.equals(layer), 'the in-flight response: byte-exact')
+  t.same(await proc.exited, { code: 0, signal: null }, 'exit 0')
+})
+
+void t.test('--disable-cache: ready, serves packages, writes nothing', async (t) => {
+  const dir = t.testdir({ cache: {} })
+  const registry = await FakeRegistry.start()
+  t.teardown(() => registry.close())
+  const layer = bigPackage(64 * 1024)
+  const image = registry.addImage('deckhouse/ce/pkg', [layer])
+  const config = await writeRegistryConfig(dir, { default: { address: registry.host, path: '/deckhouse/ce', scheme: 'http' } })
+  const cacheDir = join(dir, 'cache')
+  const { proc, url } = await startProxy(t, ['--disable-cache', `--cache-directory=${cacheDir}`, `--registry-config=${config}`])
+
+  const ready = await request(`${url}/readyz`)
+  t.equal(ready.status, 200, `/readyz 200: ${ready.body.toString('utf8')}`)
+  for (const n of [1, 2]) {
+    const res = await request(`${url}/package?digest=${image.manifestDigest}&path=pkg`)
+    t.equal(res.status, 200, `GET ${n}: 200`)
+    t.ok(res.body.equals(layer), `GET ${n}: byte-exact`)
+    t.equal(res.headers['content-length'], String(layer.length), `GET ${n}: Content-Length`)
+  }
+  t.equal(registry.counts.blob, 2, 'each GET went to the registry: nothing is cached')
+  proc.child.kill('SIGINT')
+  t.same(await proc.exited, { code: 0, signal: null }, 'SIGINT: exit 0')
+  t.same(await listFiles(cacheDir), [], 'no file was created under the cache directory')
+})
+
+void t.test('output: JSON lines on stdout, never a credential anywhere', async (t) => {
+  const dir = t.testdir({ cache: {} })
+  const wrongPassword = 'Wr0ng-Secret-Pa55'
+  let address: string
+  let username: string
+  let password: string
+  let image: { manifestDigest: string }
+  /** Its own manifest, never fetched with good credentials, so it is never served from the cache. */
+  let badImage: { manifestDigest: string }
+  let layer: Buffer
+  if (dockerRegistryBinary() !== undefined) {
+    // A real registry with htpasswd (Basic) auth: the good start the contract describes.
+    const reg = await startRealRegistry({ dir: join(dir, 'registry'), auth: 'htpasswd' })
+    t.teardown(() => reg.stop())
+    layer = bigPackage(32 * 1024)
+    image = await reg.push('deckhouse/ce/pkg', [makePackageTarGz({ 'base.txt': 'base\n' }), layer])
+    badImage = await reg.push('modules/bad/pkg', [layer])
+    address = reg.host
+    username = reg.username ?? ''
+    password = reg.password ?? ''
+  } else {
+    t.comment('docker-registry is not installed: using the fake registry (Basic auth) instead')
+    username = 'puller'
+    password = 's3cret-Fake-Pa55'
+    const fake = await FakeRegistry.start({ auth: { kind: 'basic', username, password } })
+    t.teardown(() => fake.close())
+    layer = bigPackage(32 * 1024)
+    image = fake.addImage('deckhouse/ce/pkg', [makePackageTarGz({ 'base.txt': 'base\n' }), layer])
+    badImage = fake.addImage('modules/bad/pkg', [layer])
+    address = fake.host
+  }
+  const config = await writeRegistryConfig(dir, {
+    default: { address, path: '/deckhouse/ce', scheme: 'http', dockerConfigJson: dockerConfigJson(address, username, password) },
+    moduleSources: [
+      {
+        name: 'bad',
+        repo: `${address}/modules/bad`,
+        scheme: 'http',
+        dockerCfg: Buffer.from(dockerConfigJson(address, username, wrongPassword)).toString('base64'),
+      },
+    ],
+  })
+  await mkdir(join(dir, 'cache'), { recursive: true })
+  const { proc, url } = await startProxy(t, ['--log-level=debug', `--cache-directory=${join(dir, 'cache')}`, `--registry-config=${config}`])
+
+  const ok = await request(`${url}/package?digest=${image.manifestDigest}&path=pkg`)
+  t.equal(ok.status, 200, 'Basic credentials from the docker config: 200')
+  t.ok(ok.body.equals(layer), 'byte-exact')
+  const refused = await request(`${url}/package?digest=${badImage.manifestDigest}&repository=${encodeURIComponent(`${address}/modules/bad`)}&path=pkg`)
+  t.equal(refused.status, 502, 'wrong credentials: 502')
+  const missing = await request(`${url}/package?digest=sha256:${'0'.repeat(64)}&path=pkg`)
+  t.equal(missing.status, 404, 'no such manifest: 404')
+  t.equal((await request(`${url}/metrics`)).status, 200, '/metrics 200')
+  proc.child.kill('SIGTERM')
+  t.same(await proc.exited, { code: 0, signal: null }, 'exit 0')
+
+  const stdoutLines = proc.stdout().split('\n').filter((l) => l !== '')
+  t.ok(stdoutLines.length >= 5, `several log lines (${stdoutLines.length})`)
+  const notJson = proc.logs().filter((l) => 'unparsed' in l)
+  t.same(notJson, [], 'every stdout line is a JSON object')
+  t.ok(proc.logs().every((l) => typeof l.level === 'number' && typeof l.time === 'number' && typeof l.msg === 'string'), 'each has level, time, msg')
+  t.equal(proc.stderr(), '', 'nothing on stderr')
+  const everything = proc.stdout() + proc.stderr() + refused.body.toString('utf8')
+  for (const [what, secret] of [
+    ['the password', password],
+    ['the base64 auth string', basicToken(username, password)],
+    ['the wrong password', wrongPassword],
+    ['the wrong base64 auth string', basicToken(username, wrongPassword)],
+  ] as const) {
+    t.notOk(everything.includes(secret), `${what} is printed nowhere`)
+  }
+  t.notOk(/authorization["']?\s*:\s*["']?(basic|bearer)\s/i.test(everything), 'no Authorization header value is printed')
+})
