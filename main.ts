@@ -13,6 +13,14 @@ function fail(message: string): never {
 }
 
 async function main(argv: string[]): Promise<void> {
+  if (argv[0] === 'cache') {
+    const { runCacheCommand } = await import('./cli/cache-command.js')
+    process.exitCode = await runCacheCommand(argv.slice(1), {
+      out: (text) => process.stdout.write(`${text}\n`),
+      err: (text) => process.stderr.write(`${text}\n`),
+    })
+    return
+  }
   let flags
   try {
     flags = parseFlags(argv)

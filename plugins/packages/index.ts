@@ -1,6 +1,7 @@
 import Boom from '@hapi/boom'
 import type { Plugin, Request } from '@hapi/hapi'
 import { DigestError, toBoom } from '../../errors.js'
+import { deleteCacheEntryHandler, listCacheHandler, showCacheEntryHandler, type ResultCounts } from '../../handlers/cache.js'
 import { packageHandler } from '../../handlers/package.js'
 import type { SourceSet } from '../credentials/source-set.js'
 import type { Metrics } from '../metrics/metrics.js'
@@ -72,8 +73,10 @@ export const packagesPlugin: Plugin<PackagesOptions> = {
     }, o.flushIntervalMs ?? 5000)
     flusher.unref()
 
+    const counts: ResultCounts = { hit: 0, miss: 0, coalesced: 0, bypass: 0 }
     const onResult = (request: Request, result: string): void => {
       o.metrics.packageResults.inc({ result })
+      if (result in counts) counts[result as keyof ResultCounts]++
       ;(request.app as { result?: string }).result = result
     }
     const handler = packageHandler({ sources: o.sources, packages: service, onResult })
@@ -108,6 +111,12 @@ export const packagesPlugin: Plugin<PackagesOptions> = {
         o.metrics.bytesServed.inc(length)
       }
     })
+    const cacheDeps = { index, packages: service, limitBytes: o.limitBytes, counts }
+    server.route([
+      { method: 'GET', path: '/cache', handler: listCacheHandler(cacheDeps) },
+      { method: 'GET', path: '/cache/{digest}', handler: showCacheEntryHandler(cacheDeps) },
+      { method: 'DELETE', path: '/cache/{digest}', handler: deleteCacheEntryHandler(cacheDeps) },
+    ])
     server.expose('api', { service, index, ready: () => true } satisfies PackagesApi)
     server.ext('onPostStop', async () => {
       clearInterval(flusher)

@@ -1,0 +1,151 @@
+import { request } from 'node:http'
+import { formatBytes } from '../config/quantity.js'
+
+/** `registry-packages-proxy cache ls|show <digest>|rm <digest> [--url URL] [--json]`. */
+export const CACHE_USAGE = 'usage: registry-packages-proxy cache ls|show <digest>|rm <digest> [--url http://127.0.0.1:5080] [--json] [--sort lastAccess|size|hits|createdAt|digest] [--limit N]'
+
+export interface CliIo {
+  out: (text: string) => void
+  err: (text: string) => void
+}
+
+interface Entry {
+  digest: string
+  manifests: string[]
+  size: number
+  lastAccess: string
+  createdAt: string
+  hits: number
+}
+
+interface State {
+  enabled: boolean
+  limitBytes: number
+  usedBytes: number
+  entries: number
+  hit: number
+  miss: number
+  coalesced: number
+  bypass: number
+  hitRatio: number
+  evictions: number
+  items: Entry[]
+}
+
+function call(base: string, method: string, path: string): Promise<{ status: number; body: unknown }> {
+  const url = new URL(path, base)
+  return new Promise((resolve, reject) => {
+    const req = request(url, { method, timeout: 10_000 }, (res) => {
+      const chunks: Buffer[] = []
+      res.on('data', (c: Buffer) => chunks.push(c))
+      res.on('end', () => {
+        const text = Buffer.concat(chunks).toString('utf8')
+        let body: unknown = text
+        try {
+          body = JSON.parse(text)
+        } catch {
+          // not JSON: keep the text
+        }
+        resolve({ status: res.statusCode ?? 0, body })
+      })
+    })
+    req.on('timeout', () => req.destroy(new Error('timed out after 10 s')))
+    req.on('error', reject)
+    req.end()
+  })
+}
+
+function short(digest: string): string {
+  return digest.replace(/^sha256:/, '').slice(0, 12)
+}
+
+function table(rows: string[][]): string {
+  const widths = rows[0]?.map((_, i) => Math.max(...rows.map((r) => (r[i] ?? '').length))) ?? []
+  return rows.map((r) => r.map((c, i) => c.padEnd(widths[i] ?? 0)).join('  ').trimEnd()).join('\n')
+}
+
+function entryRows(items: Entry[]): string[][] {
+  return [
+    ['LAYER', 'SIZE', 'HITS', 'LAST ACCESS', 'MANIFESTS'],
+    ...items.map((e) => [short(e.digest), formatBytes(e.size), String(e.hits), e.lastAccess.replace(/\.\d+Z$/, 'Z'), e.manifests.map(short).join(',') || '-']),
+  ]
+}
+
+/** Runs the subcommand; returns the process exit code (0 ok, 1 not found or failed, 2 usage). */
+export async function runCacheCommand(argv: readonly string[], io: CliIo): Promise<number> {
+  let url = process.env.RPP_URL ?? 'http://127.0.0.1:5080'
+  let json = false
+  let sort: string | undefined
+  let limit: string | undefined
+  const positional: string[] = []
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i] ?? ''
+    const eq = a.indexOf('=')
+    const [flag, inline] = a.startsWith('--') && eq > 0 ? [a.slice(0, eq), a.slice(eq + 1)] : [a, undefined]
+    const value = (): string => {
+      const v = inline ?? argv[++i]
+      if (v === undefined) throw new Error(`${flag} needs a value`)
+      return v
+    }
+    try {
+      if (flag === '--json') json = true
+      else if (flag === '--url') url = value()
+      else if (flag === '--sort') sort = value()
+      else if (flag === '--limit') limit = value()
+      else if (a.startsWith('--')) throw new Error(`unknown flag ${flag}`)
+      else positional.push(a)
+    } catch (err) {
+      io.err(`${(err as Error).message}\n${CACHE_USAGE}`)
+      return 2
+    }
+  }
+  const [command, digest] = positional
+  if (command === 'ls' && positional.length === 1) {
+    const qs = new URLSearchParams({ ...(sort ? { sort } : {}), ...(limit ? { limit } : {}) }).toString()
+    return fetchAnd(io, url, 'GET', `/cache${qs ? `?${qs}` : ''}`, (body) => {
+      if (json) return JSON.stringify(body, null, 2)
+      const s = body as State
+      const head = `cache ${s.enabled ? 'enabled' : 'DISABLED'}: ${formatBytes(s.usedBytes)} of ${formatBytes(s.limitBytes)} in ${s.entries} entries; ` +
+        `hits ${s.hit}, misses ${s.miss}, coalesced ${s.coalesced}, bypassed ${s.bypass}, hit ratio ${(s.hitRatio * 100).toFixed(1)}%; evictions ${s.evictions}`
+      return s.items.length === 0 ? head : `${head}\n\n${table(entryRows(s.items))}`
+    })
+  }
+  if ((command === 'show' || command === 'rm') && digest && positional.length === 2) {
+    if (!/^sha256:[a-f0-9]{64}$/.test(digest)) {
+      io.err(`"${digest}" is not sha256:<64 lowercase hex>`)
+      return 2
+    }
+    return fetchAnd(io, url, command === 'show' ? 'GET' : 'DELETE', `/cache/${digest}`, (body) => {
+      if (json) return JSON.stringify(body, null, 2)
+      if (command === 'rm') return `removed ${(body as { removed: Entry }).removed.digest}`
+      const e = body as Entry
+      return table([
+        ['layer', e.digest],
+        ['manifests', e.manifests.join(', ') || '-'],
+        ['size', `${formatBytes(e.size)} (${e.size} bytes)`],
+        ['hits', String(e.hits)],
+        ['last access', e.lastAccess],
+        ['cached since', e.createdAt],
+      ])
+    })
+  }
+  io.err(CACHE_USAGE)
+  return 2
+}
+
+async function fetchAnd(io: CliIo, base: string, method: string, path: string, render: (body: unknown) => string): Promise<number> {
+  let res
+  try {
+    res = await call(base, method, path)
+  } catch (err) {
+    io.err(`cannot reach ${base}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`)
+    return 1
+  }
+  if (res.status !== 200) {
+    const message = typeof res.body === 'object' && res.body !== null ? String((res.body as { message?: unknown }).message) : String(res.body)
+    io.err(`${res.status}: ${message}`)
+    return 1
+  }
+  io.out(render(res.body))
+  return 0
+}

@@ -1,0 +1,117 @@
+import Boom from '@hapi/boom'
+import type { Request, ResponseObject, ResponseToolkit } from '@hapi/hapi'
+import type { BlobEntry, CacheIndex } from '../plugins/packages/cache-index.js'
+import { DIGEST } from '../plugins/packages/manifest.js'
+import type { PackageService } from '../plugins/packages/package-service.js'
+
+/** Request outcome counters since start (the numbers behind the hit ratio). */
+export interface ResultCounts {
+  hit: number
+  miss: number
+  coalesced: number
+  bypass: number
+}
+
+export interface CacheHandlerDeps {
+  index: CacheIndex | undefined
+  packages: PackageService
+  limitBytes: number
+  counts: ResultCounts
+}
+
+/** One cache entry as the API shows it. */
+export interface CacheEntryView {
+  digest: string
+  manifests: string[]
+  size: number
+  lastAccess: string
+  createdAt: string
+  hits: number
+}
+
+const SORTS = ['lastAccess', 'size', 'hits', 'createdAt', 'digest'] as const
+type SortKey = (typeof SORTS)[number]
+
+function view(index: CacheIndex, e: BlobEntry): CacheEntryView {
+  return {
+    digest: e.digest,
+    manifests: index.manifestsOf(e.digest),
+    size: e.size,
+    lastAccess: new Date(e.lastAccess).toISOString(),
+    createdAt: new Date(e.createdAt).toISOString(),
+    hits: e.hits,
+  }
+}
+
+function digestParam(request: Request): string {
+  const raw: unknown = request.params.digest
+  const digest = typeof raw === 'string' ? raw : ''
+  if (!DIGEST.test(digest)) throw Boom.badRequest('digest must be sha256:<64 lowercase hex>')
+  return digest
+}
+
+/** Finds an entry by layer digest or by a manifest digest that resolves to it. */
+function find(index: CacheIndex, digest: string): BlobEntry | undefined {
+  return index.blob(digest) ?? index.blob(index.manifest(digest)?.layerDigest ?? '')
+}
+
+/**
+ * `GET /cache`: limit, used bytes, entry count, hit ratio, and the entries
+ * (`?sort=lastAccess|size|hits|createdAt|digest&order=asc|desc&limit=N`, default most recent first).
+ */
+export function listCacheHandler(deps: CacheHandlerDeps) {
+  return (request: Request, h: ResponseToolkit): ResponseObject => {
+    const q = request.query as Record<string, unknown>
+    const sort = (q.sort ?? 'lastAccess') as SortKey
+    if (!SORTS.includes(sort)) throw Boom.badRequest(`sort must be one of ${SORTS.join(', ')}`)
+    const order = q.order ?? (sort === 'digest' ? 'asc' : 'desc')
+    if (order !== 'asc' && order !== 'desc') throw Boom.badRequest('order must be asc or desc')
+    const limit = q.limit === undefined ? 100 : Number(q.limit)
+    if (!Number.isInteger(limit) || limit < 0 || limit > 100_000) throw Boom.badRequest('limit must be an integer from 0 to 100000')
+    const { counts } = deps
+    const served = counts.hit + counts.miss + counts.coalesced + counts.bypass
+    const base = {
+      enabled: deps.index !== undefined,
+      limitBytes: deps.index ? deps.limitBytes : 0,
+      usedBytes: deps.packages.space?.usedBytes ?? 0,
+      reservedBytes: deps.packages.space?.reservedBytes ?? 0,
+      entries: deps.index?.blobCount ?? 0,
+      fillsInFlight: deps.packages.activeFills,
+      ...counts,
+      hitRatio: served === 0 ? 0 : Number((counts.hit / served).toFixed(4)),
+      evictions: deps.packages.space?.evictions ?? 0,
+      evictedBytes: deps.packages.space?.evictedBytes ?? 0,
+    }
+    const index = deps.index
+    if (!index) return h.response({ ...base, items: [] })
+    const sign = order === 'asc' ? 1 : -1
+    const items = index
+      .blobs()
+      .sort((a, b) => sign * (sort === 'digest' ? a.digest.localeCompare(b.digest) : a[sort] - b[sort]))
+      .slice(0, limit)
+      .map((e) => view(index, e))
+    return h.response({ ...base, items })
+  }
+}
+
+/** `GET /cache/{digest}`: one entry, by layer or manifest digest. */
+export function showCacheEntryHandler(deps: CacheHandlerDeps) {
+  return (request: Request, h: ResponseToolkit): ResponseObject => {
+    const digest = digestParam(request)
+    const entry = deps.index ? find(deps.index, digest) : undefined
+    if (!deps.index || !entry) throw Boom.notFound(`${digest} is not in the cache`)
+    return h.response(view(deps.index, entry))
+  }
+}
+
+/** `DELETE /cache/{digest}`: removes an entry; a reader in progress finishes first. */
+export function deleteCacheEntryHandler(deps: CacheHandlerDeps) {
+  return async (request: Request, h: ResponseToolkit): Promise<ResponseObject> => {
+    const digest = digestParam(request)
+    const entry = deps.index ? find(deps.index, digest) : undefined
+    if (!deps.index || !entry) throw Boom.notFound(`${digest} is not in the cache`)
+    const shown = view(deps.index, entry)
+    await deps.packages.remove(entry.digest)
+    return h.response({ removed: shown })
+  }
+}
