@@ -1,0 +1,74 @@
+import t from 'tap'
+import { bytes, packageUrl, startHarness, until } from '../fixtures/proxy-harness.js'
+
+void t.test('GET /cache reports limit, usage, counts and entries; show and delete by either digest', async (t) => {
+  const h = await startHarness(t, { limitBytes: 10_000_000 })
+  const a = h.registry.addImage('deckhouse/ce/a', [bytes(1000, 1)])
+  const b = h.registry.addImage('deckhouse/ce/b', [bytes(3000, 2)])
+  const inject = (url: string, method = 'GET') => h.proxy.server.inject({ method, url })
+
+  const empty = (await inject('/cache')).result as Record<string, unknown>
+  t.match(empty, { enabled: true, limitBytes: 10_000_000, usedBytes: 0, entries: 0, hit: 0, miss: 0, hitRatio: 0, items: [] })
+
+  for (const [img, path] of [[a, 'a'], [b, 'b']] as const) {
+    t.equal((await inject(packageUrl({ digest: img.manifestDigest, path }))).statusCode, 200)
+  }
+  await h.proxy.packages.service.settled()
+  t.equal((await inject(packageUrl({ digest: a.manifestDigest, path: 'a' }))).statusCode, 200, 'a hit')
+
+  const state = (await inject('/cache')).result as { usedBytes: number; entries: number; hit: number; miss: number; hitRatio: number; items: Array<{ digest: string; manifests: string[]; size: number; hits: number }> }
+  t.equal(state.usedBytes, 4000)
+  t.equal(state.entries, 2)
+  t.equal(state.hit, 1)
+  t.equal(state.miss, 2)
+  t.equal(state.hitRatio, 0.3333)
+  t.equal(state.items[0]?.digest, a.lastLayer.digest, 'most recently used first')
+  t.same(state.items[0]?.manifests, [a.manifestDigest])
+  t.equal(state.items[0]?.hits, 1)
+
+  const bySize = (await inject('/cache?sort=size&order=desc&limit=1')).result as { items: Array<{ digest: string }> }
+  t.same(bySize.items.map((i) => i.digest), [b.lastLayer.digest], 'sort and limit apply')
+  t.equal((await inject('/cache?sort=bogus')).statusCode, 400)
+  t.equal((await inject('/cache?limit=-1')).statusCode, 400)
+
+  const byManifest = await inject(`/cache/${a.manifestDigest}`)
+  const byLayer = await inject(`/cache/${a.lastLayer.digest}`)
+  t.equal(byManifest.statusCode, 200)
+  t.same(byManifest.result, byLayer.result, 'manifest and layer digest name the same entry')
+  t.equal((await inject('/cache/sha256:nope')).statusCode, 400)
+  t.equal((await inject(`/cache/sha256:${'0'.repeat(64)}`)).statusCode, 404)
+
+  const del = await inject(`/cache/${b.manifestDigest}`, 'DELETE')
+  t.equal(del.statusCode, 200)
+  t.equal((await inject(`/cache/${b.manifestDigest}`)).statusCode, 404, 'gone from the API')
+  t.equal(h.proxy.packages.service.space?.usedBytes, 1000, 'its bytes are released')
+  t.equal((await inject(`/cache/${b.manifestDigest}`, 'DELETE')).statusCode, 404, 'a second delete is a 404')
+  const before = h.registry.counts.blob
+  t.equal((await inject(packageUrl({ digest: b.manifestDigest, path: 'b' }))).statusCode, 200)
+  t.equal(h.registry.counts.blob, before + 1, 'a deleted package is fetched again')
+})
+
+void t.test('DELETE while a client is reading: the reader finishes, the file goes afterwards', async (t) => {
+  const h = await startHarness(t, { limitBytes: 50_000_000 })
+  const layer = bytes(8 * 1024 * 1024, 3)
+  const img = h.registry.addImage('deckhouse/ce/big', [layer])
+  await h.proxy.server.inject(packageUrl({ digest: img.manifestDigest, path: 'big' }))
+  await h.proxy.packages.service.settled()
+  const pkg = await h.proxy.packages.service.resolve(h.proxy.sources.match(undefined), 'deckhouse/ce/big', img.manifestDigest)
+  t.equal(pkg.cached, true)
+  const body = await h.proxy.packages.service.open(h.proxy.sources.match(undefined), 'deckhouse/ce/big', pkg, 0, layer.length - 1)
+  const del = await h.proxy.server.inject({ method: 'DELETE', url: `/cache/${img.manifestDigest}` })
+  t.equal(del.statusCode, 200)
+  const chunks: Buffer[] = []
+  for await (const c of body.stream) chunks.push(c as Buffer)
+  t.ok(Buffer.concat(chunks).equals(layer), 'the reader got every byte')
+  await until(() => h.proxy.packages.service.space?.usedBytes === 0, 'bytes released after the reader closed')
+  t.pass('released')
+})
+
+void t.test('with --disable-cache the API says so', async (t) => {
+  const h = await startHarness(t, { disableCache: true })
+  const res = await h.proxy.server.inject('/cache')
+  t.match(res.result, { enabled: false, entries: 0, items: [] })
+  t.equal((await h.proxy.server.inject(`/cache/sha256:${'1'.repeat(64)}`)).statusCode, 404)
+})
