@@ -18,7 +18,7 @@ void t.test('cache ls, show and rm against a running server', async (t) => {
 
   const ls = io()
   t.equal(await runCacheCommand(['ls', '--url', url], ls.io), 0)
-  t.match(ls.out.join('\n'), /cache enabled: 2\.0Ki of 1\.0Gi in 1 entries/)
+  t.match(ls.out.join('\n'), /cache enabled: 2\.0Ki of 64Mi in 1 entries/)
   t.match(ls.out.join('\n'), new RegExp(`${img.lastLayer.digest.slice(7, 19)}\\s+2\\.0Ki\\s+0`))
 
   const lsJson = io()
