@@ -15,10 +15,12 @@ export interface ServerOptions {
   limitBytes: number
   disableCache?: boolean
   registryConfig?: string
+  /** `--kubeconfig`; without it, in-cluster config when running in a pod (see `env`). */
+  kubeconfig?: string
   logger: Logger
   /** Upstream timeouts (tests shorten them). */
   timeouts?: Partial<RegistryTimeouts>
-  /** Proxy environment for the registry client (default `process.env`). */
+  /** Proxy environment for the registry client and the in-cluster check (default `process.env`). */
   env?: NodeJS.ProcessEnv
   /** Prometheus process metrics (off in tests that build many servers). */
   collectDefaultMetrics?: boolean
@@ -52,7 +54,17 @@ export async function createServer(o: ServerOptions): Promise<ProxyServer> {
 
   await server.register([
     { plugin: metricsPlugin, options: { metrics } },
-    { plugin: credentialsPlugin, options: { sources, metrics, ...(o.registryConfig ? { registryConfig: o.registryConfig } : {}) } },
+    {
+      plugin: credentialsPlugin,
+      options: {
+        sources,
+        metrics,
+        log,
+        ...(o.registryConfig ? { registryConfig: o.registryConfig } : {}),
+        ...(o.kubeconfig ? { kubeconfig: o.kubeconfig } : {}),
+        ...(o.env ? { env: o.env } : {}),
+      },
+    },
     {
       plugin: packagesPlugin,
       options: {
@@ -73,7 +85,7 @@ export async function createServer(o: ServerOptions): Promise<ProxyServer> {
     plugin: healthPlugin,
     options: {
       checks: [
-        () => (packages.ready() ? undefined : 'cache index is not open'),
+        () => packages.notReady(),
         () => {
           const pending = sources.unsynced()
           return pending.length > 0 ? `credential sources not synced yet: ${pending.join(', ')}` : undefined
@@ -89,11 +101,15 @@ export async function createServer(o: ServerOptions): Promise<ProxyServer> {
     const status = response && 'statusCode' in response ? response.statusCode : 0
     const app = request.app as { result?: string; error?: unknown }
     const query = request.query as Record<string, unknown>
+    const headers = response && 'headers' in response ? response.headers : {}
+    const finished = request.raw.res.writableFinished
     const line = {
       req: request.info.id,
       method: request.method,
       path: request.path,
       status,
+      // Bytes of a body that went out whole; an aborted response is marked as such.
+      ...(finished ? { bytes: Number(headers['content-length'] ?? 0) } : { aborted: true }),
       ms: request.info.responded ? request.info.responded - request.info.received : undefined,
       ...(request.path === '/package'
         ? { digest: query.digest, repository: query.repository, pkgPath: query.path, result: app.result }

@@ -13,6 +13,8 @@ export interface PackageHandlerDeps {
   packages: PackageService
   /** Told how each request was served (logs, metrics). */
   onResult?: (request: Request, result: PackageResult | 'not-modified' | 'head') => void
+  /** Told when a body fails after the headers went out (the connection is then aborted). */
+  onStreamError?: (request: Request, result: PackageResult, err: Error) => void
 }
 
 /**
@@ -68,6 +70,7 @@ export function packageHandler(deps: PackageHandlerDeps) {
 
     const body = await deps.packages.open(source, name, pkg, start, end)
     deps.onResult?.(request, body.result)
+    body.stream.once('error', (err: Error) => deps.onStreamError?.(request, body.result, err))
     return withHeaders(h.response(body.stream)).header('X-Cache', body.result.toUpperCase())
   }
 }

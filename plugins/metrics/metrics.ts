@@ -22,7 +22,14 @@ export class Metrics {
   readonly upstreamSeconds: client.Histogram<'kind'>
   readonly digestMismatches: client.Counter<'what'>
   readonly sourceSynced: client.Gauge<'provider'>
+  readonly evictions: client.Counter
+  readonly evictedBytes: client.Counter
+  readonly fillSeconds: client.Histogram<'outcome'>
+  readonly sourceErrors: client.Counter<'provider'>
+  readonly sourceRestarts: client.Counter<'provider'>
+  readonly sourceLastSync: client.Gauge<'provider'>
   #stats: CacheStats | undefined
+  readonly #syncClocks = new Map<string, () => number | undefined>()
 
   constructor(options: { collectDefaults?: boolean } = {}) {
     const registers = [this.registry]
@@ -96,12 +103,59 @@ export class Metrics {
       labelNames: ['what'],
       registers,
     })
+    this.evictions = new client.Counter({
+      name: 'registry_packages_proxy_evictions_total',
+      help: 'Cache entries removed to make room (least recently used first).',
+      registers,
+    })
+    this.evictedBytes = new client.Counter({
+      name: 'registry_packages_proxy_evicted_bytes_total',
+      help: 'Bytes removed from the cache to make room.',
+      registers,
+    })
+    this.fillSeconds = new client.Histogram({
+      name: 'registry_packages_proxy_fill_duration_seconds',
+      help: 'Duration of layer downloads into the cache, by outcome (committed, failed, disk-error, commit-error).',
+      labelNames: ['outcome'],
+      buckets: [0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300],
+      registers,
+    })
     this.sourceSynced = new client.Gauge({
       name: 'registry_packages_proxy_source_synced',
       help: '1 when a credential provider (file, secret, modulesources) has delivered its sources.',
       labelNames: ['provider'],
       registers,
     })
+    this.sourceErrors = new client.Counter({
+      name: 'registry_packages_proxy_source_errors_total',
+      help: 'Source definitions rejected as malformed (bad base64, JSON, PEM or field): a ModuleSource skipped, a Secret or config file whose last good version is kept.',
+      labelNames: ['provider'],
+      registers,
+    })
+    this.sourceRestarts = new client.Counter({
+      name: 'registry_packages_proxy_source_watch_restarts_total',
+      help: 'Kubernetes list or watch failures (API server unreachable, watch dropped, HTTP errors) after which the informer was restarted with backoff.',
+      labelNames: ['provider'],
+      registers,
+    })
+    const clocks = this.#syncClocks
+    this.sourceLastSync = new client.Gauge({
+      name: 'registry_packages_proxy_source_last_sync_timestamp_seconds',
+      help: 'When a credential provider was last known to be in sync with its source (Unix seconds): the scrape time while a watch is open, else its last successful list, event or file check.',
+      labelNames: ['provider'],
+      registers,
+      collect() {
+        for (const [provider, clock] of clocks) {
+          const ms = clock()
+          if (ms !== undefined) this.set({ provider }, ms / 1000)
+        }
+      },
+    })
+  }
+
+  /** Reports a provider's last successful sync (ms since epoch, or undefined) at every scrape. */
+  sourceSyncClock(provider: string, clock: () => number | undefined): void {
+    this.#syncClocks.set(provider, clock)
   }
 
   /** Connects the cache gauges to the live cache (set once the cache is open). */

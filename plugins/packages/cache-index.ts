@@ -179,6 +179,10 @@ export class CacheIndex {
     await this.#keyv.setMany(entries.map((e) => ({ key: `${BLOB}:${e.digest}`, value: { ...e } })))
   }
 
+  get closed(): boolean {
+    return this.#closed
+  }
+
   get dirtyCount(): number {
     return this.#dirty.size
   }

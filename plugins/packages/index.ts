@@ -1,3 +1,5 @@
+import { constants } from 'node:fs'
+import { access } from 'node:fs/promises'
 import Boom from '@hapi/boom'
 import type { Plugin, Request } from '@hapi/hapi'
 import { DigestError, toBoom } from '../../errors.js'
@@ -29,7 +31,8 @@ export interface PackagesOptions {
 export interface PackagesApi {
   service: PackageService
   index: CacheIndex | undefined
-  ready(): boolean
+  /** Why the cache cannot serve right now (index closed, directory not writable), or undefined. */
+  notReady(): string | undefined
 }
 
 /**
@@ -57,7 +60,23 @@ export const packagesPlugin: Plugin<PackagesOptions> = {
         o.metrics.upstreamSeconds.observe({ kind }, seconds)
       },
     })
-    const service = new PackageService({ index, store, client, limitBytes: o.limitBytes, disableCache: o.disableCache, log: o.log })
+    const service = new PackageService({
+      index,
+      store,
+      client,
+      limitBytes: o.limitBytes,
+      disableCache: o.disableCache,
+      log: o.log,
+      onFillDone: (outcome, seconds, error) => {
+        o.metrics.fillSeconds.observe({ outcome }, seconds)
+        // A mismatch found mid-stream: the response was already aborted before its last byte.
+        if (error instanceof DigestError) o.metrics.digestMismatches.inc({ what: error.what })
+      },
+      onEvict: (bytes) => {
+        o.metrics.evictions.inc()
+        o.metrics.evictedBytes.inc(bytes)
+      },
+    })
     if (service.space) {
       const trimmed = await service.space.trim()
       if (trimmed > 0) o.log.info({ evicted: trimmed }, 'cache trimmed to --cache-retention-size')
@@ -68,8 +87,20 @@ export const packagesPlugin: Plugin<PackagesOptions> = {
       entries: () => index?.blobCount ?? 0,
       activeFills: () => service.activeFills,
     })
+    // The directory check uses access(W_OK), not a test write: a full disk still serves (fills
+    // fall back to streaming through), so it must not take the pod out of rotation.
+    let dirProblem: string | undefined
+    const checkDirectory = async (): Promise<void> => {
+      if (!store) return
+      dirProblem = await access(store.tmpDir, constants.W_OK).then(
+        () => undefined,
+        (err: NodeJS.ErrnoException) => `cache directory is not writable (${err.code ?? 'error'})`,
+      )
+    }
+    await checkDirectory()
     const flusher = setInterval(() => {
       index?.flush().catch((err: unknown) => o.log.warn({ err: describe(err) }, 'cannot write access times'))
+      void checkDirectory()
     }, o.flushIntervalMs ?? 5000)
     flusher.unref()
 
@@ -79,7 +110,12 @@ export const packagesPlugin: Plugin<PackagesOptions> = {
       if (result in counts) counts[result as keyof ResultCounts]++
       ;(request.app as { result?: string }).result = result
     }
-    const handler = packageHandler({ sources: o.sources, packages: service, onResult })
+    const onStreamError = (request: Request, result: string, err: Error): void => {
+      ;(request.app as { error?: unknown }).error = describe(err)
+      // Fills count their own mismatches once (onFillDone); a pass-through has no fill.
+      if (result === 'bypass' && err instanceof DigestError) o.metrics.digestMismatches.inc({ what: err.what })
+    }
+    const handler = packageHandler({ sources: o.sources, packages: service, onResult, onStreamError })
     server.route({
       method: 'GET',
       path: '/package',
@@ -98,6 +134,8 @@ export const packagesPlugin: Plugin<PackagesOptions> = {
     server.route({
       method: '*',
       path: '/package',
+      // Never read or parse a refused request's body: the answer is 405 whatever it holds.
+      options: { payload: { parse: false, output: 'stream' } },
       handler: () => {
         const err = Boom.methodNotAllowed('only GET and HEAD are allowed on /package', undefined, ['GET', 'HEAD'])
         return err
@@ -117,7 +155,11 @@ export const packagesPlugin: Plugin<PackagesOptions> = {
       { method: 'GET', path: '/cache/{digest}', handler: showCacheEntryHandler(cacheDeps) },
       { method: 'DELETE', path: '/cache/{digest}', handler: deleteCacheEntryHandler(cacheDeps) },
     ])
-    server.expose('api', { service, index, ready: () => true } satisfies PackagesApi)
+    server.expose('api', {
+      service,
+      index,
+      notReady: () => (index?.closed ? 'cache index is closed' : dirProblem),
+    } satisfies PackagesApi)
     server.ext('onPostStop', async () => {
       clearInterval(flusher)
       await service.close()

@@ -28,7 +28,14 @@ export interface PackageServiceOptions {
   log: PackageLogger
   /** Upper bound for one fill, whoever is waiting for it. */
   fillTimeoutMs?: number
+  /** Told how each fill ended (metrics). */
+  onFillDone?: (outcome: FillOutcome, seconds: number, error: Error | undefined) => void
+  /** Told about every eviction (metrics). */
+  onEvict?: (bytes: number) => void
 }
+
+/** How a fill ended: cached, failed upstream or on verification, or served without caching. */
+export type FillOutcome = 'committed' | 'failed' | 'disk-error' | 'commit-error'
 
 /** A fill's entry in the single-flight map, known to the fill so it removes only itself. */
 interface FillSlot {
@@ -66,12 +73,13 @@ export class PackageService {
   constructor(options: PackageServiceOptions) {
     this.#o = options
     this.space = options.index && options.store && !options.disableCache
-      ? new SpaceManager(options.index, options.store, options.limitBytes, options.log)
+      ? new SpaceManager(options.index, options.store, options.limitBytes, options.log, options.onEvict)
       : undefined
   }
 
+  /** Fills running or cleaning up (a failed fill leaves the join map earlier than this). */
   get activeFills(): number {
-    return this.#fills.size
+    return this.#running.size
   }
 
   /** Finds the layer for `digest`: from the index when known, else from the registry. */
@@ -194,6 +202,11 @@ export class PackageService {
       this.#o.log.warn({ err: describe(err), layer: layer.digest }, 'cannot start a cache fill; streaming through')
       return undefined
     }
+    // A failed fill leaves the map the moment it fails (synchronously), so a request arriving
+    // during its clean-up starts a new download instead of inheriting the failure.
+    fill.on('progress', () => {
+      if (fill.state === 'failed') forget()
+    })
     fill.once('degraded', (err: unknown) => {
       // No new reader may join a fill that cannot be cached; its current readers still finish.
       // The reservation stays until the fill ends: the temp file's blocks are in use until then.
@@ -201,9 +214,11 @@ export class PackageService {
       this.#o.log.error({ err: describe(err), layer: layer.digest }, 'disk error during a cache fill; serving current clients from memory, caching nothing')
     })
     const signal = AbortSignal.any([AbortSignal.timeout(this.#o.fillTimeoutMs ?? 30 * 60_000), this.#aborter.signal])
+    const began = process.hrtime.bigint()
     const settled = fill
       .run(() => this.#o.client.openBlob(source, name, layer.digest, { signal }))
       .then(() => this.#finishFill(fill, digest, reservation))
+      .then((outcome) => this.#o.onFillDone?.(outcome, Number(process.hrtime.bigint() - began) / 1e9, fill.error ?? fill.diskError))
       .finally(() => {
         reservation.release()
         forget()
@@ -216,15 +231,16 @@ export class PackageService {
   }
 
   /** Commits a verified fill (rename, then index rows) or discards a failed one. */
-  async #finishFill(fill: Fill, digest: string, reservation: Reservation): Promise<void> {
+  async #finishFill(fill: Fill, digest: string, reservation: Reservation): Promise<FillOutcome> {
     const { layer } = fill
     const store = this.#o.store
     const index = this.#o.index
-    if (!store || !index) return
+    if (!store || !index) return 'failed'
     if (fill.state !== 'verified' || fill.diskError) {
       await store.removeTemp(fill.tempPath).catch(() => undefined)
-      if (!fill.diskError) this.#o.log.warn({ err: describe(fill.error), layer: layer.digest }, 'cache fill failed; nothing cached')
-      return
+      if (fill.diskError) return 'disk-error'
+      this.#o.log.warn({ err: describe(fill.error), layer: layer.digest }, 'cache fill failed; nothing cached')
+      return 'failed'
     }
     try {
       await store.commit(fill.tempPath, layer.digest)
@@ -232,12 +248,14 @@ export class PackageService {
       await index.putBlob({ digest: layer.digest, size: layer.size, lastAccess: now, hits: 0, createdAt: now })
       reservation.commit()
       await index.putManifest({ digest, layerDigest: layer.digest, layerMediaType: layer.mediaType })
+      return 'committed'
     } catch (err) {
       this.#o.log.error({ err: describe(err), layer: layer.digest }, 'cache commit failed; the layer was served but not cached')
       await store.removeTemp(fill.tempPath).catch(() => undefined)
       // Undo through the space manager so the byte accounting stays exact.
       if (index.blob(layer.digest)) await this.space?.evict(layer.digest).catch(() => undefined)
       else await store.remove(layer.digest).catch(() => undefined)
+      return 'commit-error'
     }
   }
 

@@ -314,10 +314,14 @@ function guardBody(res: Readable, idleMs: number): Readable {
     }
     fail(new TimeoutError('idle', idleMs))
   }, idleMs)
+  let failed = false
   const fail = (err: Error): void => {
+    // First cause wins: destroying the socket below makes it emit its own, vaguer errors.
+    if (failed) return
+    failed = true
     clearTimeout(timer)
-    res.destroy()
     out.destroy(err)
+    res.destroy()
   }
   res.pipe(out)
   res.on('data', () => timer.refresh())

@@ -37,6 +37,7 @@ export class SpaceManager {
     private readonly store: BlobStore,
     readonly limit: number,
     private readonly log: PackageLogger,
+    private readonly onEvict: (bytes: number) => void = () => undefined,
   ) {
     this.#used = index.usedBytes
   }
@@ -138,6 +139,7 @@ export class SpaceManager {
       this.#evicting.delete(digest)
       this.evictions++
       this.evictedBytes += size
+      this.onEvict(size)
     })()
     return this.#track(p)
   }

@@ -139,8 +139,12 @@ export function proxyForUrl(url: string, env: NodeJS.ProcessEnv): string | undef
   for (const raw of noProxy.split(/[\s,]+/)) {
     if (!raw) continue
     if (raw === '*') return undefined
-    const m = /^(.*?)(?::(\d+))?$/.exec(raw.replace(/^\*?\./, '.'))
-    const entryHost = (m?.[1] ?? '').replace(/^\[|\]$/g, '')
+    // Entries: host, .domain, *.domain, host:port, [v6]:port, or a bare v6 address (no port).
+    const entry = raw.replace(/^\*?\./, '.')
+    const bracketed = /^\[([^\]]+)\](?::(\d+))?$/.exec(entry)
+    const bareV6 = !bracketed && (entry.match(/:/g) ?? []).length > 1
+    const m = bracketed ?? (bareV6 ? [entry, entry, undefined] : /^(.*?)(?::(\d+))?$/.exec(entry))
+    const entryHost = m?.[1] ?? ''
     const entryPort = m?.[2]
     if (entryPort && entryPort !== port) continue
     const bare = entryHost.replace(/^\./, '')
