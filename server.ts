@@ -1,3 +1,5 @@
+import { createServer as createHttpServer } from 'node:http'
+import type { Duplex } from 'node:stream'
 import Hapi from '@hapi/hapi'
 import type { Logger } from 'pino'
 import { credentialsPlugin } from './plugins/credentials/index.js'
@@ -25,6 +27,8 @@ export interface ServerOptions {
   /** Prometheus process metrics (off in tests that build many servers). */
   collectDefaultMetrics?: boolean
   flushIntervalMs?: number
+  /** Time a client gets to send its request headers (default 10 s). */
+  headersTimeoutMs?: number
 }
 
 export interface ProxyServer {
@@ -39,7 +43,19 @@ export interface ProxyServer {
  * needs to inspect is returned; nothing lives in module state.
  */
 export async function createServer(o: ServerOptions): Promise<ProxyServer> {
+  // Limits that make slow or oversized requests fail fast instead of holding sockets: a
+  // slowloris client gets 10 s to send its headers, and request lines plus headers are capped.
+  const headersTimeout = o.headersTimeoutMs ?? 10_000
+  const listener = createHttpServer({
+    maxHeaderSize: 16 * 1024,
+    headersTimeout,
+    requestTimeout: Math.max(headersTimeout, 30_000),
+    keepAliveTimeout: 5_000,
+    // Node checks the timeouts above on this period (default 30 s): check often enough to matter.
+    connectionsCheckingInterval: Math.min(1_000, headersTimeout),
+  })
   const server = Hapi.server({
+    listener,
     host: o.host ?? '127.0.0.1',
     port: o.port ?? 0,
     router: { stripTrailingSlash: false },
@@ -47,6 +63,13 @@ export async function createServer(o: ServerOptions): Promise<ProxyServer> {
       // Package downloads can take long; upstream timeouts bound them, not a server timeout.
       timeout: { server: false, socket: false },
     },
+  })
+  // hapi answers every malformed request with a bare 400; tell clients the real reason first.
+  listener.prependListener('clientError', (err: NodeJS.ErrnoException, socket: Duplex) => {
+    const status = err.code === 'HPE_HEADER_OVERFLOW' ? '431 Request Header Fields Too Large' : err.code === 'ERR_HTTP_REQUEST_TIMEOUT' ? '408 Request Timeout' : undefined
+    if (!status || !socket.writable) return
+    socket.write(`HTTP/1.1 ${status}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n`)
+    socket.destroy()
   })
   const sources = new SourceSet()
   const metrics = new Metrics({ collectDefaults: o.collectDefaultMetrics ?? true })
