@@ -1,0 +1,143 @@
+import { resolve } from 'node:path'
+import t from 'tap'
+import { ConfigError, DEFAULT_CACHE_DIRECTORY, FLAG_NAMES, envName, parseFlags, parseListenAddress } from '../../config/flags.js'
+
+const CWD = '/srv/rpp'
+
+void t.test('defaults', (t) => {
+  t.same(parseFlags([], {}, CWD), {
+    listenHost: '127.0.0.1',
+    listenPort: 5080,
+    cacheDirectory: resolve(CWD, DEFAULT_CACHE_DIRECTORY),
+    cacheRetentionBytes: 2 ** 30,
+    disableCache: false,
+    logLevel: 'info',
+  })
+  t.end()
+})
+
+void t.test('every flag, in both forms', (t) => {
+  const argv = [
+    '--listen-address=0.0.0.0:4219',
+    '--cache-directory',
+    '/cache',
+    '--cache-retention-size=512Mi',
+    '--disable-cache',
+    '--kubeconfig=kube.conf',
+    '--registry-config',
+    'cfg/registry.json',
+    '--log-level=debug',
+  ]
+  t.same(parseFlags(argv, {}, CWD), {
+    listenHost: '0.0.0.0',
+    listenPort: 4219,
+    cacheDirectory: '/cache',
+    cacheRetentionBytes: 512 * 2 ** 20,
+    disableCache: true,
+    kubeconfig: '/srv/rpp/kube.conf',
+    registryConfig: '/srv/rpp/cfg/registry.json',
+    logLevel: 'debug',
+  })
+  t.equal(parseFlags(['--disable-cache=false'], {}, CWD).disableCache, false)
+  t.equal(parseFlags(['--disable-cache=1'], {}, CWD).disableCache, true)
+  t.equal(parseFlags(['--disable-cache=no'], {}, CWD).disableCache, false)
+  t.equal(parseFlags(['--cache-retention-size=1G'], {}, CWD).cacheRetentionBytes, 1e9)
+  t.equal(parseFlags(['--cache-retention-size=1048576'], {}, CWD).cacheRetentionBytes, 1_048_576)
+  for (const level of ['debug', 'info', 'warn', 'error']) t.equal(parseFlags([`--log-level=${level}`], {}, CWD).logLevel, level)
+  t.end()
+})
+
+void t.test('every flag from its RPP_ environment variable', (t) => {
+  t.same(FLAG_NAMES.map(envName), [
+    'RPP_LISTEN_ADDRESS',
+    'RPP_CACHE_DIRECTORY',
+    'RPP_CACHE_RETENTION_SIZE',
+    'RPP_DISABLE_CACHE',
+    'RPP_KUBECONFIG',
+    'RPP_REGISTRY_CONFIG',
+    'RPP_LOG_LEVEL',
+  ])
+  const env = {
+    RPP_LISTEN_ADDRESS: '[::1]:6000',
+    RPP_CACHE_DIRECTORY: 'var/cache',
+    RPP_CACHE_RETENTION_SIZE: '2Gi',
+    RPP_DISABLE_CACHE: 'true',
+    RPP_KUBECONFIG: '/etc/kube',
+    RPP_REGISTRY_CONFIG: '/etc/registry.json',
+    RPP_LOG_LEVEL: 'warn',
+  }
+  t.same(parseFlags([], env, CWD), {
+    listenHost: '::1',
+    listenPort: 6000,
+    cacheDirectory: '/srv/rpp/var/cache',
+    cacheRetentionBytes: 2 * 2 ** 30,
+    disableCache: true,
+    kubeconfig: '/etc/kube',
+    registryConfig: '/etc/registry.json',
+    logLevel: 'warn',
+  })
+  t.equal(parseFlags([], { RPP_LOG_LEVEL: '' }, CWD).logLevel, 'info', 'an empty variable is unset')
+  t.end()
+})
+
+void t.test('flags win over environment variables, which win over defaults', (t) => {
+  const env = { RPP_LOG_LEVEL: 'warn', RPP_CACHE_RETENTION_SIZE: '2Gi', RPP_DISABLE_CACHE: 'true' }
+  const flags = parseFlags(['--log-level=error', '--disable-cache=false'], env, CWD)
+  t.equal(flags.logLevel, 'error')
+  t.equal(flags.disableCache, false)
+  t.equal(flags.cacheRetentionBytes, 2 * 2 ** 30, 'the env var still applies where no flag is given')
+  t.equal(parseFlags(['--log-level=warn', '--log-level=debug'], {}, CWD).logLevel, 'debug', 'the last flag wins')
+  t.equal(parseFlags(['--cache-retention-size=1Gi'], { RPP_CACHE_RETENTION_SIZE: 'garbage' }, CWD).cacheRetentionBytes, 2 ** 30, 'a bad env var overridden by a good flag is fine')
+  t.end()
+})
+
+function configError(argv: string[], env: NodeJS.ProcessEnv = {}): ConfigError {
+  try {
+    parseFlags(argv, env, CWD)
+  } catch (err) {
+    if (err instanceof ConfigError) return err
+    throw err
+  }
+  throw new Error('expected a ConfigError')
+}
+
+void t.test('errors name the flag', (t) => {
+  const cases: Array<[string[], NodeJS.ProcessEnv, RegExp]> = [
+    [['--listen'], {}, /unknown flag --listen \(known: --listen-address, --cache-directory/],
+    [['--cache-dir=/x'], {}, /unknown flag --cache-dir/],
+    [['--Log-Level=info'], {}, /unexpected argument "--Log-Level=info"/],
+    [['serve'], {}, /unexpected argument "serve"/],
+    [['-v'], {}, /unexpected argument "-v"/],
+    [['--log-level'], {}, /--log-level needs a value/],
+    [['--cache-retention-size=1GB'], {}, /--cache-retention-size: "1GB" is not a Kubernetes quantity/],
+    [[], { RPP_CACHE_RETENTION_SIZE: 'lots' }, /--cache-retention-size: "lots"/],
+    [['--cache-retention-size=9Ei'], {}, /--cache-retention-size: "9Ei" is too large/],
+    [['--listen-address=5080'], {}, /--listen-address: "5080" is not host:port/],
+    [['--listen-address=127.0.0.1:99999'], {}, /--listen-address: "127.0.0.1:99999"/],
+    [['--listen-address=127.0.0.1:'], {}, /--listen-address/],
+    [['--listen-address=::1:80'], {}, /--listen-address: "::1:80"/],
+    [[], { RPP_LISTEN_ADDRESS: 'nowhere' }, /--listen-address: "nowhere"/],
+    [['--log-level=trace'], {}, /--log-level: "trace" is not one of debug, info, warn, error/],
+    [['--log-level=INFO'], {}, /--log-level: "INFO"/],
+    [['--disable-cache=maybe'], {}, /--disable-cache: "maybe" is not a boolean/],
+    [['--cache-directory='], {}, /--cache-directory must not be empty/],
+  ]
+  for (const [argv, env, message] of cases) {
+    const err = configError(argv, env)
+    t.match(err.message, message, argv.join(' ') || JSON.stringify(env))
+    t.equal(err.code, 'ECONFIG')
+    t.notMatch(err.message, /\n/, 'one line')
+  }
+  t.end()
+})
+
+void t.test('parseListenAddress', (t) => {
+  t.same(parseListenAddress('127.0.0.1:5080'), { host: '127.0.0.1', port: 5080 })
+  t.same(parseListenAddress(':5080'), { host: '0.0.0.0', port: 5080 }, 'an empty host listens everywhere')
+  t.same(parseListenAddress('[::]:0'), { host: '::', port: 0 })
+  t.same(parseListenAddress('localhost:65535'), { host: 'localhost', port: 65535 })
+  t.throws(() => parseListenAddress('localhost:65536'), { code: 'ECONFIG' })
+  t.throws(() => parseListenAddress('localhost:123456'), { code: 'ECONFIG' })
+  t.throws(() => parseListenAddress('localhost'), { code: 'ECONFIG' })
+  t.end()
+})

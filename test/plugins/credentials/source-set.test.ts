@@ -1,0 +1,63 @@
+import t from 'tap'
+import { NoSourceError } from '../../../errors.js'
+import { parseRegistryConfig } from '../../../plugins/credentials/file-source.js'
+import { SourceSet } from '../../../plugins/credentials/source-set.js'
+
+const [def, mod, shadow] = parseRegistryConfig(
+  {
+    default: { address: 'r.io', path: 'deckhouse/ce' },
+    moduleSources: [
+      { name: 'mod', repo: 'r.io/modules/x' },
+      { name: 'shadow', repo: 'r.io/deckhouse/ce' },
+    ],
+  },
+  'test',
+)
+
+void t.test('match picks the source by repository', (t) => {
+  const set = new SourceSet()
+  set.replace('file', def && mod ? [def, mod] : [])
+  t.equal(set.match(undefined), def, 'no repository: the default source')
+  t.equal(set.match(''), def)
+  t.equal(set.match('r.io/deckhouse/ce'), def, 'the default source by its own address/path')
+  t.equal(set.match('r.io/modules/x'), mod)
+  t.equal(set.match('r.io/modules/x/'), mod, 'a trailing slash is tolerated')
+  for (const repository of ['r.io/modules', 'r.io/modules/x/y', 'r.io', 'R.IO/modules/x', 'other.io/modules/x']) {
+    t.throws(() => set.match(repository), NoSourceError, repository)
+  }
+  t.throws(() => set.match('r.io/nope'), { code: 'ENOSOURCE', status: 404 })
+  t.end()
+})
+
+void t.test('a module source wins over the default for the same repository', (t) => {
+  const set = new SourceSet()
+  set.replace('file', def && shadow ? [def, shadow] : [])
+  t.equal(set.match('r.io/deckhouse/ce'), shadow)
+  t.equal(set.match(undefined), def)
+  t.end()
+})
+
+void t.test('no default source', (t) => {
+  const set = new SourceSet()
+  set.replace('modulesources', mod ? [mod] : [])
+  t.throws(() => set.match(undefined), { code: 'ENOSOURCE', message: /\(default\)/ })
+  t.end()
+})
+
+void t.test('providers sync and replace their group atomically', (t) => {
+  const set = new SourceSet()
+  set.expect('file')
+  set.expect('secret')
+  t.same(set.unsynced(), ['file', 'secret'])
+  t.same(set.all(), [])
+  set.replace('file', def ? [def] : [])
+  t.same(set.unsynced(), ['secret'])
+  set.expect('file')
+  t.same(set.unsynced(), ['secret'], 'expecting a synced provider again changes nothing')
+  set.replace('secret', mod ? [mod] : [])
+  t.same(set.unsynced(), [])
+  t.equal(set.all().length, 2)
+  set.replace('secret', [])
+  t.same(set.all(), def ? [def] : [], 'a provider replaces only its own group')
+  t.end()
+})

@@ -1,0 +1,144 @@
+import { Readable } from 'node:stream'
+import { pipeline } from 'node:stream/promises'
+import t, { type Test } from 'tap'
+import { DigestError, UpstreamError } from '../../../errors.js'
+import { VerifyingSlice } from '../../../plugins/packages/pass-through.js'
+import type { FakeFaults } from '../../fixtures/fake-registry.js'
+import { DEFAULT_PREFIX, blobFiles, bytes, fetchRaw, injectOutcome, packageUrl, sha256, startHarness, type RawReply } from '../../fixtures/proxy-harness.js'
+
+const SIZE = 48 * 1024
+
+/** Runs `data` through a VerifyingSlice in chunks; returns what came out and the error, if any. */
+async function slice(
+  data: Buffer,
+  layer: { digest: string; size: number },
+  start: number,
+  end: number,
+  chunk = 1000,
+): Promise<{ out: Buffer; error: unknown }> {
+  const parts: Buffer[] = []
+  for (let i = 0; i < data.length; i += chunk) parts.push(data.subarray(i, i + chunk))
+  const s = new VerifyingSlice({ ...layer, mediaType: '' }, start, end)
+  const out: Buffer[] = []
+  s.on('data', (c: Buffer) => out.push(c))
+  let error: unknown
+  try {
+    await pipeline(Readable.from(parts), s)
+  } catch (err) {
+    error = err
+  }
+  return { out: Buffer.concat(out), error }
+}
+
+void t.test('VerifyingSlice passes exactly the range of a verified layer', async (t) => {
+  const data = bytes(10_000, 31)
+  const layer = { digest: sha256(data), size: data.length }
+  for (const [start, end, chunk] of [
+    [0, 9999, 1000],
+    [0, 9999, 10_000],
+    [10, 19, 7],
+    [999, 1000, 1000],
+    [9999, 9999, 333],
+    [0, 0, 1],
+    [5000, 9999, 4096],
+  ] as const) {
+    const { out, error } = await slice(data, layer, start, end, chunk)
+    t.equal(error, undefined, `${start}-${end} by ${chunk}`)
+    t.ok(out.equals(data.subarray(start, end + 1)), `${start}-${end} by ${chunk}: exact bytes`)
+  }
+})
+
+void t.test('VerifyingSlice withholds the last byte of a layer that does not verify', async (t) => {
+  const data = bytes(10_000, 32)
+  const layer = { digest: sha256(data), size: data.length }
+  const wrong = Buffer.from(data)
+  wrong[5000] = (wrong[5000] ?? 0) ^ 1
+
+  const corrupt = await slice(wrong, layer, 0, 9999)
+  t.type(corrupt.error, DigestError)
+  t.equal((corrupt.error as DigestError).expected, layer.digest)
+  t.equal((corrupt.error as DigestError).found, sha256(wrong))
+  t.equal(corrupt.out.length, 9999, 'everything but the last byte')
+
+  const early = await slice(wrong, layer, 100, 199)
+  t.type(early.error, DigestError, 'a range before the damage is withheld too')
+  t.equal(early.out.length, 99)
+
+  const short = await slice(data.subarray(0, 9000), layer, 0, 9999)
+  t.type(short.error, UpstreamError)
+  t.match(String((short.error as Error).message), /early/)
+  t.ok(short.out.length <= 9000, 'no more than arrived, never the announced size')
+
+  const long = await slice(Buffer.concat([data, Buffer.from('xx')]), layer, 0, 9999)
+  t.type(long.error, UpstreamError)
+  t.match(String((long.error as Error).message), /more bytes/)
+  t.ok(long.out.length < data.length)
+})
+
+function assertNotComplete(t: Test, reply: RawReply, what: string): void {
+  if (reply.status === 200) {
+    t.notOk(reply.complete, `${what}: not complete`)
+    t.ok(reply.body.length < Number(reply.headers['content-length']), `${what}: short of Content-Length`)
+  } else {
+    t.equal(reply.status, 502, `${what}: refused before the headers`)
+  }
+}
+
+const FAULTS: Array<[string, FakeFaults]> = [
+  ['corruptBlob', { corruptBlob: true }],
+  ['truncateBlobAt', { truncateBlobAt: 20_000 }],
+  ['resetBlobAt', { resetBlobAt: 20_000 }],
+  ['extraBlobBytes', { extraBlobBytes: 3 }],
+  ['blobStallAfterBytes', { blobStallAfterBytes: 10_000 }],
+]
+
+for (const [name, faults] of FAULTS) {
+  void t.test(`disableCache with ${name}: never a complete 200`, async (t) => {
+    const h = await startHarness(t, { disableCache: true, timeouts: { idleMs: 300 } })
+    const data = bytes(SIZE, 33)
+    const image = h.registry.addImage(DEFAULT_PREFIX, [data])
+    const url = packageUrl({ digest: image.manifestDigest })
+    h.registry.faults = { ...faults, blobChunkSize: 4096 }
+
+    const injected = await injectOutcome(h, url)
+    t.ok(injected.error !== undefined || injected.status === 502 || injected.status === 504, `inject: ${injected.error ?? injected.status}`)
+
+    await h.proxy.server.start()
+    assertNotComplete(t, await fetchRaw(`${h.proxy.server.info.uri}${url}`), 'socket')
+    t.equal(h.registry.counts.blob, 2)
+
+    h.registry.faults = {}
+    const good = await fetchRaw(`${h.proxy.server.info.uri}${url}`)
+    t.ok(good.complete && good.body.equals(data), 'right bytes once the registry is healthy')
+    if (faults.corruptBlob) {
+      const metrics = await h.proxy.metrics.registry.getSingleMetricAsString('registry_packages_proxy_digest_mismatches_total')
+      t.match(metrics, /what="layer"} 2$/m, 'each pass-through mismatch is counted')
+    }
+  })
+}
+
+void t.test('a layer bigger than the cache limit is served byte-exact and not cached', async (t) => {
+  const h = await startHarness(t, { limitBytes: 10_000 })
+  const data = bytes(20_000, 34)
+  const image = h.registry.addImage(DEFAULT_PREFIX, [data])
+  const url = packageUrl({ digest: image.manifestDigest })
+  for (let i = 1; i <= 2; i++) {
+    const res = await h.proxy.server.inject(url)
+    t.equal(res.statusCode, 200)
+    t.equal(res.headers['content-length'], String(data.length))
+    t.ok(res.rawPayload.equals(data), 'byte-exact')
+    t.equal(h.registry.counts.blob, i, 'fetched every time')
+  }
+  const ranged = await h.proxy.server.inject({ url, headers: { range: 'bytes=19990-' } })
+  t.equal(ranged.statusCode, 206)
+  t.ok(ranged.rawPayload.equals(data.subarray(19_990)))
+  t.equal(h.proxy.packages.index?.blobCount, 0)
+  t.same(blobFiles(h.cacheDirectory), [])
+  t.equal(h.proxy.packages.service.space?.reservedBytes, 0)
+  const results = await h.proxy.metrics.registry.getSingleMetricAsString('registry_packages_proxy_package_results_total')
+  t.match(results, /result="bypass"} 3/)
+
+  h.registry.faults = { corruptBlob: true }
+  await h.proxy.server.start()
+  assertNotComplete(t, await fetchRaw(`${h.proxy.server.info.uri}${url}`), 'a corrupt oversized layer')
+})
