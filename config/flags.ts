@@ -18,6 +18,7 @@ export interface Flags {
 /** A flag or config problem: main prints the message on one line and exits with code 2. */
 export class ConfigError extends Error {
   readonly code = 'ECONFIG'
+  override readonly name = 'ConfigError'
 }
 
 /** The folder used when neither the flag nor its env var is given (the image sets /cache). */

@@ -52,6 +52,7 @@ export interface RegistrySource {
 /** A source definition is wrong; the message names the source and key, never the secret. */
 export class SourceError extends Error {
   readonly code = 'ESOURCE'
+  override readonly name = 'SourceError'
 }
 
 const HOST = /^(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*|\[[0-9a-fA-F:.]+\])(?::[0-9]{1,5})?$/
