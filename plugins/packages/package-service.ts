@@ -207,6 +207,9 @@ export class PackageService {
     fill.on('progress', () => {
       if (fill.state === 'failed') forget()
     })
+    fill.on('resume', (err: unknown) => {
+      this.#o.log.warn({ err: describe(err), layer: layer.digest, offset: fill.written }, 'registry connection broke mid-layer; resuming with a Range request')
+    })
     fill.once('degraded', (err: unknown) => {
       // No new reader may join a fill that cannot be cached; its current readers still finish.
       // The reservation stays until the fill ends: the temp file's blocks are in use until then.
@@ -216,7 +219,7 @@ export class PackageService {
     const signal = AbortSignal.any([AbortSignal.timeout(this.#o.fillTimeoutMs ?? 30 * 60_000), this.#aborter.signal])
     const began = process.hrtime.bigint()
     const settled = fill
-      .run(() => this.#o.client.openBlob(source, name, layer.digest, { signal }))
+      .run((offset) => this.#o.client.openBlob(source, name, layer.digest, { offset, signal }))
       .then(() => this.#finishFill(fill, digest, reservation))
       .then((outcome) => this.#o.onFillDone?.(outcome, Number(process.hrtime.bigint() - began) / 1e9, fill.error ?? fill.diskError))
       .finally(() => {

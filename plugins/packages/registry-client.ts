@@ -82,13 +82,24 @@ export class RegistryClient {
     const offset = options.offset ?? 0
     const headers: Record<string, string> = offset > 0 ? { Range: `bytes=${offset}-` } : {}
     const res = await this.#exchange(source, 'blob', name, `blobs/${digest}`, headers, options.signal)
-    this.#checkStatus(res, 'blob', offset > 0 ? [206] : [200])
+    // A resume may be answered 206 from the offset, or 200 from byte 0 by a registry that
+    // ignores Range; the caller skips what it has in the second case.
+    this.#checkStatus(res, 'blob', offset > 0 ? [206, 200] : [200])
     const length = Number(res.headers['content-length'])
     if (!Number.isSafeInteger(length) || length < 0) {
       res.data.destroy()
       throw new UpstreamError(`registry ${source.registry} sent a blob without a valid Content-Length`)
     }
-    return { body: guardBody(res.data, this.#timeouts.idleMs), length, offset }
+    let start = 0
+    if (res.status === 206) {
+      const m = /^bytes (\d+)-\d+\/(?:\d+|\*)$/.exec(String(res.headers['content-range'] ?? ''))
+      if (!m || Number(m[1]) !== offset) {
+        res.data.destroy()
+        throw new UpstreamError('registry answered a range request with the wrong range')
+      }
+      start = offset
+    }
+    return { body: guardBody(res.data, this.#timeouts.idleMs), length, offset: start }
   }
 
   /** Drops pooled connections (shutdown). */
