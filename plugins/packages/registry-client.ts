@@ -24,6 +24,37 @@ export const MANIFEST_ACCEPT = [
 export const MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 
 const REDIRECTS = new Set([301, 302, 303, 307, 308])
+const RETRYABLE = new Set([429, 502, 503, 504])
+const MAX_RETRIES = 2
+/** The longest `Retry-After` we wait out inside one client request. */
+export const MAX_RETRY_AFTER_MS = 10_000
+
+/** The pause before retry `attempt` (0-based): `Retry-After` if given, else 250 ms doubling. */
+export function retryDelayMs(retryAfter: string | undefined, attempt: number, now = Date.now()): number | undefined {
+  if (retryAfter === undefined || retryAfter.trim() === '') return 250 * 2 ** attempt
+  const seconds = /^\s*\d+\s*$/.test(retryAfter) ? Number(retryAfter) * 1000 : Date.parse(retryAfter) - now
+  if (!Number.isFinite(seconds)) return 250 * 2 ** attempt
+  const ms = Math.max(0, seconds)
+  return ms > MAX_RETRY_AFTER_MS ? undefined : ms
+}
+
+function sleep(ms: number, signal: AbortSignal | undefined): Promise<void> {
+  return new Promise((resolve, reject) => {
+    if (signal?.aborted) {
+      reject(signal.reason instanceof Error ? signal.reason : new UpstreamError('request cancelled'))
+      return
+    }
+    const onAbort = (): void => {
+      clearTimeout(timer)
+      reject(signal?.reason instanceof Error ? signal.reason : new UpstreamError('request cancelled'))
+    }
+    const timer = setTimeout(() => {
+      signal?.removeEventListener('abort', onAbort)
+      resolve()
+    }, ms)
+    signal?.addEventListener('abort', onAbort, { once: true })
+  })
+}
 const MAX_REDIRECTS = 5
 
 export interface RegistryClientOptions {
@@ -66,7 +97,7 @@ export class RegistryClient {
 
   /** Fetches a manifest (or index) by digest; the caller verifies the bytes. */
   async fetchManifest(source: RegistrySource, name: string, reference: string, signal?: AbortSignal): Promise<{ body: Buffer; mediaType: string }> {
-    const res = await this.#exchange(source, 'manifest', name, `manifests/${reference}`, { Accept: MANIFEST_ACCEPT }, signal)
+    const res = await this.#retrying(source, 'manifest', name, `manifests/${reference}`, { Accept: MANIFEST_ACCEPT }, signal)
     this.#checkStatus(res, 'manifest', [200])
     const body = await readLimited(res.data, MAX_MANIFEST_BYTES, 'manifest')
     const mediaType = String(res.headers['content-type'] ?? '').split(';')[0]?.trim() ?? ''
@@ -81,7 +112,7 @@ export class RegistryClient {
   async openBlob(source: RegistrySource, name: string, digest: string, options: { offset?: number; signal?: AbortSignal } = {}): Promise<BlobResponse> {
     const offset = options.offset ?? 0
     const headers: Record<string, string> = offset > 0 ? { Range: `bytes=${offset}-` } : {}
-    const res = await this.#exchange(source, 'blob', name, `blobs/${digest}`, headers, options.signal)
+    const res = await this.#retrying(source, 'blob', name, `blobs/${digest}`, headers, options.signal)
     // A resume may be answered 206 from the offset, or 200 from byte 0 by a registry that
     // ignores Range; the caller skips what it has in the second case.
     this.#checkStatus(res, 'blob', offset > 0 ? [206, 200] : [200])
@@ -125,6 +156,29 @@ export class RegistryClient {
       this.#ids.set(source, id)
     }
     return id
+  }
+
+  /**
+   * Retries a request the registry asked us to repeat (429, 502, 503, 504), honouring
+   * `Retry-After` up to {@link MAX_RETRY_AFTER_MS}; a registry that wants a longer pause gets
+   * its error passed on at once (the bootstrap scripts retry on their own schedule).
+   */
+  async #retrying(
+    source: RegistrySource,
+    kind: 'manifest' | 'blob',
+    name: string,
+    path: string,
+    headers: Record<string, string>,
+    signal: AbortSignal | undefined,
+  ): Promise<AxiosResponse<Readable>> {
+    for (let attempt = 0; ; attempt++) {
+      const res = await this.#exchange(source, kind, name, path, headers, signal)
+      if (!RETRYABLE.has(res.status) || attempt >= MAX_RETRIES) return res
+      const delay = retryDelayMs(headerText(res.headers['retry-after']), attempt)
+      if (delay === undefined) return res
+      res.data.resume()
+      await sleep(delay, signal)
+    }
   }
 
   /**
