@@ -2,6 +2,7 @@
 import { pino } from 'pino'
 import { ConfigError, parseFlags } from './config/flags.js'
 import { formatBytes } from './config/quantity.js'
+import type { CredentialsApi } from './plugins/credentials/index.js'
 import { SourceError } from './plugins/credentials/source.js'
 
 /** How long SIGTERM waits for in-flight responses before closing them. */
@@ -45,6 +46,7 @@ async function main(argv: string[]): Promise<void> {
       limitBytes: flags.cacheRetentionBytes,
       disableCache: flags.disableCache,
       ...(flags.registryConfig ? { registryConfig: flags.registryConfig } : {}),
+      ...(flags.kubeconfig ? { kubeconfig: flags.kubeconfig } : {}),
       logger,
     })
   } catch (err) {
@@ -86,6 +88,9 @@ async function main(argv: string[]): Promise<void> {
       },
     )
   }
+  // SIGHUP re-reads --registry-config without a restart (it is also re-read when it changes).
+  const credentials = (proxy.server.plugins as unknown as { credentials: { api: CredentialsApi } }).credentials.api
+  process.on('SIGHUP', () => void credentials.reloadFile('SIGHUP'))
   process.on('SIGTERM', () => stop('SIGTERM'))
   process.on('SIGINT', () => stop('SIGINT'))
 }

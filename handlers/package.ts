@@ -70,7 +70,9 @@ export function packageHandler(deps: PackageHandlerDeps) {
 
     const body = await deps.packages.open(source, name, pkg, start, end)
     deps.onResult?.(request, body.result)
-    body.stream.once('error', (err: Error) => deps.onStreamError?.(request, body.result, err))
-    return withHeaders(h.response(body.stream)).header('X-Cache', body.result.toUpperCase())
+    if (body.buffer) return withHeaders(h.response(body.buffer)).header('X-Cache', body.result.toUpperCase())
+    const stream = body.stream
+    stream.once('error', (err: Error) => deps.onStreamError?.(request, body.result, err))
+    return withHeaders(h.response(stream)).header('X-Cache', body.result.toUpperCase())
   }
 }

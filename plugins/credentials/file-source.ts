@@ -20,13 +20,32 @@ export async function loadRegistryConfig(file: string): Promise<RegistrySource[]
   } catch (err) {
     throw new SourceError(`--registry-config ${file}: cannot read (${(err as NodeJS.ErrnoException).code ?? 'error'})`)
   }
+  return parseRegistryConfigText(text, `--registry-config ${file}`)
+}
+
+/**
+ * Parses the text of a `--registry-config` file. A JSON syntax error names its position only:
+ * V8's message quotes the text around it, which may be a password.
+ */
+export function parseRegistryConfigText(text: string, what: string): RegistrySource[] {
   let doc: unknown
   try {
     doc = JSON.parse(text)
   } catch (err) {
-    throw new SourceError(`--registry-config ${file}: not valid JSON (${(err as Error).message})`)
+    const message = (err as Error).message
+    const position = /at position (\d+)/.exec(message)?.[1]
+    const detail = [
+      message.includes('"') ? 'unexpected token' : message.replace(/ in JSON at position \d+.*$/, ''),
+      ...(position === undefined ? [] : [lineAndColumn(text, Number(position))]),
+    ].join(', ')
+    throw new SourceError(`${what}: not valid JSON (${detail})`)
   }
-  return parseRegistryConfig(doc, `--registry-config ${file}`)
+  return parseRegistryConfig(doc, what)
+}
+
+function lineAndColumn(text: string, position: number): string {
+  const before = text.slice(0, position).split('\n')
+  return `line ${before.length}, column ${(before.at(-1)?.length ?? 0) + 1}`
 }
 
 function asObject(value: unknown, what: string): Record<string, unknown> {

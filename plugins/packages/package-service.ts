@@ -1,10 +1,11 @@
 import { open, type FileHandle } from 'node:fs/promises'
-import type { Readable } from 'node:stream'
+import { Readable } from 'node:stream'
 import { ManifestError, ProxyError, UpstreamError } from '../../errors.js'
 import type { RegistrySource } from '../credentials/source.js'
 import type { BlobStore } from './blob-store.js'
 import type { CacheIndex } from './cache-index.js'
 import { Fill } from './fill.js'
+import { HotCache } from './hot-cache.js'
 import { parseManifest, verifyDigest, type LayerRef } from './manifest.js'
 import { verifiedPassThrough } from './pass-through.js'
 import type { RegistryClient } from './registry-client.js'
@@ -32,6 +33,9 @@ export interface PackageServiceOptions {
   onFillDone?: (outcome: FillOutcome, seconds: number, error: Error | undefined) => void
   /** Told about every eviction (metrics). */
   onEvict?: (bytes: number) => void
+  /** Memory for small hot layers (default 64 MiB, entries up to 8 MiB); 0 turns it off. */
+  hotCacheBytes?: number
+  hotCacheEntryBytes?: number
 }
 
 /** How a fill ended: cached, failed upstream or on verification, or served without caching. */
@@ -52,7 +56,20 @@ export interface ResolvedPackage {
 /** An open body for a response. */
 export interface PackageBody {
   stream: Readable
+  /** Set for hits served from memory: the bytes, ready for one write. */
+  buffer?: Buffer
   result: PackageResult
+}
+
+/** A body of bytes already in memory; the stream view is made only if someone asks. */
+function bufferBody(buffer: Buffer, result: PackageResult): PackageBody {
+  return {
+    buffer,
+    result,
+    get stream(): Readable {
+      return Readable.from([buffer], { objectMode: false })
+    },
+  }
 }
 
 /**
@@ -66,14 +83,19 @@ export class PackageService {
   readonly #resolving = new Map<string, Promise<LayerRef>>()
   readonly space: SpaceManager | undefined
   readonly #aborter = new AbortController()
+  readonly #hot: HotCache
   readonly #running = new Set<Promise<void>>()
   /** Manifest digest -> layer for fills not yet committed, so a request in between needs no registry. */
   readonly #inflightLayers = new Map<string, LayerRef>()
 
   constructor(options: PackageServiceOptions) {
     this.#o = options
+    this.#hot = new HotCache(options.hotCacheBytes ?? 64 * 1024 * 1024, options.hotCacheEntryBytes ?? 8 * 1024 * 1024)
     this.space = options.index && options.store && !options.disableCache
-      ? new SpaceManager(options.index, options.store, options.limitBytes, options.log, options.onEvict)
+      ? new SpaceManager(options.index, options.store, options.limitBytes, options.log, (digest, bytes) => {
+          this.#hot.delete(digest)
+          options.onEvict?.(bytes)
+        })
       : undefined
   }
 
@@ -133,10 +155,26 @@ export class PackageService {
     const { layer } = pkg
     // Checked again here: the layer may have been committed since resolve().
     if (this.space && this.#o.store && this.#o.index?.blob(layer.digest)) {
+      const hot = this.#hot.get(layer.digest)
+      if (hot) {
+        this.#o.index.touch(layer.digest)
+        return bufferBody(hot.subarray(start, end + 1), 'hit')
+      }
       const handle = await this.#openCached(layer.digest)
       if (handle) {
         this.#o.index?.touch(layer.digest)
-        const stream = handle.createReadStream({ start, end, highWaterMark: 256 * 1024 })
+        if (this.#hot.accepts(layer.size)) {
+          // Small layer: read it whole once; later hits are served from memory.
+          try {
+            const data = await handle.readFile()
+            if (data.length === layer.size && this.#o.index?.blob(layer.digest)) this.#hot.put(layer.digest, data)
+            return bufferBody(data.subarray(start, end + 1), 'hit')
+          } finally {
+            await handle.close().catch(() => undefined)
+            this.space.unpin(layer.digest)
+          }
+        }
+        const stream = handle.createReadStream({ start, end, highWaterMark: 1024 * 1024 })
         stream.once('close', () => this.space?.unpin(layer.digest))
         return { stream, result: 'hit' }
       }
@@ -270,6 +308,7 @@ export class PackageService {
       await this.#o.index.removeManifest(digest)
       return false
     }
+    this.#hot.delete(layerDigest)
     return this.space.evict(layerDigest)
   }
 

@@ -37,7 +37,7 @@ export class SpaceManager {
     private readonly store: BlobStore,
     readonly limit: number,
     private readonly log: PackageLogger,
-    private readonly onEvict: (bytes: number) => void = () => undefined,
+    private readonly onEvict: (digest: string, bytes: number) => void = () => undefined,
   ) {
     this.#used = index.usedBytes
   }
@@ -139,7 +139,7 @@ export class SpaceManager {
       this.#evicting.delete(digest)
       this.evictions++
       this.evictedBytes += size
-      this.onEvict(size)
+      this.onEvict(digest, size)
     })()
     return this.#track(p)
   }

@@ -97,6 +97,8 @@ if (!existsSync(MAIN)) {
       const port = await freePort()
       child = spawn(process.execPath, [MAIN, `--listen-address=127.0.0.1:${port}`, `--cache-directory=${cache}`, `--cache-retention-size=${limit}`, `--registry-config=${config}`, '--log-level=error'], {
         stdio: ['ignore', 'ignore', 'pipe'],
+        // Never in-cluster mode, even when the tests themselves run in a pod.
+        env: Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith('KUBERNETES_') && !k.startsWith('RPP_'))),
       })
       await waitReady(port, child)
       return port

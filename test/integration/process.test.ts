@@ -34,7 +34,7 @@ if (!existsSync(MAIN)) {
 function childEnv(extra: Record<string, string> = {}): NodeJS.ProcessEnv {
   const env: NodeJS.ProcessEnv = {}
   for (const [k, v] of Object.entries(process.env)) {
-    if (k.startsWith('RPP_') || /^(https?|no|all)_proxy$/i.test(k) || k === 'NODE_OPTIONS') continue
+    if (k.startsWith('RPP_') || k.startsWith('KUBERNETES_') || /^(https?|no|all)_proxy$/i.test(k) || k === 'NODE_OPTIONS') continue
     env[k] = v
   }
   return { ...env, ...extra }

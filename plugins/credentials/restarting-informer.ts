@@ -1,0 +1,289 @@
+import {
+  ListWatch,
+  Watch,
+  type KubeConfig,
+  type KubernetesListObject,
+  type KubernetesObject,
+} from '@kubernetes/client-node'
+import type { Logger } from 'pino'
+import type { Metrics } from '../metrics/metrics.js'
+import { describeKubeError, WatchClosedEarlyError } from './kube-errors.js'
+
+/** How an informer retries. Tests shorten every one of these. */
+export interface InformerTiming {
+  /** First delay after a failure; it doubles on every failure in a row. */
+  initialBackoffMs: number
+  maxBackoffMs: number
+  /**
+   * A LIST that has not answered, or a WATCH that has not sent its response headers, by then
+   * is aborted and counts as a failure (an open watch may then stay quiet as long as it likes).
+   */
+  requestTimeoutMs: number
+  /**
+   * A watch the server closes cleanly before this long without sending a single event counts
+   * as a failure, so a server (or a proxy in front of it) that ends every watch at once gets
+   * backoff instead of a tight reconnect loop.
+   */
+  minWatchMs: number
+  /** A watch that stayed open this long before it failed restarts from the initial delay. */
+  stableWatchMs: number
+}
+
+export const DEFAULT_INFORMER_TIMING: InformerTiming = Object.freeze({
+  initialBackoffMs: 500,
+  maxBackoffMs: 30_000,
+  requestTimeoutMs: 30_000,
+  minWatchMs: 1_000,
+  stableWatchMs: 10_000,
+})
+
+export interface RestartingInformerOptions<T extends KubernetesObject> {
+  /** `secret` or `modulesources`: a metric label and a log field. */
+  provider: string
+  kubeConfig: KubeConfig
+  /** The collection's API path, e.g. `/api/v1/namespaces/d8-system/secrets`. */
+  path: string
+  fieldSelector?: string
+  /** One LIST of the collection; must honour `signal`. */
+  list: (signal: AbortSignal) => Promise<KubernetesListObject<T>>
+  /**
+   * The whole collection as the informer now knows it. Called after every successful LIST
+   * (even an empty one) and after each burst of watch events, coalesced to one call per turn
+   * of the event loop, so a re-list is seen as one consistent state, never half applied.
+   */
+  onChange: (objects: readonly T[]) => void
+  log: Logger
+  metrics: Metrics
+  timing?: Partial<InformerTiming>
+  /** Clock for the last-sync time (ms since epoch). */
+  now?: () => number
+}
+
+interface WatchHooks {
+  stopped(): boolean
+  opened(): void
+  event(): void
+  closed(err: unknown): unknown
+}
+
+/**
+ * The same cluster and credentials, with node-fetch's `timeout` on every request Watch makes.
+ * That timeout ends at the response headers, so it bounds connecting (an API server that
+ * accepts and never answers) without cutting a long, quiet watch stream. Watch builds its
+ * request from `applyToFetchOptions({})` and offers no other way to bound it.
+ */
+function withHeadersTimeout(kubeConfig: KubeConfig, ms: number): KubeConfig {
+  const config = Object.create(kubeConfig) as KubeConfig
+  config.applyToFetchOptions = async (opts) => ({ ...(await kubeConfig.applyToFetchOptions(opts)), timeout: ms })
+  return config
+}
+
+/**
+ * client-node's Watch, observed: when a watch stream is open, when events arrive and when it
+ * ends. It also never rejects (an auth plugin that throws while building the request is passed
+ * to `done` like any other failure), because ListWatch calls it from a callback whose promise
+ * nobody awaits: a rejection there would be an unhandled one.
+ */
+class ObservedWatch extends Watch {
+  readonly #hooks: WatchHooks
+
+  constructor(kubeConfig: KubeConfig, headersTimeoutMs: number, hooks: WatchHooks) {
+    super(withHeadersTimeout(kubeConfig, headersTimeoutMs))
+    this.#hooks = hooks
+  }
+
+  override async watch(
+    path: string,
+    queryParams: Record<string, string | number | boolean | undefined>,
+    callback: (phase: string, apiObj: unknown, watchObj?: unknown) => void,
+    done: (err: unknown) => void,
+  ): Promise<AbortController> {
+    // A LIST that finished after stop() must not open a new watch behind our back.
+    if (this.#hooks.stopped()) return new AbortController()
+    let ended = false
+    const onDone = (err: unknown): void => {
+      ended = true
+      done(this.#hooks.closed(err))
+    }
+    try {
+      const controller = await super.watch(
+        path,
+        queryParams,
+        (phase, obj, watchObj) => {
+          this.#hooks.event()
+          callback(phase, obj, watchObj)
+        },
+        onDone,
+      )
+      // stop() came while the request was under way: ListWatch had nothing to abort yet.
+      if (this.#hooks.stopped()) controller.abort()
+      else if (!ended) this.#hooks.opened()
+      return controller
+    } catch (err) {
+      if (!ended) onDone(err)
+      return new AbortController()
+    }
+  }
+}
+
+/**
+ * A client-node informer (LIST, then WATCH from the list's resourceVersion) that keeps going.
+ * client-node's ListWatch re-lists by itself on 410 Gone and re-watches after a clean close,
+ * but after any other error (API server unreachable, connection dropped, 5xx, 403) it emits
+ * `error` once and stops for good. This class restarts it with exponential backoff; a restart
+ * resumes the watch from the last resourceVersion seen, so nothing is missed, and the API
+ * server's 410 on a too-old version makes it re-list.
+ */
+export class RestartingInformer<T extends KubernetesObject> {
+  readonly #o: RestartingInformerOptions<T>
+  readonly #timing: InformerTiming
+  readonly #now: () => number
+  readonly #informer: ListWatch<T>
+  readonly #lists = new Set<AbortController>()
+  #stopped = false
+  #started = false
+  #retry: NodeJS.Timeout | undefined
+  #notify: NodeJS.Immediate | undefined
+  #failures = 0
+  #listed = false
+  #watching = false
+  #watchOpenedAt = 0
+  #watchEvents = 0
+  #lastSync: number | undefined
+
+  constructor(o: RestartingInformerOptions<T>) {
+    this.#o = o
+    this.#timing = { ...DEFAULT_INFORMER_TIMING, ...o.timing }
+    this.#now = o.now ?? Date.now
+    const watch = new ObservedWatch(o.kubeConfig, this.#timing.requestTimeoutMs, {
+      stopped: () => this.#stopped,
+      opened: () => {
+        this.#watching = true
+        this.#watchOpenedAt = this.#now()
+        this.#watchEvents = 0
+        this.#lastSync = this.#now()
+      },
+      event: () => {
+        this.#watchEvents++
+        this.#lastSync = this.#now()
+      },
+      closed: (err) => this.#watchClosed(err),
+    })
+    this.#informer = new ListWatch<T>(o.path, watch, () => this.#list(), false, undefined, o.fieldSelector)
+    const changed = (): void => this.#scheduleNotify()
+    this.#informer.on('add', changed)
+    this.#informer.on('update', changed)
+    this.#informer.on('delete', changed)
+    this.#informer.on('error', (err?: unknown) => this.#failed(err))
+  }
+
+  /** Starts listing and watching; failures are retried until {@link stop}. */
+  start(): void {
+    if (this.#started || this.#stopped) return
+    this.#started = true
+    this.#run()
+  }
+
+  /** Stops for good: no retry, no notification, open requests aborted. */
+  async stop(): Promise<void> {
+    if (this.#stopped) return
+    this.#stopped = true
+    clearTimeout(this.#retry)
+    if (this.#notify) clearImmediate(this.#notify)
+    for (const list of this.#lists) list.abort()
+    this.#watching = false
+    await this.#informer.stop()
+  }
+
+  /** True while a watch stream is open: the informer is in sync with the API server. */
+  get watching(): boolean {
+    return this.#watching
+  }
+
+  /** True once a LIST succeeded: {@link RestartingInformerOptions.onChange} has been called. */
+  get listed(): boolean {
+    return this.#listed
+  }
+
+  /**
+   * When the informer was last known to be in sync (ms since epoch): now while a watch is open,
+   * else the last LIST, watch event or watch opening. Undefined before the first LIST.
+   */
+  lastSync(): number | undefined {
+    if (!this.#listed) return undefined
+    return this.#watching ? this.#now() : this.#lastSync
+  }
+
+  #run(): void {
+    if (this.#stopped) return
+    // ListWatch reports its failures through `error`; this catch is for anything else.
+    this.#informer.start().catch((err: unknown) => this.#failed(err))
+  }
+
+  async #list(): Promise<KubernetesListObject<T>> {
+    const controller = new AbortController()
+    this.#lists.add(controller)
+    const timer = setTimeout(() => controller.abort(), this.#timing.requestTimeoutMs)
+    try {
+      const list = await this.#o.list(controller.signal)
+      if (!this.#stopped) {
+        this.#listed = true
+        this.#failures = 0
+        this.#lastSync = this.#now()
+        // The informer stores the items only after this promise resolves: notify after that.
+        this.#scheduleNotify()
+      }
+      return list
+    } finally {
+      clearTimeout(timer)
+      this.#lists.delete(controller)
+    }
+  }
+
+  #watchClosed(err: unknown): unknown {
+    const openFor = this.#watching ? this.#now() - this.#watchOpenedAt : 0
+    const wasOpen = this.#watching
+    this.#watching = false
+    if (wasOpen && openFor >= this.#timing.stableWatchMs) this.#failures = 0
+    if (err === null || err === undefined) {
+      if (wasOpen && this.#watchEvents === 0 && openFor < this.#timing.minWatchMs && !this.#stopped) {
+        return new WatchClosedEarlyError(`the API server closed the watch after ${openFor} ms without an event`)
+      }
+      return null
+    }
+    return err
+  }
+
+  #failed(err: unknown): void {
+    this.#watching = false
+    if (this.#stopped || this.#retry) return
+    const delay = Math.min(this.#timing.maxBackoffMs, this.#timing.initialBackoffMs * 2 ** Math.min(this.#failures, 30))
+    this.#failures++
+    // +-20 % jitter: replicas that lost the API server together do not come back in lockstep.
+    const jittered = Math.round(delay * (0.8 + 0.4 * Math.random()))
+    this.#o.metrics.sourceRestarts.inc({ provider: this.#o.provider })
+    this.#o.log.warn(
+      { provider: this.#o.provider, error: describeKubeError(err), failures: this.#failures, retryInMs: jittered, synced: this.#listed },
+      this.#listed
+        ? 'Kubernetes watch failed; serving the last known sources and retrying'
+        : 'Kubernetes list failed; not ready until it succeeds, retrying',
+    )
+    this.#retry = setTimeout(() => {
+      this.#retry = undefined
+      this.#run()
+    }, jittered)
+  }
+
+  #scheduleNotify(): void {
+    if (this.#notify || this.#stopped) return
+    this.#notify = setImmediate(() => {
+      this.#notify = undefined
+      if (this.#stopped || !this.#listed) return
+      try {
+        this.#o.onChange(this.#informer.list())
+      } catch (err) {
+        this.#o.log.error({ provider: this.#o.provider, error: describeKubeError(err) }, 'applying Kubernetes sources failed')
+      }
+    })
+  }
+}

@@ -1,0 +1,55 @@
+/**
+ * Small cached layers kept in memory, least recently used out first.
+ *
+ * A hit from disk costs an open, reads and a close on libuv's thread pool per request; for
+ * the small packages most nodes fetch, that is most of the work. Keeping them as Buffers makes
+ * a hit one socket write. The disk file stays the source of truth: entries are loaded from it
+ * (it was verified when committed, so it is not hashed again) and dropped when it is removed.
+ */
+export class HotCache {
+  readonly #entries = new Map<string, Buffer>()
+  #bytes = 0
+
+  constructor(
+    readonly maxBytes: number,
+    readonly maxEntryBytes: number,
+  ) {}
+
+  get bytes(): number {
+    return this.#bytes
+  }
+
+  /** Whether a layer of `size` bytes would be kept here. */
+  accepts(size: number): boolean {
+    return size <= this.maxEntryBytes && size <= this.maxBytes
+  }
+
+  get(digest: string): Buffer | undefined {
+    const hit = this.#entries.get(digest)
+    if (hit) {
+      // Map order is insertion order: re-inserting makes it the most recently used.
+      this.#entries.delete(digest)
+      this.#entries.set(digest, hit)
+    }
+    return hit
+  }
+
+  put(digest: string, data: Buffer): void {
+    if (!this.accepts(data.length)) return
+    this.delete(digest)
+    while (this.#bytes + data.length > this.maxBytes) {
+      const oldest = this.#entries.keys().next()
+      if (oldest.done) break
+      this.delete(oldest.value)
+    }
+    this.#entries.set(digest, data)
+    this.#bytes += data.length
+  }
+
+  delete(digest: string): void {
+    const old = this.#entries.get(digest)
+    if (!old) return
+    this.#entries.delete(digest)
+    this.#bytes -= old.length
+  }
+}

@@ -1,0 +1,142 @@
+import { execFileSync } from 'node:child_process'
+import { mkdirSync, readFileSync, writeFileSync } from 'node:fs'
+import { join } from 'node:path'
+import Hapi from '@hapi/hapi'
+import { pino } from 'pino'
+import t from 'tap'
+import { credentialsPlugin } from '../../../plugins/credentials/index.js'
+import { loadKubeConfig } from '../../../plugins/credentials/kube-config.js'
+import { SourceSet } from '../../../plugins/credentials/source-set.js'
+import { Metrics } from '../../../plugins/metrics/metrics.js'
+import { FakeKubeApi, moduleSource, registrySecret, waitFor } from '../../fixtures/fake-kube-api.js'
+
+const TOKEN = 'kubeconfig-token-e2a1'
+
+void t.test('no --kubeconfig and not in a pod: no Kubernetes provider', async (t) => {
+  const dir = t.testdir({ sa: { token: 'x' } })
+  t.equal(await loadKubeConfig({ env: {} }), undefined, 'no service host')
+  t.equal(await loadKubeConfig({ env: { KUBERNETES_SERVICE_HOST: '10.0.0.1', KUBERNETES_SERVICE_PORT: '443' }, serviceAccountDir: join(dir, 'none') }), undefined, 'no token file')
+  const inPod = await loadKubeConfig({ env: { KUBERNETES_SERVICE_HOST: '10.0.0.1', KUBERNETES_SERVICE_PORT: '6443' }, serviceAccountDir: join(dir, 'sa') })
+  t.equal(inPod?.getCurrentCluster()?.server, 'https://10.0.0.1:6443', 'in a pod: the service address')
+  t.equal(inPod?.getCurrentCluster()?.caFile, join(dir, 'sa', 'ca.crt'))
+  const http = await loadKubeConfig({ env: { KUBERNETES_SERVICE_HOST: '10.0.0.1', KUBERNETES_SERVICE_PORT: '8080' }, serviceAccountDir: join(dir, 'sa') })
+  t.match(http?.getCurrentCluster(), { server: 'http://10.0.0.1:8080', skipTLSVerify: true }, 'an insecure port: plain HTTP, as client-node does')
+  const v6 = await loadKubeConfig({ env: { KUBERNETES_SERVICE_HOST: 'fd00::1', KUBERNETES_SERVICE_PORT: '443' }, serviceAccountDir: join(dir, 'sa') })
+  t.equal(v6?.getCurrentCluster()?.server, 'https://[fd00::1]:443')
+
+  // The plugin alone: only the file provider (none here), nothing expected.
+  const sources = new SourceSet()
+  const server = Hapi.server()
+  await server.register({ plugin: credentialsPlugin, options: { sources, metrics: new Metrics({ collectDefaults: false }), log: pino({ level: 'silent' }), env: {} } })
+  await server.initialize()
+  t.teardown(() => server.stop())
+  t.same(sources.unsynced(), [], 'no provider to wait for')
+})
+
+void t.test('a bad --kubeconfig fails start-up with a message that names it and quotes nothing', async (t) => {
+  const dir = t.testdir({
+    'not-yaml.yaml': `clusters: [ {{ token: ${TOKEN}`,
+    'no-context.yaml': 'apiVersion: v1\nkind: Config\nclusters: []\nusers: []\ncontexts: []\n',
+    'http.yaml': [
+      'apiVersion: v1',
+      'clusters: [{name: c, cluster: {server: "http://127.0.0.1:1"}}]',
+      `users: [{name: u, user: {token: ${TOKEN}}}]`,
+      'contexts: [{name: x, context: {cluster: c, user: u}}]',
+      'current-context: x',
+    ].join('\n'),
+  })
+  const cases: Array<[string, RegExp]> = [
+    ['missing.yaml', /--kubeconfig .*missing\.yaml: cannot read \(ENOENT\)/],
+    ['not-yaml.yaml', /--kubeconfig .*not-yaml\.yaml: not a valid kubeconfig \(YAML does not parse\)/],
+    ['no-context.yaml', /no current-context naming a cluster/],
+    ['http.yaml', /cluster "c" uses http:\/\/ without insecure-skip-tls-verify: true/],
+  ]
+  for (const [file, message] of cases) {
+    const err = await loadKubeConfig({ kubeconfig: join(dir, file), env: {} }).then(
+      () => new Error('expected a rejection'),
+      (e: unknown) => e as Error & { code?: string },
+    )
+    t.equal((err as { code?: string }).code, 'ESOURCE', file)
+    t.match(err.message, message, file)
+    t.notMatch(err.message, TOKEN, `${file}: no token in the message`)
+  }
+  const server = Hapi.server()
+  await t.rejects(
+    server.register({ plugin: credentialsPlugin, options: { sources: new SourceSet(), metrics: new Metrics({ collectDefaults: false }), log: pino({ level: 'silent' }), kubeconfig: join(dir, 'http.yaml') } }),
+    { code: 'ESOURCE' },
+    'registration fails: main prints it and exits 2',
+  )
+})
+
+void t.test('in a pod: the service-account token over HTTPS to the service address', async (t) => {
+  const dir = t.testdir()
+  try {
+    execFileSync('openssl', [
+      'req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes',
+      '-keyout', join(dir, 'tls.key'), '-out', join(dir, 'tls.crt'), '-days', '2', '-subj', '/CN=kubernetes',
+      '-addext', 'subjectAltName=IP:127.0.0.1',
+    ], { stdio: 'ignore' })
+  } catch {
+    if (process.env.CI) throw new Error('openssl is needed for the in-cluster TLS test')
+    t.plan(0, 'openssl is not installed')
+    return
+  }
+  const cert = readFileSync(join(dir, 'tls.crt'), 'utf8')
+  const api = await FakeKubeApi.start(0, { cert, key: readFileSync(join(dir, 'tls.key'), 'utf8') })
+  t.teardown(() => api.close())
+  api.putSecret(registrySecret({ address: 'registry.example.com', path: 'deckhouse/ce' }))
+  api.putModuleSource(moduleSource('m', { repo: 'modules.example.com/m' }))
+  const sa = join(dir, 'serviceaccount')
+  mkdirSync(sa)
+  writeFileSync(join(sa, 'token'), 'projected-sa-token')
+  writeFileSync(join(sa, 'ca.crt'), cert)
+
+  const sources = new SourceSet()
+  const server = Hapi.server()
+  await server.register({
+    plugin: credentialsPlugin,
+    options: {
+      sources,
+      metrics: new Metrics({ collectDefaults: false }),
+      log: pino({ level: 'silent' }),
+      env: { KUBERNETES_SERVICE_HOST: '127.0.0.1', KUBERNETES_SERVICE_PORT: String(api.port) },
+      serviceAccountDir: sa,
+      kubernetesTiming: { initialBackoffMs: 20, maxBackoffMs: 200 },
+    },
+  })
+  await server.initialize()
+  t.teardown(() => server.stop())
+  await waitFor(() => sources.unsynced().length === 0, 'synced in-cluster')
+  t.same(sources.all().map((s) => s.repository).sort(), ['modules.example.com/m', 'registry.example.com/deckhouse/ce'])
+  t.ok(api.requests.length >= 2)
+  t.ok(api.requests.every((r) => r.headers.authorization === 'Bearer projected-sa-token'), 'the service-account token is sent')
+})
+
+void t.test('a --kubeconfig with a token user, over HTTPS with its CA', async (t) => {
+  const dir = t.testdir()
+  try {
+    execFileSync('openssl', [
+      'req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes',
+      '-keyout', join(dir, 'tls.key'), '-out', join(dir, 'tls.crt'), '-days', '2', '-subj', '/CN=kubernetes',
+      '-addext', 'subjectAltName=IP:127.0.0.1',
+    ], { stdio: 'ignore' })
+  } catch {
+    if (process.env.CI) throw new Error('openssl is needed for the TLS kubeconfig test')
+    t.plan(0, 'openssl is not installed')
+    return
+  }
+  const api = await FakeKubeApi.start(0, { cert: readFileSync(join(dir, 'tls.crt'), 'utf8'), key: readFileSync(join(dir, 'tls.key'), 'utf8') })
+  t.teardown(() => api.close())
+  api.putSecret(registrySecret({ address: 'registry.example.com' }))
+  const sources = new SourceSet()
+  const server = Hapi.server()
+  await server.register({
+    plugin: credentialsPlugin,
+    options: { sources, metrics: new Metrics({ collectDefaults: false }), log: pino({ level: 'silent' }), kubeconfig: api.writeKubeconfig(dir, TOKEN), env: {} },
+  })
+  await server.initialize()
+  t.teardown(() => server.stop())
+  await waitFor(() => sources.unsynced().length === 0, 'synced')
+  t.same(sources.all().map((s) => s.repository), ['registry.example.com'])
+  t.ok(api.requests.every((r) => r.headers.authorization === `Bearer ${TOKEN}`))
+})

@@ -1,0 +1,366 @@
+import Hapi from '@hapi/hapi'
+import { pino } from 'pino'
+import t, { type Test } from 'tap'
+import { credentialsPlugin, type CredentialsApi } from '../../../plugins/credentials/index.js'
+import { SourceSet } from '../../../plugins/credentials/source-set.js'
+import { Metrics } from '../../../plugins/metrics/metrics.js'
+import { FakeKubeApi, LogLines, b64, freePort, moduleSource, registrySecret, waitFor } from '../../fixtures/fake-kube-api.js'
+
+const TOKEN = 'kube-token-4f9c2e'
+const PASSWORD = 'registry-pass-7d1a'
+const FAST = { initialBackoffMs: 20, maxBackoffMs: 200, requestTimeoutMs: 3000, minWatchMs: 100, stableWatchMs: 1000 }
+
+const dockerCfg = (host: string, password = PASSWORD): string => JSON.stringify({ auths: { [host]: { auth: b64(`user:${password}`) } } })
+
+interface Started {
+  api: FakeKubeApi
+  server: Hapi.Server
+  sources: SourceSet
+  metrics: Metrics
+  logs: LogLines
+  credentials: CredentialsApi
+  repositories: () => string[]
+}
+
+/** The credentials plugin alone on a hapi server, pointed at `api` through a kubeconfig. */
+async function startPlugin(t: Test, api: FakeKubeApi, timing: Partial<typeof FAST> = FAST): Promise<Started> {
+  const dir = t.testdir()
+  const kubeconfig = api.writeKubeconfig(dir, TOKEN)
+  const server = Hapi.server()
+  const sources = new SourceSet()
+  const metrics = new Metrics({ collectDefaults: false })
+  const logs = new LogLines()
+  await server.register({
+    plugin: credentialsPlugin,
+    options: { sources, metrics, log: pino({ level: 'debug' }, logs), kubeconfig, env: {}, kubernetesTiming: timing },
+  })
+  await server.initialize()
+  t.teardown(() => server.stop())
+  const credentials = (server.plugins as unknown as { credentials: { api: CredentialsApi } }).credentials.api
+  const repositories = (): string[] => sources.all().map((s) => `${s.kind}:${s.repository}`).sort()
+  return { api, server, sources, metrics, logs, credentials, repositories }
+}
+
+async function startApi(t: Test): Promise<FakeKubeApi> {
+  const api = await FakeKubeApi.start()
+  t.teardown(() => api.close())
+  return api
+}
+
+async function metricValue(metrics: Metrics, name: string, provider: string): Promise<number | undefined> {
+  const m = await metrics.registry.getSingleMetric(name)?.get()
+  return m?.values.find((v) => v.labels.provider === provider)?.value
+}
+
+void t.test('lists, then watches from the list resourceVersion, with the kubeconfig bearer token', async (t) => {
+  const api = await startApi(t)
+  api.putSecret(registrySecret({ address: 'registry.example.com', path: '/deckhouse/ee', scheme: 'https', dockerconfigjson: dockerCfg('registry.example.com') }))
+  api.putModuleSource(moduleSource('one', { repo: 'modules.example.com/one', dockerCfg: b64(dockerCfg('modules.example.com')) }))
+  const listRv = api.resourceVersion
+  const s = await startPlugin(t, api)
+  await waitFor(() => s.sources.unsynced().length === 0, 'both providers synced')
+  t.same(s.repositories(), ['default:registry.example.com/deckhouse/ee', 'module-source:modules.example.com/one'])
+  const def = s.sources.match(undefined)
+  t.equal(def.scheme, 'https')
+  t.equal(def.credentials?.basicHeader(), `Basic ${b64(`user:${PASSWORD}`)}`, 'credentials from auths[address]')
+  t.equal(s.sources.match('modules.example.com/one').credentials?.username, 'user')
+
+  await waitFor(() => api.openWatches() === 2, 'both watches open')
+  const lists = api.requests.filter((r) => !r.watch)
+  const watches = api.requests.filter((r) => r.watch)
+  t.same(lists.map((r) => r.path).sort(), ['/api/v1/namespaces/d8-system/secrets', '/apis/deckhouse.io/v1alpha1/modulesources'])
+  t.same(watches.map((r) => r.query.resourceVersion), [listRv, listRv], 'each watch starts at its list resourceVersion')
+  const secretRequests = api.requests.filter((r) => r.resource === 'secrets')
+  t.ok(secretRequests.length >= 2 && secretRequests.every((r) => r.query.fieldSelector === 'metadata.name=deckhouse-registry'), 'Secret list and watch select the one Secret by name')
+  t.ok(api.requests.length >= 4)
+  t.same(new Set(api.authorizationHeaders()), new Set([`Bearer ${TOKEN}`]), 'every request carries the kubeconfig token')
+
+  t.equal(await metricValue(s.metrics, 'registry_packages_proxy_source_synced', 'secret'), 1)
+  t.equal(await metricValue(s.metrics, 'registry_packages_proxy_source_synced', 'modulesources'), 1)
+  const lastSync = await metricValue(s.metrics, 'registry_packages_proxy_source_last_sync_timestamp_seconds', 'secret')
+  t.ok(lastSync !== undefined && Math.abs(lastSync - Date.now() / 1000) < 5, 'last sync is now while the watch is open')
+  t.notOk(s.logs.text.includes(PASSWORD) || s.logs.text.includes(TOKEN) || s.logs.text.includes(b64(`user:${PASSWORD}`)), 'no secret in the logs')
+  t.match(s.logs.text, /registry\.example\.com\/deckhouse\/ee/, 'logs name the repositories')
+})
+
+void t.test('add, modify and delete of the Secret and of ModuleSources take effect', async (t) => {
+  const api = await startApi(t)
+  const s = await startPlugin(t, api)
+  await waitFor(() => s.sources.unsynced().length === 0, 'synced with nothing')
+  t.same(s.repositories(), [], 'no Secret, no ModuleSource: synced and empty')
+  await waitFor(() => api.openWatches() === 2, 'watches open')
+
+  api.putSecret(registrySecret({ address: 'r1.example.com', path: 'a' }))
+  await waitFor(() => s.repositories().includes('default:r1.example.com/a'), 'Secret added')
+  api.putSecret(registrySecret({ address: 'r2.example.com', path: 'b', scheme: 'http' }))
+  await waitFor(() => s.repositories().includes('default:r2.example.com/b'), 'Secret modified')
+  t.equal(s.sources.match(undefined).scheme, 'http')
+  t.throws(() => s.sources.match('r1.example.com/a'), { code: 'ENOSOURCE' }, 'the old default repository is gone')
+
+  api.putModuleSource(moduleSource('m1', { repo: 'm.example.com/one' }))
+  api.putModuleSource(moduleSource('m2', { repo: 'm.example.com/two', scheme: 'HTTP' }))
+  await waitFor(() => s.repositories().length === 3, 'two ModuleSources added')
+  t.equal(s.sources.match('m.example.com/two').scheme, 'http')
+  api.putModuleSource(moduleSource('m2', { repo: 'm.example.com/two', dockerCfg: b64(dockerCfg('m.example.com')) }))
+  await waitFor(() => s.sources.match('m.example.com/two').credentials !== undefined, 'ModuleSource modified')
+
+  // A changed repo retires the old repository.
+  api.putModuleSource(moduleSource('m1', { repo: 'm.example.com/moved' }))
+  await waitFor(() => s.repositories().includes('module-source:m.example.com/moved'), 'repo changed')
+  t.throws(() => s.sources.match('m.example.com/one'), { code: 'ENOSOURCE' }, 'the old repo is retired')
+  t.match(s.logs.find(/retired/), [{ moduleSource: 'm1', retired: 'm.example.com/one' }])
+
+  api.deleteModuleSource('m2')
+  await waitFor(() => !s.repositories().includes('module-source:m.example.com/two'), 'ModuleSource deleted')
+  api.deleteSecret()
+  await waitFor(() => !s.repositories().some((r) => r.startsWith('default:')), 'Secret deleted')
+  t.same(s.repositories(), ['module-source:m.example.com/moved'])
+  t.equal(api.counts.list.secrets, 1, 'no re-list: every change came through the watch')
+  t.equal(api.counts.list.modulesources, 1)
+})
+
+void t.test('starts before the API server is reachable: unsynced, then synced', async (t) => {
+  const port = await freePort()
+  const api = FakeKubeApi.create(port)
+  t.teardown(() => api.close())
+  api.putSecret(registrySecret({ address: 'late.example.com', path: 'x' }))
+  const s = await startPlugin(t, api)
+  await waitFor(() => s.logs.find(/list failed/).length >= 2, 'two failed lists')
+  t.same(s.sources.unsynced().sort(), ['modulesources', 'secret'], 'not synced while the API server is down')
+  t.ok((await metricValue(s.metrics, 'registry_packages_proxy_source_watch_restarts_total', 'secret'))! >= 1)
+  t.equal(await metricValue(s.metrics, 'registry_packages_proxy_source_last_sync_timestamp_seconds', 'secret'), undefined, 'never synced: no timestamp')
+  await api.listen()
+  await waitFor(() => s.sources.unsynced().length === 0, 'synced once the server is up')
+  t.same(s.repositories(), ['default:late.example.com/x'])
+})
+
+void t.test('a slow LIST keeps the provider unsynced until it answers', async (t) => {
+  const api = await startApi(t)
+  api.listDelayMs = 400
+  api.putModuleSource(moduleSource('m', { repo: 'm.example.com/slow' }))
+  const s = await startPlugin(t, api)
+  await waitFor(() => api.counts.list.modulesources === 1, 'list requested')
+  t.ok(s.sources.unsynced().includes('modulesources'), 'unsynced while the list is pending')
+  await waitFor(() => s.sources.unsynced().length === 0, 'synced after the slow list')
+  t.same(s.repositories(), ['module-source:m.example.com/slow'])
+})
+
+void t.test('a LIST that never answers in time is aborted and retried', async (t) => {
+  const api = await startApi(t)
+  api.listDelayMs = 60_000
+  const s = await startPlugin(t, api, { ...FAST, requestTimeoutMs: 200 })
+  await waitFor(() => api.counts.list.secrets >= 2, 'the list was retried after its timeout')
+  t.ok(s.sources.unsynced().includes('secret'))
+  t.match(s.logs.find(/list failed/)[0], { error: /aborted/ })
+  api.listDelayMs = 0
+  await waitFor(() => s.sources.unsynced().length === 0, 'synced once lists answer')
+})
+
+void t.test('a WATCH that never sends its headers is aborted and retried; a quiet open watch is not', async (t) => {
+  const api = await startApi(t)
+  const s = await startPlugin(t, api, { ...FAST, requestTimeoutMs: 300 })
+  await waitFor(() => api.openWatches() === 2, 'watches open')
+  // Quiet for three timeouts: an open stream is not subject to the headers timeout.
+  const quietFrom = Date.now()
+  await waitFor(() => Date.now() - quietFrom > 900, 'three timeouts of silence')
+  t.equal(api.counts.watch.secrets, 1, 'the quiet watch was left alone')
+  api.watchDelayMs = 60_000
+  api.dropWatches('destroy')
+  await waitFor(() => api.counts.watch.secrets >= 3, 'hanging watches retried')
+  t.ok(s.logs.find(/watch failed/).some((l) => /request-timeout/.test(String(l.error))), 'logged as a timeout')
+  api.watchDelayMs = 0
+  api.putSecret(registrySecret({ address: 'after-hang.example.com' }))
+  await waitFor(() => s.repositories().includes('default:after-hang.example.com'), 'watching again')
+})
+
+void t.test('dropped watches are restarted from the last resourceVersion; changes meanwhile are not lost', async (t) => {
+  const api = await startApi(t)
+  api.putModuleSource(moduleSource('a', { repo: 'm.example.com/a' }))
+  const s = await startPlugin(t, api)
+  await waitFor(() => api.openWatches() === 2, 'watches open')
+  for (let round = 1; round <= 3; round++) {
+    t.equal(api.dropWatches('destroy'), 2, `round ${round}: both watches cut`)
+    // A change while no watch is open: the restarted watch replays it from its resourceVersion.
+    api.putModuleSource(moduleSource(`r${round}`, { repo: `m.example.com/r${round}` }))
+    await waitFor(() => s.repositories().includes(`module-source:m.example.com/r${round}`), `round ${round}: change seen after restart`)
+    await waitFor(() => api.openWatches() === 2, `round ${round}: watches open again`)
+  }
+  t.equal(api.counts.list.modulesources, 1, 'restarts re-watch without re-listing')
+  t.ok(api.counts.watch.modulesources >= 4)
+  t.same(s.sources.unsynced(), [])
+  t.ok((await metricValue(s.metrics, 'registry_packages_proxy_source_watch_restarts_total', 'modulesources'))! >= 3)
+  t.ok(s.logs.find(/watch failed/).length >= 3)
+
+  // A clean end of the stream (the API server's watch timeout) is re-watched, not an error.
+  const restarts = await metricValue(s.metrics, 'registry_packages_proxy_source_watch_restarts_total', 'secret')
+  await new Promise((resolve) => setTimeout(resolve, FAST.minWatchMs + 50))
+  api.dropWatches('end')
+  api.putSecret(registrySecret({ address: 'after-end.example.com' }))
+  await waitFor(() => s.repositories().includes('default:after-end.example.com'), 'change after a clean end')
+  t.equal(await metricValue(s.metrics, 'registry_packages_proxy_source_watch_restarts_total', 'secret'), restarts, 'a clean end is no failure')
+})
+
+void t.test('a server that ends every watch at once gets backoff, not a tight loop', async (t) => {
+  const api = await startApi(t)
+  const s = await startPlugin(t, api, { ...FAST, initialBackoffMs: 100, maxBackoffMs: 400, minWatchMs: 1000 })
+  await waitFor(() => s.sources.unsynced().length === 0, 'synced')
+  const started = Date.now()
+  const watchesBefore = api.counts.watch.secrets
+  while (Date.now() - started < 1500) {
+    api.dropWatches('end')
+    await new Promise((resolve) => setTimeout(resolve, 10))
+  }
+  const watches = api.counts.watch.secrets - watchesBefore
+  t.ok(watches >= 2 && watches <= 12, `bounded re-watches in 1.5 s: ${watches}`)
+})
+
+void t.test('410 Gone re-lists: as an ERROR event, as HTTP 410, and after compaction', async (t) => {
+  const api = await startApi(t)
+  api.putModuleSource(moduleSource('keep', { repo: 'm.example.com/keep' }))
+  api.putModuleSource(moduleSource('lost', { repo: 'm.example.com/lost' }))
+  const s = await startPlugin(t, api)
+  await waitFor(() => api.openWatches() === 2, 'watches open')
+  t.equal(s.repositories().length, 2)
+
+  // ERROR event: the next watch (after a cut) gets 410; meanwhile `lost` is deleted and the
+  // history compacted, so only a fresh LIST can reveal the deletion.
+  api.goneOnNextWatch = 'event'
+  api.dropWatches('destroy')
+  await waitFor(() => api.counts.gone === 1, '410 event sent')
+  await waitFor(() => api.counts.list.modulesources + api.counts.list.secrets === 3, 're-listed after 410')
+  await waitFor(() => api.openWatches() === 2, 'watches open again')
+
+  api.goneOnNextWatch = 'http'
+  api.dropWatches('destroy')
+  await waitFor(() => api.counts.gone === 2, 'HTTP 410 sent')
+  await waitFor(() => api.counts.list.modulesources + api.counts.list.secrets === 4, 're-listed after HTTP 410')
+  await waitFor(() => api.openWatches() === 2, 'watches open again')
+
+  // Compaction: the watch's resourceVersion is too old; the deletion is only visible by LIST.
+  const lists = api.counts.list.modulesources
+  api.dropWatches('destroy')
+  api.deleteModuleSource('lost')
+  api.putModuleSource(moduleSource('new', { repo: 'm.example.com/new' }))
+  api.compact()
+  await waitFor(() => api.counts.list.modulesources > lists, 're-listed after compaction')
+  await waitFor(() => s.repositories().join() === 'module-source:m.example.com/keep,module-source:m.example.com/new', 'state after re-list')
+  t.same(s.sources.unsynced(), [])
+})
+
+void t.test('malformed objects beside good ones: each skipped with a log line and a metric', async (t) => {
+  const api = await startApi(t)
+  const good = (name: string): ReturnType<typeof moduleSource> => moduleSource(name, { repo: `m.example.com/${name}` })
+  api.putModuleSource(good('good1'))
+  api.putModuleSource(moduleSource('bad-base64', { repo: 'm.example.com/b1', dockerCfg: `!!${PASSWORD}!!` }))
+  api.putModuleSource(moduleSource('bad-json', { repo: 'm.example.com/b2', dockerCfg: b64(`{"auths": ${PASSWORD}`) }))
+  api.putModuleSource(moduleSource('bad-pem', { repo: 'm.example.com/b3', ca: '-----BEGIN CERTIFICATE-----\nnotacert\n-----END CERTIFICATE-----' }))
+  api.putModuleSource(moduleSource('bad-repo', { repo: 'http://m.example.com/../x' }))
+  api.putModuleSource({ apiVersion: 'deckhouse.io/v1alpha1', kind: 'ModuleSource', metadata: { name: 'no-spec' } })
+  api.putModuleSource(good('good2'))
+  api.putSecret(registrySecret({ address: 'r.example.com', path: 'ok', dockerconfigjson: dockerCfg('r.example.com') }))
+  const s = await startPlugin(t, api)
+  await waitFor(() => s.sources.unsynced().length === 0, 'synced')
+  t.same(s.repositories(), ['default:r.example.com/ok', 'module-source:m.example.com/good1', 'module-source:m.example.com/good2'])
+  t.equal(await metricValue(s.metrics, 'registry_packages_proxy_source_errors_total', 'modulesources'), 5)
+  const errors = s.logs.find(/ModuleSource is malformed/)
+  t.same(errors.map((e) => e.moduleSource).sort(), ['bad-base64', 'bad-json', 'bad-pem', 'bad-repo', 'no-spec'])
+  t.match(errors.find((e) => e.moduleSource === 'bad-base64'), { error: /spec\.registry\.dockerCfg is not valid base64/ })
+  t.match(errors.find((e) => e.moduleSource === 'bad-json'), { error: /docker config is not valid JSON/ })
+  t.match(errors.find((e) => e.moduleSource === 'bad-pem'), { error: /ca holds a certificate that does not parse/ })
+
+  // A malformed Secret keeps the last good default source.
+  api.putSecret(registrySecret({ address: 'r.example.com', path: 'ok' }, { '.dockerconfigjson': b64(`{${PASSWORD}`) }))
+  await waitFor(() => s.logs.find(/registry Secret is malformed/).length === 1, 'bad Secret logged')
+  t.same(s.repositories().filter((r) => r.startsWith('default:')), ['default:r.example.com/ok'])
+  t.ok(s.sources.match(undefined).credentials, 'still the last good default source, credentials included')
+  t.equal(await metricValue(s.metrics, 'registry_packages_proxy_source_errors_total', 'secret'), 1)
+  api.putSecret(registrySecret({ address: 'r.example.com' }, { path: '%%%not-base64' }))
+  await waitFor(() => s.logs.find(/registry Secret is malformed/).length === 2, 'second bad Secret logged')
+  t.match(s.logs.find(/registry Secret is malformed/)[1], { error: /data\.path is not valid base64/, keeping: 'r.example.com/ok' })
+
+  // Unrelated changes do not re-log (or re-count) an unchanged bad object.
+  api.putModuleSource(good('good3'))
+  await waitFor(() => s.repositories().includes('module-source:m.example.com/good3'), 'good3 added')
+  t.equal(await metricValue(s.metrics, 'registry_packages_proxy_source_errors_total', 'modulesources'), 5)
+
+  // Fixing a bad one brings it in; a good one turning bad is dropped on its own.
+  api.putModuleSource(moduleSource('bad-json', { repo: 'm.example.com/b2', dockerCfg: b64(dockerCfg('m.example.com')) }))
+  api.putModuleSource(moduleSource('good1', { repo: 'm.example.com/good1', scheme: 'gopher' }))
+  await waitFor(() => s.repositories().includes('module-source:m.example.com/b2') && !s.repositories().includes('module-source:m.example.com/good1'), 'fixed and broken')
+  t.ok(s.repositories().includes('module-source:m.example.com/good2'), 'the others keep working')
+
+  // Garbage on the watch stream is skipped; the watch goes on.
+  api.sendGarbage()
+  api.putModuleSource(good('good4'))
+  await waitFor(() => s.repositories().includes('module-source:m.example.com/good4'), 'watch survives a garbage line')
+
+  t.notOk(s.logs.text.includes(PASSWORD), 'no secret in the logs')
+  t.notOk((await s.metrics.registry.metrics()).includes(PASSWORD), 'no secret in the metrics')
+})
+
+void t.test('an API server outage keeps the last known sources; last sync time stops moving', async (t) => {
+  const api = await startApi(t)
+  api.putSecret(registrySecret({ address: 'r.example.com', path: 'ee' }))
+  const s = await startPlugin(t, api)
+  await waitFor(() => api.openWatches() === 2, 'watches open')
+  const port = api.port
+  await api.close()
+  await waitFor(() => s.logs.find(/watch failed|list failed/).length >= 4, 'failures while down')
+  t.same(s.sources.unsynced(), [], 'still synced')
+  t.same(s.repositories(), ['default:r.example.com/ee'], 'last known sources still served')
+  const frozen = await metricValue(s.metrics, 'registry_packages_proxy_source_last_sync_timestamp_seconds', 'secret')
+  await new Promise((resolve) => setTimeout(resolve, 300))
+  t.equal(await metricValue(s.metrics, 'registry_packages_proxy_source_last_sync_timestamp_seconds', 'secret'), frozen, 'not moving while down')
+  t.ok(frozen! < Date.now() / 1000)
+
+  // The same server comes back (its store is intact): watches resume.
+  await api.listen(port)
+  api.putSecret(registrySecret({ address: 'r.example.com', path: 'be' }))
+  await waitFor(() => s.repositories().includes('default:r.example.com/be'), 'change after the outage')
+  await waitFor(async () => (await metricValue(s.metrics, 'registry_packages_proxy_source_last_sync_timestamp_seconds', 'secret'))! > frozen!, 'last sync moves again')
+})
+
+void t.test('API errors (403, 500) are retried and logged without secrets', async (t) => {
+  const api = await startApi(t)
+  api.listStatus = 403
+  const s = await startPlugin(t, api)
+  await waitFor(() => api.counts.list.secrets >= 2, 'retried')
+  t.match(s.logs.find(/list failed/)[0], { error: /HTTP 403/, provider: /secret|modulesources/ })
+  api.listStatus = undefined
+  // A 200 whose body is not JSON: V8's parse error would quote it, and it could be Secret data.
+  api.listRawBody = `{"items": [{"data": {"password": "${PASSWORD}"}}] garbage`
+  const failures = s.logs.find(/list failed/).length
+  await waitFor(() => s.logs.find(/list failed/).length >= failures + 2, 'unparsable lists logged')
+  t.match(s.logs.find(/list failed/).at(-1), { error: /not valid JSON/ })
+  t.notOk(s.logs.text.includes(PASSWORD), 'the body is not quoted in the log')
+  api.listRawBody = undefined
+  await waitFor(() => s.sources.unsynced().length === 0, 'synced after the errors stop')
+  api.watchStatus = 500
+  api.dropWatches('destroy')
+  await waitFor(() => s.logs.find(/watch failed/).some((l) => /HTTP 500/.test(String(l.error))), 'watch 500 logged')
+  api.watchStatus = undefined
+  await waitFor(() => api.openWatches() === 2, 'watches back')
+  t.notOk(s.logs.text.includes(TOKEN))
+})
+
+void t.test('stop closes every watch and retries no more', async (t) => {
+  const api = await startApi(t)
+  const s = await startPlugin(t, api)
+  await waitFor(() => api.openWatches() === 2, 'watches open')
+  await s.server.stop()
+  await waitFor(() => api.openWatches() === 0, 'watches closed by stop')
+  const requests = api.requests.length
+  await new Promise((resolve) => setTimeout(resolve, 300))
+  t.equal(api.requests.length, requests, 'no request after stop')
+})
+
+void t.test('stop while a watch is still connecting: that watch is closed too', async (t) => {
+  const api = await startApi(t)
+  api.watchDelayMs = 400
+  const s = await startPlugin(t, api)
+  await waitFor(() => api.counts.watch.secrets + api.counts.watch.modulesources === 2, 'both watches requested')
+  await s.server.stop()
+  const stoppedAt = Date.now()
+  await waitFor(() => Date.now() - stoppedAt > 600 && api.openWatches() === 0, 'no watch left open after the delayed answers')
+  t.equal(api.counts.watch.secrets + api.counts.watch.modulesources, 2, 'and no new watch')
+})
