@@ -1,0 +1,113 @@
+/**
+ * RBAC against the code: the server runs with a kubeconfig against the fake API server, through
+ * a first sync, a dropped watch and a 410 Gone re-list. Every request it made is turned into the
+ * attributes the API server would authorize, and the pod's ServiceAccount must be allowed each,
+ * and granted nothing more, apart from kube-rbac-proxy's TokenReviews and SubjectAccessReviews
+ * (the sidecar's calls, which no test here can observe).
+ */
+import { join } from 'node:path'
+import { pino } from 'pino'
+import t from 'tap'
+import { createServer } from '../../server.js'
+import { FakeKubeApi, moduleSource, registrySecret, waitFor } from '../fixtures/fake-kube-api.js'
+import { cloneManifests, loadManifests, NAMESPACE, SERVICE_ACCOUNT, type Manifests, type Role } from './manifests.js'
+import { allows, describe, grantsFor, requestAttributes, surplus, type Attributes } from './rbac.js'
+
+/** What kube-rbac-proxy calls: authenticate a bearer token, authorize a request. */
+const KUBE_RBAC_PROXY_CALLS: readonly Attributes[] = [
+  { verb: 'create', apiGroup: 'authentication.k8s.io', resource: 'tokenreviews' },
+  { verb: 'create', apiGroup: 'authorization.k8s.io', resource: 'subjectaccessreviews' },
+]
+
+const POD_ACCOUNT = { kind: 'ServiceAccount', name: SERVICE_ACCOUNT, namespace: NAMESPACE }
+
+function uniqueCalls(calls: readonly Attributes[]): Attributes[] {
+  const seen = new Map<string, Attributes>()
+  for (const c of calls) seen.set(JSON.stringify(c), c)
+  return [...seen.values()]
+}
+
+function role(m: Manifests, kind: string, name: string): Role {
+  const found = m.objects.find((o) => o.object.kind === kind && o.object.metadata.name === name)?.object
+  if (!found) throw new Error(`no ${kind} ${name}`)
+  return found as Role
+}
+
+void t.test("the pod's ServiceAccount may make every call the code makes, and no other", async (t) => {
+  const api = await FakeKubeApi.start()
+  t.teardown(() => api.close())
+  api.putSecret(registrySecret({ address: '127.0.0.1:5000', path: '/deckhouse/ce', scheme: 'http' }))
+  api.putModuleSource(moduleSource('example', { repo: '127.0.0.1:5000/modules/example', scheme: 'http' }))
+  const dir = t.testdir()
+  // Initializing the server starts the informers (onPreStart); no listener is needed.
+  const proxy = await createServer({
+    cacheDirectory: join(dir, 'cache'),
+    limitBytes: 2 ** 20,
+    kubeconfig: api.writeKubeconfig(dir, 'rbac-test-token'),
+    logger: pino({ level: 'silent' }),
+    collectDefaultMetrics: false,
+    env: {},
+  })
+  t.teardown(() => proxy.server.stop())
+  await waitFor(() => api.openWatches('secrets') > 0 && api.openWatches('modulesources') > 0, 'both informers watch')
+  t.equal((await proxy.server.inject('/readyz')).statusCode, 200, 'ready once both synced')
+
+  // The restart paths must not need more: a dropped connection (resume the watch) and 410 Gone
+  // (list again).
+  const lists = api.counts.list.secrets + api.counts.list.modulesources
+  api.goneOnNextWatch = 'http'
+  api.dropWatches('destroy')
+  await waitFor(
+    () => api.counts.list.secrets + api.counts.list.modulesources > lists && api.openWatches('secrets') > 0 && api.openWatches('modulesources') > 0,
+    'both informers watch again after a re-list',
+  )
+
+  const calls = uniqueCalls(api.requests.map((r) => requestAttributes(r.method, r.path, r.query)))
+  t.comment(`calls made: ${calls.map(describe).join('; ')}`)
+  t.ok(calls.some((c) => c.verb === 'watch') && calls.some((c) => c.verb === 'list'), 'lists and watches were observed')
+  const m = loadManifests()
+  const grants = grantsFor(m, POD_ACCOUNT)
+  for (const call of [...calls, ...KUBE_RBAC_PROXY_CALLS]) t.ok(allows(grants, call), `allowed: ${describe(call)}`)
+  t.same(surplus(grants, [...calls, ...KUBE_RBAC_PROXY_CALLS]), [], 'nothing granted beyond those calls')
+
+  // Each would be noticed: a verb taken away, a verb or a Secret too many, a call without the
+  // field selector that lets a resourceNames Role allow it.
+  const noWatch = cloneManifests(m)
+  role(noWatch, 'ClusterRole', 'd8:registry-packages-proxy').rules.forEach((r) => (r.verbs = r.verbs.filter((v) => v !== 'watch')))
+  const watchModuleSources = calls.find((c) => c.verb === 'watch' && c.resource === 'modulesources')
+  t.ok(watchModuleSources && !allows(grantsFor(noWatch, POD_ACCOUNT), watchModuleSources), 'a ClusterRole without watch fails the watch')
+  const withGet = cloneManifests(m)
+  role(withGet, 'Role', 'registry-packages-proxy').rules.forEach((r) => r.verbs.push('get'))
+  t.match(surplus(grantsFor(withGet, POD_ACCOUNT), [...calls, ...KUBE_RBAC_PROXY_CALLS]), [/grants get core\/secrets in d8-system, which nothing calls/])
+  const everySecret = cloneManifests(m)
+  role(everySecret, 'Role', 'registry-packages-proxy').rules.forEach((r) => delete r.resourceNames)
+  t.match(surplus(grantsFor(everySecret, POD_ACCOUNT), [...calls, ...KUBE_RBAC_PROXY_CALLS]), [/without resourceNames, but every call names deckhouse-registry/])
+  const unfiltered = requestAttributes('GET', '/api/v1/namespaces/d8-system/secrets', {})
+  t.notOk(allows(grants, unfiltered), 'a LIST of d8-system Secrets without the field selector is refused')
+})
+
+void t.test('requestAttributes follows the API server', (t) => {
+  t.same(requestAttributes('GET', '/api/v1/namespaces/d8-system/secrets', { fieldSelector: 'metadata.name=deckhouse-registry', watch: 'true' }), {
+    verb: 'watch',
+    apiGroup: '',
+    resource: 'secrets',
+    namespace: 'd8-system',
+    name: 'deckhouse-registry',
+  })
+  t.same(requestAttributes('GET', '/apis/deckhouse.io/v1alpha1/modulesources', {}), { verb: 'list', apiGroup: 'deckhouse.io', resource: 'modulesources' })
+  t.same(requestAttributes('GET', '/apis/deckhouse.io/v1alpha1/modulesources/example', {}), {
+    verb: 'get',
+    apiGroup: 'deckhouse.io',
+    resource: 'modulesources',
+    name: 'example',
+  })
+  t.same(requestAttributes('GET', '/apis/apps/v1/namespaces/x/deployments/d/scale', {}), {
+    verb: 'get',
+    apiGroup: 'apps',
+    resource: 'deployments/scale',
+    namespace: 'x',
+    name: 'd',
+  })
+  t.throws(() => requestAttributes('GET', '/healthz', {}), /not a resource path/)
+  t.end()
+})
