@@ -32,6 +32,9 @@ async function main(argv: string[]): Promise<void> {
   const logger = pino({
     level: flags.logLevel,
     base: { name: 'registry-packages-proxy' },
+    // Our `err` fields are already log-safe {type, code, message} objects (never raw errors, which
+    // could carry request headers): print them as they are.
+    serializers: { err: (e: unknown) => e },
     // Belt and braces: our code never logs these, and if a header object slips in, it is hidden.
     redact: { paths: ['*.authorization', '*.Authorization', 'headers.authorization', '*.password', '*.token'], censor: '[redacted]' },
   })

@@ -1,13 +1,15 @@
 import { createServer as createHttpServer } from 'node:http'
 import type { Duplex } from 'node:stream'
+import Boom from '@hapi/boom'
 import Hapi from '@hapi/hapi'
 import type { Logger } from 'pino'
 import { credentialsPlugin } from './plugins/credentials/index.js'
 import { SourceSet } from './plugins/credentials/source-set.js'
 import { healthPlugin } from './plugins/health/index.js'
-import { metricsPlugin } from './plugins/metrics/index.js'
+import { finalStatus, metricsPlugin } from './plugins/metrics/index.js'
 import { Metrics } from './plugins/metrics/metrics.js'
 import { packagesPlugin, type PackagesApi } from './plugins/packages/index.js'
+import type { DownloadSlotsOptions } from './plugins/packages/download-slots.js'
 import type { RegistryTimeouts } from './plugins/packages/transport.js'
 
 export interface ServerOptions {
@@ -29,6 +31,13 @@ export interface ServerOptions {
   flushIntervalMs?: number
   /** Time a client gets to send its request headers (default 10 s). */
   headersTimeoutMs?: number
+  /**
+   * A connection on which nothing moved either way for this long is closed (default 300 s):
+   * a client that stops reading must not hold its socket, file and cache pin forever.
+   */
+  socketIdleTimeoutMs?: number
+  /** Bounds on concurrent layer downloads and on those waiting for a slot (tests shrink them). */
+  downloads?: Partial<DownloadSlotsOptions>
 }
 
 export interface ProxyServer {
@@ -61,7 +70,10 @@ export async function createServer(o: ServerOptions): Promise<ProxyServer> {
     router: { stripTrailingSlash: false },
     routes: {
       // Package downloads can take long; upstream timeouts bound them, not a server timeout.
-      timeout: { server: false, socket: false },
+      // The socket timeout is about inactivity only: it is longer than any silence the proxy
+      // itself can cause (upstream retries and resumes) and as long as the bootstrap scripts'
+      // own 300 s per-request timeout, after which nobody is reading anyway.
+      timeout: { server: false, socket: o.socketIdleTimeoutMs ?? 300_000 },
     },
   })
   // hapi answers every malformed request with a bare 400; tell clients the real reason first.
@@ -100,6 +112,7 @@ export async function createServer(o: ServerOptions): Promise<ProxyServer> {
         ...(o.timeouts ? { timeouts: o.timeouts } : {}),
         ...(o.env ? { env: o.env } : {}),
         ...(o.flushIntervalMs ? { flushIntervalMs: o.flushIntervalMs } : {}),
+        ...(o.downloads ? { downloads: o.downloads } : {}),
       },
     },
   ])
@@ -107,6 +120,7 @@ export async function createServer(o: ServerOptions): Promise<ProxyServer> {
   await server.register({
     plugin: healthPlugin,
     options: {
+      metrics,
       checks: [
         () => packages.notReady(),
         () => {
@@ -121,26 +135,29 @@ export async function createServer(o: ServerOptions): Promise<ProxyServer> {
   // One JSON line per request: what was asked, how it was served, how it ended.
   server.events.on('response', (request) => {
     const response = request.response
-    const status = response && 'statusCode' in response ? response.statusCode : 0
-    const app = request.app as { result?: string; error?: unknown }
+    const status = finalStatus(request)
+    const app = request.app as { result?: string; error?: unknown; source?: string }
     const query = request.query as Record<string, unknown>
-    const headers = response && 'headers' in response ? response.headers : {}
-    const finished = request.raw.res.writableFinished
+    const raw = request.raw.res
+    // hapi swaps a response whose body broke off for a Boom error; the client saw the headers
+    // of a success and then a cut connection: that is an aborted response, not a clean error.
+    const aborted = Boom.isBoom(response) && raw.headersSent && raw.statusCode < 400
+    const headers = response && !Boom.isBoom(response) && 'headers' in response ? response.headers : {}
+    const ended = request.info.completed || request.info.responded
     const line = {
       req: request.info.id,
       method: request.method,
       path: request.path,
       status,
-      // Bytes of a body that went out whole; an aborted response is marked as such.
-      ...(finished ? { bytes: Number(headers['content-length'] ?? 0) } : { aborted: true }),
-      ms: request.info.responded ? request.info.responded - request.info.received : undefined,
+      ...(aborted || !raw.writableFinished ? { aborted: true, sentStatus: raw.statusCode } : { bytes: Number(headers['content-length'] ?? 0) }),
+      ms: ended ? ended - request.info.received : undefined,
       ...(request.path === '/package'
-        ? { digest: query.digest, repository: query.repository, pkgPath: query.path, result: app.result }
+        ? { digest: query.digest, repository: query.repository, source: app.source, pkgPath: query.path, result: app.result }
         : {}),
       ...(app.error ? { err: app.error } : {}),
     }
     if (request.path === '/healthz' || request.path === '/readyz' || request.path === '/metrics') log.debug(line, 'request')
-    else if (status >= 500) log.warn(line, 'request')
+    else if (status >= 500 || aborted) log.warn(line, 'request')
     else log.info(line, 'request')
   })
   await server.initialize()

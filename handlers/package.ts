@@ -26,6 +26,7 @@ export function packageHandler(deps: PackageHandlerDeps) {
   return async (request: Request, h: ResponseToolkit): Promise<ResponseObject> => {
     const query = parsePackageQuery(request.query)
     const source = deps.sources.match(query.repository)
+    ;(request.app as { source?: string }).source = source.name
     const name = [source.namePrefix, query.path].filter(Boolean).join('/')
     const etag = `"${query.digest}"`
     const hex = query.digest.slice('sha256:'.length)

@@ -1,5 +1,19 @@
-import type { Plugin } from '@hapi/hapi'
+import Boom from '@hapi/boom'
+import type { Plugin, Request } from '@hapi/hapi'
 import type { Metrics } from './metrics.js'
+
+/**
+ * The status a request ended with. A response whose body broke off after the headers went out
+ * is replaced by hapi with a Boom error: 500 when the body stream failed (the registry broke off,
+ * the layer did not match its digest), 499 when the client went away. Those are the codes
+ * counted, not the 200 of the headers, so failures mid-body show up as failures.
+ */
+export function finalStatus(request: Request): number {
+  const response = request.response
+  if (!response) return 0
+  if (Boom.isBoom(response)) return response.output.statusCode
+  return 'statusCode' in response ? response.statusCode : 0
+}
 
 /** `GET /metrics` in the Prometheus text format, and a request counter for every route. */
 export const metricsPlugin: Plugin<{ metrics: Metrics }> = {
@@ -12,9 +26,8 @@ export const metricsPlugin: Plugin<{ metrics: Metrics }> = {
       handler: async (_request, h) => h.response(await metrics.registry.metrics()).type(metrics.registry.contentType),
     })
     server.events.on('response', (request) => {
-      const status = request.response && 'statusCode' in request.response ? request.response.statusCode : 0
       // The route pattern, never the raw path: a client cannot mint label values.
-      metrics.requests.inc({ route: request.route.path, method: request.method, code: String(status) })
+      metrics.requests.inc({ route: request.route.path, method: request.method, code: String(finalStatus(request)) })
     })
   },
 }

@@ -29,6 +29,7 @@ export class Metrics {
   readonly sourceRestarts: client.Counter<'provider'>
   readonly sourceLastSync: client.Gauge<'provider'>
   #stats: CacheStats | undefined
+  #ready: (() => boolean) | undefined
   readonly #syncClocks = new Map<string, () => number | undefined>()
 
   constructor(options: { collectDefaults?: boolean } = {}) {
@@ -59,6 +60,17 @@ export class Metrics {
         this.set(stats()?.entries() ?? 0)
       },
     })
+    const ready = (): (() => boolean) | undefined => this.#ready
+    new client.Gauge({
+      name: 'registry_packages_proxy_ready',
+      // Exported by the process itself so the "not ready" alert needs no kube-state-metrics:
+      // the PodMonitor scrapes pods directly, ready or not.
+      help: '1 when /readyz answers 200 (cache index open, cache directory writable, every credential source synced), else 0.',
+      registers,
+      collect() {
+        this.set(ready()?.() === true ? 1 : 0)
+      },
+    })
     new client.Gauge({
       name: 'registry_packages_proxy_fills_in_flight',
       help: 'Layer downloads into the cache running now.',
@@ -69,7 +81,7 @@ export class Metrics {
     })
     this.requests = new client.Counter({
       name: 'registry_packages_proxy_http_requests_total',
-      help: 'HTTP requests answered, by route, method and status code.',
+      help: 'HTTP requests answered, by route, method and status code; a body that broke off after the headers counts as 500 (a failure) or 499 (the client left).',
       labelNames: ['route', 'method', 'code'],
       registers,
     })
@@ -105,12 +117,12 @@ export class Metrics {
     })
     this.evictions = new client.Counter({
       name: 'registry_packages_proxy_evictions_total',
-      help: 'Cache entries removed to make room (least recently used first).',
+      help: 'Cache entries deleted: evicted to make room (least recently used first), or removed by DELETE /cache/{digest} (cache rm).',
       registers,
     })
     this.evictedBytes = new client.Counter({
       name: 'registry_packages_proxy_evicted_bytes_total',
-      help: 'Bytes removed from the cache to make room.',
+      help: 'Bytes of the entries counted in registry_packages_proxy_evictions_total.',
       registers,
     })
     this.fillSeconds = new client.Histogram({
@@ -156,6 +168,11 @@ export class Metrics {
   /** Reports a provider's last successful sync (ms since epoch, or undefined) at every scrape. */
   sourceSyncClock(provider: string, clock: () => number | undefined): void {
     this.#syncClocks.set(provider, clock)
+  }
+
+  /** Reports readiness (the same checks as `/readyz`) at every scrape. */
+  readiness(isReady: () => boolean): void {
+    this.#ready = isReady
   }
 
   /** Connects the cache gauges to the live cache (set once the cache is open). */
