@@ -1,8 +1,9 @@
-import { createServer as createHttpServer } from 'node:http'
+import { createServer as createHttpServer, type IncomingMessage, type ServerResponse } from 'node:http'
 import type { Duplex } from 'node:stream'
 import Boom from '@hapi/boom'
 import Hapi from '@hapi/hapi'
 import type { Logger } from 'pino'
+import { packageFastPath } from './handlers/package-fast-path.js'
 import { credentialsPlugin } from './plugins/credentials/index.js'
 import { SourceSet } from './plugins/credentials/source-set.js'
 import { healthPlugin } from './plugins/health/index.js'
@@ -31,6 +32,8 @@ export interface ServerOptions {
   flushIntervalMs?: number
   /** Time a client gets to send its request headers (default 10 s). */
   headersTimeoutMs?: number
+  /** Answer memory hits before hapi routes them (default on; tests compare both paths). */
+  fastPath?: boolean
   /**
    * A connection on which nothing moved either way for this long is closed (default 300 s):
    * a client that stops reading must not hold its socket, file and cache pin forever.
@@ -160,6 +163,42 @@ export async function createServer(o: ServerOptions): Promise<ProxyServer> {
     else if (status >= 500 || aborted) log.warn(line, 'request')
     else log.info(line, 'request')
   })
+  // Memory hits skip hapi's lifecycle (see handlers/package-fast-path.ts); everything else, and
+  // every request the fast path declines, goes to hapi's own listener unchanged.
+  if (o.fastPath !== false) {
+    const fast = packageFastPath({
+      sources,
+      packages: packages.service,
+      onServed: (info) => {
+        metrics.requests.inc({ route: '/package', method: 'get', code: info.finished ? '200' : '499' })
+        metrics.packageResults.inc({ result: 'hit' })
+        packages.counts.hit++
+        if (info.finished) metrics.bytesServed.inc(info.bytes)
+        log.info(
+          {
+            req: info.id,
+            method: 'get',
+            path: '/package',
+            status: 200,
+            ...(info.finished ? { bytes: info.bytes } : { aborted: true, sentStatus: 200 }),
+            ms: info.ms,
+            digest: info.digest,
+            repository: info.repository,
+            source: info.source,
+            pkgPath: info.path,
+            result: 'hit',
+          },
+          'request',
+        )
+      },
+    })
+    const hapiListeners = listener.listeners('request') as Array<(req: IncomingMessage, res: ServerResponse) => void>
+    listener.removeAllListeners('request')
+    listener.on('request', (req: IncomingMessage, res: ServerResponse) => {
+      if (fast(req, res)) return
+      for (const l of hapiListeners) l.call(listener, req, res)
+    })
+  }
   await server.initialize()
   return { server, sources, metrics, packages }
 }
