@@ -1,0 +1,473 @@
+/**
+ * `npm run bench`: the proxy's cache hits against nginx serving the same bytes with sendfile,
+ * request coalescing under 50 concurrent cold requests, and peak RSS during 24 concurrent cold
+ * downloads. One machine, one run; results go to stdout and `bench/results/latest.{md,json}`.
+ * Not a test and not in CI: the numbers depend on the machine and whatever else runs on it.
+ *
+ * Options (after `npm run bench --`): `--seconds N` (wrk duration, default 10),
+ * `--rounds N` (alternating proxy/nginx rounds, default 2; the best of each is reported),
+ * `--quiet-wait N` (before each measured run, wait up to N s, default 30, for other processes
+ * to use under 25% of the CPUs; `--no-quiet-wait` skips that).
+ */
+import { spawnSync } from 'node:child_process'
+import { chmodSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs'
+import { Agent } from 'node:http'
+import { availableParallelism, cpus, loadavg, release, tmpdir, totalmem } from 'node:os'
+import { join } from 'node:path'
+import { FakeRegistry, type FakeImage } from '../test/fixtures/fake-registry.js'
+import {
+  Children,
+  fetchHashed,
+  fmt,
+  freePort,
+  KiB,
+  memoryOf,
+  MiB,
+  pseudoRandom,
+  resetPeakRss,
+  ROOT,
+  runWrk,
+  sha256,
+  startNginx,
+  startProxy,
+  waitForHit,
+  type WrkResult,
+} from './lib.js'
+
+const THREADS = 2
+const CONNECTIONS = 32
+const WARMUP_SECONDS = 2
+const COLD_CLIENTS = 50
+const RSS_DOWNLOADS = 24
+const RSS_SAMPLE_MS = 20
+
+function option(name: string, fallback: number): number {
+  const i = process.argv.indexOf(`--${name}`)
+  const value = i === -1 ? undefined : Number(process.argv[i + 1])
+  return value !== undefined && Number.isFinite(value) && value > 0 ? value : fallback
+}
+
+const SECONDS = option('seconds', 10)
+const ROUNDS = option('rounds', 2)
+/** Before each measured run, wait up to this long for other processes to use < QUIET_BELOW of the CPUs. */
+const QUIET_WAIT_S = process.argv.includes('--no-quiet-wait') ? 0 : option('quiet-wait', 30)
+const QUIET_BELOW = 0.25
+
+type Target = 'proxy' | 'nginx-1' | 'nginx-auto'
+const TARGETS: Target[] = ['proxy', 'nginx-1', 'nginx-auto']
+
+interface SizeResult {
+  label: string
+  bytes: number
+  rounds: Record<Target, WrkResult[]>
+  best: Record<Target, WrkResult>
+}
+
+interface ColdResult {
+  clients: number
+  upstreamBlobGets: number
+  upstreamManifestGets: number
+  allVerified: boolean
+  statuses: Record<string, number>
+  xCache: Record<string, number>
+  wallMs: number
+  slowestMs: number
+}
+
+interface RssResult {
+  /** RSS of the proxy just after /readyz, before any package request. */
+  startRssMiB: number
+  downloads: number
+  allVerified: boolean
+  baselineRssMiB: number
+  hwmBeforeMiB: number
+  hwmResetWorked: boolean
+  hwmAfterMiB: number
+  maxSampleMiB: number
+  samples: number
+  wallMs: number
+  peakMiB: number
+}
+
+interface Machine {
+  cpus: number
+  cpuModel: string
+  memGiB: number
+  kernel: string
+  node: string
+  nginx: string
+  wrk: string
+  /** The commit measured, and the product files changed on top of it (bench/ and BENCHMARKS.md aside). */
+  commit: string
+  uncommitted: string[]
+  loadBefore: number[]
+  uptimeBefore: string
+  loadAfter?: number[]
+}
+
+function tool(cmd: string, args: string[]): string {
+  const r = spawnSync(cmd, args, { encoding: 'utf8' })
+  return `${r.stdout}${r.stderr}`.split('\n')[0]?.trim() ?? ''
+}
+
+function machineInfo(): Machine {
+  return {
+    cpus: availableParallelism(),
+    cpuModel: cpus()[0]?.model ?? 'unknown',
+    memGiB: totalmem() / 1024 / MiB,
+    kernel: release(),
+    node: process.version,
+    nginx: tool('/usr/sbin/nginx', ['-v']),
+    wrk: tool('/usr/bin/wrk', ['--version']).replace(/\s+Copyright.*$/, ''),
+    commit: spawnSync('git', ['log', '-1', '--format=%h %s'], { cwd: ROOT, encoding: 'utf8' }).stdout.trim() || 'unknown',
+    uncommitted: spawnSync('git', ['status', '--porcelain', '--', '.', ':!bench', ':!BENCHMARKS.md'], { cwd: ROOT, encoding: 'utf8' })
+      .stdout.split('\n')
+      .filter((l) => l.trim() !== ''),
+    loadBefore: loadavg(),
+    uptimeBefore: tool('uptime', []),
+  }
+}
+
+function tally(values: string[]): Record<string, number> {
+  const out: Record<string, number> = {}
+  for (const v of values) out[v] = (out[v] ?? 0) + 1
+  return out
+}
+
+const countsText = (c: Record<string, number>): string =>
+  Object.entries(c)
+    .map(([k, v]) => `${k} ${v}`)
+    .join(', ')
+
+/** Ratio verdict: PASS, or MISS with how far below the target and the speed-up still needed. */
+function ratioVerdict(ratio: number, target: number): string {
+  if (ratio >= target) return `PASS (${fmt(ratio, 2)}x >= ${target}x)`
+  return `MISS: ${fmt(ratio, 2)}x, ${fmt((1 - ratio / target) * 100, 0)}% short of ${target}x (needs ${fmt(target / ratio, 2)}x the req/s)`
+}
+
+async function benchSize(
+  children: Children,
+  label: string,
+  bytes: number,
+  urls: Record<Target, string>,
+  pids: Record<Target, number[]>,
+): Promise<SizeResult> {
+  const rounds: Record<Target, WrkResult[]> = { proxy: [], 'nginx-1': [], 'nginx-auto': [] }
+  for (let round = 1; round <= ROUNDS; round++) {
+    for (const target of TARGETS) {
+      // A short run first, discarded: connection set-up, JIT and page cache settle.
+      await runWrk(children, { url: urls[target], threads: THREADS, connections: CONNECTIONS, seconds: WARMUP_SECONDS, serverPids: pids[target] })
+      const r = await runWrk(children, {
+        url: urls[target],
+        threads: THREADS,
+        connections: CONNECTIONS,
+        seconds: SECONDS,
+        serverPids: pids[target],
+        ...(QUIET_WAIT_S > 0 ? { quiet: { maxMs: QUIET_WAIT_S * 1000, threshold: QUIET_BELOW } } : {}),
+      })
+      // A wrong status is a broken server; a socket error (a response slower than wrk's 10 s
+      // timeout) is a result, reported with the numbers.
+      if (r.non2xx > 0) throw new Error(`${target} ${label}: ${r.non2xx} non-2xx responses`)
+      rounds[target].push(r)
+      console.log(
+        `  ${label} round ${round} ${target.padEnd(10)} ${fmt(r.requestsPerSec).padStart(8)} req/s ${fmt(r.transferMiBPerSec).padStart(6)} MiB/s ` +
+          `p50 ${fmt(r.p50Ms, 2)} ms p99 ${fmt(r.p99Ms, 2)} ms, server CPU ${fmt(r.serverCpu * 100)}%, machine busy ${fmt(r.machineBusy * 100)}%` +
+          (r.backgroundBusy === undefined ? '' : ` (others: ${fmt(r.backgroundBusy * 100)}% just before, after waiting ${fmt(r.waitedMs / 1000)} s)`) +
+          (r.socketErrors === undefined ? '' : `, SOCKET ERRORS: ${r.socketErrors}`),
+      )
+    }
+  }
+  const bestOf = (rs: WrkResult[]): WrkResult => rs.reduce((a, b) => (b.requestsPerSec > a.requestsPerSec ? b : a))
+  return {
+    label,
+    bytes,
+    rounds,
+    best: { proxy: bestOf(rounds.proxy), 'nginx-1': bestOf(rounds['nginx-1']), 'nginx-auto': bestOf(rounds['nginx-auto']) },
+  }
+}
+
+async function coldRequests(registry: FakeRegistry, proxyBase: string, image: FakeImage, path: string): Promise<ColdResult> {
+  // A slow registry (64 KiB every 2 ms, about 0.3 s for 8 MiB) so that all 50 overlap one fill.
+  registry.faults = { blobChunkSize: 64 * KiB, blobChunkDelayMs: 2 }
+  const blobs0 = registry.counts.blob
+  const manifests0 = registry.counts.manifest
+  const agent = new Agent({ keepAlive: false, maxSockets: Infinity })
+  const url = `${proxyBase}/package?digest=${image.manifestDigest}&path=${path}`
+  const t0 = performance.now()
+  try {
+    const results = await Promise.all(Array.from({ length: COLD_CLIENTS }, () => fetchHashed(url, agent)))
+    return {
+      clients: COLD_CLIENTS,
+      upstreamBlobGets: registry.counts.blob - blobs0,
+      upstreamManifestGets: registry.counts.manifest - manifests0,
+      allVerified: results.every((r) => r.status === 200 && r.digest === image.lastLayer.digest),
+      statuses: tally(results.map((r) => String(r.status))),
+      xCache: tally(results.map((r) => String(r.headers['x-cache']))),
+      wallMs: performance.now() - t0,
+      slowestMs: Math.max(...results.map((r) => r.ms)),
+    }
+  } finally {
+    registry.faults = {}
+    agent.destroy()
+  }
+}
+
+async function peakRss(proxyPid: number, proxyBase: string, images: Array<{ image: FakeImage; path: string }>, startRssMiB: number): Promise<RssResult> {
+  const baseline = memoryOf(proxyPid)
+  const hwmBefore = baseline.hwmKiB
+  // VmHWM is the peak since the process started (the wrk runs included): reset it if allowed.
+  const hwmResetWorked = resetPeakRss(proxyPid)
+  let maxSample = baseline.rssKiB
+  let samples = 0
+  const sampler = setInterval(() => {
+    try {
+      maxSample = Math.max(maxSample, memoryOf(proxyPid).rssKiB)
+      samples++
+    } catch {
+      // the proxy died; the downloads will fail and say so
+    }
+  }, RSS_SAMPLE_MS)
+  const agent = new Agent({ keepAlive: false, maxSockets: Infinity })
+  const t0 = performance.now()
+  try {
+    const results = await Promise.all(images.map(({ image, path }) => fetchHashed(`${proxyBase}/package?digest=${image.manifestDigest}&path=${path}`, agent)))
+    const wallMs = performance.now() - t0
+    const after = memoryOf(proxyPid)
+    maxSample = Math.max(maxSample, after.rssKiB)
+    const allVerified = results.every((r, i) => r.status === 200 && r.digest === images[i]?.image.lastLayer.digest)
+    const peakKiB = hwmResetWorked ? Math.max(after.hwmKiB, maxSample) : maxSample
+    return {
+      startRssMiB,
+      downloads: images.length,
+      allVerified,
+      baselineRssMiB: baseline.rssKiB / 1024,
+      hwmBeforeMiB: hwmBefore / 1024,
+      hwmResetWorked,
+      hwmAfterMiB: after.hwmKiB / 1024,
+      maxSampleMiB: maxSample / 1024,
+      samples,
+      wallMs,
+      peakMiB: peakKiB / 1024,
+    }
+  } finally {
+    clearInterval(sampler)
+    agent.destroy()
+  }
+}
+
+function report(machine: Machine, sizes: SizeResult[], cold: ColdResult, rss: RssResult, startedAt: Date): string {
+  const targets: Record<string, number> = { '64 KiB': 0.8, '4 MiB': 0.9 }
+  const lines: string[] = []
+  const busy = machine.loadBefore[0] ?? 0
+  lines.push(`## Benchmark run ${startedAt.toISOString()}`)
+  lines.push('')
+  lines.push(
+    `Machine: ${machine.cpus} CPUs (${machine.cpuModel}), ${fmt(machine.memGiB, 1)} GiB, Linux ${machine.kernel}; ` +
+      `Node ${machine.node}; ${machine.nginx}; ${machine.wrk}.`,
+  )
+  lines.push(
+    `Code: commit ${machine.commit}` +
+      (machine.uncommitted.length > 0 ? `, plus uncommitted changes: ${machine.uncommitted.map((l) => l.trim()).join(', ')}.` : ', no uncommitted product changes.'),
+  )
+  lines.push(
+    `Load average before the run: ${machine.loadBefore.map((l) => l.toFixed(2)).join(', ')} (1, 5, 15 min)` +
+      (machine.loadAfter ? `; after: ${machine.loadAfter.map((l) => l.toFixed(2)).join(', ')}` : '') +
+      '.',
+  )
+  if (busy > 1.0) {
+    lines.push('')
+    lines.push(
+      `**Warning: the 1-minute load average was ${busy.toFixed(2)} (> 1.0) before the run: other processes were using this ` +
+        `${machine.cpus}-CPU machine, so throughput numbers may be depressed and noisy (the load average lags by minutes; the ` +
+        `"busy before (others)" column below shows how busy the machine was just before each measured run).**`,
+    )
+  }
+  lines.push('')
+  lines.push(
+    `wrk -t${THREADS} -c${CONNECTIONS} -d${SECONDS}s --latency; each measured run preceded by a discarded ${WARMUP_SECONDS} s run; ` +
+      `proxy, nginx (worker_processes 1) and nginx (worker_processes auto) alternate, ${ROUNDS} rounds; the best round of each is reported.`,
+  )
+  lines.push('')
+  lines.push('| check | measured | target | result |')
+  lines.push('|---|---|---|---|')
+  for (const s of sizes) {
+    const target = targets[s.label] ?? 1
+    const p = s.best.proxy
+    const n1 = s.best['nginx-1']
+    const na = s.best['nginx-auto']
+    lines.push(
+      `| ${s.label} cache hits vs nginx (1 worker) | ${fmt(p.requestsPerSec)} vs ${fmt(n1.requestsPerSec)} req/s = **${fmt(p.requestsPerSec / n1.requestsPerSec, 2)}x** ` +
+        `(vs nginx auto: ${fmt(na.requestsPerSec)} req/s, ${fmt(p.requestsPerSec / na.requestsPerSec, 2)}x) | >= ${target}x | ${ratioVerdict(p.requestsPerSec / n1.requestsPerSec, target)} |`,
+    )
+  }
+  lines.push(
+    `| ${cold.clients} concurrent cold requests, one 8 MiB package | ${cold.upstreamBlobGets} upstream layer GET(s); ${cold.allVerified ? 'all' : 'NOT all'} ${cold.clients} bodies verified | exactly 1 | ` +
+      `${cold.upstreamBlobGets === 1 && cold.allVerified ? 'PASS' : `MISS (${cold.upstreamBlobGets} GETs${cold.allVerified ? '' : ', bad bodies'})`} |`,
+  )
+  lines.push(
+    `| peak RSS, ${rss.downloads} concurrent cold 8 MiB downloads | ${fmt(rss.peakMiB, 1)} MiB; ${rss.allVerified ? 'all' : 'NOT all'} bodies verified | < 256 MiB | ` +
+      `${rss.peakMiB < 256 && rss.allVerified ? 'PASS' : `MISS (${fmt(rss.peakMiB - 256, 1)} MiB over${rss.allVerified ? '' : ', bad bodies'})`} |`,
+  )
+  lines.push('')
+  lines.push('### Throughput detail (best round of each)')
+  lines.push('')
+  lines.push('| size | server | req/s | MiB/s | avg latency | p50 | p99 | max | server CPU | server CPU per request | machine CPU busy | busy before (others) |')
+  lines.push('|---|---|---|---|---|---|---|---|---|---|---|---|')
+  for (const s of sizes) {
+    for (const t of TARGETS) {
+      const r = s.best[t]
+      lines.push(
+        `| ${s.label} | ${t} | ${fmt(r.requestsPerSec)} | ${fmt(r.transferMiBPerSec)} | ${fmt(r.latencyAvgMs, 2)} ms | ${fmt(r.p50Ms, 2)} ms | ` +
+          `${fmt(r.p99Ms, 2)} ms | ${fmt(r.latencyMaxMs, 1)} ms | ${fmt(r.serverCpu * 100)}% | ${fmt((r.serverCpu / r.requestsPerSec) * 1e6)} µs | ${fmt(r.machineBusy * 100)}% | ${r.backgroundBusy === undefined ? 'n/a' : `${fmt(r.backgroundBusy * 100)}%`} |`,
+      )
+    }
+  }
+  const errors = sizes.flatMap((s) => TARGETS.flatMap((t) => s.rounds[t].filter((r) => r.socketErrors !== undefined).map((r) => `${s.label} ${t}: ${r.socketErrors ?? ''}`)))
+  if (errors.length > 0) lines.push('', `Socket errors reported by wrk (timeout = no response within 10 s): ${errors.join('; ')}.`)
+  lines.push('')
+  lines.push('All rounds, req/s: ' + sizes.map((s) => `${s.label}: ` + TARGETS.map((t) => `${t} ${s.rounds[t].map((r) => fmt(r.requestsPerSec)).join(' / ')}`).join('; ')).join(' | ') + '.')
+  lines.push(
+    '"server CPU" is CPU seconds per second of the proxy process (all its threads), or of the nginx master and workers (100% = one core); ' +
+      '"per request" divides it by req/s, a figure less sensitive to other load than req/s; ' +
+      '"machine CPU busy" is the share of all CPUs busy during the run (wrk included); "busy before (others)" is that share in the second just before ' +
+      `the run, with our servers idle: other processes' load (each measured run first waited up to ${QUIET_WAIT_S} s for it to fall under ${QUIET_BELOW * 100}%).`,
+  )
+  lines.push('')
+  lines.push('### Cold requests and memory')
+  lines.push('')
+  lines.push(
+    `- ${cold.clients} concurrent cold requests for one 8 MiB package (registry sending 64 KiB every 2 ms): upstream layer GETs ${cold.upstreamBlobGets}, ` +
+      `manifest GETs ${cold.upstreamManifestGets}; statuses ${countsText(cold.statuses)}; X-Cache ${countsText(cold.xCache)}; ` +
+      `all done in ${fmt(cold.wallMs)} ms (slowest client ${fmt(cold.slowestMs)} ms).`,
+  )
+  lines.push(
+    `- ${rss.downloads} concurrent cold downloads of distinct 8 MiB packages (registry at full speed) in ${fmt(rss.wallMs)} ms: ` +
+      `proxy RSS ${fmt(rss.startRssMiB, 1)} MiB at start-up, ${fmt(rss.baselineRssMiB, 1)} MiB before this test; max of ${rss.samples} VmRSS samples (every ${RSS_SAMPLE_MS} ms) ${fmt(rss.maxSampleMiB, 1)} MiB; ` +
+      `VmHWM ${fmt(rss.hwmBeforeMiB, 1)} MiB before (peak since start, the wrk runs included), ` +
+      (rss.hwmResetWorked ? `reset through /proc/<pid>/clear_refs, ${fmt(rss.hwmAfterMiB, 1)} MiB after (the peak during this test).` : `${fmt(rss.hwmAfterMiB, 1)} MiB after (could not be reset: an upper bound only).`),
+  )
+  lines.push('')
+  return lines.join('\n')
+}
+
+async function main(): Promise<void> {
+  const startedAt = new Date()
+  const machine = machineInfo()
+  console.log(`machine: ${machine.cpus} CPUs, ${machine.node}, ${machine.nginx}, ${machine.wrk}; code: ${machine.commit}${machine.uncommitted.length > 0 ? ` + ${machine.uncommitted.length} changed files` : ''}`)
+  console.log(`uptime before the run: ${machine.uptimeBefore}`)
+  if ((machine.loadBefore[0] ?? 0) > 1.0) console.log(`WARNING: load average ${machine.loadBefore[0]?.toFixed(2)} > 1.0: other processes are busy on this machine; expect depressed, noisy numbers`)
+
+  const children = new Children()
+  const tmp = mkdtempSync(join(tmpdir(), 'rpp-bench-'))
+  chmodSync(tmp, 0o755)
+  let registry: FakeRegistry | undefined
+  let failed = true
+  const onSignal = (): void => {
+    children.killNow()
+    rmSync(tmp, { recursive: true, force: true })
+    process.exit(130)
+  }
+  process.on('SIGINT', onSignal)
+  process.on('SIGTERM', onSignal)
+  try {
+    // 1. The registry, in this process, with incompressible deterministic layers.
+    const reg = await FakeRegistry.start()
+    registry = reg
+    const small = registry.addImage('bench/pkg/small', [pseudoRandom(64 * KiB, 'bench 64 KiB')])
+    const large = registry.addImage('bench/pkg/large', [pseudoRandom(4 * MiB, 'bench 4 MiB')])
+    const cold = registry.addImage('bench/pkg/cold', [pseudoRandom(8 * MiB, 'bench cold 8 MiB')])
+    const rssImages = Array.from({ length: RSS_DOWNLOADS }, (_, i) => ({
+      image: reg.addImage(`bench/rss/pkg-${i}`, [pseudoRandom(8 * MiB, `bench rss 8 MiB #${i}`)]),
+      path: `rss/pkg-${i}`,
+    }))
+    const configPath = join(tmp, 'registry-config.json')
+    writeFileSync(configPath, JSON.stringify({ default: { address: registry.host, path: '/bench', scheme: 'http' } }, null, 2))
+
+    // 2. The real binary.
+    const proxyPort = await freePort()
+    const proxy = await startProxy(children, { configPath, cacheDir: join(tmp, 'cache'), port: proxyPort, logFile: join(tmp, 'proxy.log') })
+    const proxyPid = proxy.pid ?? -1
+    const proxyBase = `http://127.0.0.1:${proxyPort}`
+    const startRssMiB = memoryOf(proxyPid).rssKiB / 1024
+    console.log(`proxy pid ${proxyPid} on ${proxyBase}, registry on ${registry.url}, scratch in ${tmp}`)
+
+    // 3. Warm the two hit packages: a verified miss, then a verified hit.
+    const hitUrl = (image: FakeImage, path: string): string => `${proxyBase}/package?digest=${image.manifestDigest}&path=${path}`
+    for (const [image, path] of [[small, 'pkg/small'], [large, 'pkg/large']] as const) {
+      const first = await fetchHashed(hitUrl(image, path))
+      if (first.status !== 200 || first.digest !== image.lastLayer.digest) throw new Error(`warm-up of ${path}: HTTP ${first.status}, body ${first.digest}`)
+      await waitForHit(hitUrl(image, path), image.lastLayer.digest)
+    }
+    const blobsAfterWarm = registry.counts.blob
+
+    // 4. nginx on the same bytes, one worker and `auto`.
+    const www = join(tmp, 'www')
+    mkdirSync(www)
+    writeFileSync(join(www, 'small.bin'), small.lastLayer.data)
+    writeFileSync(join(www, 'large.bin'), large.lastLayer.data)
+    const nginx1Port = await freePort()
+    const nginx1 = await startNginx(children, { dir: join(tmp, 'nginx-1'), root: www, port: nginx1Port, workers: '1' })
+    const nginxAutoPort = await freePort()
+    const nginxAuto = await startNginx(children, { dir: join(tmp, 'nginx-auto'), root: www, port: nginxAutoPort, workers: 'auto' })
+    console.log(`nginx worker_processes 1: ${nginx1.workerPids.length} worker(s); worker_processes auto: ${nginxAuto.workerPids.length} worker(s)`)
+    for (const [port, name, image] of [[nginx1Port, 'small.bin', small], [nginxAutoPort, 'large.bin', large]] as const) {
+      const r = await fetchHashed(`http://127.0.0.1:${port}/${name}`)
+      if (r.status !== 200 || r.digest !== sha256(image.lastLayer.data)) throw new Error(`nginx /${name}: HTTP ${r.status}, body ${r.digest}`)
+    }
+    const pids: Record<Target, number[]> = {
+      proxy: [proxyPid],
+      'nginx-1': [nginx1.master.pid ?? -1, ...nginx1.workerPids],
+      'nginx-auto': [nginxAuto.master.pid ?? -1, ...nginxAuto.workerPids],
+    }
+
+    // 5. Throughput.
+    const sizes: SizeResult[] = []
+    for (const [label, bytes, image, path, file] of [
+      ['64 KiB', 64 * KiB, small, 'pkg/small', 'small.bin'],
+      ['4 MiB', 4 * MiB, large, 'pkg/large', 'large.bin'],
+    ] as const) {
+      console.log(`wrk ${label}: ${ROUNDS} rounds of ${SECONDS} s per server (+${WARMUP_SECONDS} s warm-up each)`)
+      sizes.push(
+        await benchSize(children, label, bytes, {
+          proxy: hitUrl(image, path),
+          'nginx-1': `http://127.0.0.1:${nginx1Port}/${file}`,
+          'nginx-auto': `http://127.0.0.1:${nginxAutoPort}/${file}`,
+        }, pids),
+      )
+    }
+    if (registry.counts.blob !== blobsAfterWarm) throw new Error(`cache hits went to the registry: ${registry.counts.blob - blobsAfterWarm} layer GETs`)
+    await Promise.all([children.stop(nginx1.master), children.stop(nginxAuto.master)])
+
+    // 6. Coalescing.
+    console.log(`${COLD_CLIENTS} concurrent cold requests for one 8 MiB package`)
+    const coldResult = await coldRequests(registry, proxyBase, cold, 'pkg/cold')
+    console.log(`  upstream layer GETs: ${coldResult.upstreamBlobGets}, X-Cache ${countsText(coldResult.xCache)}, verified: ${coldResult.allVerified}`)
+
+    // 7. Memory.
+    console.log(`peak RSS during ${RSS_DOWNLOADS} concurrent cold 8 MiB downloads`)
+    const rssResult = await peakRss(proxyPid, proxyBase, rssImages, startRssMiB)
+    console.log(`  peak ${fmt(rssResult.peakMiB, 1)} MiB (max sample ${fmt(rssResult.maxSampleMiB, 1)} MiB, VmHWM after ${fmt(rssResult.hwmAfterMiB, 1)} MiB), verified: ${rssResult.allVerified}`)
+
+    // 8. Report.
+    machine.loadAfter = loadavg()
+    const md = report(machine, sizes, coldResult, rssResult, startedAt)
+    const resultsDir = join(ROOT, 'bench', 'results')
+    mkdirSync(resultsDir, { recursive: true })
+    writeFileSync(join(resultsDir, 'latest.md'), md)
+    writeFileSync(join(resultsDir, 'latest.json'), JSON.stringify({ startedAt, machine, seconds: SECONDS, rounds: ROUNDS, sizes, cold: coldResult, rss: rssResult }, null, 2) + '\n')
+    console.log(`\n${md}`)
+    console.log(`written to bench/results/latest.md and latest.json`)
+    failed = false
+  } finally {
+    // 9. Nothing outlives the run; a failed run keeps its logs for a look.
+    await children.stopAll()
+    await registry?.close()
+    if (failed) console.error(`scratch directory kept for its logs (proxy.log, nginx-*/error.log): ${tmp}`)
+    else rmSync(tmp, { recursive: true, force: true })
+  }
+}
+
+main().catch((err: unknown) => {
+  console.error(`bench failed: ${(err as Error).stack ?? String(err)}`)
+  process.exitCode = 1
+})
