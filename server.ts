@@ -58,6 +58,11 @@ export async function createServer(o: ServerOptions): Promise<ProxyServer> {
   // Limits that make slow or oversized requests fail fast instead of holding sockets: a
   // slowloris client gets 10 s to send its headers, and request lines plus headers are capped.
   const headersTimeout = o.headersTimeoutMs ?? 10_000
+  // Inactivity only: longer than any silence the proxy itself can cause (upstream retries and
+  // resumes) and as long as the bootstrap scripts' own 300 s per-request timeout, after which
+  // nobody is reading anyway. A client that stops reading must not hold its socket, file and
+  // cache pin forever.
+  const socketIdleTimeout = o.socketIdleTimeoutMs ?? 300_000
   const listener = createHttpServer({
     maxHeaderSize: 16 * 1024,
     headersTimeout,
@@ -66,6 +71,8 @@ export async function createServer(o: ServerOptions): Promise<ProxyServer> {
     // Node checks the timeouts above on this period (default 30 s): check often enough to matter.
     connectionsCheckingInterval: Math.min(1_000, headersTimeout),
   })
+  // On every connection, including those answered before hapi routes them (the fast path).
+  listener.setTimeout(socketIdleTimeout)
   const server = Hapi.server({
     listener,
     host: o.host ?? '127.0.0.1',
@@ -73,10 +80,8 @@ export async function createServer(o: ServerOptions): Promise<ProxyServer> {
     router: { stripTrailingSlash: false },
     routes: {
       // Package downloads can take long; upstream timeouts bound them, not a server timeout.
-      // The socket timeout is about inactivity only: it is longer than any silence the proxy
-      // itself can cause (upstream retries and resumes) and as long as the bootstrap scripts'
-      // own 300 s per-request timeout, after which nobody is reading anyway.
-      timeout: { server: false, socket: o.socketIdleTimeoutMs ?? 300_000 },
+      // hapi re-arms the socket's inactivity timeout per request: the same one.
+      timeout: { server: false, socket: socketIdleTimeout },
     },
   })
   // hapi answers every malformed request with a bare 400; tell clients the real reason first.

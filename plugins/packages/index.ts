@@ -9,6 +9,7 @@ import type { SourceSet } from '../credentials/source-set.js'
 import type { Metrics } from '../metrics/metrics.js'
 import { BlobStore } from './blob-store.js'
 import { CacheIndex } from './cache-index.js'
+import { BusyError, type DownloadSlotsOptions } from './download-slots.js'
 import { describe, PackageService, type PackageLogger } from './package-service.js'
 import { reconcile } from './reconcile.js'
 import { RegistryClient } from './registry-client.js'
@@ -25,6 +26,8 @@ export interface PackagesOptions {
   env?: NodeJS.ProcessEnv
   /** How often batched access times are written to SQLite. */
   flushIntervalMs?: number
+  /** Bounds on concurrent layer downloads and on those waiting for a slot (503 beyond). */
+  downloads?: Partial<DownloadSlotsOptions>
 }
 
 /** What the plugin exposes to the server and to other plugins (health, cache API). */
@@ -33,6 +36,8 @@ export interface PackagesApi {
   index: CacheIndex | undefined
   /** Why the cache cannot serve right now (index closed, directory not writable), or undefined. */
   notReady(): string | undefined
+  /** Request outcomes since start (GET /cache); the fast path counts its hits here too. */
+  counts: ResultCounts
 }
 
 /**
@@ -67,6 +72,7 @@ export const packagesPlugin: Plugin<PackagesOptions> = {
       limitBytes: o.limitBytes,
       disableCache: o.disableCache,
       log: o.log,
+      ...(o.downloads ? { downloads: o.downloads } : {}),
       onFillDone: (outcome, seconds, error) => {
         o.metrics.fillSeconds.observe({ outcome }, seconds)
         // A mismatch found mid-stream: the response was already aborted before its last byte.
@@ -127,7 +133,9 @@ export const packagesPlugin: Plugin<PackagesOptions> = {
           if (err instanceof DigestError) o.metrics.digestMismatches.inc({ what: err.what })
           onResult(request, 'error')
           ;(request.app as { error?: unknown }).error = describe(err)
-          throw toBoom(err)
+          const boom = toBoom(err)
+          if (err instanceof BusyError) boom.output.headers['Retry-After'] = String(err.retryAfterSeconds)
+          throw boom
         }
       },
     })
@@ -159,6 +167,7 @@ export const packagesPlugin: Plugin<PackagesOptions> = {
       service,
       index,
       notReady: () => (index?.closed ? 'cache index is closed' : dirProblem),
+      counts,
     } satisfies PackagesApi)
     server.ext('onPostStop', async () => {
       clearInterval(flusher)

@@ -4,6 +4,7 @@ import { ManifestError, ProxyError, UpstreamError } from '../../errors.js'
 import type { RegistrySource } from '../credentials/source.js'
 import type { BlobStore } from './blob-store.js'
 import type { CacheIndex } from './cache-index.js'
+import { DownloadSlots, type DownloadSlotsOptions, type DownloadTicket } from './download-slots.js'
 import { Fill } from './fill.js'
 import { HotCache } from './hot-cache.js'
 import { parseManifest, verifyDigest, type LayerRef } from './manifest.js'
@@ -36,6 +37,8 @@ export interface PackageServiceOptions {
   /** Memory for small hot layers (default 64 MiB, entries up to 8 MiB); 0 turns it off. */
   hotCacheBytes?: number
   hotCacheEntryBytes?: number
+  /** Bounds on concurrent layer downloads (fills and pass-throughs) and on those waiting for one. */
+  downloads?: Partial<DownloadSlotsOptions>
 }
 
 /** How a fill ended: cached, failed upstream or on verification, or served without caching. */
@@ -87,9 +90,11 @@ export class PackageService {
   readonly #running = new Set<Promise<void>>()
   /** Manifest digest -> layer for fills not yet committed, so a request in between needs no registry. */
   readonly #inflightLayers = new Map<string, LayerRef>()
+  readonly #downloads: DownloadSlots
 
   constructor(options: PackageServiceOptions) {
     this.#o = options
+    this.#downloads = new DownloadSlots(options.downloads, this.#aborter.signal)
     this.#hot = new HotCache(options.hotCacheBytes ?? 64 * 1024 * 1024, options.hotCacheEntryBytes ?? 8 * 1024 * 1024)
     this.space = options.index && options.store && !options.disableCache
       ? new SpaceManager(options.index, options.store, options.limitBytes, options.log, (digest, bytes) => {
@@ -102,6 +107,11 @@ export class PackageService {
   /** Fills running or cleaning up (a failed fill leaves the join map earlier than this). */
   get activeFills(): number {
     return this.#running.size
+  }
+
+  /** Layer downloads (fills and pass-throughs) holding a slot, and those waiting for one. */
+  get downloads(): { running: number; queued: number } {
+    return { running: this.#downloads.running, queued: this.#downloads.queued }
   }
 
   /** Finds the layer for `digest`: from the index when known, else from the registry. */
@@ -186,24 +196,36 @@ export class PackageService {
       fill = await pending
       // A fill whose disk failed serves only the readers it had; later ones stream through.
       if (fill && !fill.joinable) fill = undefined
-    } else {
-      const reservation = this.space?.reserve(layer.size)
-      if (reservation) {
-        // Registered synchronously, before any await, so every concurrent request joins this fill.
-        const slot: FillSlot = {}
-        this.#inflightLayers.set(pkg.digest, layer)
-        slot.promise = this.#startFill(source, name, pkg.digest, layer, reservation, slot)
-        this.#fills.set(layer.digest, slot.promise)
-        fill = await slot.promise
-        result = 'miss'
-      }
+    } else if (this.space) {
+      // A full queue refuses here (503), before anything is registered or sent upstream.
+      const ticket = this.#downloads.enter()
+      // Registered synchronously, before any await, so every concurrent request joins this fill
+      // (and its place in the download queue).
+      const slot: FillSlot = {}
+      this.#inflightLayers.set(pkg.digest, layer)
+      slot.promise = this.#startFill(source, name, pkg.digest, layer, ticket, slot)
+      this.#fills.set(layer.digest, slot.promise)
+      fill = await slot.promise
+      result = 'miss'
     }
-    if (!fill) {
-      const stream = await verifiedPassThrough(this.#o.client, source, name, layer, start, end)
-      return { stream, result: 'bypass' }
-    }
+    if (!fill) return { stream: await this.#passThrough(source, name, layer, start, end), result: 'bypass' }
     await fill.started
     return { stream: fill.reader(start, end), result }
+  }
+
+  /** A verified stream straight from the registry, holding a download slot until it closes. */
+  async #passThrough(source: RegistrySource, name: string, layer: LayerRef, start: number, end: number): Promise<Readable> {
+    const ticket = this.#downloads.enter()
+    let stream: Readable
+    try {
+      await ticket.ready
+      stream = await verifiedPassThrough(this.#o.client, source, name, layer, start, end)
+    } catch (err) {
+      ticket.release()
+      throw err
+    }
+    stream.once('close', () => ticket.release())
+    return stream
   }
 
   /** Opens a cached file, pinning it against eviction; undefined if it vanished meanwhile. */
@@ -219,14 +241,33 @@ export class PackageService {
   }
 
   /**
-   * Runs the one fill for `layer` in space already reserved, or resolves undefined when it
-   * cannot start (a disk error): the caller then streams straight through. `slot` is this
+   * Runs the one fill for `layer` once `ticket` grants a download slot, or resolves undefined
+   * when it cannot start (no space that can be freed, a disk error): the caller then streams
+   * straight through. Rejects with a BusyError when no slot came free in time. `slot` is this
    * fill's entry in the map, so cleanup never removes a newer fill for the same digest.
    */
-  async #startFill(source: RegistrySource, name: string, digest: string, layer: LayerRef, reservation: Reservation, slot: FillSlot): Promise<Fill | undefined> {
+  async #startFill(source: RegistrySource, name: string, digest: string, layer: LayerRef, ticket: DownloadTicket, slot: FillSlot): Promise<Fill | undefined> {
     const store = this.#o.store
     const forget = (): void => {
       if (this.#fills.get(layer.digest) === slot.promise) this.#fills.delete(layer.digest)
+    }
+    const forgetLayer = (): void => {
+      if (this.#inflightLayers.get(digest) === layer) this.#inflightLayers.delete(digest)
+    }
+    try {
+      await ticket.ready
+    } catch (err) {
+      forget()
+      forgetLayer()
+      throw err
+    }
+    // Space is reserved only once the download may start: a fill waiting in line holds no bytes.
+    const reservation = this.space?.reserve(layer.size)
+    if (!reservation) {
+      ticket.release()
+      forget()
+      forgetLayer()
+      return undefined
     }
     let fill: Fill
     try {
@@ -235,8 +276,9 @@ export class PackageService {
       fill = new Fill(layer, await store.createTemp())
     } catch (err) {
       reservation.release()
+      ticket.release()
       forget()
-      if (this.#inflightLayers.get(digest) === layer) this.#inflightLayers.delete(digest)
+      forgetLayer()
       this.#o.log.warn({ err: describe(err), layer: layer.digest }, 'cannot start a cache fill; streaming through')
       return undefined
     }
@@ -262,8 +304,9 @@ export class PackageService {
       .then((outcome) => this.#o.onFillDone?.(outcome, Number(process.hrtime.bigint() - began) / 1e9, fill.error ?? fill.diskError))
       .finally(() => {
         reservation.release()
+        ticket.release()
         forget()
-        if (this.#inflightLayers.get(digest) === layer) this.#inflightLayers.delete(digest)
+        forgetLayer()
         fill.release()
         this.#running.delete(settled)
       })
@@ -310,6 +353,19 @@ export class PackageService {
     }
     this.#hot.delete(layerDigest)
     return this.space.evict(layerDigest)
+  }
+
+  /**
+   * The whole package for `digest` if it is cached and in memory, counted as a hit; otherwise
+   * undefined (the caller takes the full path). Synchronous: it touches no disk and no registry.
+   */
+  memoryHit(digest: string): Buffer | undefined {
+    if (!this.space || this.#o.disableCache) return undefined
+    const layerDigest = this.#o.index?.manifest(digest)?.layerDigest
+    if (!layerDigest || !this.#o.index?.blob(layerDigest)) return undefined
+    const hot = this.#hot.get(layerDigest)
+    if (hot) this.#o.index.touch(layerDigest)
+    return hot
   }
 
   /** Resolves when every running fill has committed or cleaned up (tests, shutdown). */

@@ -202,11 +202,13 @@ export class RegistryClient {
       res.data.resume()
       if (auth?.tokenKey) this.#tokens.drop(auth.tokenKey, auth.token ?? '')
       const challenge = parseChallenge(headerText(res.headers['www-authenticate']))
-      const previous = this.#schemes.get(source)
       this.#schemes.set(source, challenge)
-      // Nothing new to try: anonymous against Basic without credentials, or an unknown scheme.
+      // Nothing new to try: an unknown scheme, Basic without credentials, or Basic credentials
+      // that this very request already sent. (Whether *this* request sent them, not whether the
+      // source's scheme was known: concurrent first requests all go out anonymous, and each must
+      // retry with the credentials the first 401 taught us.)
       if (challenge.scheme === 'unknown') return res
-      if (challenge.scheme === 'basic' && (!source.credentials || previous?.scheme === 'basic')) return res
+      if (challenge.scheme === 'basic' && (!source.credentials || auth?.basic === true)) return res
     }
   }
 
@@ -214,10 +216,10 @@ export class RegistryClient {
     source: RegistrySource,
     scope: string,
     signal: AbortSignal | undefined,
-  ): Promise<{ header: string; tokenKey?: string; token?: string } | undefined> {
+  ): Promise<{ header: string; basic?: boolean; tokenKey?: string; token?: string } | undefined> {
     const challenge = this.#schemes.get(source)
     if (!challenge || challenge.scheme === 'unknown') return undefined
-    if (challenge.scheme === 'basic') return source.credentials ? { header: source.credentials.basicHeader() } : undefined
+    if (challenge.scheme === 'basic') return source.credentials ? { header: source.credentials.basicHeader(), basic: true } : undefined
     const key = `${this.#sourceId(source)}\n${challenge.realm}\n${challenge.service ?? ''}\n${scope}`
     const token = await this.#tokens.get(key, () => this.#fetchToken(source, challenge, scope, signal))
     return { header: `Bearer ${token}`, tokenKey: key, token }
@@ -294,27 +296,48 @@ export class RegistryClient {
     const combined = signal ? AbortSignal.any([signal, headersTimer.signal]) : headersTimer.signal
     const seconds = (): number => Number(process.hrtime.bigint() - started) / 1e9
     try {
-      const res = await axios.request<Readable>({
-        url,
-        method: 'GET',
-        headers: { 'User-Agent': 'registry-packages-proxy', ...headers },
-        responseType: 'stream',
-        // Layers are gzip files: deliver the bytes exactly as stored, they are what the digest covers.
-        decompress: false,
-        maxRedirects: 0,
-        validateStatus: () => true,
-        signal: combined,
-        ...this.#transport.optionsFor(url, source.ca),
-      })
-      this.#observe(kind, res.status, seconds())
-      return res
-    } catch (err) {
-      this.#observe(kind, 'error', seconds())
-      throw translate(err, headersTimer.signal, signal, source)
+      for (let attempt = 0; ; attempt++) {
+        try {
+          const res = await axios.request<Readable>({
+            url,
+            method: 'GET',
+            headers: { 'User-Agent': 'registry-packages-proxy', ...headers },
+            responseType: 'stream',
+            // Layers are gzip files: deliver the bytes exactly as stored, they are what the digest covers.
+            decompress: false,
+            maxRedirects: 0,
+            validateStatus: () => true,
+            signal: combined,
+            ...this.#transport.optionsFor(url, source.ca),
+          })
+          this.#observe(kind, res.status, seconds())
+          return res
+        } catch (err) {
+          this.#observe(kind, 'error', seconds())
+          // A pooled keep-alive connection that the registry closed just as we reused it (the
+          // race Node documents for `reusedSocket`): the request never reached the registry, and
+          // it is a GET, so it goes out again, within the same timeout. Several pooled sockets
+          // can go stale at once (the registry's idle timeout closes them together, and a busy
+          // event loop has not seen their FINs yet), so a few tries; a failure on a new
+          // connection is never retried here.
+          if (attempt < MAX_STALE_RETRIES && staleKeepAlive(err) && !combined.aborted) continue
+          throw translate(err, headersTimer.signal, signal, source)
+        }
+      }
     } finally {
       clearTimeout(timer)
     }
   }
+}
+
+/** How many stale pooled connections one request may run into before its error is passed on. */
+const MAX_STALE_RETRIES = 8
+
+/** True when a request failed because the pooled socket it was sent on had been closed. */
+function staleKeepAlive(err: unknown): boolean {
+  if (!axios.isAxiosError(err) || err.response !== undefined) return false
+  const reused = (err.request as { reusedSocket?: unknown } | undefined)?.reusedSocket === true
+  return reused && (err.code === 'ECONNRESET' || err.code === 'EPIPE')
 }
 
 function headerText(value: unknown): string | undefined {

@@ -1,0 +1,283 @@
+/**
+ * Slow, stuck and flooding clients degrade service, they do not take it down. Covered
+ * elsewhere: one slowloris client gets 408, oversized request lines and headers get 431
+ * (test/server/limits.test.ts). Added here: crowds of them while real traffic goes on, the
+ * keep-alive idle limit, a client that stops reading mid-body (the fill and the other clients
+ * go on, memory stays flat, the connection is closed after the idle timeout and its cache pin
+ * released), and the bound on concurrent layer downloads (503 + Retry-After beyond the queue).
+ */
+import { createHash } from 'node:crypto'
+import { existsSync } from 'node:fs'
+import { request } from 'node:http'
+import { connect, type Socket } from 'node:net'
+import { setFlagsFromString } from 'node:v8'
+import { runInNewContext } from 'node:vm'
+import t from 'tap'
+import { BlobStore } from '../../plugins/packages/blob-store.js'
+import { DEFAULT_PREFIX, bytes, packageUrl } from '../fixtures/proxy-harness.js'
+import { eventually, fdCount, fetchRaw, startProxy } from './support.js'
+
+const SLACK_MS = 4000
+
+/** A real GC, so memory readings are about what is held, not what is garbage yet. */
+setFlagsFromString('--expose-gc')
+const gc = runInNewContext('gc') as () => void
+
+function external(): number {
+  gc()
+  gc()
+  return process.memoryUsage().arrayBuffers
+}
+
+/** GET that hashes the body as it arrives (a 24 MiB layer is never held in the test's memory). */
+function fetchHashed(url: string): Promise<{ status: number; digest: string; bytes: number; complete: boolean }> {
+  return new Promise((resolve) => {
+    const req = request(url, { agent: false }, (res) => {
+      const hash = createHash('sha256')
+      let n = 0
+      res.on('data', (c: Buffer) => {
+        hash.update(c)
+        n += c.length
+      })
+      res.on('error', () => undefined)
+      res.on('close', () => resolve({ status: res.statusCode ?? 0, digest: `sha256:${hash.digest('hex')}`, bytes: n, complete: res.complete }))
+    })
+    req.on('error', () => resolve({ status: 0, digest: '', bytes: 0, complete: false }))
+    req.end()
+  })
+}
+
+/** A raw connection that sends `head` (if any) and never reads; resolves `closed` when the server ends it. */
+function stuckClient(port: number, head?: string): { socket: Socket; closed: Promise<{ ms: number; text: string }> } {
+  const started = Date.now()
+  const socket = connect(port, '127.0.0.1', () => {
+    if (head !== undefined) socket.write(head)
+  })
+  let text = ''
+  socket.on('data', (d: Buffer) => {
+    if (text.length < 200) text += d.toString('latin1')
+  })
+  socket.on('error', () => undefined)
+  const closed = new Promise<{ ms: number; text: string }>((resolve) => socket.on('close', () => resolve({ ms: Date.now() - started, text })))
+  return { socket, closed }
+}
+
+void t.test('crowds of silent, dripping and idle keep-alive connections are cut while real requests go on', async (t) => {
+  const headersTimeoutMs = 1000
+  const p = await startProxy(t, { headersTimeoutMs })
+  const image = p.registry.addImage(DEFAULT_PREFIX, [bytes(20_000, 3)])
+  await p.proxy.server.start()
+  const port = Number(p.proxy.server.info.port)
+  const url = `${p.proxy.server.info.uri}${packageUrl({ digest: image.manifestDigest })}`
+  t.equal((await fetchRaw(url)).status, 200, 'warm')
+  const fdsBefore = fdCount()
+
+  const crowd = 150
+  // Silent: connect and send nothing. Dripping: a header line every 200 ms, never the end.
+  const silent = Array.from({ length: crowd }, () => stuckClient(port))
+  const dripping = Array.from({ length: crowd }, () => stuckClient(port, 'GET /healthz HTTP/1.1\r\nHost: x\r\n'))
+  const drips = setInterval(() => {
+    for (const d of dripping) if (d.socket.writable) d.socket.write('X-Drip: 1\r\n')
+  }, 200)
+  t.teardown(() => clearInterval(drips))
+  // Idle keep-alive: one complete request, then nothing.
+  const idle = Array.from({ length: 50 }, () => stuckClient(port, 'GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n'))
+
+  // Meanwhile, real clients are served, byte-exact and promptly.
+  const served: number[] = []
+  let wrong = 0
+  const until = Date.now() + headersTimeoutMs + 500
+  while (Date.now() < until) {
+    const started = Date.now()
+    const r = await fetchRaw(url)
+    if (!(r.status === 200 && r.body.equals(image.lastLayer.data))) wrong++
+    served.push(Date.now() - started)
+  }
+  t.equal(wrong, 0, 'every real request during the flood was served byte-exact')
+  t.ok(served.length >= 3, `${served.length} requests served during the flood (slowest ${Math.max(...served)} ms)`)
+  t.ok(Math.max(...served) < 2000, 'none waited behind the crowd')
+
+  const cut = await Promise.all([...silent, ...dripping].map((c) => c.closed))
+  clearInterval(drips)
+  for (const c of cut) {
+    if (!(c.ms < headersTimeoutMs + SLACK_MS && /^HTTP\/1\.1 408 /.test(c.text))) {
+      t.fail(`a slow client was cut after ${c.ms} ms with ${JSON.stringify(c.text.slice(0, 30))}`)
+      return
+    }
+  }
+  t.pass(`${cut.length} slow clients were cut with 408 within ${Math.max(...cut.map((c) => c.ms))} ms`)
+  // keepAliveTimeout is 5 s; connections are checked every second.
+  const idled = await Promise.all(idle.map((c) => c.closed))
+  t.ok(idled.every((c) => /^HTTP\/1\.1 200 /.test(c.text) && c.ms < 5000 + SLACK_MS), `idle keep-alive connections closed after at most ${Math.max(...idled.map((c) => c.ms))} ms`)
+  await eventually(() => fdCount() <= fdsBefore + 2, `descriptors back to ${fdsBefore} (now ${fdCount()})`, 5000)
+  t.pass('descriptors back to where they were')
+})
+
+void t.test('a client that stops reading mid-body holds no one hostage, keeps memory flat, and is cut after the idle timeout', async (t) => {
+  const socketIdleTimeoutMs = 1500
+  const p = await startProxy(t, { socketIdleTimeoutMs })
+  // Bigger than the memory cache's largest entry, so hits stream from the file.
+  const data = bytes(24 * 1024 * 1024, 9)
+  const image = p.registry.addImage(DEFAULT_PREFIX, [data])
+  const layerDigest = image.lastLayer.digest
+  p.registry.faults = { blobChunkSize: 256 * 1024, blobChunkDelayMs: 2 }
+  await p.proxy.server.start()
+  const port = Number(p.proxy.server.info.port)
+  const path = packageUrl({ digest: image.manifestDigest })
+  const url = `${p.proxy.server.info.uri}${path}`
+  const head = `GET ${path} HTTP/1.1\r\nHost: x\r\n\r\n`
+  // The server's side of each connection: when its idle timeout fired, and whether it closed.
+  const timedOut: number[] = []
+  p.proxy.server.ext('onRequest', (request, h) => {
+    const socket = request.raw.req.socket
+    const received = Date.now()
+    socket.once('timeout', () => socket.once('close', () => timedOut.push(Date.now() - received)))
+    return h.continue
+  })
+
+  // 1. A stuck client starts the fill (it is the miss); a reading client joins it.
+  const first = stuckClient(port, head)
+  first.socket.pause()
+  await p.registry.waitForRequests(1, (r) => r.url.includes('/blobs/'))
+  const joined = await fetchHashed(url)
+  t.equal(joined.status, 200)
+  t.ok(joined.complete && joined.digest === layerDigest, 'the reading client got every byte while the first one read none')
+  await eventually(() => p.proxy.packages.index?.blob(layerDigest) !== undefined, 'the fill committed', 10_000)
+  t.pass('the fill committed while its first client was stuck')
+
+  // 2. A stuck client on a hit: the others are served, memory does not hold its layer.
+  const before = external()
+  const stuck = stuckClient(port, head)
+  stuck.socket.pause()
+  const hits = await Promise.all(Array.from({ length: 3 }, () => fetchHashed(url)))
+  t.ok(hits.every((h) => h.status === 200 && h.complete && h.digest === layerDigest), 'hits are served byte-exact beside the stuck reader')
+  const held = external() - before
+  t.ok(held < 8 * 1024 * 1024, `buffers held for the stuck reader: ${(held / 1048576).toFixed(1)} MiB (the layer is 24 MiB)`)
+
+  // 3. While it is stuck, its file is pinned: a DELETE is deferred, not done under its reader.
+  const store = new BlobStore(p.cacheDirectory)
+  t.equal((await p.proxy.server.inject({ method: 'DELETE', url: `/cache/${layerDigest}` })).statusCode, 200)
+  t.ok(existsSync(store.pathFor(layerDigest)), 'the file stays while a reader has it open')
+
+  // 4. Nothing moves on the stuck connections: the server closes them after the idle timeout,
+  //    which releases the pin and lets the deferred removal happen. (The paused clients cannot
+  //    see the close; the server's sockets can.)
+  await eventually(() => timedOut.length >= 2, 'both stuck connections were closed by the server', socketIdleTimeoutMs + 20_000)
+  for (const ms of timedOut) t.ok(ms >= socketIdleTimeoutMs - 50, `a stuck reader was disconnected ${ms} ms after its request`)
+  first.socket.destroy()
+  stuck.socket.destroy()
+  await eventually(() => !existsSync(store.pathFor(layerDigest)), 'the deferred removal happened', 5000)
+  t.pass('the pin was released and the file removed')
+  t.equal(p.proxy.packages.service.downloads.running, 0)
+})
+
+void t.test('the bound on concurrent layer downloads: a flood of cold requests gets 503 + Retry-After beyond the queue, hits go on', async (t) => {
+  const p = await startProxy(t, { downloads: { max: 2, maxQueued: 3, queueTimeoutMs: 20_000, retryAfterSeconds: 5 } })
+  const hot = p.registry.addImage(DEFAULT_PREFIX, [bytes(5000, 50)])
+  const cold = Array.from({ length: 10 }, (_, i) => p.registry.addImage(DEFAULT_PREFIX, [bytes(96 * 1024, 60 + i)]))
+  t.equal((await p.proxy.server.inject(packageUrl({ digest: hot.manifestDigest }))).statusCode, 200, 'one package is cached')
+  await eventually(() => p.proxy.packages.index?.manifest(hot.manifestDigest) !== undefined, 'cached')
+  p.registry.resetCounts()
+  // Slow enough that the flood is all in flight at once: ~0.6 s per layer.
+  p.registry.faults = { blobChunkSize: 8192, blobChunkDelayMs: 50 }
+
+  let maxRunning = 0
+  let maxQueued = 0
+  const sampler = setInterval(() => {
+    const d = p.proxy.packages.service.downloads
+    maxRunning = Math.max(maxRunning, d.running)
+    maxQueued = Math.max(maxQueued, d.queued)
+  }, 5)
+  t.teardown(() => clearInterval(sampler))
+  const flood = cold.map((img) => p.proxy.server.inject(packageUrl({ digest: img.manifestDigest })))
+  // Hits need no download slot: they are answered while the flood waits.
+  await eventually(() => p.proxy.packages.service.downloads.queued === 3, 'the queue is full')
+  const started = Date.now()
+  const hit = await p.proxy.server.inject(packageUrl({ digest: hot.manifestDigest }))
+  t.equal(hit.statusCode, 200, 'a hit during the flood')
+  t.ok(Date.now() - started < 1000, `answered in ${Date.now() - started} ms`)
+  const replies = await Promise.all(flood)
+  clearInterval(sampler)
+
+  const ok = replies.filter((r) => r.statusCode === 200)
+  const busy = replies.filter((r) => r.statusCode === 503)
+  t.equal(ok.length, 5, '2 running + 3 queued were served')
+  t.equal(busy.length, 5, 'the rest were refused at once')
+  for (const [i, r] of replies.entries()) {
+    if (r.statusCode === 200) t.ok(r.rawPayload.equals(cold[i]?.lastLayer.data ?? Buffer.alloc(0)), `package ${i} byte-exact`)
+  }
+  for (const r of busy) {
+    t.equal(r.headers['retry-after'], '5', 'Retry-After')
+    t.match(JSON.parse(r.payload), { statusCode: 503, error: 'Service Unavailable', message: /retry later/ })
+  }
+  t.ok(maxRunning <= 2, `at most 2 downloads ran at once (${maxRunning})`)
+  t.ok(maxQueued <= 3, `at most 3 waited (${maxQueued})`)
+  t.equal(p.registry.counts.blob, 5, 'a refused request made no blob request')
+
+  // Later, the refused ones succeed: a 503 is a "come back", not a failure that sticks.
+  p.registry.faults = {}
+  await eventually(() => p.proxy.packages.service.downloads.running === 0, 'the flood is over')
+  const refused = cold.filter((_, i) => replies[i]?.statusCode === 503)
+  const retried = await Promise.all(refused.map((img) => p.proxy.server.inject(packageUrl({ digest: img.manifestDigest }))))
+  t.same(retried.map((r) => r.statusCode), [200, 200, 200, 200, 200], 'served on retry')
+  await eventually(() => p.proxy.packages.service.downloads.running === 0, 'every slot is free again')
+  const metrics = await p.proxy.metrics.registry.getSingleMetricAsString('registry_packages_proxy_http_requests_total')
+  t.match(metrics, /^registry_packages_proxy_http_requests_total\{[^}]*code="503"[^}]*\} 5$/m, 'the refusals are counted')
+})
+
+void t.test('download slots: coalesced clients share one, and the queue wait is bounded', async (t) => {
+  const p = await startProxy(t, { downloads: { max: 1, maxQueued: 1, queueTimeoutMs: 400 } })
+  const [a, b] = [bytes(64 * 1024, 80), bytes(64 * 1024, 81)].map((d) => p.registry.addImage(DEFAULT_PREFIX, [d]))
+  if (!a || !b) throw new Error('unreachable')
+  p.registry.faults = { blobChunkSize: 8192, blobChunkDelayMs: 150 }
+  // 20 clients of one cold layer: one fill, one slot, all served.
+  const same = await Promise.all(Array.from({ length: 20 }, () => p.proxy.server.inject(packageUrl({ digest: a.manifestDigest }))))
+  t.ok(same.every((r) => r.statusCode === 200 && r.rawPayload.equals(a.lastLayer.data)), '20 coalesced clients, all 200')
+  t.equal(p.registry.counts.blob, 1, 'one download')
+  await eventually(() => p.proxy.packages.service.downloads.running === 0, 'the fill returned its slot')
+
+  // A second layer while the slot is busy longer than the queue wait: 503 after ~400 ms.
+  const slow = p.proxy.server.inject(packageUrl({ digest: b.manifestDigest }))
+  await eventually(() => p.proxy.packages.service.downloads.running === 1 && p.proxy.packages.service.downloads.queued === 0, 'b is downloading')
+  const c = p.registry.addImage(DEFAULT_PREFIX, [bytes(1000, 82)])
+  const started = Date.now()
+  const waited = await p.proxy.server.inject(packageUrl({ digest: c.manifestDigest }))
+  t.equal(waited.statusCode, 503, 'no slot came free within the queue timeout')
+  t.ok(Date.now() - started >= 350, `after waiting ${Date.now() - started} ms`)
+  t.match(waited.payload, /no download slot became free within 400 ms/)
+  t.equal((await slow).statusCode, 200, 'the running download was not disturbed')
+})
+
+void t.test('download slots: with the cache off every request is a pass-through, and each holds a slot while it streams', async (t) => {
+  const q = await startProxy(t, { disableCache: true, downloads: { max: 1, maxQueued: 0 } })
+  const d = q.registry.addImage(DEFAULT_PREFIX, [bytes(64 * 1024, 83)])
+  q.registry.faults = { blobChunkSize: 8192, blobChunkDelayMs: 50 }
+  const both = await Promise.all([0, 1].map(() => q.proxy.server.inject(packageUrl({ digest: d.manifestDigest }))))
+  t.same(both.map((r) => r.statusCode).sort(), [200, 503], 'one streams, the other is refused')
+  await eventually(() => q.proxy.packages.service.downloads.running === 0, 'the pass-through returned its slot')
+  t.equal((await q.proxy.server.inject(packageUrl({ digest: d.manifestDigest }))).statusCode, 200, 'and the next one is served')
+})
+
+void t.test('a stuck reader of a memory hit (answered before hapi routes it) is cut after the idle timeout too', async (t) => {
+  const socketIdleTimeoutMs = 1000
+  const p = await startProxy(t, { socketIdleTimeoutMs })
+  // Small enough for the memory cache, big enough not to fit the socket buffers.
+  const image = p.registry.addImage(DEFAULT_PREFIX, [bytes(6 * 1024 * 1024, 12)])
+  await p.proxy.server.start()
+  const port = Number(p.proxy.server.info.port)
+  const path = packageUrl({ digest: image.manifestDigest })
+  t.equal((await fetchHashed(`${p.proxy.server.info.uri}${path}`)).digest, image.lastLayer.digest, 'a miss')
+  await eventually(() => p.proxy.packages.index?.manifest(image.manifestDigest) !== undefined, 'cached')
+  t.equal((await fetchHashed(`${p.proxy.server.info.uri}${path}`)).digest, image.lastLayer.digest, 'a hit from the file, which loads it into memory')
+  t.ok(p.proxy.packages.service.memoryHit(image.manifestDigest), 'held in memory: the next GET takes the fast path')
+  const connections = (): Promise<number> =>
+    new Promise((resolve, reject) => p.proxy.server.listener.getConnections((err, n) => (err ? reject(err) : resolve(n))))
+  const started = Date.now()
+  const stuck = stuckClient(port, `GET ${path} HTTP/1.1\r\nHost: x\r\n\r\n`)
+  stuck.socket.pause()
+  await eventually(async () => (await connections()) === 1, 'the stuck connection is open')
+  await eventually(async () => (await connections()) === 0, 'the server closed it', socketIdleTimeoutMs + 15_000)
+  const ms = Date.now() - started
+  t.ok(ms >= socketIdleTimeoutMs - 50, `the server closed the stuck connection after ${ms} ms`)
+  stuck.socket.destroy()
+})
