@@ -2,7 +2,7 @@
  * `npm run soak`: the CI load test (test/reliability/load.test.ts), longer and mixed. The real
  * binary serves a skewed mix of hot and cold packages from a cache far smaller than the set,
  * so hits, misses, coalesced fills and evictions all run at once, with Range and HEAD requests
- * among them and, now and then, a registry that breaks connections mid-layer (resumed with
+ * among them and, now and then, a registry that cuts connections mid-layer (resumed with
  * Range). Every 10 s it prints memory, descriptors, latency and outcomes; at the end, traffic
  * stops and the process must give its descriptors and memory back.
  *
@@ -195,13 +195,15 @@ async function main(): Promise<number> {
     }
     const started = Date.now()
     const workers = Array.from({ length: CONNECTIONS }, (_, i) => worker(i))
-    // Every third sample period the registry breaks its next few connections mid-layer (at most
-    // three, so a fill always has resumes left: the clients must not notice).
+    // Every third sample period the registry cuts its next few responses mid-layer (at most
+    // three, so a fill always has resumes left: the clients must not notice). A cut, not a reset:
+    // a TCP reset also discards what the proxy has not read yet, response headers included, and
+    // that is a 502 (tested on its own), not the resume this exercises.
     let tick = 0
     while (Date.now() < deadline) {
       await sleep(Math.min(SAMPLE_MS, Math.max(0, deadline - Date.now())))
       tick++
-      registry.faults = tick % 3 === 0 ? { blobChunkSize: 64 * 1024, blobChunkDelayMs: 1, resetBlobAt: 200_000, onlyFirst: 3 } : { blobChunkSize: 64 * 1024, blobChunkDelayMs: 1 }
+      registry.faults = tick % 3 === 0 ? { blobChunkSize: 64 * 1024, blobChunkDelayMs: 1, truncateBlobAt: 200_000, onlyFirst: 3 } : { blobChunkSize: 64 * 1024, blobChunkDelayMs: 1 }
       const w = window
       window = { latencies: [], outcomes: new Map() }
       const now = readProc(binary.pid)
