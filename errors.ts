@@ -83,11 +83,26 @@ export class CacheError extends ProxyError {
   }
 }
 
+/**
+ * Too many layer downloads are running and waiting already (503, with `Retry-After`): the
+ * request was refused before anything was registered or sent upstream.
+ */
+export class BusyError extends ProxyError {
+  constructor(
+    message: string,
+    readonly retryAfterSeconds: number,
+  ) {
+    super('EBUSY', 503, message)
+  }
+}
+
 /** Maps any error to the Boom response the client sees; unknown errors become a bare 500. */
 export function toBoom(err: unknown): Boom.Boom {
   if (Boom.isBoom(err)) return err
   if (err instanceof ProxyError) {
-    return new Boom.Boom(err.message, { statusCode: err.status, data: { code: err.code } })
+    const boom = new Boom.Boom(err.message, { statusCode: err.status, data: { code: err.code } })
+    if (err instanceof BusyError) boom.output.headers['Retry-After'] = String(err.retryAfterSeconds)
+    return boom
   }
   return Boom.internal()
 }

@@ -6,6 +6,8 @@ export interface CacheStats {
   limitBytes(): number
   entries(): number
   activeFills(): number
+  /** Layer downloads holding a slot, and those waiting for one. */
+  downloads(): { running: number; queued: number }
 }
 
 /**
@@ -28,6 +30,7 @@ export class Metrics {
   readonly sourceErrors: client.Counter<'provider'>
   readonly sourceRestarts: client.Counter<'provider'>
   readonly sourceLastSync: client.Gauge<'provider'>
+  readonly downloadsRefused: client.Counter
   #stats: CacheStats | undefined
   #ready: (() => boolean) | undefined
   readonly #syncClocks = new Map<string, () => number | undefined>()
@@ -78,6 +81,22 @@ export class Metrics {
       collect() {
         this.set(stats()?.activeFills() ?? 0)
       },
+    })
+    new client.Gauge({
+      name: 'registry_packages_proxy_downloads',
+      help: 'Upstream layer downloads (fills and pass-throughs) by state: running (holding a slot) or queued (waiting for one).',
+      labelNames: ['state'],
+      registers,
+      collect() {
+        const d = stats()?.downloads() ?? { running: 0, queued: 0 }
+        this.set({ state: 'running' }, d.running)
+        this.set({ state: 'queued' }, d.queued)
+      },
+    })
+    this.downloadsRefused = new client.Counter({
+      name: 'registry_packages_proxy_downloads_refused_total',
+      help: 'Package requests refused with 503 because the download queue was full or a slot did not come free in time.',
+      registers,
     })
     this.requests = new client.Counter({
       name: 'registry_packages_proxy_http_requests_total',

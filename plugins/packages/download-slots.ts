@@ -1,17 +1,4 @@
-import { ProxyError } from '../../errors.js'
-
-/**
- * Too many layer downloads are running and waiting already (503, with `Retry-After`): the
- * request was refused before anything was registered or sent upstream.
- */
-export class BusyError extends ProxyError {
-  constructor(
-    message: string,
-    readonly retryAfterSeconds: number,
-  ) {
-    super('EBUSY', 503, message)
-  }
-}
+import { BusyError } from '../../errors.js'
 
 export interface DownloadSlotsOptions {
   /** Downloads that may run at once (fills and pass-throughs together). */

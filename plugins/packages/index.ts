@@ -2,14 +2,14 @@ import { constants } from 'node:fs'
 import { access } from 'node:fs/promises'
 import Boom from '@hapi/boom'
 import type { Plugin, Request } from '@hapi/hapi'
-import { DigestError, toBoom } from '../../errors.js'
+import { BusyError, DigestError, toBoom } from '../../errors.js'
 import { deleteCacheEntryHandler, listCacheHandler, showCacheEntryHandler, type ResultCounts } from '../../handlers/cache.js'
 import { packageHandler } from '../../handlers/package.js'
 import type { SourceSet } from '../credentials/source-set.js'
 import type { Metrics } from '../metrics/metrics.js'
 import { BlobStore } from './blob-store.js'
 import { CacheIndex } from './cache-index.js'
-import { BusyError, type DownloadSlotsOptions } from './download-slots.js'
+import type { DownloadSlotsOptions } from './download-slots.js'
 import { describe, PackageService, type PackageLogger } from './package-service.js'
 import { reconcile } from './reconcile.js'
 import { RegistryClient } from './registry-client.js'
@@ -92,6 +92,7 @@ export const packagesPlugin: Plugin<PackagesOptions> = {
       limitBytes: () => (o.disableCache ? 0 : o.limitBytes),
       entries: () => index?.blobCount ?? 0,
       activeFills: () => service.activeFills,
+      downloads: () => service.downloads,
     })
     // The directory check uses access(W_OK), not a test write: a full disk still serves (fills
     // fall back to streaming through), so it must not take the pod out of rotation.
@@ -133,9 +134,8 @@ export const packagesPlugin: Plugin<PackagesOptions> = {
           if (err instanceof DigestError) o.metrics.digestMismatches.inc({ what: err.what })
           onResult(request, 'error')
           ;(request.app as { error?: unknown }).error = describe(err)
-          const boom = toBoom(err)
-          if (err instanceof BusyError) boom.output.headers['Retry-After'] = String(err.retryAfterSeconds)
-          throw boom
+          if (err instanceof BusyError) o.metrics.downloadsRefused.inc()
+          throw toBoom(err)
         }
       },
     })

@@ -192,6 +192,9 @@ void t.test('the bound on concurrent layer downloads: a flood of cold requests g
   const flood = cold.map((img) => p.proxy.server.inject(packageUrl({ digest: img.manifestDigest })))
   // Hits need no download slot: they are answered while the flood waits.
   await eventually(() => p.proxy.packages.service.downloads.queued === 3, 'the queue is full')
+  const gauge = await p.proxy.metrics.registry.getSingleMetricAsString('registry_packages_proxy_downloads')
+  t.match(gauge, /^registry_packages_proxy_downloads\{state="running"\} 2$/m, 'the gauge shows 2 running')
+  t.match(gauge, /^registry_packages_proxy_downloads\{state="queued"\} 3$/m, 'and 3 queued')
   const started = Date.now()
   const hit = await p.proxy.server.inject(packageUrl({ digest: hot.manifestDigest }))
   t.equal(hit.statusCode, 200, 'a hit during the flood')
@@ -223,6 +226,8 @@ void t.test('the bound on concurrent layer downloads: a flood of cold requests g
   await eventually(() => p.proxy.packages.service.downloads.running === 0, 'every slot is free again')
   const metrics = await p.proxy.metrics.registry.getSingleMetricAsString('registry_packages_proxy_http_requests_total')
   t.match(metrics, /^registry_packages_proxy_http_requests_total\{[^}]*code="503"[^}]*\} 5$/m, 'the refusals are counted')
+  const refusedTotal = await p.proxy.metrics.registry.getSingleMetricAsString('registry_packages_proxy_downloads_refused_total')
+  t.match(refusedTotal, /^registry_packages_proxy_downloads_refused_total 5$/m, 'as refused downloads')
 })
 
 void t.test('download slots: coalesced clients share one, and the queue wait is bounded', async (t) => {
