@@ -295,8 +295,10 @@ export class RegistryClient {
     const timer = setTimeout(() => headersTimer.abort(new TimeoutError('headers', this.#timeouts.headersMs)), this.#timeouts.headersMs)
     const combined = signal ? AbortSignal.any([signal, headersTimer.signal]) : headersTimer.signal
     const seconds = (): number => Number(process.hrtime.bigint() - started) / 1e9
+    let staleRetries = 0
+    let resetRetries = 0
     try {
-      for (let attempt = 0; ; attempt++) {
+      for (;;) {
         try {
           const res = await axios.request<Readable>({
             url,
@@ -314,13 +316,19 @@ export class RegistryClient {
           return res
         } catch (err) {
           this.#observe(kind, 'error', seconds())
-          // A pooled keep-alive connection that the registry closed just as we reused it (the
-          // race Node documents for `reusedSocket`): the request never reached the registry, and
-          // it is a GET, so it goes out again, within the same timeout. Several pooled sockets
-          // can go stale at once (the registry's idle timeout closes them together, and a busy
-          // event loop has not seen their FINs yet), so a few tries; a failure on a new
-          // connection is never retried here.
-          if (attempt < MAX_STALE_RETRIES && staleKeepAlive(err) && !combined.aborted) continue
+          const reset = resetBeforeAnswer(err)
+          if (reset !== undefined && !combined.aborted) {
+            // A pooled keep-alive connection that the registry closed just as we reused it (the
+            // race Node documents for `reusedSocket`): the request never reached the registry,
+            // and it is a GET, so it goes out again, within the same timeout. Several pooled
+            // sockets can go stale at once (the registry's idle timeout closes them together,
+            // and a busy event loop has not seen their FINs yet), so a few tries.
+            if (reset === 'reused' && staleRetries++ < MAX_STALE_RETRIES) continue
+            // A new connection reset before any answer: a load balancer draining a backend or
+            // a registry restarting. The GET is safe to repeat, once; a second reset is a
+            // registry that is really down, and the client hears of it at once.
+            if (reset === 'new' && resetRetries++ < 1) continue
+          }
           throw translate(err, headersTimer.signal, signal, source)
         }
       }
@@ -333,11 +341,14 @@ export class RegistryClient {
 /** How many stale pooled connections one request may run into before its error is passed on. */
 const MAX_STALE_RETRIES = 8
 
-/** True when a request failed because the pooled socket it was sent on had been closed. */
-function staleKeepAlive(err: unknown): boolean {
-  if (!axios.isAxiosError(err) || err.response !== undefined) return false
-  const reused = (err.request as { reusedSocket?: unknown } | undefined)?.reusedSocket === true
-  return reused && (err.code === 'ECONNRESET' || err.code === 'EPIPE')
+/**
+ * Whether a request failed because its connection was reset or closed before any response
+ * came, and whether that connection was a `reused` pooled one or a `new` one.
+ */
+function resetBeforeAnswer(err: unknown): 'reused' | 'new' | undefined {
+  if (!axios.isAxiosError(err) || err.response !== undefined) return undefined
+  if (err.code !== 'ECONNRESET' && err.code !== 'EPIPE') return undefined
+  return (err.request as { reusedSocket?: unknown } | undefined)?.reusedSocket === true ? 'reused' : 'new'
 }
 
 function headerText(value: unknown): string | undefined {

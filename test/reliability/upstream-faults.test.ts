@@ -185,3 +185,28 @@ void t.test('a keep-alive connection the registry closes just as it is reused: t
   t.ok(killer.killed >= 5, `${killer.killed} reused connections were reset under the proxy`)
   t.equal(registry.counts.blob, 5, 'each blob reached the registry once')
 })
+
+void t.test('a new connection reset before any answer is tried once more', async (t) => {
+  const p = await startProxy(t)
+  const image = p.registry.addImage(DEFAULT_PREFIX, [bytes(6000, 310)])
+  // The manifest request's connection is reset (a draining load balancer), then all is normal.
+  p.registry.faults = { resetBeforeAnswer: true, onlyFirst: 1 }
+  const res = await p.proxy.server.inject(packageUrl({ digest: image.manifestDigest }))
+  t.equal(res.statusCode, 200, `served (${res.statusCode === 200 ? 'ok' : res.payload})`)
+  t.ok(res.rawPayload.equals(image.lastLayer.data), 'byte-exact')
+  t.equal(p.registry.counts.manifest, 2, 'the manifest request went out twice')
+})
+
+void t.test('a registry that resets every new connection: one retry, then a prompt 502', async (t) => {
+  // A fresh proxy, so no pooled connection (retried as stale) is in play.
+  const p = await startProxy(t)
+  const image = p.registry.addImage(DEFAULT_PREFIX, [bytes(6000, 311)])
+  p.registry.faults = { resetBeforeAnswer: true }
+  const started = Date.now()
+  const failed = await p.proxy.server.inject(packageUrl({ digest: image.manifestDigest }))
+  t.equal(failed.statusCode, 502)
+  t.match(JSON.parse(failed.payload), { message: /connection to registry .* failed \(ECONNRESET\)/ })
+  t.equal(p.registry.counts.manifest, 2, 'tried twice, not more')
+  t.ok(Date.now() - started < 5000, `failed in ${Date.now() - started} ms, not after a timeout`)
+  t.equal(p.proxy.packages.index?.manifest(image.manifestDigest), undefined, 'nothing cached')
+})
