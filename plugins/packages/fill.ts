@@ -12,7 +12,7 @@ const READ_CHUNK = 256 * 1024
 export const MAX_RESUMES = 3
 
 /** A broken or stalled connection can be resumed; a refusal, bad size or bad digest cannot. */
-function isResumable(err: unknown): boolean {
+export function isResumable(err: unknown): boolean {
   if (err instanceof TimeoutError) return err.phase === 'idle'
   return err instanceof UpstreamError && err.upstreamStatus === undefined && /mid-body|ended the layer early/.test(err.message)
 }

@@ -219,7 +219,9 @@ export class PackageService {
     let stream: Readable
     try {
       await ticket.ready
-      stream = await verifiedPassThrough(this.#o.client, source, name, layer, start, end)
+      stream = await verifiedPassThrough(this.#o.client, source, name, layer, start, end, (err, offset) => {
+        this.#o.log.warn({ err: describe(err), layer: layer.digest, offset }, 'registry connection broke mid-layer; resuming with a Range request')
+      })
     } catch (err) {
       ticket.release()
       throw err

@@ -2,6 +2,7 @@ import { Readable } from 'node:stream'
 import { pipeline } from 'node:stream/promises'
 import t, { type Test } from 'tap'
 import { DigestError, UpstreamError } from '../../../errors.js'
+import { MAX_RESUMES } from '../../../plugins/packages/fill.js'
 import { VerifyingSlice } from '../../../plugins/packages/pass-through.js'
 import type { FakeFaults } from '../../fixtures/fake-registry.js'
 import { DEFAULT_PREFIX, blobFiles, bytes, fetchRaw, injectOutcome, packageUrl, sha256, startHarness, type RawReply } from '../../fixtures/proxy-harness.js'
@@ -84,12 +85,14 @@ function assertNotComplete(t: Test, reply: RawReply, what: string): void {
   }
 }
 
+// Broken connections are resumed up to MAX_RESUMES times, and the fake cuts every response
+// (resumes included) at the same offset: cuts of SIZE/8 fail even after all resumes.
 const FAULTS: Array<[string, FakeFaults]> = [
   ['corruptBlob', { corruptBlob: true }],
-  ['truncateBlobAt', { truncateBlobAt: 20_000 }],
-  ['resetBlobAt', { resetBlobAt: 20_000 }],
+  ['truncateBlobAt', { truncateBlobAt: SIZE / 8 }],
+  ['resetBlobAt', { resetBlobAt: SIZE / 8 }],
   ['extraBlobBytes', { extraBlobBytes: 3 }],
-  ['blobStallAfterBytes', { blobStallAfterBytes: 10_000 }],
+  ['blobStallAfterBytes', { blobStallAfterBytes: SIZE / 8 }],
 ]
 
 for (const [name, faults] of FAULTS) {
@@ -105,7 +108,9 @@ for (const [name, faults] of FAULTS) {
 
     await h.proxy.server.start()
     assertNotComplete(t, await fetchRaw(`${h.proxy.server.info.uri}${url}`), 'socket')
-    t.equal(h.registry.counts.blob, 2)
+    // A cut connection is resumed each time, a wrong layer never.
+    const attempts = faults.corruptBlob || faults.extraBlobBytes ? 1 : 1 + MAX_RESUMES
+    t.equal(h.registry.counts.blob, 2 * attempts, `${attempts} blob request(s) per client`)
 
     h.registry.faults = {}
     const good = await fetchRaw(`${h.proxy.server.info.uri}${url}`)
@@ -114,6 +119,57 @@ for (const [name, faults] of FAULTS) {
       const metrics = await h.proxy.metrics.registry.getSingleMetricAsString('registry_packages_proxy_digest_mismatches_total')
       t.match(metrics, /what="layer"} 2$/m, 'each pass-through mismatch is counted')
     }
+  })
+}
+
+// The registry connection breaks once mid-layer: the pass-through resumes from the byte reached
+// with a Range request (or skips what it has when the registry ignores Range), the stitched
+// layer still verifies, and the client never notices.
+for (const [name, faults] of [
+  ['a reset', { resetBlobAt: 20_000 }],
+  ['a truncation', { truncateBlobAt: 20_000 }],
+  ['a truncation one byte short', { truncateBlobAt: SIZE - 1 }],
+  ['a stall', { blobStallAfterBytes: 20_000 }],
+] as Array<[string, FakeFaults]>) {
+  void t.test(`disableCache: ${name} mid-layer is resumed with a Range request and the digest still verifies`, async (t) => {
+    const h = await startHarness(t, { disableCache: true, timeouts: { idleMs: 300 } })
+    const data = bytes(SIZE, 34)
+    const image = h.registry.addImage(DEFAULT_PREFIX, [data])
+    // Only the first blob response breaks (the manifest request is the first faulted one).
+    h.registry.faults = { ...faults, blobChunkSize: 4096, onlyFirst: 2 }
+    await h.proxy.server.start()
+    const reply = await fetchRaw(`${h.proxy.server.info.uri}${packageUrl({ digest: image.manifestDigest })}`, { headers: { range: 'bytes=100-' } })
+    t.equal(reply.status, 206)
+    t.ok(reply.complete, 'the client got a complete response')
+    t.ok(reply.body.equals(data.subarray(100)), 'byte-exact')
+    t.equal(h.registry.counts.blobRange, 1, 'one Range request resumed it')
+    const resumed = h.registry.requests.find((r) => r.headers.range !== undefined)
+    const from = Number(/^bytes=(\d+)-$/.exec(String(resumed?.headers.range))?.[1])
+    t.ok(from > 0 && from <= (faults.truncateBlobAt ?? faults.resetBlobAt ?? faults.blobStallAfterBytes ?? 0), `from the byte reached (${from})`)
+    t.same(blobFiles(h.cacheDirectory), [], 'nothing written')
+  })
+}
+
+// A registry (or a proxy on the path) that ignores Range answers a resume with the whole blob
+// from byte 0: what was already passed on is skipped, not sent twice.
+for (const disableCache of [true, false]) {
+  void t.test(`${disableCache ? 'disableCache' : 'cache fill'}: a resume answered 200 from byte 0 skips what it has`, async (t) => {
+    const h = await startHarness(t, { disableCache, timeouts: { idleMs: 300 } })
+    const data = bytes(SIZE, 35)
+    const image = h.registry.addImage(DEFAULT_PREFIX, [data])
+    // The manifest, the first blob response (cut at 20 000) and the first resume (the whole blob
+    // again, cut at 20 000 too) are faulted; the second resume is served normally.
+    h.registry.faults = { truncateBlobAt: 20_000, ignoreRange: true, blobChunkSize: 4096, onlyFirst: 3 }
+    await h.proxy.server.start()
+    const reply = await fetchRaw(`${h.proxy.server.info.uri}${packageUrl({ digest: image.manifestDigest })}`)
+    t.equal(reply.status, 200)
+    t.ok(reply.complete, 'the client got a complete response')
+    t.ok(reply.body.equals(data), 'byte-exact: nothing doubled, nothing missing')
+    t.same(
+      h.registry.requests.filter((r) => r.url.includes('/blobs/')).map((r) => r.headers.range),
+      [undefined, 'bytes=20000-', 'bytes=20000-'],
+      'resumed twice from the byte reached: the 200 from byte 0 brought nothing new',
+    )
   })
 }
 
