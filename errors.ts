@@ -84,13 +84,14 @@ export class CacheError extends ProxyError {
 }
 
 /**
- * Too many layer downloads are running and waiting already (503, with `Retry-After`): the
- * request was refused before anything was registered or sent upstream.
+ * Too many layer downloads (or manifest lookups) are running and waiting already (503, with
+ * `Retry-After`): the request was refused before anything was registered or sent upstream.
  */
 export class BusyError extends ProxyError {
   constructor(
     message: string,
     readonly retryAfterSeconds: number,
+    readonly kind: 'layer' | 'manifest' = 'layer',
   ) {
     super('EBUSY', 503, message)
   }

@@ -41,6 +41,8 @@ export interface ServerOptions {
   socketIdleTimeoutMs?: number
   /** Bounds on concurrent layer downloads and on those waiting for a slot (tests shrink them). */
   downloads?: Partial<DownloadSlotsOptions>
+  /** The same for manifest lookups of cold digests. */
+  lookups?: Partial<DownloadSlotsOptions>
 }
 
 export interface ProxyServer {
@@ -121,6 +123,7 @@ export async function createServer(o: ServerOptions): Promise<ProxyServer> {
         ...(o.env ? { env: o.env } : {}),
         ...(o.flushIntervalMs ? { flushIntervalMs: o.flushIntervalMs } : {}),
         ...(o.downloads ? { downloads: o.downloads } : {}),
+        ...(o.lookups ? { lookups: o.lookups } : {}),
       },
     },
   ])

@@ -6,8 +6,8 @@ export interface CacheStats {
   limitBytes(): number
   entries(): number
   activeFills(): number
-  /** Layer downloads holding a slot, and those waiting for one. */
-  downloads(): { running: number; queued: number }
+  /** Layer downloads and manifest lookups holding a slot, and those waiting for one. */
+  downloads(): Record<'layer' | 'manifest', { running: number; queued: number }>
 }
 
 /**
@@ -30,7 +30,7 @@ export class Metrics {
   readonly sourceErrors: client.Counter<'provider'>
   readonly sourceRestarts: client.Counter<'provider'>
   readonly sourceLastSync: client.Gauge<'provider'>
-  readonly downloadsRefused: client.Counter
+  readonly downloadsRefused: client.Counter<'kind'>
   #stats: CacheStats | undefined
   #ready: (() => boolean) | undefined
   readonly #syncClocks = new Map<string, () => number | undefined>()
@@ -84,20 +84,25 @@ export class Metrics {
     })
     new client.Gauge({
       name: 'registry_packages_proxy_downloads',
-      help: 'Upstream layer downloads (fills and pass-throughs) by state: running (holding a slot) or queued (waiting for one).',
-      labelNames: ['state'],
+      help: 'Upstream work by kind (layer: fills and pass-throughs; manifest: lookups of cold digests) and state: running (holding a slot) or queued (waiting for one).',
+      labelNames: ['kind', 'state'],
       registers,
       collect() {
-        const d = stats()?.downloads() ?? { running: 0, queued: 0 }
-        this.set({ state: 'running' }, d.running)
-        this.set({ state: 'queued' }, d.queued)
+        const d = stats()?.downloads()
+        for (const kind of ['layer', 'manifest'] as const) {
+          this.set({ kind, state: 'running' }, d?.[kind].running ?? 0)
+          this.set({ kind, state: 'queued' }, d?.[kind].queued ?? 0)
+        }
       },
     })
     this.downloadsRefused = new client.Counter({
       name: 'registry_packages_proxy_downloads_refused_total',
-      help: 'Package requests refused with 503 because the download queue was full or a slot did not come free in time.',
+      help: 'Package requests refused with 503 because a queue (layer downloads or manifest lookups) was full or no slot came free in time.',
+      labelNames: ['kind'],
       registers,
     })
+    // Both series exist from the start, so increase() sees the first refusal.
+    for (const kind of ['layer', 'manifest'] as const) this.downloadsRefused.inc({ kind }, 0)
     this.requests = new client.Counter({
       name: 'registry_packages_proxy_http_requests_total',
       help: 'HTTP requests answered, by route, method and status code; a body that broke off after the headers counts as 500 (a failure) or 499 (the client left).',

@@ -11,6 +11,9 @@ export interface DownloadSlotsOptions {
   retryAfterSeconds: number
 }
 
+/** What one set of slots bounds: layer downloads, or manifest lookups before them. */
+export type DownloadKind = 'layer' | 'manifest'
+
 export const DEFAULT_DOWNLOAD_SLOTS: DownloadSlotsOptions = Object.freeze({
   // The registry client's agents keep at most 64 sockets per host: more would only queue there,
   // unseen, with their header timers already running.
@@ -18,6 +21,19 @@ export const DEFAULT_DOWNLOAD_SLOTS: DownloadSlotsOptions = Object.freeze({
   maxQueued: 256,
   queueTimeoutMs: 30_000,
   // The bootstrap scripts retry every 5 s anyway.
+  retryAfterSeconds: 5,
+})
+
+/**
+ * Manifest lookups (one per distinct cold digest; coalesced like fills) take a slot of their
+ * own before the layer download: a flood of digests that miss, or that the registry does not
+ * have, then costs at most 32 registry requests at once and a bounded queue, not one pending
+ * request per client. Lookups are small and quick, so fewer run at once, and more may wait.
+ */
+export const DEFAULT_LOOKUP_SLOTS: DownloadSlotsOptions = Object.freeze({
+  max: 32,
+  maxQueued: 1024,
+  queueTimeoutMs: 30_000,
   retryAfterSeconds: 5,
 })
 
@@ -43,11 +59,13 @@ interface Waiter {
  */
 export class DownloadSlots {
   readonly #o: DownloadSlotsOptions
+  readonly #kind: DownloadKind
   readonly #queue: Waiter[] = []
   #running = 0
 
-  constructor(options: Partial<DownloadSlotsOptions> = {}, signal?: AbortSignal) {
-    this.#o = { ...DEFAULT_DOWNLOAD_SLOTS, ...options }
+  constructor(options: Partial<DownloadSlotsOptions> = {}, signal?: AbortSignal, kind: DownloadKind = 'layer') {
+    this.#kind = kind
+    this.#o = { ...(kind === 'layer' ? DEFAULT_DOWNLOAD_SLOTS : DEFAULT_LOOKUP_SLOTS), ...options }
     // Shutdown: nobody waiting will get a slot any more.
     signal?.addEventListener(
       'abort',
@@ -74,7 +92,8 @@ export class DownloadSlots {
       return this.#holding()
     }
     if (this.#queue.length >= this.#o.maxQueued) {
-      throw new BusyError(`${this.#running} layer downloads are running and ${this.#queue.length} waiting; retry later`, this.#o.retryAfterSeconds)
+      const what = this.#kind === 'layer' ? 'layer downloads' : 'manifest lookups'
+      throw new BusyError(`${this.#running} ${what} are running and ${this.#queue.length} waiting; retry later`, this.#o.retryAfterSeconds, this.#kind)
     }
     let state: 'waiting' | 'holding' | 'done' = 'waiting'
     let timer: NodeJS.Timeout | undefined
@@ -99,7 +118,8 @@ export class DownloadSlots {
         if (state !== 'waiting') return
         state = 'done'
         leaveQueue()
-        reject(new BusyError(`no download slot became free within ${this.#o.queueTimeoutMs} ms; retry later`, this.#o.retryAfterSeconds))
+        const what = this.#kind === 'layer' ? 'download' : 'manifest lookup'
+        reject(new BusyError(`no ${what} slot became free within ${this.#o.queueTimeoutMs} ms; retry later`, this.#o.retryAfterSeconds, this.#kind))
       }, this.#o.queueTimeoutMs)
     })
     // Whoever holds the ticket observes `ready`; this keeps an abandoned one from being "unhandled".

@@ -28,6 +28,8 @@ export interface PackagesOptions {
   flushIntervalMs?: number
   /** Bounds on concurrent layer downloads and on those waiting for a slot (503 beyond). */
   downloads?: Partial<DownloadSlotsOptions>
+  /** The same for manifest lookups of cold digests. */
+  lookups?: Partial<DownloadSlotsOptions>
 }
 
 /** What the plugin exposes to the server and to other plugins (health, cache API). */
@@ -73,6 +75,7 @@ export const packagesPlugin: Plugin<PackagesOptions> = {
       disableCache: o.disableCache,
       log: o.log,
       ...(o.downloads ? { downloads: o.downloads } : {}),
+      ...(o.lookups ? { lookups: o.lookups } : {}),
       onFillDone: (outcome, seconds, error) => {
         o.metrics.fillSeconds.observe({ outcome }, seconds)
         // A mismatch found mid-stream: the response was already aborted before its last byte.
@@ -92,7 +95,7 @@ export const packagesPlugin: Plugin<PackagesOptions> = {
       limitBytes: () => (o.disableCache ? 0 : o.limitBytes),
       entries: () => index?.blobCount ?? 0,
       activeFills: () => service.activeFills,
-      downloads: () => service.downloads,
+      downloads: () => ({ layer: service.downloads, manifest: service.lookups }),
     })
     // The directory check uses access(W_OK), not a test write: a full disk still serves (fills
     // fall back to streaming through), so it must not take the pod out of rotation.
@@ -134,7 +137,7 @@ export const packagesPlugin: Plugin<PackagesOptions> = {
           if (err instanceof DigestError) o.metrics.digestMismatches.inc({ what: err.what })
           onResult(request, 'error')
           ;(request.app as { error?: unknown }).error = describe(err)
-          if (err instanceof BusyError) o.metrics.downloadsRefused.inc()
+          if (err instanceof BusyError) o.metrics.downloadsRefused.inc({ kind: err.kind })
           throw toBoom(err)
         }
       },

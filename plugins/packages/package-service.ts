@@ -39,6 +39,8 @@ export interface PackageServiceOptions {
   hotCacheEntryBytes?: number
   /** Bounds on concurrent layer downloads (fills and pass-throughs) and on those waiting for one. */
   downloads?: Partial<DownloadSlotsOptions>
+  /** The same for manifest lookups of cold digests. */
+  lookups?: Partial<DownloadSlotsOptions>
 }
 
 /** How a fill ended: cached, failed upstream or on verification, or served without caching. */
@@ -91,10 +93,12 @@ export class PackageService {
   /** Manifest digest -> layer for fills not yet committed, so a request in between needs no registry. */
   readonly #inflightLayers = new Map<string, LayerRef>()
   readonly #downloads: DownloadSlots
+  readonly #lookups: DownloadSlots
 
   constructor(options: PackageServiceOptions) {
     this.#o = options
     this.#downloads = new DownloadSlots(options.downloads, this.#aborter.signal)
+    this.#lookups = new DownloadSlots(options.lookups, this.#aborter.signal, 'manifest')
     this.#hot = new HotCache(options.hotCacheBytes ?? 64 * 1024 * 1024, options.hotCacheEntryBytes ?? 8 * 1024 * 1024)
     this.space = options.index && options.store && !options.disableCache
       ? new SpaceManager(options.index, options.store, options.limitBytes, options.log, (digest, bytes) => {
@@ -114,6 +118,11 @@ export class PackageService {
     return { running: this.#downloads.running, queued: this.#downloads.queued }
   }
 
+  /** Manifest lookups holding a slot, and those waiting for one. */
+  get lookups(): { running: number; queued: number } {
+    return { running: this.#lookups.running, queued: this.#lookups.queued }
+  }
+
   /** Finds the layer for `digest`: from the index when known, else from the registry. */
   async resolve(source: RegistrySource, name: string, digest: string): Promise<ResolvedPackage> {
     const known = this.#o.index?.manifest(digest)
@@ -127,7 +136,14 @@ export class PackageService {
     const key = `${source.repository}\n${name}\n${digest}`
     let pending = this.#resolving.get(key)
     if (!pending) {
-      pending = this.#fetchLayerRef(source, name, digest).finally(() => this.#resolving.delete(key))
+      // A full queue refuses here (503), before anything is registered or sent upstream.
+      const ticket = this.#lookups.enter()
+      pending = ticket.ready
+        .then(() => this.#fetchLayerRef(source, name, digest))
+        .finally(() => {
+          ticket.release()
+          this.#resolving.delete(key)
+        })
       this.#resolving.set(key, pending)
     }
     const layer = await pending

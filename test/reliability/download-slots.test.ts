@@ -1,7 +1,7 @@
 /** The download semaphore behind the bound on concurrent fills (plugins/packages/download-slots.ts). */
 import t from 'tap'
 import { BusyError } from '../../errors.js'
-import { DEFAULT_DOWNLOAD_SLOTS, DownloadSlots } from '../../plugins/packages/download-slots.js'
+import { DEFAULT_DOWNLOAD_SLOTS, DEFAULT_LOOKUP_SLOTS, DownloadSlots } from '../../plugins/packages/download-slots.js'
 
 const settled = async (p: Promise<void>): Promise<'resolved' | 'pending' | Error> => {
   const pending = Symbol('pending')
@@ -40,7 +40,7 @@ void t.test('a full queue refuses at once; a wait past the timeout is refused to
     t.fail('the queue was full')
   } catch (err) {
     t.ok(err instanceof BusyError)
-    t.match(err, { status: 503, code: 'EBUSY', retryAfterSeconds: 7 })
+    t.match(err, { status: 503, code: 'EBUSY', retryAfterSeconds: 7, kind: 'layer', message: /layer downloads are running/ })
   }
   const outcome = await waiting.ready.then(() => 'granted', (err: unknown) => err)
   t.ok(outcome instanceof BusyError, 'refused after the queue timeout')
@@ -66,4 +66,19 @@ void t.test('shutdown rejects every waiter', async (t) => {
 void t.test('defaults: as many downloads as the registry agent has sockets, a bounded queue, Retry-After 5', (t) => {
   t.same(DEFAULT_DOWNLOAD_SLOTS, { max: 64, maxQueued: 256, queueTimeoutMs: 30_000, retryAfterSeconds: 5 })
   t.end()
+})
+
+void t.test('manifest lookups: their own defaults, and refusals that say what was full', async (t) => {
+  t.same(DEFAULT_LOOKUP_SLOTS, { max: 32, maxQueued: 1024, queueTimeoutMs: 30_000, retryAfterSeconds: 5 })
+  const lookups = new DownloadSlots({}, undefined, 'manifest')
+  const held = Array.from({ length: 32 + 1024 }, () => lookups.enter())
+  t.same({ running: lookups.running, queued: lookups.queued }, { running: 32, queued: 1024 }, 'the defaults apply')
+  t.throws(() => lookups.enter(), { status: 503, kind: 'manifest', message: /32 manifest lookups are running and 1024 waiting/ })
+  for (const h of held) h.release()
+  t.same({ running: lookups.running, queued: lookups.queued }, { running: 0, queued: 0 })
+  const one = new DownloadSlots({ max: 1, queueTimeoutMs: 20 }, undefined, 'manifest')
+  const first = one.enter()
+  const outcome = await one.enter().ready.then(() => 'granted', (err: unknown) => err)
+  t.match(outcome, { kind: 'manifest', message: /no manifest lookup slot became free within 20 ms/ })
+  first.release()
 })

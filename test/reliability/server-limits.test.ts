@@ -4,7 +4,8 @@
  * (test/server/limits.test.ts). Added here: crowds of them while real traffic goes on, the
  * keep-alive idle limit, a client that stops reading mid-body (the fill and the other clients
  * go on, memory stays flat, the connection is closed after the idle timeout and its cache pin
- * released), and the bound on concurrent layer downloads (503 + Retry-After beyond the queue).
+ * released), and the bounds on concurrent layer downloads and manifest lookups (503 +
+ * Retry-After beyond their queues).
  */
 import { createHash } from 'node:crypto'
 import { existsSync } from 'node:fs'
@@ -193,8 +194,8 @@ void t.test('the bound on concurrent layer downloads: a flood of cold requests g
   // Hits need no download slot: they are answered while the flood waits.
   await eventually(() => p.proxy.packages.service.downloads.queued === 3, 'the queue is full')
   const gauge = await p.proxy.metrics.registry.getSingleMetricAsString('registry_packages_proxy_downloads')
-  t.match(gauge, /^registry_packages_proxy_downloads\{state="running"\} 2$/m, 'the gauge shows 2 running')
-  t.match(gauge, /^registry_packages_proxy_downloads\{state="queued"\} 3$/m, 'and 3 queued')
+  t.match(gauge, /^registry_packages_proxy_downloads\{kind="layer",state="running"\} 2$/m, 'the gauge shows 2 running')
+  t.match(gauge, /^registry_packages_proxy_downloads\{kind="layer",state="queued"\} 3$/m, 'and 3 queued')
   const started = Date.now()
   const hit = await p.proxy.server.inject(packageUrl({ digest: hot.manifestDigest }))
   t.equal(hit.statusCode, 200, 'a hit during the flood')
@@ -227,7 +228,37 @@ void t.test('the bound on concurrent layer downloads: a flood of cold requests g
   const metrics = await p.proxy.metrics.registry.getSingleMetricAsString('registry_packages_proxy_http_requests_total')
   t.match(metrics, /^registry_packages_proxy_http_requests_total\{[^}]*code="503"[^}]*\} 5$/m, 'the refusals are counted')
   const refusedTotal = await p.proxy.metrics.registry.getSingleMetricAsString('registry_packages_proxy_downloads_refused_total')
-  t.match(refusedTotal, /^registry_packages_proxy_downloads_refused_total 5$/m, 'as refused downloads')
+  t.match(refusedTotal, /^registry_packages_proxy_downloads_refused_total\{kind="layer"\} 5$/m, 'as refused layer downloads')
+})
+
+void t.test('the bound on manifest lookups: a flood of unknown digests costs a bounded number of registry requests, then 503', async (t) => {
+  const p = await startProxy(t, { lookups: { max: 2, maxQueued: 3, queueTimeoutMs: 20_000, retryAfterSeconds: 5 } })
+  const hot = p.registry.addImage(DEFAULT_PREFIX, [bytes(5000, 70)])
+  t.equal((await p.proxy.server.inject(packageUrl({ digest: hot.manifestDigest }))).statusCode, 200, 'one package is cached')
+  await eventually(() => p.proxy.packages.index?.manifest(hot.manifestDigest) !== undefined, 'cached')
+  p.registry.resetCounts()
+  // Digests the registry does not have, answered slowly: each lookup holds its slot ~300 ms.
+  p.registry.faults = { manifestDelayMs: 300 }
+  const unknown = Array.from({ length: 10 }, (_, i) => `sha256:${createHash('sha256').update(`missing ${i}`).digest('hex')}`)
+  const flood = unknown.map((digest) => p.proxy.server.inject(packageUrl({ digest })))
+  // The same unknown digest asked again while its lookup runs joins it: no second slot.
+  const again = p.proxy.server.inject(packageUrl({ digest: unknown[0] ?? '' }))
+  await eventually(() => p.proxy.packages.service.lookups.queued === 3, 'the lookup queue is full')
+  const gauge = await p.proxy.metrics.registry.getSingleMetricAsString('registry_packages_proxy_downloads')
+  t.match(gauge, /^registry_packages_proxy_downloads\{kind="manifest",state="running"\} 2$/m, 'the gauge shows 2 lookups running')
+  const hit = await p.proxy.server.inject(packageUrl({ digest: hot.manifestDigest }))
+  t.equal(hit.statusCode, 200, 'a hit needs no lookup slot')
+  const replies = await Promise.all(flood)
+  t.same(replies.map((r) => r.statusCode).sort(), [404, 404, 404, 404, 404, 503, 503, 503, 503, 503], '2 running + 3 queued answered, the rest refused at once')
+  t.equal((await again).statusCode, 404, 'the repeated digest shared the first lookup')
+  for (const r of replies.filter((r) => r.statusCode === 503)) {
+    t.equal(r.headers['retry-after'], '5', 'Retry-After')
+    t.match(JSON.parse(r.payload), { message: /manifest lookups are running/ })
+  }
+  t.equal(p.registry.counts.manifest, 5, 'a refused request made no registry request')
+  const refused = await p.proxy.metrics.registry.getSingleMetricAsString('registry_packages_proxy_downloads_refused_total')
+  t.match(refused, /^registry_packages_proxy_downloads_refused_total\{kind="manifest"\} 5$/m, 'counted as refused lookups')
+  t.same(p.proxy.packages.service.lookups, { running: 0, queued: 0 }, 'every slot is free again')
 })
 
 void t.test('download slots: coalesced clients share one, and the queue wait is bounded', async (t) => {
