@@ -1,13 +1,13 @@
 /**
- * Shared pieces of the benchmark (`bench/run.ts`) and the profiler (`bench/profile.ts`):
- * deterministic layers, the real proxy binary and nginx as child processes, wrk runs and their
- * parsed output, /proc readings. Everything talks to 127.0.0.1 only.
+ * Shared pieces of the benchmark (`bench/run.ts`), the profiler (`bench/profile.ts`) and the
+ * other bench scripts: deterministic layers, the real proxy binary and nginx as child processes,
+ * wrk runs and their parsed output, /proc readings, `--name N` options. Everything talks to
+ * 127.0.0.1 only.
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process'
 import { createCipheriv, createHash } from 'node:crypto'
 import { chmodSync, mkdirSync, openSync, closeSync, readFileSync, readdirSync, writeFileSync } from 'node:fs'
 import { Agent, request } from 'node:http'
-import { createServer } from 'node:net'
 import { join, resolve } from 'node:path'
 import { fileURLToPath } from 'node:url'
 
@@ -27,20 +27,14 @@ export function sha256(data: Buffer): string {
   return `sha256:${createHash('sha256').update(data).digest('hex')}`
 }
 
-/** A port the kernel just handed out on 127.0.0.1 (closed again, so a child can bind it). */
-export function freePort(): Promise<number> {
-  return new Promise((resolvePort, reject) => {
-    const server = createServer()
-    server.once('error', reject)
-    server.listen(0, '127.0.0.1', () => {
-      const address = server.address()
-      const port = typeof address === 'object' && address !== null ? address.port : 0
-      server.close(() => resolvePort(port))
-    })
-  })
-}
-
 export const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms))
+
+/** The positive number after `--<name>` on the command line, else `fallback`. */
+export function option(name: string, fallback: number): number {
+  const i = process.argv.indexOf(`--${name}`)
+  const value = i === -1 ? undefined : Number(process.argv[i + 1])
+  return value !== undefined && Number.isFinite(value) && value > 0 ? value : fallback
+}
 
 export interface Fetched {
   status: number

@@ -12,7 +12,8 @@ import { chmodSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, writeFile
 import { loadavg, tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { FakeRegistry } from '../test/fixtures/fake-registry.js'
-import { Children, fetchHashed, fmt, freePort, KiB, MiB, pseudoRandom, ROOT, runWrk, startProxy, waitForHit } from './lib.js'
+import { freePort } from '../test/fixtures/net.js'
+import { Children, fetchHashed, fmt, KiB, MiB, pseudoRandom, ROOT, runWrk, startProxy, waitForHit } from './lib.js'
 
 interface CallFrame {
   functionName: string

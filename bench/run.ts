@@ -15,14 +15,15 @@ import { Agent } from 'node:http'
 import { availableParallelism, cpus, loadavg, release, tmpdir, totalmem } from 'node:os'
 import { join } from 'node:path'
 import { FakeRegistry, type FakeImage } from '../test/fixtures/fake-registry.js'
+import { freePort } from '../test/fixtures/net.js'
 import {
   Children,
   fetchHashed,
   fmt,
-  freePort,
   KiB,
   memoryOf,
   MiB,
+  option,
   pseudoRandom,
   resetPeakRss,
   ROOT,
@@ -40,12 +41,6 @@ const WARMUP_SECONDS = 2
 const COLD_CLIENTS = 50
 const RSS_DOWNLOADS = 24
 const RSS_SAMPLE_MS = 20
-
-function option(name: string, fallback: number): number {
-  const i = process.argv.indexOf(`--${name}`)
-  const value = i === -1 ? undefined : Number(process.argv[i + 1])
-  return value !== undefined && Number.isFinite(value) && value > 0 ? value : fallback
-}
 
 const SECONDS = option('seconds', 10)
 const ROUNDS = option('rounds', 2)

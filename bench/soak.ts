@@ -18,33 +18,16 @@ import { existsSync, mkdtempSync, readdirSync, rmSync, statSync, writeFileSync }
 import { Agent, request } from 'node:http'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
+import { bytes } from '../test/fixtures/bytes.js'
 import { FakeRegistry, type FakeImage } from '../test/fixtures/fake-registry.js'
 import { percentile, readProc, settleFds, sleep, startBinary, type Binary } from '../test/reliability/load-driver.js'
-
-const MiB = 1024 * 1024
-
-function option(name: string, fallback: number): number {
-  const i = process.argv.indexOf(`--${name}`)
-  const value = i === -1 ? undefined : Number(process.argv[i + 1])
-  return value !== undefined && Number.isFinite(value) && value > 0 ? value : fallback
-}
+import { MiB, option } from './lib.js'
 
 const MINUTES = option('minutes', 5)
 const CONNECTIONS = option('connections', 200)
 const PACKAGES = option('packages', 150)
 const LIMIT_MIB = option('limit-mib', 64)
 const SAMPLE_MS = 10_000
-
-/** Reproducible, incompressible bytes. */
-function layerBytes(size: number, seed: number): Buffer {
-  const out = Buffer.alloc(size)
-  let x = seed * 2654435761
-  for (let i = 0; i < size; i++) {
-    x = (x * 1103515245 + 12345) >>> 0
-    out[i] = x >>> 24
-  }
-  return out
-}
 
 /** A deterministic PRNG, so a soak can be re-run the same way. */
 function rng(seed: number): () => number {
@@ -155,7 +138,7 @@ async function main(): Promise<number> {
     const images: FakeImage[] = []
     for (let i = 0; i < PACKAGES; i++) {
       const size = i % 25 === 0 ? 9 * MiB + Math.floor(random() * 3 * MiB) : 64 * 1024 + Math.floor(random() ** 3 * 3 * MiB)
-      images.push(registry.addImage('deckhouse/ce/soak', [layerBytes(size, i + 1)]))
+      images.push(registry.addImage('deckhouse/ce/soak', [bytes(size, i + 1)]))
     }
     const total = images.reduce((n, img) => n + img.lastLayer.data.length, 0)
     registry.faults = { blobChunkSize: 64 * 1024, blobChunkDelayMs: 1 }

@@ -7,28 +7,16 @@ import { spawn, type ChildProcess } from 'node:child_process'
 import { createHash, createCipheriv } from 'node:crypto'
 import { existsSync, readdirSync, statSync, writeFileSync } from 'node:fs'
 import { request } from 'node:http'
-import { createServer as netServer } from 'node:net'
 import { join } from 'node:path'
 import t from 'tap'
 import { FakeRegistry, type FakeImage } from '../fixtures/fake-registry.js'
+import { freePort } from '../fixtures/net.js'
 
 const MAIN = join(import.meta.dirname, '../../dist/main.js')
 
 function bytes(seed: number, size: number): Buffer {
   const key = Buffer.alloc(16, seed)
   return createCipheriv('aes-128-ctr', key, Buffer.alloc(16, 0)).update(Buffer.alloc(size))
-}
-
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = netServer()
-    s.listen(0, '127.0.0.1', () => {
-      const addr = s.address()
-      const port = typeof addr === 'object' && addr ? addr.port : 0
-      s.close(() => resolve(port))
-    })
-    s.on('error', reject)
-  })
 }
 
 function get(port: number, path: string): Promise<{ status: number; body: Buffer }> {

@@ -7,8 +7,6 @@ import { createCipheriv } from 'node:crypto'
 import { existsSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { Writable } from 'node:stream'
-import { pino, type Logger } from 'pino'
 import t from 'tap'
 import { BlobStore } from '../../plugins/packages/blob-store.js'
 import { CacheIndex } from '../../plugins/packages/cache-index.js'
@@ -18,20 +16,10 @@ import { RegistryClient } from '../../plugins/packages/registry-client.js'
 import { createServer } from '../../server.js'
 import type { RegistrySource } from '../../plugins/credentials/source.js'
 import { FakeRegistry } from '../fixtures/fake-registry.js'
+import { captureLogger } from '../fixtures/log-capture.js'
 
 function bytes(seed: number, size: number): Buffer {
   return createCipheriv('aes-128-ctr', Buffer.alloc(16, seed), Buffer.alloc(16, 0)).update(Buffer.alloc(size))
-}
-
-function capture(): { logger: Logger; lines: () => Array<Record<string, unknown>> } {
-  const out: string[] = []
-  const stream = new Writable({
-    write(chunk: Buffer, _enc, cb) {
-      out.push(...chunk.toString().split('\n').filter(Boolean))
-      cb()
-    },
-  })
-  return { logger: pino({ level: 'info' }, stream), lines: () => out.map((l) => JSON.parse(l) as Record<string, unknown>) }
 }
 
 function blobFiles(cache: string): string[] {
@@ -61,7 +49,7 @@ void t.test('ENOSPC on a real, tiny tmpfs: complete response, nothing cached, pr
   const image = registry.addImage('deckhouse/ce/big', [layer])
   const config = join(dir, 'config.json')
   writeFileSync(config, JSON.stringify({ default: { address: registry.host, path: '/deckhouse/ce', scheme: 'http' } }))
-  const log = capture()
+  const log = captureLogger('info')
   // The limit says 64 MiB, the disk has 1 MiB: the reservation succeeds, the writes fail.
   const proxy = await createServer({ cacheDirectory: mnt, limitBytes: 64 * 1024 * 1024, registryConfig: config, logger: log.logger, collectDefaultMetrics: false, env: {} })
   t.teardown(() => proxy.server.stop())
@@ -112,7 +100,7 @@ void t.test('EIO injected mid-fill: every concurrent client completes exactly, n
   await store.init()
   const index = await CacheIndex.open(join(dir, 'cache'))
   t.teardown(() => index.close())
-  const log = capture()
+  const log = captureLogger('info')
   const client = new RegistryClient({ env: {} })
   t.teardown(() => client.close())
   const service = new PackageService({ index, store, client, limitBytes: 64 * 1024 * 1024, disableCache: false, log: log.logger })

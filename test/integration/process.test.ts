@@ -5,40 +5,20 @@
  */
 import t from 'tap'
 import type { Test } from 'tap'
-import { spawn, spawnSync } from 'node:child_process'
+import { spawn } from 'node:child_process'
 import type { ChildProcess } from 'node:child_process'
 import { randomBytes } from 'node:crypto'
-import { existsSync } from 'node:fs'
 import { mkdir } from 'node:fs/promises'
 import * as http from 'node:http'
 import { join } from 'node:path'
-import { fileURLToPath } from 'node:url'
 import { FakeRegistry } from '../fixtures/fake-registry.js'
+import { MAIN, buildIfMissing, childEnv } from '../fixtures/main-process.js'
+import { freePort } from '../fixtures/net.js'
 import { dockerRegistryBinary, startRealRegistry } from '../fixtures/real-registry.js'
 import { makePackageTarGz } from '../fixtures/tarball.js'
-import { basicToken, dockerConfigJson, freePort, listFiles, request, writeRegistryConfig } from './support.js'
+import { basicToken, dockerConfigJson, listFiles, request, writeRegistryConfig } from './support.js'
 
-const ROOT = fileURLToPath(new URL('../..', import.meta.url))
-const MAIN = join(ROOT, 'dist', 'main.js')
-
-// `npm test` and .ci/run build before tap; a bare `npx tap` on a fresh clone does not.
-if (!existsSync(MAIN)) {
-  const build = spawnSync('npx', ['tsc', '-p', 'tsconfig.build.json'], { cwd: ROOT, encoding: 'utf8' })
-  if (build.status !== 0) {
-    console.error(build.stdout, build.stderr)
-    throw new Error(`dist/main.js is missing and the build failed (exit ${String(build.status)})`)
-  }
-}
-
-/** The environment of every child: ours without `RPP_*` settings or proxy variables. */
-function childEnv(extra: Record<string, string> = {}): NodeJS.ProcessEnv {
-  const env: NodeJS.ProcessEnv = {}
-  for (const [k, v] of Object.entries(process.env)) {
-    if (k.startsWith('RPP_') || k.startsWith('KUBERNETES_') || /^(https?|no|all)_proxy$/i.test(k) || k === 'NODE_OPTIONS') continue
-    env[k] = v
-  }
-  return { ...env, ...extra }
-}
+buildIfMissing()
 
 /** A running `node dist/main.js` with its output captured. */
 interface ProxyProcess {

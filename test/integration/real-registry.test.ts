@@ -11,14 +11,14 @@ import { constants } from 'node:fs'
 import { access, mkdir, readFile, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import { promisify } from 'node:util'
-import { dockerRegistryBinary, startRealRegistry } from '../fixtures/real-registry.js'
-import type { PushedImage, RealRegistry, RealRegistryAuth } from '../fixtures/real-registry.js'
+import { captureLogger, type CapturedLog } from '../fixtures/log-capture.js'
+import { haveRealRegistry, startRealRegistry } from '../fixtures/real-registry.js'
+import type { PushedImage, RealRegistry, RealRegistryAuth, RealRegistryOptions } from '../fixtures/real-registry.js'
 import { makePackageTarGz } from '../fixtures/tarball.js'
 import KeyvSqlite from '@keyv/sqlite'
 import { createServer } from '../../server.js'
 import {
   basicToken,
-  captureLogger,
   dockerConfigJson,
   listFiles,
   request,
@@ -31,23 +31,13 @@ import {
 const execFileAsync = promisify(execFile)
 
 const SKIP_MSG = 'docker-registry is not installed: real-registry integration tests SKIPPED'
-const haveRegistry = dockerRegistryBinary() !== undefined
-if (!haveRegistry) {
-  const banner = '#'.repeat(78)
-  t.comment(banner)
-  t.comment(`### ${SKIP_MSG}`)
-  t.comment(banner)
-  console.error(`\n${banner}\n### ${SKIP_MSG}\n${banner}\n`)
-  // CI must always run them: a missing binary there is a broken image, not a reason to skip.
-  if (process.env.CI) t.fail(`${SKIP_MSG}, but CI is set: install docker-registry (apt-get install docker-registry)`)
-}
-const skip = haveRegistry ? false : SKIP_MSG
+const skip = haveRealRegistry(t, SKIP_MSG) ? false : SKIP_MSG
 
 /** A proxy listening on a real socket, with its log lines captured. */
 interface RunningProxy {
   url: string
   cacheDir: string
-  logs: ReturnType<typeof captureLogger>
+  logs: CapturedLog
   get(query: string, init?: { method?: string; headers?: Record<string, string> }): Promise<RawResponse>
   /** How the proxy says it served the n-th /package request (`hit`, `miss`, ...). */
   results(): unknown[]
@@ -108,6 +98,19 @@ function packageLayers(name: string): { base: Buffer; pkg: Buffer } {
     [`${name}/payload.bin`]: Buffer.from(`${name}:`.repeat(4096)),
   })
   return { base, pkg }
+}
+
+/** A real registry under `dir` (stopped at teardown) holding `deckhouse/ce/pkg`, two layers, the last one a package. */
+async function registryWithPackage(
+  t: Test,
+  dir: string,
+  options: Omit<RealRegistryOptions, 'dir'>,
+): Promise<{ reg: RealRegistry; image: PushedImage; pkg: Buffer; query: string }> {
+  const reg = await startRealRegistry({ dir: join(dir, 'registry'), ...options })
+  t.teardown(() => reg.stop())
+  const { base, pkg } = packageLayers('pkg')
+  const image = await reg.push('deckhouse/ce/pkg', [base, pkg])
+  return { reg, image, pkg, query: `digest=${image.manifestDigest}&path=pkg` }
 }
 
 /** An assertion message for a 200 that shows the error body when it is not one. */
@@ -179,12 +182,8 @@ for (const mode of MODES) {
   const label = `${mode.auth}${mode.tls ? '+tls' : ''}`
   void t.test(`${label}: a package is served byte-exact, then from the cache with the registry gone`, { skip }, async (t) => {
     const dir = t.testdir()
-    const reg = await startRealRegistry({ dir: join(dir, 'registry'), auth: mode.auth, tls: mode.tls })
-    t.teardown(() => reg.stop())
-    const { base, pkg } = packageLayers('pkg')
-    const image = await reg.push('deckhouse/ce/pkg', [base, pkg])
+    const { reg, image, pkg, query } = await registryWithPackage(t, dir, { auth: mode.auth, tls: mode.tls })
     const proxy = await startProxy(t, join(dir, 'proxy'), { default: defaultSource(reg) })
-    const query = `digest=${image.manifestDigest}&path=pkg`
 
     const first = await proxy.get(query)
     t.equal(first.status, 200, said200('miss', first))
@@ -288,15 +287,12 @@ void t.test('image indexes resolve to linux/amd64; Docker schema 2 manifests are
 for (const auth of ['htpasswd', 'token'] as const) {
   void t.test(`${auth}: a wrong password is a 502 that names no secret`, { skip }, async (t) => {
     const dir = t.testdir()
-    const reg = await startRealRegistry({ dir: join(dir, 'registry'), auth })
-    t.teardown(() => reg.stop())
-    const { base, pkg } = packageLayers('pkg')
-    const image = await reg.push('deckhouse/ce/pkg', [base, pkg])
+    const { reg, query } = await registryWithPackage(t, dir, { auth })
     const wrong = 'Wr0ng-Pa55-do-not-print'
     const proxy = await startProxy(t, join(dir, 'proxy'), {
       default: defaultSource(reg, { dockerConfigJson: dockerConfigJson(reg.host, reg.username ?? '', wrong) }),
     })
-    const res = await proxy.get(`digest=${image.manifestDigest}&path=pkg`)
+    const res = await proxy.get(query)
     t.equal(res.status, 502, '502')
     const body = JSON.parse(res.body.toString('utf8')) as Record<string, unknown>
     t.match(body, { statusCode: 502, error: String, message: String }, 'a JSON error body')
@@ -316,11 +312,7 @@ for (const auth of ['htpasswd', 'token'] as const) {
 
 void t.test('TLS: a registry whose CA is not configured is a 502; with the CA it works', { skip }, async (t) => {
   const dir = t.testdir()
-  const reg = await startRealRegistry({ dir: join(dir, 'registry'), auth: 'none', tls: true })
-  t.teardown(() => reg.stop())
-  const { base, pkg } = packageLayers('pkg')
-  const image = await reg.push('deckhouse/ce/pkg', [base, pkg])
-  const query = `digest=${image.manifestDigest}&path=pkg`
+  const { reg, pkg, query } = await registryWithPackage(t, dir, { auth: 'none', tls: true })
 
   const { ca: _ca, ...withoutCa } = defaultSource(reg)
   const untrusting = await startProxy(t, join(dir, 'untrusting'), { default: withoutCa })
@@ -337,12 +329,8 @@ void t.test('TLS: a registry whose CA is not configured is a 502; with the CA it
 
 void t.test('HEAD on a miss answers from the manifest and never downloads the layer', { skip }, async (t) => {
   const dir = t.testdir()
-  const reg = await startRealRegistry({ dir: join(dir, 'registry'), auth: 'none' })
-  t.teardown(() => reg.stop())
-  const { base, pkg } = packageLayers('pkg')
-  const image = await reg.push('deckhouse/ce/pkg', [base, pkg])
+  const { reg, image, pkg, query } = await registryWithPackage(t, dir, { auth: 'none' })
   const proxy = await startProxy(t, join(dir, 'proxy'), { default: defaultSource(reg) })
-  const query = `digest=${image.manifestDigest}&path=pkg`
 
   const head = await proxy.get(query, { method: 'HEAD' })
   t.equal(head.status, 200, 'HEAD: 200')
@@ -367,12 +355,8 @@ void t.test('HEAD on a miss answers from the manifest and never downloads the la
 
 void t.test('a GET right after a complete miss needs no registry (the fill is committed in time)', { skip }, async (t) => {
   const dir = t.testdir()
-  const reg = await startRealRegistry({ dir: join(dir, 'registry'), auth: 'none' })
-  t.teardown(() => reg.stop())
-  const { base, pkg } = packageLayers('pkg')
-  const image = await reg.push('deckhouse/ce/pkg', [base, pkg])
+  const { reg, pkg, query } = await registryWithPackage(t, dir, { auth: 'none' })
   const proxy = await startProxy(t, join(dir, 'proxy'), { default: defaultSource(reg) })
-  const query = `digest=${image.manifestDigest}&path=pkg`
 
   // Hold the SQLite write lock so the commit after the fill (rename + index rows) cannot finish:
   // it makes the window between "the client has every byte" and "the entry is in the index"

@@ -1,17 +1,13 @@
 /**
  * Small helpers shared by the integration tests: a raw HTTP client (node:http, so the tests see
- * exactly what a node bootstrap script would get on the wire), a free-port probe, a log capture
- * for an in-process proxy, the `--registry-config` file writer and a recursive file lister.
- * Not a test file: `.taprc` only runs `*.test.ts`.
+ * exactly what a node bootstrap script would get on the wire), the `--registry-config` file
+ * writer and a recursive file lister. The free-port probe and the log capture live in
+ * test/fixtures/. Not a test file: `.taprc` only runs `*.test.ts`.
  */
-import { createHash } from 'node:crypto'
 import { readdir, writeFile } from 'node:fs/promises'
 import * as http from 'node:http'
 import type { IncomingHttpHeaders } from 'node:http'
-import * as net from 'node:net'
 import { join } from 'node:path'
-import { Writable } from 'node:stream'
-import { pino, type Logger } from 'pino'
 
 /** A response with the whole body read. */
 export interface RawResponse {
@@ -39,45 +35,6 @@ export function request(url: string, init: { method?: string; headers?: Record<s
     req.on('error', reject)
     req.end()
   })
-}
-
-/** `sha256:<hex>` of the bytes. */
-export function sha256(data: Buffer): string {
-  return `sha256:${createHash('sha256').update(data).digest('hex')}`
-}
-
-/** A port that was free a moment ago (bind 127.0.0.1:0, read it, close). */
-export async function freePort(): Promise<number> {
-  const srv = net.createServer()
-  await new Promise<void>((resolve, reject) => {
-    srv.once('error', reject)
-    srv.listen(0, '127.0.0.1', () => resolve())
-  })
-  const addr = srv.address()
-  await new Promise<void>((resolve) => srv.close(() => resolve()))
-  if (addr === null || typeof addr === 'string') throw new Error('could not get a free port')
-  return addr.port
-}
-
-/** A pino logger whose JSON lines are kept in memory, for assertions on what was logged. */
-export function captureLogger(level = 'debug'): { logger: Logger; lines: () => Array<Record<string, unknown>>; text: () => string } {
-  let text = ''
-  const sink = new Writable({
-    write(chunk: Buffer, _enc, cb) {
-      text += chunk.toString('utf8')
-      cb()
-    },
-  })
-  const logger = pino({ level }, sink)
-  return {
-    logger,
-    text: () => text,
-    lines: () =>
-      text
-        .split('\n')
-        .filter((l) => l !== '')
-        .map((l) => JSON.parse(l) as Record<string, unknown>),
-  }
 }
 
 /** The `default` entry of a `--registry-config` file (CONTRACT.md "Registry sources"). */

@@ -8,36 +8,21 @@
  * the run used (passwords, base64 `user:password`, docker configs, issued tokens), and every
  * line must be JSON with the fields on-call greps for.
  */
-import { spawn, spawnSync } from 'node:child_process'
+import { spawn } from 'node:child_process'
 import { randomBytes } from 'node:crypto'
-import { existsSync } from 'node:fs'
 import { writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import t, { type Test } from 'tap'
 import { FakeRegistry } from '../fixtures/fake-registry.js'
+import { MAIN, buildIfMissing, childEnv } from '../fixtures/main-process.js'
+import { freePort } from '../fixtures/net.js'
 import { bytes, fetchRaw } from '../fixtures/proxy-harness.js'
-import { dockerRegistryBinary, startRealRegistry } from '../fixtures/real-registry.js'
-import { freePort } from '../fixtures/fake-kube-api.js'
-import { ROOT } from './support.js'
+import { haveRealRegistry, startRealRegistry } from '../fixtures/real-registry.js'
 
-const MAIN = join(ROOT, 'dist', 'main.js')
-// `npm test` builds before tap; a bare `npx tap` on a fresh clone does not.
-if (!existsSync(MAIN)) {
-  const build = spawnSync('npx', ['tsc', '-p', 'tsconfig.build.json'], { cwd: ROOT, encoding: 'utf8' })
-  if (build.status !== 0) throw new Error(`dist/main.js is missing and the build failed: ${build.stdout}${build.stderr}`)
-}
+buildIfMissing()
 
 const SKIP_MSG = 'docker-registry is not installed: the real-registry half of the log secrets test is SKIPPED'
-const haveRegistry = dockerRegistryBinary() !== undefined
-if (!haveRegistry) {
-  const banner = '#'.repeat(78)
-  t.comment(banner)
-  t.comment(`### ${SKIP_MSG}`)
-  t.comment(banner)
-  console.error(`\n${banner}\n### ${SKIP_MSG}\n${banner}\n`)
-  // CI must run it: a missing binary there is a broken image, not a reason to skip.
-  if (process.env.CI) t.fail(`${SKIP_MSG}, but CI is set: install docker-registry (apt-get install docker-registry)`)
-}
+const haveRegistry = haveRealRegistry(t, SKIP_MSG)
 
 const b64 = (text: string): string => Buffer.from(text).toString('base64')
 const secret = (what: string): string => `${what}-${randomBytes(6).toString('hex')}`
@@ -51,16 +36,6 @@ interface Case {
   path: string
   digest: string
   expect: number
-}
-
-/** The environment of the child: ours without `RPP_*`, Kubernetes or proxy settings. */
-function childEnv(): NodeJS.ProcessEnv {
-  const env: NodeJS.ProcessEnv = {}
-  for (const [k, v] of Object.entries(process.env)) {
-    if (k.startsWith('RPP_') || k.startsWith('KUBERNETES_') || /^(https?|no|all)_proxy$/i.test(k) || k === 'NODE_OPTIONS') continue
-    env[k] = v
-  }
-  return env
 }
 
 /** Runs the binary; resolves once it logged that it listens. */

@@ -10,8 +10,9 @@ import { join } from 'node:path'
 import { pino } from 'pino'
 import t, { type Test } from 'tap'
 import { createServer, type ProxyServer } from '../../server.js'
-import { FakeKubeApi, freePort, registrySecret, waitFor } from '../fixtures/fake-kube-api.js'
+import { FakeKubeApi, registrySecret, waitFor } from '../fixtures/fake-kube-api.js'
 import { FakeRegistry } from '../fixtures/fake-registry.js'
+import { freePort } from '../fixtures/net.js'
 import { parseExposition, PREFIX, valueOf } from './support.js'
 
 interface Readiness {

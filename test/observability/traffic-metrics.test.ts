@@ -52,6 +52,23 @@ function k(name: string, labels: Record<string, string> = {}): string {
 
 const ok = (method = 'get'): string => k('http_requests_total', { route: '/package', method, code: '200' })
 
+/** A fill from the registry: one manifest and one blob request, both answered 200, ending in `outcome`. */
+const fill = (outcome: 'committed' | 'failed'): Record<string, number> => ({
+  [k('upstream_requests_total', { kind: 'manifest', code: '200' })]: 1,
+  [k('upstream_requests_total', { kind: 'blob', code: '200' })]: 1,
+  [k('upstream_response_seconds_count', { kind: 'manifest' })]: 1,
+  [k('upstream_response_seconds_count', { kind: 'blob' })]: 1,
+  [k('fill_duration_seconds_count', { outcome })]: 1,
+})
+
+/** A 502 that went no further than the manifest request, answered `code`. */
+const failedAtManifest = (code: string): Record<string, number> => ({
+  [k('http_requests_total', { route: '/package', method: 'get', code: '502' })]: 1,
+  [k('package_results_total', { result: 'error' })]: 1,
+  [k('upstream_requests_total', { kind: 'manifest', code })]: 1,
+  [k('upstream_response_seconds_count', { kind: 'manifest' })]: 1,
+})
+
 async function started(t: Test, o: HarnessOptions): Promise<{ h: Harness; url: (q: Parameters<typeof packageUrl>[0]) => string }> {
   const h = await startHarness(t, o)
   await h.proxy.server.start()
@@ -94,11 +111,7 @@ void t.test('a miss, a coalesced request, a hit, an eviction, an upstream error,
       [k('package_results_total', { result: 'miss' })]: 1,
       [k('package_results_total', { result: 'coalesced' })]: 1,
       [k('served_bytes_total')]: 2 * size,
-      [k('upstream_requests_total', { kind: 'manifest', code: '200' })]: 1,
-      [k('upstream_requests_total', { kind: 'blob', code: '200' })]: 1,
-      [k('upstream_response_seconds_count', { kind: 'manifest' })]: 1,
-      [k('upstream_response_seconds_count', { kind: 'blob' })]: 1,
-      [k('fill_duration_seconds_count', { outcome: 'committed' })]: 1,
+      ...fill('committed'),
     })
     t.equal(h.registry.counts.blob, 1, 'the registry saw one blob request')
     t.equal(valueOf(after, `${PREFIX}fills_in_flight`), 0)
@@ -128,11 +141,7 @@ void t.test('a miss, a coalesced request, a hit, an eviction, an upstream error,
       [ok()]: 1,
       [k('package_results_total', { result: 'miss' })]: 1,
       [k('served_bytes_total')]: size,
-      [k('upstream_requests_total', { kind: 'manifest', code: '200' })]: 1,
-      [k('upstream_requests_total', { kind: 'blob', code: '200' })]: 1,
-      [k('upstream_response_seconds_count', { kind: 'manifest' })]: 1,
-      [k('upstream_response_seconds_count', { kind: 'blob' })]: 1,
-      [k('fill_duration_seconds_count', { outcome: 'committed' })]: 1,
+      ...fill('committed'),
       [k('evictions_total')]: 1,
       [k('evicted_bytes_total')]: size,
     })
@@ -147,12 +156,7 @@ void t.test('a miss, a coalesced request, a hit, an eviction, an upstream error,
     h.registry.faults = {}
     t.equal(res.status, 502)
     const after = await expose(h)
-    t.same(delta(before, after), {
-      [k('http_requests_total', { route: '/package', method: 'get', code: '502' })]: 1,
-      [k('package_results_total', { result: 'error' })]: 1,
-      [k('upstream_requests_total', { kind: 'manifest', code: '500' })]: 1,
-      [k('upstream_response_seconds_count', { kind: 'manifest' })]: 1,
-    })
+    t.same(delta(before, after), failedAtManifest('500'))
     before = after
   })
 
@@ -163,11 +167,8 @@ void t.test('a miss, a coalesced request, a hit, an eviction, an upstream error,
     t.equal(res.status, 502)
     const after = await expose(h)
     t.same(delta(before, after), {
-      [k('http_requests_total', { route: '/package', method: 'get', code: '502' })]: 1,
-      [k('package_results_total', { result: 'error' })]: 1,
+      ...failedAtManifest('200'),
       [k('digest_mismatches_total', { what: 'manifest' })]: 1,
-      [k('upstream_requests_total', { kind: 'manifest', code: '200' })]: 1,
-      [k('upstream_response_seconds_count', { kind: 'manifest' })]: 1,
     })
     before = after
   })
@@ -185,11 +186,7 @@ void t.test('a miss, a coalesced request, a hit, an eviction, an upstream error,
       [k('http_requests_total', { route: '/package', method: 'get', code: '500' })]: 1,
       [k('package_results_total', { result: 'miss' })]: 1,
       [k('digest_mismatches_total', { what: 'layer' })]: 1,
-      [k('upstream_requests_total', { kind: 'manifest', code: '200' })]: 1,
-      [k('upstream_requests_total', { kind: 'blob', code: '200' })]: 1,
-      [k('upstream_response_seconds_count', { kind: 'manifest' })]: 1,
-      [k('upstream_response_seconds_count', { kind: 'blob' })]: 1,
-      [k('fill_duration_seconds_count', { outcome: 'failed' })]: 1,
+      ...fill('failed'),
     })
     t.equal(valueOf(after, `${PREFIX}cache_size`), size, 'nothing was cached')
     t.equal(valueOf(after, `${PREFIX}fills_in_flight`), 0)
@@ -209,11 +206,7 @@ void t.test('a miss, a coalesced request, a hit, an eviction, an upstream error,
     t.same(delta(before, after), {
       [closed]: 1,
       [k('package_results_total', { result: 'miss' })]: 1,
-      [k('upstream_requests_total', { kind: 'manifest', code: '200' })]: 1,
-      [k('upstream_requests_total', { kind: 'blob', code: '200' })]: 1,
-      [k('upstream_response_seconds_count', { kind: 'manifest' })]: 1,
-      [k('upstream_response_seconds_count', { kind: 'blob' })]: 1,
-      [k('fill_duration_seconds_count', { outcome: 'committed' })]: 1,
+      ...fill('committed'),
     })
     t.equal(valueOf(after, `${PREFIX}cache_size`), size + 16 * 1024, 'cached for the next client')
   })

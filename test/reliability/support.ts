@@ -4,13 +4,12 @@
  * /proc readings of sockets, descriptors and memory. Linux only, 127.0.0.1 only.
  */
 import { existsSync, readFileSync, readdirSync, statSync, writeFileSync } from 'node:fs'
-import { request, type Agent } from 'node:http'
 import { connect as connectTcp, createServer as createNetServer, type Server as NetServer, type Socket } from 'node:net'
 import { join, relative } from 'node:path'
 import { pino, type Logger } from 'pino'
 import { createServer, type ProxyServer, type ServerOptions } from '../../server.js'
 import { FakeRegistry, type FakeAuth } from '../fixtures/fake-registry.js'
-import { DEFAULT_PREFIX, MODULE_PREFIX, dockerConfig, type HarnessCredentials, type HarnessTest, type RawReply } from '../fixtures/proxy-harness.js'
+import { DEFAULT_PREFIX, MODULE_PREFIX, dockerConfig, type HarnessCredentials, type HarnessTest } from '../fixtures/proxy-harness.js'
 
 export interface ProxyOptions extends Partial<Omit<ServerOptions, 'cacheDirectory' | 'registryConfig' | 'logger'>> {
   auth?: FakeAuth
@@ -202,42 +201,8 @@ export function fuzzSeed(): number {
   return Number.isInteger(fromEnv) && process.env.FC_SEED !== undefined ? fromEnv : 20_250_601
 }
 
-export interface FetchOptions {
-  method?: string
-  headers?: Record<string, string>
-  agent?: Agent | false
-  /** Called once, when the first body bytes arrive. */
-  onFirstByte?: () => void
-}
-
-/**
- * A GET over a real socket that never rejects (like the harness's `fetchRaw`), with a hook on
- * the first body bytes and an optional agent for keep-alive load.
- */
-export function fetchRaw(url: string, o: FetchOptions = {}): Promise<RawReply> {
-  return new Promise((resolve) => {
-    const req = request(url, { method: o.method ?? 'GET', headers: o.headers, agent: o.agent ?? false }, (res) => {
-      const chunks: Buffer[] = []
-      let error: Error | undefined
-      let first = true
-      res.on('data', (chunk: Buffer) => {
-        if (first) {
-          first = false
-          o.onFirstByte?.()
-        }
-        chunks.push(chunk)
-      })
-      res.on('error', (err) => {
-        error = err
-      })
-      res.on('close', () => {
-        resolve({ status: res.statusCode ?? 0, headers: res.headers, body: Buffer.concat(chunks), complete: res.complete, error })
-      })
-    })
-    req.on('error', (err) => resolve({ status: 0, headers: {}, body: Buffer.alloc(0), complete: false, error: err }))
-    req.end()
-  })
-}
+/** The reliability tests take the harness's never-rejecting request (agent and first-byte hook included) from here. */
+export { fetchRaw } from '../fixtures/proxy-harness.js'
 
 /**
  * A TCP forwarder to 127.0.0.1:`target` that resets every connection on which a second request

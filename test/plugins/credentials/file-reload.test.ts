@@ -1,13 +1,11 @@
 import { renameSync, rmSync, symlinkSync, writeFileSync, mkdirSync } from 'node:fs'
 import { join } from 'node:path'
-import Hapi from '@hapi/hapi'
 import { pino } from 'pino'
 import t, { type Test } from 'tap'
-import { credentialsPlugin, type CredentialsApi } from '../../../plugins/credentials/index.js'
-import { SourceSet } from '../../../plugins/credentials/source-set.js'
-import { Metrics } from '../../../plugins/metrics/metrics.js'
+import type { CredentialsApi } from '../../../plugins/credentials/index.js'
 import { createServer } from '../../../server.js'
-import { FakeKubeApi, LogLines, b64, moduleSource, registrySecret, waitFor } from '../../fixtures/fake-kube-api.js'
+import { providerMetric, startCredentialsPlugin, type CredentialsPlugin } from '../../fixtures/credentials-plugin.js'
+import { FakeKubeApi, b64, moduleSource, registrySecret, waitFor } from '../../fixtures/fake-kube-api.js'
 
 const PASSWORD = 'file-secret-31f8'
 
@@ -21,42 +19,19 @@ const config = (defaultPath: string, modules: Array<{ name: string; repo: string
     moduleSources: modules,
   })
 
-interface Started {
-  server: Hapi.Server
-  sources: SourceSet
-  metrics: Metrics
-  logs: LogLines
-  credentials: CredentialsApi
+interface Started extends CredentialsPlugin {
   repositories: () => string[]
 }
 
 async function startPlugin(t: Test, path: string, extra: { kubeconfig?: string } = {}): Promise<Started> {
-  const server = Hapi.server()
-  const sources = new SourceSet()
-  const metrics = new Metrics({ collectDefaults: false })
-  const logs = new LogLines()
-  await server.register({
-    plugin: credentialsPlugin,
-    options: {
-      sources,
-      metrics,
-      log: pino({ level: 'debug' }, logs),
-      registryConfig: path,
-      fileIntervalMs: 25,
-      env: {},
-      kubernetesTiming: { initialBackoffMs: 20, maxBackoffMs: 200 },
-      ...extra,
-    },
+  const s = await startCredentialsPlugin(t, {
+    registryConfig: path,
+    fileIntervalMs: 25,
+    env: {},
+    kubernetesTiming: { initialBackoffMs: 20, maxBackoffMs: 200 },
+    ...extra,
   })
-  await server.initialize()
-  t.teardown(() => server.stop())
-  const credentials = (server.plugins as unknown as { credentials: { api: CredentialsApi } }).credentials.api
-  return { server, sources, metrics, logs, credentials, repositories: () => sources.all().map((s) => s.repository).sort() }
-}
-
-async function counter(metrics: Metrics, name: string, provider: string): Promise<number> {
-  const m = await metrics.registry.getSingleMetric(name)?.get()
-  return m?.values.find((v) => v.labels.provider === provider)?.value ?? 0
+  return { ...s, repositories: () => s.sources.all().map((source) => source.repository).sort() }
 }
 
 void t.test('the file is re-read when it changes: in place, by rename-replace, and by a symlink swap', async (t) => {
@@ -102,7 +77,7 @@ void t.test('a bad new version keeps the old sources, with a log line and a metr
   t.same(s.repositories(), ['registry.example.com/good'], 'old sources kept')
   writeFileSync(path, JSON.stringify({ default: { address: 'registry.example.com', ca: '-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----' } }))
   await waitFor(() => s.logs.find(/rejected/).length === 2, 'bad PEM rejected')
-  t.equal(await counter(s.metrics, 'registry_packages_proxy_source_errors_total', 'file'), 2)
+  t.equal(await providerMetric(s.metrics, 'registry_packages_proxy_source_errors_total', 'file'), 2)
   t.same(s.repositories(), ['registry.example.com/good'])
 
   // Wait out a few polls on the unchanged bad file, then remove it.
@@ -111,7 +86,7 @@ void t.test('a bad new version keeps the old sources, with a log line and a metr
   t.equal(s.logs.find(/rejected/).length, 2, 'an unchanged bad file is not re-parsed every poll')
   rmSync(path)
   await waitFor(() => s.logs.find(/cannot be read/).length === 1, 'missing file noticed')
-  t.equal(await counter(s.metrics, 'registry_packages_proxy_source_errors_total', 'file'), 3, 'an unreadable file counts once')
+  t.equal(await providerMetric(s.metrics, 'registry_packages_proxy_source_errors_total', 'file'), 3, 'an unreadable file counts once')
   t.same(s.repositories(), ['registry.example.com/good'], 'a deleted file changes nothing')
   writeFileSync(path, config('/fixed'))
   await waitFor(() => s.repositories().join() === 'registry.example.com/fixed', 'fixed file applied')
@@ -123,13 +98,7 @@ void t.test('reloadFile (what SIGHUP calls) re-reads at once', async (t) => {
   const dir = t.testdir({ 'registry.json': config('/a') })
   const path = join(dir, 'registry.json')
   // A poll interval too long to matter: only the explicit reload can apply the change.
-  const server = Hapi.server()
-  const sources = new SourceSet()
-  const metrics = new Metrics({ collectDefaults: false })
-  await server.register({ plugin: credentialsPlugin, options: { sources, metrics, log: pino({ level: 'silent' }), registryConfig: path, fileIntervalMs: 3_600_000, env: {} } })
-  await server.initialize()
-  t.teardown(() => server.stop())
-  const api = (server.plugins as unknown as { credentials: { api: CredentialsApi } }).credentials.api
+  const { sources, credentials: api } = await startCredentialsPlugin(t, { registryConfig: path, fileIntervalMs: 3_600_000, env: {} })
   writeFileSync(path, config('/b'))
   t.equal(await api.reloadFile('SIGHUP'), true, 'new sources applied')
   t.same(sources.all().map((s) => s.repository), ['registry.example.com/b'])

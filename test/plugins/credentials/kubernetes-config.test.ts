@@ -3,14 +3,34 @@ import { mkdirSync, readFileSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import Hapi from '@hapi/hapi'
 import { pino } from 'pino'
-import t from 'tap'
+import t, { type Test } from 'tap'
 import { credentialsPlugin } from '../../../plugins/credentials/index.js'
 import { loadKubeConfig } from '../../../plugins/credentials/kube-config.js'
 import { SourceSet } from '../../../plugins/credentials/source-set.js'
 import { Metrics } from '../../../plugins/metrics/metrics.js'
+import { startCredentialsPlugin } from '../../fixtures/credentials-plugin.js'
 import { FakeKubeApi, moduleSource, registrySecret, waitFor } from '../../fixtures/fake-kube-api.js'
 
 const TOKEN = 'kubeconfig-token-e2a1'
+
+/**
+ * A self-signed certificate for IP 127.0.0.1, written to `dir` (tls.crt, tls.key) and returned.
+ * Without openssl: undefined, with `t` planned empty; in CI, which must run `what`, it throws.
+ */
+function selfSignedCert(t: Test, dir: string, what: string): { cert: string; key: string } | undefined {
+  try {
+    execFileSync('openssl', [
+      'req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes',
+      '-keyout', join(dir, 'tls.key'), '-out', join(dir, 'tls.crt'), '-days', '2', '-subj', '/CN=kubernetes',
+      '-addext', 'subjectAltName=IP:127.0.0.1',
+    ], { stdio: 'ignore' })
+  } catch {
+    if (process.env.CI) throw new Error(`openssl is needed for ${what}`)
+    t.plan(0, 'openssl is not installed')
+    return undefined
+  }
+  return { cert: readFileSync(join(dir, 'tls.crt'), 'utf8'), key: readFileSync(join(dir, 'tls.key'), 'utf8') }
+}
 
 void t.test('no --kubeconfig and not in a pod: no Kubernetes provider', async (t) => {
   const dir = t.testdir({ sa: { token: 'x' } })
@@ -25,11 +45,7 @@ void t.test('no --kubeconfig and not in a pod: no Kubernetes provider', async (t
   t.equal(v6?.getCurrentCluster()?.server, 'https://[fd00::1]:443')
 
   // The plugin alone: only the file provider (none here), nothing expected.
-  const sources = new SourceSet()
-  const server = Hapi.server()
-  await server.register({ plugin: credentialsPlugin, options: { sources, metrics: new Metrics({ collectDefaults: false }), log: pino({ level: 'silent' }), env: {} } })
-  await server.initialize()
-  t.teardown(() => server.stop())
+  const { sources } = await startCredentialsPlugin(t, { env: {} })
   t.same(sources.unsynced(), [], 'no provider to wait for')
 })
 
@@ -70,42 +86,22 @@ void t.test('a bad --kubeconfig fails start-up with a message that names it and 
 
 void t.test('in a pod: the service-account token over HTTPS to the service address', async (t) => {
   const dir = t.testdir()
-  try {
-    execFileSync('openssl', [
-      'req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes',
-      '-keyout', join(dir, 'tls.key'), '-out', join(dir, 'tls.crt'), '-days', '2', '-subj', '/CN=kubernetes',
-      '-addext', 'subjectAltName=IP:127.0.0.1',
-    ], { stdio: 'ignore' })
-  } catch {
-    if (process.env.CI) throw new Error('openssl is needed for the in-cluster TLS test')
-    t.plan(0, 'openssl is not installed')
-    return
-  }
-  const cert = readFileSync(join(dir, 'tls.crt'), 'utf8')
-  const api = await FakeKubeApi.start(0, { cert, key: readFileSync(join(dir, 'tls.key'), 'utf8') })
+  const tls = selfSignedCert(t, dir, 'the in-cluster TLS test')
+  if (tls === undefined) return
+  const api = await FakeKubeApi.start(0, tls)
   t.teardown(() => api.close())
   api.putSecret(registrySecret({ address: 'registry.example.com', path: 'deckhouse/ce' }))
   api.putModuleSource(moduleSource('m', { repo: 'modules.example.com/m' }))
   const sa = join(dir, 'serviceaccount')
   mkdirSync(sa)
   writeFileSync(join(sa, 'token'), 'projected-sa-token')
-  writeFileSync(join(sa, 'ca.crt'), cert)
+  writeFileSync(join(sa, 'ca.crt'), tls.cert)
 
-  const sources = new SourceSet()
-  const server = Hapi.server()
-  await server.register({
-    plugin: credentialsPlugin,
-    options: {
-      sources,
-      metrics: new Metrics({ collectDefaults: false }),
-      log: pino({ level: 'silent' }),
-      env: { KUBERNETES_SERVICE_HOST: '127.0.0.1', KUBERNETES_SERVICE_PORT: String(api.port) },
-      serviceAccountDir: sa,
-      kubernetesTiming: { initialBackoffMs: 20, maxBackoffMs: 200 },
-    },
+  const { sources } = await startCredentialsPlugin(t, {
+    env: { KUBERNETES_SERVICE_HOST: '127.0.0.1', KUBERNETES_SERVICE_PORT: String(api.port) },
+    serviceAccountDir: sa,
+    kubernetesTiming: { initialBackoffMs: 20, maxBackoffMs: 200 },
   })
-  await server.initialize()
-  t.teardown(() => server.stop())
   await waitFor(() => sources.unsynced().length === 0, 'synced in-cluster')
   t.same(sources.all().map((s) => s.repository).sort(), ['modules.example.com/m', 'registry.example.com/deckhouse/ce'])
   t.ok(api.requests.length >= 2)
@@ -114,28 +110,12 @@ void t.test('in a pod: the service-account token over HTTPS to the service addre
 
 void t.test('a --kubeconfig with a token user, over HTTPS with its CA', async (t) => {
   const dir = t.testdir()
-  try {
-    execFileSync('openssl', [
-      'req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes',
-      '-keyout', join(dir, 'tls.key'), '-out', join(dir, 'tls.crt'), '-days', '2', '-subj', '/CN=kubernetes',
-      '-addext', 'subjectAltName=IP:127.0.0.1',
-    ], { stdio: 'ignore' })
-  } catch {
-    if (process.env.CI) throw new Error('openssl is needed for the TLS kubeconfig test')
-    t.plan(0, 'openssl is not installed')
-    return
-  }
-  const api = await FakeKubeApi.start(0, { cert: readFileSync(join(dir, 'tls.crt'), 'utf8'), key: readFileSync(join(dir, 'tls.key'), 'utf8') })
+  const tls = selfSignedCert(t, dir, 'the TLS kubeconfig test')
+  if (tls === undefined) return
+  const api = await FakeKubeApi.start(0, tls)
   t.teardown(() => api.close())
   api.putSecret(registrySecret({ address: 'registry.example.com' }))
-  const sources = new SourceSet()
-  const server = Hapi.server()
-  await server.register({
-    plugin: credentialsPlugin,
-    options: { sources, metrics: new Metrics({ collectDefaults: false }), log: pino({ level: 'silent' }), kubeconfig: api.writeKubeconfig(dir, TOKEN), env: {} },
-  })
-  await server.initialize()
-  t.teardown(() => server.stop())
+  const { sources } = await startCredentialsPlugin(t, { kubeconfig: api.writeKubeconfig(dir, TOKEN), env: {} })
   await waitFor(() => sources.unsynced().length === 0, 'synced')
   t.same(sources.all().map((s) => s.repository), ['registry.example.com'])
   t.ok(api.requests.every((r) => r.headers.authorization === `Bearer ${TOKEN}`))

@@ -3,35 +3,20 @@
  * waiting for the API server, SIGHUP re-reading `--registry-config`, and a clean SIGTERM with
  * watches open. Everything runs on 127.0.0.1.
  */
-import { spawn, spawnSync, type ChildProcess } from 'node:child_process'
-import { existsSync, writeFileSync } from 'node:fs'
+import { spawn, type ChildProcess } from 'node:child_process'
+import { writeFileSync } from 'node:fs'
 import { request } from 'node:http'
 import { join } from 'node:path'
-import { fileURLToPath } from 'node:url'
 import t, { type Test } from 'tap'
-import { FakeKubeApi, b64, freePort, moduleSource, registrySecret, waitFor } from '../../fixtures/fake-kube-api.js'
+import { FakeKubeApi, b64, moduleSource, registrySecret, waitFor } from '../../fixtures/fake-kube-api.js'
 import { FakeRegistry } from '../../fixtures/fake-registry.js'
+import { MAIN, buildIfMissing, childEnv } from '../../fixtures/main-process.js'
+import { freePort } from '../../fixtures/net.js'
 
-const ROOT = fileURLToPath(new URL('../../..', import.meta.url))
-const MAIN = join(ROOT, 'dist', 'main.js')
 const TOKEN = 'proc-token-0c7d'
 const PASSWORD = 'proc-pass-a41e'
 
-// `npm test` builds before tap; a bare `npx tap` on a fresh clone does not.
-if (!existsSync(MAIN)) {
-  const build = spawnSync('npx', ['tsc', '-p', 'tsconfig.build.json'], { cwd: ROOT, encoding: 'utf8' })
-  if (build.status !== 0) throw new Error(`dist/main.js is missing and the build failed:\n${build.stdout}${build.stderr}`)
-}
-
-/** Our environment without RPP_*, proxy or in-cluster variables: the flags alone decide. */
-function childEnv(): NodeJS.ProcessEnv {
-  const env: NodeJS.ProcessEnv = {}
-  for (const [k, v] of Object.entries(process.env)) {
-    if (k.startsWith('RPP_') || k.startsWith('KUBERNETES_') || /^(https?|no|all)_proxy$/i.test(k) || k === 'NODE_OPTIONS') continue
-    env[k] = v
-  }
-  return env
-}
+buildIfMissing()
 
 interface Proc {
   child: ChildProcess

@@ -1,10 +1,7 @@
-import Hapi from '@hapi/hapi'
-import { pino } from 'pino'
 import t, { type Test } from 'tap'
-import { credentialsPlugin, type CredentialsApi } from '../../../plugins/credentials/index.js'
-import { SourceSet } from '../../../plugins/credentials/source-set.js'
-import { Metrics } from '../../../plugins/metrics/metrics.js'
-import { FakeKubeApi, LogLines, b64, freePort, moduleSource, registrySecret, waitFor } from '../../fixtures/fake-kube-api.js'
+import { providerMetric, startCredentialsPlugin, type CredentialsPlugin } from '../../fixtures/credentials-plugin.js'
+import { FakeKubeApi, b64, moduleSource, registrySecret, waitFor } from '../../fixtures/fake-kube-api.js'
+import { freePort } from '../../fixtures/net.js'
 
 const TOKEN = 'kube-token-4f9c2e'
 const PASSWORD = 'registry-pass-7d1a'
@@ -12,44 +9,22 @@ const FAST = { initialBackoffMs: 20, maxBackoffMs: 200, requestTimeoutMs: 3000, 
 
 const dockerCfg = (host: string, password = PASSWORD): string => JSON.stringify({ auths: { [host]: { auth: b64(`user:${password}`) } } })
 
-interface Started {
+interface Started extends CredentialsPlugin {
   api: FakeKubeApi
-  server: Hapi.Server
-  sources: SourceSet
-  metrics: Metrics
-  logs: LogLines
-  credentials: CredentialsApi
   repositories: () => string[]
 }
 
 /** The credentials plugin alone on a hapi server, pointed at `api` through a kubeconfig. */
 async function startPlugin(t: Test, api: FakeKubeApi, timing: Partial<typeof FAST> = FAST): Promise<Started> {
-  const dir = t.testdir()
-  const kubeconfig = api.writeKubeconfig(dir, TOKEN)
-  const server = Hapi.server()
-  const sources = new SourceSet()
-  const metrics = new Metrics({ collectDefaults: false })
-  const logs = new LogLines()
-  await server.register({
-    plugin: credentialsPlugin,
-    options: { sources, metrics, log: pino({ level: 'debug' }, logs), kubeconfig, env: {}, kubernetesTiming: timing },
-  })
-  await server.initialize()
-  t.teardown(() => server.stop())
-  const credentials = (server.plugins as unknown as { credentials: { api: CredentialsApi } }).credentials.api
-  const repositories = (): string[] => sources.all().map((s) => `${s.kind}:${s.repository}`).sort()
-  return { api, server, sources, metrics, logs, credentials, repositories }
+  const kubeconfig = api.writeKubeconfig(t.testdir(), TOKEN)
+  const s = await startCredentialsPlugin(t, { kubeconfig, env: {}, kubernetesTiming: timing })
+  return { api, ...s, repositories: () => s.sources.all().map((source) => `${source.kind}:${source.repository}`).sort() }
 }
 
 async function startApi(t: Test): Promise<FakeKubeApi> {
   const api = await FakeKubeApi.start()
   t.teardown(() => api.close())
   return api
-}
-
-async function metricValue(metrics: Metrics, name: string, provider: string): Promise<number | undefined> {
-  const m = await metrics.registry.getSingleMetric(name)?.get()
-  return m?.values.find((v) => v.labels.provider === provider)?.value
 }
 
 void t.test('lists, then watches from the list resourceVersion, with the kubeconfig bearer token', async (t) => {
@@ -75,9 +50,9 @@ void t.test('lists, then watches from the list resourceVersion, with the kubecon
   t.ok(api.requests.length >= 4)
   t.same(new Set(api.authorizationHeaders()), new Set([`Bearer ${TOKEN}`]), 'every request carries the kubeconfig token')
 
-  t.equal(await metricValue(s.metrics, 'registry_packages_proxy_source_synced', 'secret'), 1)
-  t.equal(await metricValue(s.metrics, 'registry_packages_proxy_source_synced', 'modulesources'), 1)
-  const lastSync = await metricValue(s.metrics, 'registry_packages_proxy_source_last_sync_timestamp_seconds', 'secret')
+  t.equal(await providerMetric(s.metrics, 'registry_packages_proxy_source_synced', 'secret'), 1)
+  t.equal(await providerMetric(s.metrics, 'registry_packages_proxy_source_synced', 'modulesources'), 1)
+  const lastSync = await providerMetric(s.metrics, 'registry_packages_proxy_source_last_sync_timestamp_seconds', 'secret')
   t.ok(lastSync !== undefined && Math.abs(lastSync - Date.now() / 1000) < 5, 'last sync is now while the watch is open')
   t.notOk(s.logs.text.includes(PASSWORD) || s.logs.text.includes(TOKEN) || s.logs.text.includes(b64(`user:${PASSWORD}`)), 'no secret in the logs')
   t.match(s.logs.text, /registry\.example\.com\/deckhouse\/ee/, 'logs name the repositories')
@@ -127,8 +102,8 @@ void t.test('starts before the API server is reachable: unsynced, then synced', 
   const s = await startPlugin(t, api)
   await waitFor(() => s.logs.find(/list failed/).length >= 2, 'two failed lists')
   t.same(s.sources.unsynced().sort(), ['modulesources', 'secret'], 'not synced while the API server is down')
-  t.ok((await metricValue(s.metrics, 'registry_packages_proxy_source_watch_restarts_total', 'secret'))! >= 1)
-  t.equal(await metricValue(s.metrics, 'registry_packages_proxy_source_last_sync_timestamp_seconds', 'secret'), undefined, 'never synced: no timestamp')
+  t.ok((await providerMetric(s.metrics, 'registry_packages_proxy_source_watch_restarts_total', 'secret'))! >= 1)
+  t.equal(await providerMetric(s.metrics, 'registry_packages_proxy_source_last_sync_timestamp_seconds', 'secret'), undefined, 'never synced: no timestamp')
   await api.listen()
   await waitFor(() => s.sources.unsynced().length === 0, 'synced once the server is up')
   t.same(s.repositories(), ['default:late.example.com/x'])
@@ -188,16 +163,16 @@ void t.test('dropped watches are restarted from the last resourceVersion; change
   t.equal(api.counts.list.modulesources, 1, 'restarts re-watch without re-listing')
   t.ok(api.counts.watch.modulesources >= 4)
   t.same(s.sources.unsynced(), [])
-  t.ok((await metricValue(s.metrics, 'registry_packages_proxy_source_watch_restarts_total', 'modulesources'))! >= 3)
+  t.ok((await providerMetric(s.metrics, 'registry_packages_proxy_source_watch_restarts_total', 'modulesources'))! >= 3)
   t.ok(s.logs.find(/watch failed/).length >= 3)
 
   // A clean end of the stream (the API server's watch timeout) is re-watched, not an error.
-  const restarts = await metricValue(s.metrics, 'registry_packages_proxy_source_watch_restarts_total', 'secret')
+  const restarts = await providerMetric(s.metrics, 'registry_packages_proxy_source_watch_restarts_total', 'secret')
   await new Promise((resolve) => setTimeout(resolve, FAST.minWatchMs + 50))
   api.dropWatches('end')
   api.putSecret(registrySecret({ address: 'after-end.example.com' }))
   await waitFor(() => s.repositories().includes('default:after-end.example.com'), 'change after a clean end')
-  t.equal(await metricValue(s.metrics, 'registry_packages_proxy_source_watch_restarts_total', 'secret'), restarts, 'a clean end is no failure')
+  t.equal(await providerMetric(s.metrics, 'registry_packages_proxy_source_watch_restarts_total', 'secret'), restarts, 'a clean end is no failure')
 })
 
 void t.test('a server that ends every watch at once gets backoff, not a tight loop', async (t) => {
@@ -261,7 +236,7 @@ void t.test('malformed objects beside good ones: each skipped with a log line an
   const s = await startPlugin(t, api)
   await waitFor(() => s.sources.unsynced().length === 0, 'synced')
   t.same(s.repositories(), ['default:r.example.com/ok', 'module-source:m.example.com/good1', 'module-source:m.example.com/good2'])
-  t.equal(await metricValue(s.metrics, 'registry_packages_proxy_source_errors_total', 'modulesources'), 5)
+  t.equal(await providerMetric(s.metrics, 'registry_packages_proxy_source_errors_total', 'modulesources'), 5)
   const errors = s.logs.find(/ModuleSource is malformed/)
   t.same(errors.map((e) => e.moduleSource).sort(), ['bad-base64', 'bad-json', 'bad-pem', 'bad-repo', 'no-spec'])
   t.match(errors.find((e) => e.moduleSource === 'bad-base64'), { error: /spec\.registry\.dockerCfg is not valid base64/ })
@@ -273,7 +248,7 @@ void t.test('malformed objects beside good ones: each skipped with a log line an
   await waitFor(() => s.logs.find(/registry Secret is malformed/).length === 1, 'bad Secret logged')
   t.same(s.repositories().filter((r) => r.startsWith('default:')), ['default:r.example.com/ok'])
   t.ok(s.sources.match(undefined).credentials, 'still the last good default source, credentials included')
-  t.equal(await metricValue(s.metrics, 'registry_packages_proxy_source_errors_total', 'secret'), 1)
+  t.equal(await providerMetric(s.metrics, 'registry_packages_proxy_source_errors_total', 'secret'), 1)
   api.putSecret(registrySecret({ address: 'r.example.com' }, { path: '%%%not-base64' }))
   await waitFor(() => s.logs.find(/registry Secret is malformed/).length === 2, 'second bad Secret logged')
   t.match(s.logs.find(/registry Secret is malformed/)[1], { error: /data\.path is not valid base64/, keeping: 'r.example.com/ok' })
@@ -281,7 +256,7 @@ void t.test('malformed objects beside good ones: each skipped with a log line an
   // Unrelated changes do not re-log (or re-count) an unchanged bad object.
   api.putModuleSource(good('good3'))
   await waitFor(() => s.repositories().includes('module-source:m.example.com/good3'), 'good3 added')
-  t.equal(await metricValue(s.metrics, 'registry_packages_proxy_source_errors_total', 'modulesources'), 5)
+  t.equal(await providerMetric(s.metrics, 'registry_packages_proxy_source_errors_total', 'modulesources'), 5)
 
   // Fixing a bad one brings it in; a good one turning bad is dropped on its own.
   api.putModuleSource(moduleSource('bad-json', { repo: 'm.example.com/b2', dockerCfg: b64(dockerCfg('m.example.com')) }))
@@ -308,16 +283,16 @@ void t.test('an API server outage keeps the last known sources; last sync time s
   await waitFor(() => s.logs.find(/watch failed|list failed/).length >= 4, 'failures while down')
   t.same(s.sources.unsynced(), [], 'still synced')
   t.same(s.repositories(), ['default:r.example.com/ee'], 'last known sources still served')
-  const frozen = await metricValue(s.metrics, 'registry_packages_proxy_source_last_sync_timestamp_seconds', 'secret')
+  const frozen = await providerMetric(s.metrics, 'registry_packages_proxy_source_last_sync_timestamp_seconds', 'secret')
   await new Promise((resolve) => setTimeout(resolve, 300))
-  t.equal(await metricValue(s.metrics, 'registry_packages_proxy_source_last_sync_timestamp_seconds', 'secret'), frozen, 'not moving while down')
+  t.equal(await providerMetric(s.metrics, 'registry_packages_proxy_source_last_sync_timestamp_seconds', 'secret'), frozen, 'not moving while down')
   t.ok(frozen! < Date.now() / 1000)
 
   // The same server comes back (its store is intact): watches resume.
   await api.listen(port)
   api.putSecret(registrySecret({ address: 'r.example.com', path: 'be' }))
   await waitFor(() => s.repositories().includes('default:r.example.com/be'), 'change after the outage')
-  await waitFor(async () => (await metricValue(s.metrics, 'registry_packages_proxy_source_last_sync_timestamp_seconds', 'secret'))! > frozen!, 'last sync moves again')
+  await waitFor(async () => (await providerMetric(s.metrics, 'registry_packages_proxy_source_last_sync_timestamp_seconds', 'secret'))! > frozen!, 'last sync moves again')
 })
 
 void t.test('API errors (403, 500) are retried and logged without secrets', async (t) => {
