@@ -1,3 +1,4 @@
+import { rename, rm } from 'node:fs/promises'
 import { join } from 'node:path'
 import KeyvSqlite from '@keyv/sqlite'
 import Keyv from 'keyv'
@@ -46,19 +47,48 @@ export class CacheIndex {
     this.#keyv = keyv
   }
 
-  /** Opens (creating if needed) `<directory>/index.sqlite` and loads the mirror. */
-  static async open(directory: string, onError: (err: unknown) => void = () => undefined): Promise<CacheIndex> {
-    const store = new KeyvSqlite({ uri: `sqlite://${join(directory, 'index.sqlite')}`, busyTimeout: 5000 })
+  /**
+   * Opens (creating if needed) `<directory>/index.sqlite` and loads the mirror. A file that is
+   * not a database or is corrupt (a torn disk, a stray write) would otherwise stop every start,
+   * and the cache volume outlives the container, so the pod would crash-loop for good: it is
+   * moved aside to `index.sqlite.corrupt` (the previous such copy is replaced) and a fresh index
+   * is created. Reconciliation then re-adopts every blob file that still hashes to its name;
+   * only the manifest-to-layer rows are lost, and each costs one registry request to relearn.
+   * `onRebuilt` hears of it. Other errors (permissions, a full disk) are passed on.
+   */
+  static async open(directory: string, onError: (err: unknown) => void = () => undefined, onRebuilt: (err: unknown) => void = () => undefined): Promise<CacheIndex> {
+    const path = join(directory, 'index.sqlite')
+    try {
+      return await CacheIndex.#open(path, onError)
+    } catch (err) {
+      if (!isCorrupt(err)) throw err
+      onRebuilt(err)
+      await rename(path, `${path}.corrupt`)
+      // The WAL and shared-memory files belong to the file moved aside; replayed against a new
+      // database they would be refused or, worse, applied.
+      await rm(`${path}-wal`, { force: true })
+      await rm(`${path}-shm`, { force: true })
+      return await CacheIndex.#open(path, onError)
+    }
+  }
+
+  static async #open(path: string, onError: (err: unknown) => void): Promise<CacheIndex> {
+    const store = new KeyvSqlite({ uri: `sqlite://${path}`, busyTimeout: 5000 })
     store.on('error', onError)
-    // WAL + NORMAL: a commit is one fsync-free append, and readers never block the writer.
-    // A crash can lose the last few commits, which restart reconciliation repairs.
-    await store.query('PRAGMA journal_mode=WAL')
-    await store.query('PRAGMA synchronous=NORMAL')
-    const keyv = new Keyv({ store, throwOnErrors: true, namespace: 'rpp' })
-    keyv.on('error', onError)
-    const index = new CacheIndex(store, keyv)
-    await index.#load()
-    return index
+    try {
+      // WAL + NORMAL: a commit is one fsync-free append, and readers never block the writer.
+      // A crash can lose the last few commits, which restart reconciliation repairs.
+      await store.query('PRAGMA journal_mode=WAL')
+      await store.query('PRAGMA synchronous=NORMAL')
+      const keyv = new Keyv({ store, throwOnErrors: true, namespace: 'rpp' })
+      keyv.on('error', onError)
+      const index = new CacheIndex(store, keyv)
+      await index.#load()
+      return index
+    } catch (err) {
+      await store.close().catch(() => undefined)
+      throw err
+    }
   }
 
   async #load(): Promise<void> {
@@ -193,6 +223,12 @@ export class CacheIndex {
     this.#closed = true
     await this.#store.close()
   }
+}
+
+/** SQLite's verdict that the file is not (or no longer) a usable database. */
+function isCorrupt(err: unknown): boolean {
+  const code = (err as { code?: unknown } | null)?.code
+  return code === 'SQLITE_NOTADB' || code === 'SQLITE_CORRUPT'
 }
 
 function isBlobEntry(v: unknown): v is BlobEntry {

@@ -55,7 +55,11 @@ export const packagesPlugin: Plugin<PackagesOptions> = {
     if (!o.disableCache) {
       store = new BlobStore(o.cacheDirectory)
       await store.init()
-      index = await CacheIndex.open(o.cacheDirectory, (err) => o.log.error({ err: describe(err) }, 'cache index error'))
+      index = await CacheIndex.open(
+        o.cacheDirectory,
+        (err) => o.log.error({ err: describe(err) }, 'cache index error'),
+        (err) => o.log.error({ err: describe(err) }, 'cache index is corrupt: moved aside to index.sqlite.corrupt; rebuilding it from the blob files'),
+      )
       const report = await reconcile(index, store)
       o.log.info({ ...report, entries: index.blobCount, usedBytes: index.usedBytes }, 'cache reconciled')
     }

@@ -52,8 +52,11 @@ export async function reconcile(index: CacheIndex, store: BlobStore, now = Date.
   }
   for (const [digest, path] of onDisk) {
     if ((await hashFile(path).catch(() => '')) === digest) {
-      const size = (await stat(path)).size
-      await index.putBlob({ digest, size, lastAccess: now, hits: 0, createdAt: now })
+      // The file's mtime is when its fill wrote the last byte: a fair stand-in for its last
+      // access, so a rebuilt index keeps a sensible LRU order instead of one stamp for all.
+      const { size, mtimeMs } = await stat(path)
+      const when = Math.min(Math.round(mtimeMs), now)
+      await index.putBlob({ digest, size, lastAccess: when, hits: 0, createdAt: when })
       report.orphansAdopted++
     } else {
       await rm(path, { force: true })

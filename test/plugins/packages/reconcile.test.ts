@@ -1,5 +1,5 @@
 import { existsSync, readdirSync } from 'node:fs'
-import { mkdir, writeFile } from 'node:fs/promises'
+import { mkdir, utimes, writeFile } from 'node:fs/promises'
 import { dirname, join } from 'node:path'
 import t, { type Test } from 'tap'
 import { BlobStore } from '../../../plugins/packages/blob-store.js'
@@ -78,6 +78,24 @@ void t.test('an orphan file that hashes to its name is adopted', async (t) => {
   t.same(index.blob(digest), { digest, size: 1234, lastAccess: 42_000, hits: 0, createdAt: 42_000 })
   t.equal(index.usedBytes, 1234)
   t.ok(existsSync(store.pathFor(digest)))
+})
+
+void t.test('adopted orphans keep their files\' age as last access, so the LRU order survives a rebuilt index', async (t) => {
+  const { index, store } = await openCache(t)
+  const now = Date.now()
+  const older = await writeBlob(store, bytes(100, 41))
+  const newer = await writeBlob(store, bytes(100, 42))
+  const future = await writeBlob(store, bytes(100, 43))
+  await utimes(store.pathFor(older), new Date(now - 3_600_000), new Date(now - 3_600_000))
+  await utimes(store.pathFor(newer), new Date(now - 60_000), new Date(now - 60_000))
+  // A clock that was ahead when the file was written: capped at now, never in the future.
+  await utimes(store.pathFor(future), new Date(now + 3_600_000), new Date(now + 3_600_000))
+  const report = await reconcile(index, store, now)
+  t.equal(report.orphansAdopted, 3)
+  t.equal(index.blob(older)?.lastAccess, now - 3_600_000)
+  t.equal(index.blob(newer)?.lastAccess, now - 60_000)
+  t.equal(index.blob(future)?.lastAccess, now)
+  t.same(index.blobs().sort((a, b) => a.lastAccess - b.lastAccess).map((b) => b.digest), [older, newer, future], 'least recently used first')
 })
 
 void t.test('an orphan file with wrong content is deleted', async (t) => {
