@@ -53,9 +53,8 @@ async function main(argv: string[]): Promise<void> {
       logger,
     })
   } catch (err) {
+    // An unusable cache directory is not fatal: the packages plugin serves uncached then.
     if (err instanceof SourceError || err instanceof ConfigError) fail(err.message)
-    const code = (err as NodeJS.ErrnoException).code
-    if (code === 'EACCES' || code === 'EROFS' || code === 'ENOTDIR') fail(`--cache-directory ${flags.cacheDirectory}: ${code}`)
     throw err
   }
   try {

@@ -17,6 +17,8 @@ export interface CacheHandlerDeps {
   packages: PackageService
   limitBytes: number
   counts: ResultCounts
+  /** Why the cache is off although `--disable-cache` was not given (it could not be opened). */
+  unavailable?: string
 }
 
 /** One cache entry as the API shows it. */
@@ -72,6 +74,7 @@ export function listCacheHandler(deps: CacheHandlerDeps) {
     const served = counts.hit + counts.miss + counts.coalesced + counts.bypass
     const base = {
       enabled: deps.index !== undefined,
+      ...(deps.unavailable ? { unavailable: deps.unavailable } : {}),
       limitBytes: deps.index ? deps.limitBytes : 0,
       usedBytes: deps.packages.space?.usedBytes ?? 0,
       reservedBytes: deps.packages.space?.reservedBytes ?? 0,

@@ -52,17 +52,34 @@ export const packagesPlugin: Plugin<PackagesOptions> = {
   async register(server, o) {
     let index: CacheIndex | undefined
     let store: BlobStore | undefined
+    // Set when the cache could not be opened at start: packages are then served uncached.
+    let unavailable: string | undefined
     if (!o.disableCache) {
-      store = new BlobStore(o.cacheDirectory)
-      await store.init()
-      index = await CacheIndex.open(
-        o.cacheDirectory,
-        (err) => o.log.error({ err: describe(err) }, 'cache index error'),
-        (err) => o.log.error({ err: describe(err) }, 'cache index is corrupt: moved aside to index.sqlite.corrupt; rebuilding it from the blob files'),
-      )
-      const report = await reconcile(index, store)
-      o.log.info({ ...report, entries: index.blobCount, usedBytes: index.usedBytes }, 'cache reconciled')
+      try {
+        store = new BlobStore(o.cacheDirectory)
+        await store.init()
+        index = await CacheIndex.open(
+          o.cacheDirectory,
+          (err) => o.log.error({ err: describe(err) }, 'cache index error'),
+          (err) => o.log.error({ err: describe(err) }, 'cache index is corrupt: moved aside to index.sqlite.corrupt; rebuilding it from the blob files'),
+        )
+        const report = await reconcile(index, store)
+        o.log.info({ ...report, entries: index.blobCount, usedBytes: index.usedBytes }, 'cache reconciled')
+      } catch (err) {
+        // A cache volume that is read-only, full, failing or not ours must not stop the proxy:
+        // during bootstrap nothing else hands out packages, and a crash-looping pod would not
+        // do it either. It serves every package straight from the registry instead, and says
+        // so where on-call looks (the log, /readyz, the NotReady alert). Anything else is a bug.
+        const code = storageErrorCode(err)
+        if (code === undefined) throw err
+        await index?.close().catch(() => undefined)
+        index = undefined
+        store = undefined
+        unavailable = `cache directory unusable at start (${code}): serving packages uncached; fix the volume and restart the pod`
+        o.log.error({ err: describe(err), cacheDirectory: o.cacheDirectory }, 'cannot open the cache; serving packages uncached')
+      }
     }
+    const cacheOff = o.disableCache || unavailable !== undefined
     const client = new RegistryClient({
       ...(o.timeouts ? { timeouts: o.timeouts } : {}),
       ...(o.env ? { env: o.env } : {}),
@@ -76,7 +93,7 @@ export const packagesPlugin: Plugin<PackagesOptions> = {
       store,
       client,
       limitBytes: o.limitBytes,
-      disableCache: o.disableCache,
+      disableCache: cacheOff,
       log: o.log,
       ...(o.downloads ? { downloads: o.downloads } : {}),
       ...(o.lookups ? { lookups: o.lookups } : {}),
@@ -96,7 +113,7 @@ export const packagesPlugin: Plugin<PackagesOptions> = {
     }
     o.metrics.attachCache({
       usedBytes: () => service.space?.usedBytes ?? 0,
-      limitBytes: () => (o.disableCache ? 0 : o.limitBytes),
+      limitBytes: () => (cacheOff ? 0 : o.limitBytes),
       entries: () => index?.blobCount ?? 0,
       activeFills: () => service.activeFills,
       downloads: () => ({ layer: service.downloads, manifest: service.lookups }),
@@ -164,7 +181,7 @@ export const packagesPlugin: Plugin<PackagesOptions> = {
         o.metrics.bytesServed.inc(length)
       }
     })
-    const cacheDeps = { index, packages: service, limitBytes: o.limitBytes, counts }
+    const cacheDeps = { index, packages: service, limitBytes: o.limitBytes, counts, ...(unavailable ? { unavailable } : {}) }
     server.route([
       { method: 'GET', path: '/cache', handler: listCacheHandler(cacheDeps) },
       { method: 'GET', path: '/cache/{digest}', handler: showCacheEntryHandler(cacheDeps) },
@@ -173,7 +190,7 @@ export const packagesPlugin: Plugin<PackagesOptions> = {
     server.expose('api', {
       service,
       index,
-      notReady: () => (index?.closed ? 'cache index is closed' : dirProblem),
+      notReady: () => unavailable ?? (index?.closed ? 'cache index is closed' : dirProblem),
       counts,
     } satisfies PackagesApi)
     server.ext('onPostStop', async () => {
@@ -183,4 +200,14 @@ export const packagesPlugin: Plugin<PackagesOptions> = {
       await index?.close()
     })
   },
+}
+
+/**
+ * The error code when opening the cache failed because of the disk or the database file (not a
+ * bug): errno codes (EACCES, EROFS, ENOSPC, EIO, ...) and SQLite's (SQLITE_CANTOPEN,
+ * SQLITE_READONLY, SQLITE_IOERR, SQLITE_FULL, ...).
+ */
+function storageErrorCode(err: unknown): string | undefined {
+  const code = (err as { code?: unknown } | null)?.code
+  return typeof code === 'string' && /^(E[A-Z]+|SQLITE_[A-Z_]+)$/.test(code) ? code : undefined
 }

@@ -1,0 +1,74 @@
+/**
+ * A cache directory that cannot be used at start (a file in the way, an index path the database
+ * cannot open, a read-only volume) must not stop the proxy: it serves every package uncached,
+ * verified as always, and says why on /readyz, /cache and in the log.
+ */
+import { execFileSync } from 'node:child_process'
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import t, { type Test } from 'tap'
+import { captureLogger } from '../fixtures/log-capture.js'
+import { DEFAULT_PREFIX, bytes, packageUrl, startHarness } from '../fixtures/proxy-harness.js'
+
+async function assertServesUncached(t: Test, spoil: (cacheDirectory: string) => void, code: RegExp): Promise<void> {
+  const dir = t.testdir()
+  spoil(join(dir, 'cache'))
+  const log = captureLogger('info')
+  const h = await startHarness(t, { dir, logger: log.logger })
+  const image = h.registry.addImage(DEFAULT_PREFIX, [bytes(20_000, 81)])
+
+  const ready = await h.proxy.server.inject('/readyz')
+  t.equal(ready.statusCode, 503, 'not ready: on-call must hear of it')
+  t.match(JSON.parse(ready.payload), { reasons: [/^cache directory unusable at start \(\w+\): serving packages uncached/] })
+  const line = log.lines().find((l) => l.msg === 'cannot open the cache; serving packages uncached')
+  t.match((line?.err as { code?: string } | undefined)?.code, code, 'the log line names the error')
+
+  for (let i = 0; i < 2; i++) {
+    const res = await h.proxy.server.inject(packageUrl({ digest: image.manifestDigest }))
+    t.equal(res.statusCode, 200, `request ${i + 1} served`)
+    t.ok(res.rawPayload.equals(image.lastLayer.data), 'byte-exact')
+    t.equal(res.headers['x-cache'], 'BYPASS', 'streamed through')
+  }
+  t.equal(h.registry.counts.blob, 2, 'nothing was cached')
+  const cache = JSON.parse((await h.proxy.server.inject('/cache')).payload) as Record<string, unknown>
+  t.match(cache, { enabled: false, unavailable: /unusable at start/, limitBytes: 0, entries: 0 })
+  const limit = await h.proxy.metrics.registry.getSingleMetricAsString('registry_packages_proxy_cache_limit_bytes')
+  t.match(limit, /^registry_packages_proxy_cache_limit_bytes 0$/m, 'the limit gauge says 0')
+}
+
+void t.test('a file where the cache directory should be (ENOTDIR, EEXIST)', (t) =>
+  assertServesUncached(t, (cache) => writeFileSync(cache, 'not a directory'), /^E(NOTDIR|EXIST)$/))
+
+void t.test('an index path the database cannot open (SQLITE_CANTOPEN)', (t) =>
+  assertServesUncached(t, (cache) => mkdirSync(join(cache, 'index.sqlite'), { recursive: true }), /^SQLITE_CANTOPEN$/))
+
+void t.test('a read-only cache volume (EROFS)', async (t) => {
+  // Root ignores permission bits, so a read-only bind mount stands in for a read-only volume;
+  // where mounting is not allowed the case cannot be built and is skipped.
+  let mounted: string | undefined
+  t.teardown(() => {
+    if (mounted) execFileSync('umount', [mounted], { stdio: 'pipe' })
+  })
+  const probe = mkdtempSync(join(tmpdir(), 'rpp-mount-probe-'))
+  try {
+    execFileSync('mount', ['--bind', probe, probe], { stdio: 'pipe' })
+    execFileSync('umount', [probe], { stdio: 'pipe' })
+  } catch {
+    t.comment('skipped: this user cannot bind-mount a read-only volume here')
+    return
+  } finally {
+    rmSync(probe, { recursive: true, force: true })
+  }
+  await assertServesUncached(
+    t,
+    (cache) => {
+      mkdirSync(cache, { recursive: true })
+      execFileSync('mount', ['--bind', cache, cache], { stdio: 'pipe' })
+      mounted = cache
+      execFileSync('mount', ['-o', 'remount,ro,bind', cache], { stdio: 'pipe' })
+    },
+    // Node's recursive mkdir reports a read-only file system as ENOENT.
+    /^(EROFS|ENOENT)$/,
+  )
+})
