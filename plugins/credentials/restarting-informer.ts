@@ -27,6 +27,15 @@ export interface InformerTiming {
   minWatchMs: number
   /** A watch that stayed open this long before it failed restarts from the initial delay. */
   stableWatchMs: number
+  /**
+   * Each watch asks the API server to end it after between this and twice this long
+   * (`timeoutSeconds`, randomised like client-go's), and is then resumed from the last
+   * resourceVersion. A connection that died without a FIN or RST (a vanished load balancer or
+   * node) would otherwise look like a quiet watch forever, and no change would ever arrive.
+   */
+  watchTimeoutMs: number
+  /** A watch still open this long after its `timeoutSeconds` is presumed dead and aborted. */
+  watchTimeoutGraceMs: number
 }
 
 export const DEFAULT_INFORMER_TIMING: InformerTiming = Object.freeze({
@@ -35,6 +44,8 @@ export const DEFAULT_INFORMER_TIMING: InformerTiming = Object.freeze({
   requestTimeoutMs: 30_000,
   minWatchMs: 1_000,
   stableWatchMs: 10_000,
+  watchTimeoutMs: 300_000,
+  watchTimeoutGraceMs: 30_000,
 })
 
 export interface RestartingInformerOptions<T extends KubernetesObject> {
@@ -64,6 +75,7 @@ interface WatchHooks {
   opened(): void
   event(): void
   closed(err: unknown): unknown
+  presumedDead(timeoutSeconds: number): void
 }
 
 /**
@@ -86,9 +98,11 @@ function withHeadersTimeout(kubeConfig: KubeConfig, ms: number): KubeConfig {
  */
 class ObservedWatch extends Watch {
   readonly #hooks: WatchHooks
+  readonly #timing: InformerTiming
 
-  constructor(kubeConfig: KubeConfig, headersTimeoutMs: number, hooks: WatchHooks) {
-    super(withHeadersTimeout(kubeConfig, headersTimeoutMs))
+  constructor(kubeConfig: KubeConfig, timing: InformerTiming, hooks: WatchHooks) {
+    super(withHeadersTimeout(kubeConfig, timing.requestTimeoutMs))
+    this.#timing = timing
     this.#hooks = hooks
   }
 
@@ -101,14 +115,20 @@ class ObservedWatch extends Watch {
     // A LIST that finished after stop() must not open a new watch behind our back.
     if (this.#hooks.stopped()) return new AbortController()
     let ended = false
+    let presumedDead = false
+    let deadline: NodeJS.Timeout | undefined
     const onDone = (err: unknown): void => {
       ended = true
-      done(this.#hooks.closed(err))
+      clearTimeout(deadline)
+      // Our own abort of a watch that outlived its timeout: a clean end, resumed at once from
+      // the last resourceVersion (not a failure with backoff).
+      done(this.#hooks.closed(presumedDead ? null : err))
     }
+    const timeoutSeconds = Math.max(1, Math.round((this.#timing.watchTimeoutMs * (1 + Math.random())) / 1000))
     try {
       const controller = await super.watch(
         path,
-        queryParams,
+        { ...queryParams, timeoutSeconds },
         (phase, obj, watchObj) => {
           this.#hooks.event()
           callback(phase, obj, watchObj)
@@ -117,7 +137,15 @@ class ObservedWatch extends Watch {
       )
       // stop() came while the request was under way: ListWatch had nothing to abort yet.
       if (this.#hooks.stopped()) controller.abort()
-      else if (!ended) this.#hooks.opened()
+      else if (!ended) {
+        this.#hooks.opened()
+        deadline = setTimeout(() => {
+          presumedDead = true
+          this.#hooks.presumedDead(timeoutSeconds)
+          controller.abort()
+        }, timeoutSeconds * 1000 + this.#timing.watchTimeoutGraceMs)
+        deadline.unref()
+      }
       return controller
     } catch (err) {
       if (!ended) onDone(err)
@@ -155,7 +183,7 @@ export class RestartingInformer<T extends KubernetesObject> {
     this.#o = o
     this.#timing = { ...DEFAULT_INFORMER_TIMING, ...o.timing }
     this.#now = o.now ?? Date.now
-    const watch = new ObservedWatch(o.kubeConfig, this.#timing.requestTimeoutMs, {
+    const watch = new ObservedWatch(o.kubeConfig, this.#timing, {
       stopped: () => this.#stopped,
       opened: () => {
         this.#watching = true
@@ -168,6 +196,9 @@ export class RestartingInformer<T extends KubernetesObject> {
         this.#lastSync = this.#now()
       },
       closed: (err) => this.#watchClosed(err),
+      presumedDead: (timeoutSeconds) => {
+        this.#o.log.warn({ provider: this.#o.provider, timeoutSeconds }, 'Kubernetes watch outlived its timeout without closing: presumed dead, watching again')
+      },
     })
     this.#informer = new ListWatch<T>(o.path, watch, () => this.#list(), false, undefined, o.fieldSelector)
     const changed = (): void => this.#scheduleNotify()

@@ -175,6 +175,33 @@ void t.test('dropped watches are restarted from the last resourceVersion; change
   t.equal(await providerMetric(s.metrics, 'registry_packages_proxy_source_watch_restarts_total', 'secret'), restarts, 'a clean end is no failure')
 })
 
+void t.test('every watch asks for a timeout, and one that outlives it silently is presumed dead and resumed', async (t) => {
+  const api = await startApi(t)
+  api.putSecret(registrySecret({ address: 'before.example.com' }))
+  // The API server here ignores timeoutSeconds, as one behind a dead connection would.
+  const s = await startPlugin(t, api, { ...FAST, watchTimeoutMs: 1000, watchTimeoutGraceMs: 300 })
+  await waitFor(() => api.openWatches() === 2, 'both watches open')
+  const asked = api.requests.filter((r) => r.watch).map((r) => Number(r.query.timeoutSeconds))
+  t.ok(asked.length === 2 && asked.every((n) => n >= 1 && n <= 2), `each watch asks for timeoutSeconds between 1x and 2x the setting (${asked.join(', ')})`)
+
+  // The defaults: 5 to 10 minutes, as client-go does.
+  const { DEFAULT_INFORMER_TIMING } = await import('../../../plugins/credentials/restarting-informer.js')
+  t.same([DEFAULT_INFORMER_TIMING.watchTimeoutMs, DEFAULT_INFORMER_TIMING.watchTimeoutGraceMs], [300_000, 30_000])
+
+  const restarts = await providerMetric(s.metrics, 'registry_packages_proxy_source_watch_restarts_total', 'secret')
+  const lists = api.counts.list.secrets
+  t.equal(api.freezeWatches(), 2, 'both watches frozen')
+  api.putSecret(registrySecret({ address: 'after.example.com' }))
+  await new Promise((resolve) => setTimeout(resolve, 200))
+  t.ok(s.repositories().includes('default:before.example.com'), 'the frozen watch delivers nothing')
+  // Within 2 s + grace the watch is given up and resumed from its resourceVersion: the change
+  // arrives from the event history, with no re-list and no failure counted.
+  await waitFor(() => s.repositories().includes('default:after.example.com'), 'the change arrives after the dead watch is replaced', 5000)
+  t.equal(api.counts.list.secrets, lists, 'resumed from the resourceVersion, not re-listed')
+  t.equal(await providerMetric(s.metrics, 'registry_packages_proxy_source_watch_restarts_total', 'secret'), restarts, 'no failure counted')
+  t.ok(s.logs.find(/presumed dead/).length >= 1, 'and it is logged')
+})
+
 void t.test('a server that ends every watch at once gets backoff, not a tight loop', async (t) => {
   const api = await startApi(t)
   const s = await startPlugin(t, api, { ...FAST, initialBackoffMs: 100, maxBackoffMs: 400, minWatchMs: 1000 })
