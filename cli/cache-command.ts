@@ -20,6 +20,8 @@ interface Entry {
 
 interface State {
   enabled: boolean
+  /** Why the cache is off although it was not disabled. */
+  unavailable?: string
   limitBytes: number
   usedBytes: number
   entries: number
@@ -107,7 +109,8 @@ export async function runCacheCommand(argv: readonly string[], io: CliIo): Promi
       const s = body as State
       const head = `cache ${s.enabled ? 'enabled' : 'DISABLED'}: ${formatBytes(s.usedBytes)} of ${formatBytes(s.limitBytes)} in ${s.entries} entries; ` +
         `hits ${s.hit}, misses ${s.miss}, coalesced ${s.coalesced}, bypassed ${s.bypass}, hit ratio ${(s.hitRatio * 100).toFixed(1)}%; evictions ${s.evictions}`
-      return s.items.length === 0 ? head : `${head}\n\n${table(entryRows(s.items))}`
+      const why = s.unavailable ? `\n${s.unavailable}` : ''
+      return s.items.length === 0 ? `${head}${why}` : `${head}${why}\n\n${table(entryRows(s.items))}`
     })
   }
   if ((command === 'show' || command === 'rm') && digest && positional.length === 2) {

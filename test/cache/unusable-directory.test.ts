@@ -8,6 +8,7 @@ import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import t, { type Test } from 'tap'
+import { runCacheCommand } from '../../cli/cache-command.js'
 import { captureLogger } from '../fixtures/log-capture.js'
 import { DEFAULT_PREFIX, bytes, packageUrl, startHarness } from '../fixtures/proxy-harness.js'
 
@@ -35,6 +36,11 @@ async function assertServesUncached(t: Test, spoil: (cacheDirectory: string) => 
   t.match(cache, { enabled: false, unavailable: /unusable at start/, limitBytes: 0, entries: 0 })
   const limit = await h.proxy.metrics.registry.getSingleMetricAsString('registry_packages_proxy_cache_limit_bytes')
   t.match(limit, /^registry_packages_proxy_cache_limit_bytes 0$/m, 'the limit gauge says 0')
+  // On-call's CLI says it too.
+  await h.proxy.server.start()
+  const out: string[] = []
+  t.equal(await runCacheCommand(['ls', '--url', h.proxy.server.info.uri], { out: (l) => out.push(l), err: (l) => out.push(l) }), 0)
+  t.match(out.join('\n'), /^cache DISABLED: .*\ncache directory unusable at start \(\w+\): serving packages uncached/m, 'cache ls explains why')
 }
 
 void t.test('a file where the cache directory should be (ENOTDIR, EEXIST)', (t) =>

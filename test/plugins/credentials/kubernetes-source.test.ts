@@ -2,6 +2,7 @@ import t, { type Test } from 'tap'
 import { providerMetric, startCredentialsPlugin, type CredentialsPlugin } from '../../fixtures/credentials-plugin.js'
 import { FakeKubeApi, b64, moduleSource, registrySecret, waitFor } from '../../fixtures/fake-kube-api.js'
 import { freePort } from '../../fixtures/net.js'
+import { DEFAULT_INFORMER_TIMING, type InformerTiming } from '../../../plugins/credentials/restarting-informer.js'
 
 const TOKEN = 'kube-token-4f9c2e'
 const PASSWORD = 'registry-pass-7d1a'
@@ -15,7 +16,7 @@ interface Started extends CredentialsPlugin {
 }
 
 /** The credentials plugin alone on a hapi server, pointed at `api` through a kubeconfig. */
-async function startPlugin(t: Test, api: FakeKubeApi, timing: Partial<typeof FAST> = FAST): Promise<Started> {
+async function startPlugin(t: Test, api: FakeKubeApi, timing: Partial<InformerTiming> = FAST): Promise<Started> {
   const kubeconfig = api.writeKubeconfig(t.testdir(), TOKEN)
   const s = await startCredentialsPlugin(t, { kubeconfig, env: {}, kubernetesTiming: timing })
   return { api, ...s, repositories: () => s.sources.all().map((source) => `${source.kind}:${source.repository}`).sort() }
@@ -185,7 +186,6 @@ void t.test('every watch asks for a timeout, and one that outlives it silently i
   t.ok(asked.length === 2 && asked.every((n) => n >= 1 && n <= 2), `each watch asks for timeoutSeconds between 1x and 2x the setting (${asked.join(', ')})`)
 
   // The defaults: 5 to 10 minutes, as client-go does.
-  const { DEFAULT_INFORMER_TIMING } = await import('../../../plugins/credentials/restarting-informer.js')
   t.same([DEFAULT_INFORMER_TIMING.watchTimeoutMs, DEFAULT_INFORMER_TIMING.watchTimeoutGraceMs], [300_000, 30_000])
 
   const restarts = await providerMetric(s.metrics, 'registry_packages_proxy_source_watch_restarts_total', 'secret')
