@@ -2,20 +2,13 @@ import { createHash } from 'node:crypto'
 import { EventEmitter } from 'node:events'
 import { Readable } from 'node:stream'
 export type { TempFile } from './blob-store.js'
-import { DigestError, TimeoutError, UpstreamError } from '../../errors.js'
+import { DigestError, UpstreamError } from '../../errors.js'
 import type { TempFile } from './blob-store.js'
 import type { BlobResponse } from './registry-client.js'
 import type { LayerRef } from './manifest.js'
+import { resumableDownload } from './resumable-download.js'
 
 const READ_CHUNK = 256 * 1024
-/** How often one fill resumes a broken download before giving up. */
-export const MAX_RESUMES = 3
-
-/** A broken or stalled connection can be resumed; a refusal, bad size or bad digest cannot. */
-export function isResumable(err: unknown): boolean {
-  if (err instanceof TimeoutError) return err.phase === 'idle'
-  return err instanceof UpstreamError && err.upstreamStatus === undefined && /mid-body|ended the layer early/.test(err.message)
-}
 
 /** In degraded (memory) mode the download waits for its slowest reader beyond this many bytes. */
 const MEMORY_WINDOW = 8 * 1024 * 1024
@@ -87,55 +80,33 @@ export class Fill extends EventEmitter {
   /**
    * Downloads the layer: `open(offset)` makes the upstream request, from `offset` when resuming.
    * A connection that breaks (or stalls) mid-layer is resumed with a Range request from the byte
-   * reached, up to {@link MAX_RESUMES} times; the hash simply continues, so the final digest
+   * reached ({@link resumableDownload}, up to 3 times); the hash simply continues, so the final digest
    * check covers the stitched bytes. Resolves when the fill is over, either way; the outcome is
    * in {@link state}, {@link started} and {@link done}.
    */
   async run(open: (offset: number) => Promise<BlobResponse>): Promise<void> {
     try {
       const hash = createHash('sha256')
-      let res = await open(0)
-      if (res.length !== this.layer.size) {
-        res.body.destroy()
-        throw new UpstreamError(`registry blob is ${res.length} bytes, the manifest says ${this.layer.size}`)
+      const first = await open(0)
+      if (first.length !== this.layer.size) {
+        first.body.destroy()
+        throw new UpstreamError(`registry blob is ${first.length} bytes, the manifest says ${this.layer.size}`)
       }
       this.#resolveStarted()
-      for (let resumes = 0; ; resumes++) {
-        // A registry that ignores Range sends the blob from byte 0: skip what we already have.
-        let skip = this.written - res.offset
-        try {
-          for await (const raw of res.body as AsyncIterable<Buffer>) {
-            let chunk = raw
-            if (skip > 0) {
-              const drop = Math.min(skip, chunk.length)
-              skip -= drop
-              chunk = chunk.subarray(drop)
-              if (chunk.length === 0) continue
-            }
-            if (this.written + chunk.length > this.layer.size) {
-              res.body.destroy()
-              throw new UpstreamError('registry sent more bytes than the manifest says')
-            }
-            hash.update(chunk)
-            await this.#store(chunk)
-            if (this.diskError && this.#readers.size === 0) {
-              // Degraded and nobody left to serve: the bytes have no destination.
-              res.body.destroy()
-              throw this.diskError
-            }
-          }
-          if (this.written !== this.layer.size) throw new UpstreamError('registry ended the layer early')
-          break
-        } catch (err) {
-          if (!isResumable(err) || resumes >= MAX_RESUMES || this.diskError) throw err
+      const bytes = resumableDownload(first, this.layer.size, open, {
+        // A degraded fill gives up instead: it will not be cached, and its readers are served
+        // from a memory window that a slow resume would keep waiting.
+        canResume: () => this.diskError === undefined,
+        onResume: (err) => {
           this.resumes++
           this.emit('resume', err)
-          res = await open(this.written)
-          if (res.offset + res.length !== this.layer.size) {
-            res.body.destroy()
-            throw new UpstreamError('registry answered the resume request with a different size')
-          }
-        }
+        },
+      })
+      for await (const chunk of bytes) {
+        hash.update(chunk)
+        await this.#store(chunk)
+        // Degraded and nobody left to serve: the bytes have no destination.
+        if (this.diskError && this.#readers.size === 0) throw this.diskError
       }
       const found = `sha256:${hash.digest('hex')}`
       if (found !== this.layer.digest) throw new DigestError('layer', this.layer.digest, found)

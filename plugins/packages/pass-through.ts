@@ -2,9 +2,9 @@ import { createHash } from 'node:crypto'
 import { Readable, Transform, type TransformCallback } from 'node:stream'
 import { DigestError, UpstreamError } from '../../errors.js'
 import type { RegistrySource } from '../credentials/source.js'
-import { isResumable, MAX_RESUMES } from './fill.js'
 import type { LayerRef } from './manifest.js'
 import type { BlobResponse, RegistryClient } from './registry-client.js'
+import { resumableDownload } from './resumable-download.js'
 
 /**
  * Hashes a whole layer as it passes and emits bytes `start..end` of it (inclusive), withholding
@@ -66,8 +66,8 @@ export class VerifyingSlice extends Transform {
  * Streams a layer from the registry to one client without touching the disk (cache disabled,
  * or the layer cannot be cached), verified on the way. Resolves once the registry answered.
  * Like a fill, a connection that breaks or stalls mid-layer is resumed with a Range request
- * from the byte reached (up to {@link MAX_RESUMES} times), and the hash runs on over the
- * stitched bytes; `onResume` hears of each resume.
+ * from the byte reached ({@link resumableDownload}), and the hash runs on over the stitched
+ * bytes; `onResume` hears of each resume.
  */
 export async function verifiedPassThrough(
   client: RegistryClient,
@@ -79,11 +79,10 @@ export async function verifiedPassThrough(
   onResume?: (err: unknown, offset: number) => void,
 ): Promise<Readable> {
   const controller = new AbortController()
-  const signal = controller.signal
-  // The generator below reads each body only once the client pulls: until then an error is
-  // kept in the stream's state (and thrown to the reader) instead of being emitted unheard.
+  // A body is read only once the client pulls: until then an error is kept in the stream's
+  // state (and thrown to the reader) instead of being emitted unheard.
   const open = async (offset: number): Promise<BlobResponse> => {
-    const res = await client.openBlob(source, name, layer.digest, { offset, signal })
+    const res = await client.openBlob(source, name, layer.digest, { offset, signal: controller.signal })
     res.body.on('error', () => undefined)
     return res
   }
@@ -92,43 +91,7 @@ export async function verifiedPassThrough(
     first.body.destroy()
     throw new UpstreamError(`registry blob is ${first.length} bytes, the manifest says ${layer.size}`)
   }
-  async function* download(): AsyncGenerator<Buffer> {
-    let res = first
-    let received = 0
-    try {
-      for (let resumes = 0; ; resumes++) {
-        // A registry that ignores Range sends the blob from byte 0: skip what was passed on.
-        let skip = received - res.offset
-        try {
-          for await (const raw of res.body as AsyncIterable<Buffer>) {
-            let chunk = raw
-            if (skip > 0) {
-              const drop = Math.min(skip, chunk.length)
-              skip -= drop
-              chunk = chunk.subarray(drop)
-              if (chunk.length === 0) continue
-            }
-            received += chunk.length
-            yield chunk
-          }
-          // Too many bytes are the slice's to refuse; too few may be a cut worth resuming.
-          if (received < layer.size) throw new UpstreamError('registry ended the layer early')
-          return
-        } catch (err) {
-          if (!isResumable(err) || resumes >= MAX_RESUMES || signal.aborted) throw err
-          onResume?.(err, received)
-          res = await open(received)
-          if (res.offset + res.length !== layer.size) {
-            res.body.destroy()
-            throw new UpstreamError('registry answered the resume request with a different size')
-          }
-        }
-      }
-    } finally {
-      res.body.destroy()
-    }
-  }
-  const bytes = Readable.from(download(), { objectMode: false })
+  const bytes = Readable.from(resumableDownload(first, layer.size, open, { canResume: () => !controller.signal.aborted, ...(onResume ? { onResume } : {}) }), { objectMode: false })
   const slice = new VerifyingSlice(layer, start, end)
   bytes.on('error', (err) => slice.destroy(err))
   // A client that goes away stops the download: nobody else is waiting for these bytes.

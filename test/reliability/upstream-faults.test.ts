@@ -13,7 +13,7 @@
 import { readFileSync } from 'node:fs'
 import { join } from 'node:path'
 import t from 'tap'
-import { MAX_RESUMES } from '../../plugins/packages/fill.js'
+import { MAX_RESUMES } from '../../plugins/packages/resumable-download.js'
 import { DEFAULT_TIMEOUTS } from '../../plugins/packages/transport.js'
 import { DEFAULT_PREFIX, bytes, packageUrl, sha256 } from '../fixtures/proxy-harness.js'
 import { FakeRegistry } from '../fixtures/fake-registry.js'
