@@ -8,6 +8,7 @@ import {
   bytes,
   fetchRaw,
   injectOutcome,
+  midLayerBreaks,
   packageUrl,
   startHarness,
   until,
@@ -118,12 +119,7 @@ void t.test('concurrent readers of a failing fill all see the failure', async (t
 
 // The registry connection breaks once mid-layer: the fill resumes from the byte reached with a
 // Range request, the stitched layer still verifies, the client never notices, and it is cached.
-for (const [name, faults] of [
-  ['a reset', { resetBlobAt: 20_000 }],
-  ['a truncation', { truncateBlobAt: 20_000 }],
-  ['a truncation one byte short', { truncateBlobAt: SIZE - 1 }],
-  ['a stall', { blobStallAfterBytes: 20_000 }],
-] as Array<[string, FakeFaults]>) {
+for (const [name, faults] of midLayerBreaks(SIZE)) {
   void t.test(`${name} mid-layer is resumed with a Range request and the digest still verifies`, async (t) => {
     const h = await startHarness(t, { timeouts: { idleMs: 300 } })
     const data = bytes(SIZE, 24)

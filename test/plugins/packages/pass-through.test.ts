@@ -5,7 +5,7 @@ import { DigestError, UpstreamError } from '../../../errors.js'
 import { MAX_RESUMES } from '../../../plugins/packages/resumable-download.js'
 import { VerifyingSlice } from '../../../plugins/packages/pass-through.js'
 import type { FakeFaults } from '../../fixtures/fake-registry.js'
-import { DEFAULT_PREFIX, blobFiles, bytes, fetchRaw, injectOutcome, packageUrl, sha256, startHarness, type RawReply } from '../../fixtures/proxy-harness.js'
+import { DEFAULT_PREFIX, blobFiles, bytes, fetchRaw, injectOutcome, midLayerBreaks, packageUrl, sha256, startHarness, type RawReply } from '../../fixtures/proxy-harness.js'
 
 const SIZE = 48 * 1024
 
@@ -125,12 +125,7 @@ for (const [name, faults] of FAULTS) {
 // The registry connection breaks once mid-layer: the pass-through resumes from the byte reached
 // with a Range request (or skips what it has when the registry ignores Range), the stitched
 // layer still verifies, and the client never notices.
-for (const [name, faults] of [
-  ['a reset', { resetBlobAt: 20_000 }],
-  ['a truncation', { truncateBlobAt: 20_000 }],
-  ['a truncation one byte short', { truncateBlobAt: SIZE - 1 }],
-  ['a stall', { blobStallAfterBytes: 20_000 }],
-] as Array<[string, FakeFaults]>) {
+for (const [name, faults] of midLayerBreaks(SIZE)) {
   void t.test(`disableCache: ${name} mid-layer is resumed with a Range request and the digest still verifies`, async (t) => {
     const h = await startHarness(t, { disableCache: true, timeouts: { idleMs: 300 } })
     const data = bytes(SIZE, 34)
