@@ -31,6 +31,7 @@ export class Metrics {
   readonly sourceRestarts: client.Counter<'provider'>
   readonly sourceLastSync: client.Gauge<'provider'>
   readonly downloadsRefused: client.Counter<'kind'>
+  readonly upstreamResumes: client.Counter<'kind'>
   #stats: CacheStats | undefined
   #ready: (() => boolean) | undefined
   readonly #syncClocks = new Map<string, () => number | undefined>()
@@ -103,6 +104,13 @@ export class Metrics {
     })
     // Both series exist from the start, so increase() sees the first refusal.
     for (const kind of ['layer', 'manifest'] as const) this.downloadsRefused.inc({ kind }, 0)
+    this.upstreamResumes = new client.Counter({
+      name: 'registry_packages_proxy_upstream_resumes_total',
+      help: 'Layer downloads that resumed a broken or stalled registry connection with a Range request, by kind (fill or pass-through).',
+      labelNames: ['kind'],
+      registers,
+    })
+    for (const kind of ['fill', 'pass-through'] as const) this.upstreamResumes.inc({ kind }, 0)
     this.requests = new client.Counter({
       name: 'registry_packages_proxy_http_requests_total',
       help: 'HTTP requests answered, by route, method and status code; a body that broke off after the headers counts as 500 (a failure) or 499 (the client left).',

@@ -106,6 +106,7 @@ export const packagesPlugin: Plugin<PackagesOptions> = {
         o.metrics.evictions.inc()
         o.metrics.evictedBytes.inc(bytes)
       },
+      onResume: (kind) => o.metrics.upstreamResumes.inc({ kind }),
     })
     if (service.space) {
       const trimmed = await service.space.trim()

@@ -34,6 +34,8 @@ export interface PackageServiceOptions {
   onFillDone?: (outcome: FillOutcome, seconds: number, error: Error | undefined) => void
   /** Told about every eviction (metrics). */
   onEvict?: (bytes: number) => void
+  /** A layer download resumed a broken registry connection (a fill or a pass-through). */
+  onResume?: (kind: 'fill' | 'pass-through') => void
   /** Memory for small hot layers (default 64 MiB, entries up to 8 MiB); 0 turns it off. */
   hotCacheBytes?: number
   hotCacheEntryBytes?: number
@@ -236,6 +238,7 @@ export class PackageService {
     try {
       await ticket.ready
       stream = await verifiedPassThrough(this.#o.client, source, name, layer, start, end, (err, offset) => {
+        this.#o.onResume?.('pass-through')
         this.#o.log.warn({ err: describe(err), layer: layer.digest, offset }, 'registry connection broke mid-layer; resuming with a Range request')
       })
     } catch (err) {
@@ -306,6 +309,7 @@ export class PackageService {
       if (fill.state === 'failed') forget()
     })
     fill.on('resume', (err: unknown) => {
+      this.#o.onResume?.('fill')
       this.#o.log.warn({ err: describe(err), layer: layer.digest, offset: fill.written }, 'registry connection broke mid-layer; resuming with a Range request')
     })
     fill.once('degraded', (err: unknown) => {

@@ -134,6 +134,8 @@ for (const [name, faults] of midLayerBreaks(SIZE)) {
     t.equal(h.registry.counts.blobRange, 1, 'one Range request resumed it')
     const resumed = h.registry.requests.find((r) => r.headers.range !== undefined)
     t.match(String(resumed?.headers.range), /^bytes=\d+-$/, 'from the byte reached')
+    const resumes = await h.proxy.metrics.registry.getSingleMetricAsString('registry_packages_proxy_upstream_resumes_total')
+    t.match(resumes, /^registry_packages_proxy_upstream_resumes_total\{kind="fill"\} 1$/m, 'counted as a fill resume')
     await waitCached(h, image.manifestDigest, image.lastLayer.digest)
   })
 }

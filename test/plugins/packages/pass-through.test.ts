@@ -142,6 +142,9 @@ for (const [name, faults] of midLayerBreaks(SIZE)) {
     const from = Number(/^bytes=(\d+)-$/.exec(String(resumed?.headers.range))?.[1])
     t.ok(from > 0 && from <= (faults.truncateBlobAt ?? faults.resetBlobAt ?? faults.blobStallAfterBytes ?? 0), `from the byte reached (${from})`)
     t.same(blobFiles(h.cacheDirectory), [], 'nothing written')
+    const resumes = await h.proxy.metrics.registry.getSingleMetricAsString('registry_packages_proxy_upstream_resumes_total')
+    t.match(resumes, /^registry_packages_proxy_upstream_resumes_total\{kind="pass-through"\} 1$/m, 'counted as a pass-through resume')
+    t.match(resumes, /^registry_packages_proxy_upstream_resumes_total\{kind="fill"\} 0$/m, 'and not as a fill')
   })
 }
 
