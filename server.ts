@@ -43,6 +43,8 @@ export interface ServerOptions {
   downloads?: Partial<DownloadSlotsOptions>
   /** The same for manifest lookups of cold digests. */
   lookups?: Partial<DownloadSlotsOptions>
+  /** How often a cache directory that was unusable at start is tried again (tests shorten it). */
+  cacheRetryMs?: number
 }
 
 export interface ProxyServer {
@@ -124,6 +126,7 @@ export async function createServer(o: ServerOptions): Promise<ProxyServer> {
         ...(o.flushIntervalMs ? { flushIntervalMs: o.flushIntervalMs } : {}),
         ...(o.downloads ? { downloads: o.downloads } : {}),
         ...(o.lookups ? { lookups: o.lookups } : {}),
+        ...(o.cacheRetryMs ? { cacheRetryMs: o.cacheRetryMs } : {}),
       },
     },
   ])

@@ -18,7 +18,7 @@ export interface CacheHandlerDeps {
   limitBytes: number
   counts: ResultCounts
   /** Why the cache is off although `--disable-cache` was not given (it could not be opened). */
-  unavailable?: string
+  unavailable?: string | undefined
 }
 
 /** One cache entry as the API shows it. */

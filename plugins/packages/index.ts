@@ -30,6 +30,8 @@ export interface PackagesOptions {
   downloads?: Partial<DownloadSlotsOptions>
   /** The same for manifest lookups of cold digests. */
   lookups?: Partial<DownloadSlotsOptions>
+  /** How often a cache directory that was unusable at start is tried again (default 30 s). */
+  cacheRetryMs?: number
 }
 
 /** What the plugin exposes to the server and to other plugins (health, cache API). */
@@ -52,34 +54,45 @@ export const packagesPlugin: Plugin<PackagesOptions> = {
   async register(server, o) {
     let index: CacheIndex | undefined
     let store: BlobStore | undefined
-    // Set when the cache could not be opened at start: packages are then served uncached.
+    // Set while the cache could not be opened: packages are then served uncached.
     let unavailable: string | undefined
+    const retryMs = o.cacheRetryMs ?? 30_000
+    const unusable = (code: string | undefined): string =>
+      `cache directory unusable (${code ?? 'error'}): serving packages uncached, trying again every ${Math.round(retryMs / 1000)} s`
+    /** Opens the blob store and the index and reconciles them; closes what it opened on failure. */
+    const openCache = async (): Promise<{ index: CacheIndex; store: BlobStore }> => {
+      const s = new BlobStore(o.cacheDirectory)
+      await s.init()
+      const i = await CacheIndex.open(
+        o.cacheDirectory,
+        (err) => o.log.error({ err: describe(err) }, 'cache index error'),
+        (err) => o.log.error({ err: describe(err) }, 'cache index is corrupt: moved aside to index.sqlite.corrupt; rebuilding it from the blob files'),
+      )
+      try {
+        const report = await reconcile(i, s)
+        o.log.info({ ...report, entries: i.blobCount, usedBytes: i.usedBytes }, 'cache reconciled')
+        return { index: i, store: s }
+      } catch (err) {
+        await i.close().catch(() => undefined)
+        throw err
+      }
+    }
     if (!o.disableCache) {
       try {
-        store = new BlobStore(o.cacheDirectory)
-        await store.init()
-        index = await CacheIndex.open(
-          o.cacheDirectory,
-          (err) => o.log.error({ err: describe(err) }, 'cache index error'),
-          (err) => o.log.error({ err: describe(err) }, 'cache index is corrupt: moved aside to index.sqlite.corrupt; rebuilding it from the blob files'),
-        )
-        const report = await reconcile(index, store)
-        o.log.info({ ...report, entries: index.blobCount, usedBytes: index.usedBytes }, 'cache reconciled')
+        ;({ index, store } = await openCache())
       } catch (err) {
         // A cache volume that is read-only, full, failing or not ours must not stop the proxy:
         // during bootstrap nothing else hands out packages, and a crash-looping pod would not
-        // do it either. It serves every package straight from the registry instead, and says
-        // so where on-call looks (the log, /readyz, the NotReady alert). Anything else is a bug.
+        // do it either. It serves every package straight from the registry instead, says so
+        // where on-call looks (the log, /readyz, the NotReady alert), and tries the directory
+        // again every 30 s. Anything else is a bug.
         const code = storageErrorCode(err)
         if (code === undefined) throw err
-        await index?.close().catch(() => undefined)
-        index = undefined
-        store = undefined
-        unavailable = `cache directory unusable at start (${code}): serving packages uncached; fix the volume and restart the pod`
+        unavailable = unusable(code)
         o.log.error({ err: describe(err), cacheDirectory: o.cacheDirectory }, 'cannot open the cache; serving packages uncached')
       }
     }
-    const cacheOff = o.disableCache || unavailable !== undefined
+    const cacheOff = (): boolean => o.disableCache || unavailable !== undefined
     const client = new RegistryClient({
       ...(o.timeouts ? { timeouts: o.timeouts } : {}),
       ...(o.env ? { env: o.env } : {}),
@@ -93,7 +106,7 @@ export const packagesPlugin: Plugin<PackagesOptions> = {
       store,
       client,
       limitBytes: o.limitBytes,
-      disableCache: cacheOff,
+      disableCache: cacheOff(),
       log: o.log,
       ...(o.downloads ? { downloads: o.downloads } : {}),
       ...(o.lookups ? { lookups: o.lookups } : {}),
@@ -114,7 +127,7 @@ export const packagesPlugin: Plugin<PackagesOptions> = {
     }
     o.metrics.attachCache({
       usedBytes: () => service.space?.usedBytes ?? 0,
-      limitBytes: () => (cacheOff ? 0 : o.limitBytes),
+      limitBytes: () => (cacheOff() ? 0 : o.limitBytes),
       entries: () => index?.blobCount ?? 0,
       activeFills: () => service.activeFills,
       downloads: () => ({ layer: service.downloads, manifest: service.lookups }),
@@ -182,7 +195,18 @@ export const packagesPlugin: Plugin<PackagesOptions> = {
         o.metrics.bytesServed.inc(length)
       }
     })
-    const cacheDeps = { index, packages: service, limitBytes: o.limitBytes, counts, ...(unavailable ? { unavailable } : {}) }
+    // Getters: the cache may be attached after start (see the retry above).
+    const cacheDeps = {
+      get index() {
+        return index
+      },
+      get unavailable() {
+        return unavailable
+      },
+      packages: service,
+      limitBytes: o.limitBytes,
+      counts,
+    }
     server.route([
       { method: 'GET', path: '/cache', handler: listCacheHandler(cacheDeps) },
       { method: 'GET', path: '/cache/{digest}', handler: showCacheEntryHandler(cacheDeps) },
@@ -190,11 +214,46 @@ export const packagesPlugin: Plugin<PackagesOptions> = {
     ])
     server.expose('api', {
       service,
-      index,
+      get index() {
+        return index
+      },
       notReady: () => unavailable ?? (index?.closed ? 'cache index is closed' : dirProblem),
       counts,
     } satisfies PackagesApi)
+    // A cache that could not be opened at start is tried again until it opens, then attached:
+    // a volume that was mounted late, or a disk that was full and got space, heals by itself.
+    let retrying = false
+    let lastFailure = unavailable
+    const retry = unavailable
+      ? setInterval(() => {
+          if (retrying) return
+          retrying = true
+          openCache()
+            .then(async (opened) => {
+              const space = service.attachCache(opened.index, opened.store)
+              index = opened.index
+              store = opened.store
+              unavailable = undefined
+              clearInterval(retry)
+              await space.trim()
+              await checkDirectory()
+              o.log.info({ cacheDirectory: o.cacheDirectory, entries: opened.index.blobCount }, 'cache directory usable again: caching resumed')
+            })
+            .catch((err: unknown) => {
+              // Said once per kind of failure, not every 30 s: /readyz carries the reason.
+              const now = unusable(storageErrorCode(err))
+              unavailable = now
+              if (now !== lastFailure) o.log.warn({ err: describe(err), cacheDirectory: o.cacheDirectory }, 'cache directory still unusable')
+              lastFailure = now
+            })
+            .finally(() => {
+              retrying = false
+            })
+        }, retryMs)
+      : undefined
+    retry?.unref()
     server.ext('onPostStop', async () => {
+      clearInterval(retry)
       clearInterval(flusher)
       await service.close()
       client.close()

@@ -85,10 +85,11 @@ function bufferBody(buffer: Buffer, result: PackageResult): PackageBody {
  * space is reserved before a byte is written so the cache never exceeds its limit.
  */
 export class PackageService {
-  readonly #o: PackageServiceOptions
+  #o: PackageServiceOptions
   readonly #fills = new Map<string, Promise<Fill | undefined>>()
   readonly #resolving = new Map<string, Promise<LayerRef>>()
-  readonly space: SpaceManager | undefined
+  /** Set at construction, or by {@link attachCache} once a cache unusable at start opened. */
+  space: SpaceManager | undefined
   readonly #aborter = new AbortController()
   readonly #hot: HotCache
   readonly #running = new Set<Promise<void>>()
@@ -102,12 +103,25 @@ export class PackageService {
     this.#downloads = new DownloadSlots(options.downloads, this.#aborter.signal)
     this.#lookups = new DownloadSlots(options.lookups, this.#aborter.signal, 'manifest')
     this.#hot = new HotCache(options.hotCacheBytes ?? 64 * 1024 * 1024, options.hotCacheEntryBytes ?? 8 * 1024 * 1024)
-    this.space = options.index && options.store && !options.disableCache
-      ? new SpaceManager(options.index, options.store, options.limitBytes, options.log, (digest, bytes) => {
-          this.#hot.delete(digest)
-          options.onEvict?.(bytes)
-        })
-      : undefined
+    this.space = options.index && options.store && !options.disableCache ? this.#newSpace(options.index, options.store) : undefined
+  }
+
+  #newSpace(index: CacheIndex, store: BlobStore): SpaceManager {
+    return new SpaceManager(index, store, this.#o.limitBytes, this.#o.log, (digest, bytes) => {
+      this.#hot.delete(digest)
+      this.#o.onEvict?.(bytes)
+    })
+  }
+
+  /**
+   * Starts caching with a cache that opened after start (it could not be opened then); until
+   * now every package streamed through. Downloads already running stay pass-throughs.
+   */
+  attachCache(index: CacheIndex, store: BlobStore): SpaceManager {
+    if (this.space) throw new Error('a cache is attached already')
+    this.#o = { ...this.#o, index, store, disableCache: false }
+    this.space = this.#newSpace(index, store)
+    return this.space
   }
 
   /** Fills running or cleaning up (a failed fill leaves the join map earlier than this). */
