@@ -195,7 +195,7 @@ export const packagesPlugin: Plugin<PackagesOptions> = {
         o.metrics.bytesServed.inc(length)
       }
     })
-    // Getters: the cache may be attached after start (see the retry above).
+    // Getters: the cache may be attached after start (see the retry below).
     const cacheDeps = {
       get index() {
         return index
@@ -223,6 +223,7 @@ export const packagesPlugin: Plugin<PackagesOptions> = {
     // A cache that could not be opened at start is tried again until it opens, then attached:
     // a volume that was mounted late, or a disk that was full and got space, heals by itself.
     let retrying = false
+    let stopped = false
     let lastFailure = unavailable
     const retry = unavailable
       ? setInterval(() => {
@@ -230,14 +231,20 @@ export const packagesPlugin: Plugin<PackagesOptions> = {
           retrying = true
           openCache()
             .then(async (opened) => {
+              if (stopped) {
+                await opened.index.close()
+                return
+              }
               const space = service.attachCache(opened.index, opened.store)
               index = opened.index
               store = opened.store
               unavailable = undefined
               clearInterval(retry)
-              await space.trim()
-              await checkDirectory()
               o.log.info({ cacheDirectory: o.cacheDirectory, entries: opened.index.blobCount }, 'cache directory usable again: caching resumed')
+              // Attached for good from here: a failure below is the running cache's, not a reason
+              // to call the directory unusable again.
+              await space.trim().catch((err: unknown) => o.log.warn({ err: describe(err) }, 'cache trim failed'))
+              await checkDirectory()
             })
             .catch((err: unknown) => {
               // Said once per kind of failure, not every 30 s: /readyz carries the reason.
@@ -253,6 +260,7 @@ export const packagesPlugin: Plugin<PackagesOptions> = {
       : undefined
     retry?.unref()
     server.ext('onPostStop', async () => {
+      stopped = true
       clearInterval(retry)
       clearInterval(flusher)
       await service.close()
