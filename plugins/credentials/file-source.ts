@@ -4,6 +4,7 @@ import {
   decodeBase64,
   parseCa,
   parseScheme,
+  registrySource,
   SourceError,
   splitRepository,
   type RegistrySource,
@@ -76,16 +77,7 @@ export function parseRegistryConfig(doc: unknown, what: string): RegistrySource[
     const ca = parseCa(d.ca, `${what}: default.ca`)
     const dockerConfigJson = optionalString(d, 'dockerConfigJson', `${what}: default`)
     const credentials = dockerConfigJson ? credentialsFromDockerConfig(dockerConfigJson, registry, `${what}: default.dockerConfigJson`) : undefined
-    sources.push({
-      name: 'default',
-      kind: 'default',
-      repository: `${registry}${namePrefix ? `/${namePrefix}` : ''}`,
-      registry,
-      namePrefix,
-      scheme: parseScheme(d.scheme, `${what}: default`),
-      ...(ca ? { ca } : {}),
-      ...(credentials ? { credentials } : {}),
-    })
+    sources.push(registrySource({ name: 'default', kind: 'default', registry, namePrefix, scheme: parseScheme(d.scheme, `${what}: default`), ca, credentials }))
   }
   if (root.moduleSources !== undefined) {
     if (!Array.isArray(root.moduleSources)) throw new SourceError(`${what}: moduleSources must be an array`)
@@ -103,16 +95,7 @@ export function parseRegistryConfig(doc: unknown, what: string): RegistrySource[
         ? credentialsFromDockerConfig(decodeBase64(dockerCfg, `${where}.dockerCfg`), registry, `${where}.dockerCfg`)
         : undefined
       if (sources.some((s) => s.kind === 'module-source' && s.name === name)) throw new SourceError(`${where}: duplicate name "${name}"`)
-      sources.push({
-        name,
-        kind: 'module-source',
-        repository: `${registry}${namePrefix ? `/${namePrefix}` : ''}`,
-        registry,
-        namePrefix,
-        scheme: parseScheme(m.scheme, where),
-        ...(ca ? { ca } : {}),
-        ...(credentials ? { credentials } : {}),
-      })
+      sources.push(registrySource({ name, kind: 'module-source', registry, namePrefix, scheme: parseScheme(m.scheme, where), ca, credentials }))
     })
   }
   return sources

@@ -3,6 +3,7 @@ import {
   decodeBase64,
   parseCa,
   parseScheme,
+  registrySource,
   SourceError,
   splitRepository,
   type RegistrySource,
@@ -62,16 +63,7 @@ export function parseRegistrySecret(secret: SecretObject): RegistrySource {
   const ca = parseCa(secretValue(data, 'ca', what), `${what}: data.ca`)
   const dockerConfig = secretValue(data, '.dockerconfigjson', what)
   const credentials = dockerConfig ? credentialsFromDockerConfig(dockerConfig, registry, `${what}: data..dockerconfigjson`) : undefined
-  return {
-    name: 'default',
-    kind: 'default',
-    repository: namePrefix ? `${registry}/${namePrefix}` : registry,
-    registry,
-    namePrefix,
-    scheme,
-    ...(ca ? { ca } : {}),
-    ...(credentials ? { credentials } : {}),
-  }
+  return registrySource({ name: 'default', kind: 'default', registry, namePrefix, scheme, ca, credentials })
 }
 
 /**
@@ -97,14 +89,5 @@ export function parseModuleSource(obj: ModuleSourceObject): RegistrySource {
   const credentials = dockerCfg
     ? credentialsFromDockerConfig(decodeBase64(dockerCfg, `${what}: spec.registry.dockerCfg`), registry, `${what}: spec.registry.dockerCfg`)
     : undefined
-  return {
-    name,
-    kind: 'module-source',
-    repository: namePrefix ? `${registry}/${namePrefix}` : registry,
-    registry,
-    namePrefix,
-    scheme,
-    ...(ca ? { ca } : {}),
-    ...(credentials ? { credentials } : {}),
-  }
+  return registrySource({ name, kind: 'module-source', registry, namePrefix, scheme, ca, credentials })
 }

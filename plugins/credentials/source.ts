@@ -49,6 +49,28 @@ export interface RegistrySource {
   readonly credentials?: Credentials
 }
 
+/**
+ * A source from its parsed parts, the same way for every provider: `repository` is rebuilt
+ * from the split `registry` and `namePrefix`, and absent `ca` and `credentials` are left out.
+ */
+export function registrySource(parts: {
+  name: string
+  kind: RegistrySource['kind']
+  registry: string
+  namePrefix: string
+  scheme: RegistrySource['scheme']
+  ca: string | undefined
+  credentials: Credentials | undefined
+}): RegistrySource {
+  const { ca, credentials, ...rest } = parts
+  return {
+    ...rest,
+    repository: rest.namePrefix ? `${rest.registry}/${rest.namePrefix}` : rest.registry,
+    ...(ca ? { ca } : {}),
+    ...(credentials ? { credentials } : {}),
+  }
+}
+
 /** A source definition is wrong; the message names the source and key, never the secret. */
 export class SourceError extends Error {
   readonly code = 'ESOURCE'
