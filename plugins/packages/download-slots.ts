@@ -14,6 +14,12 @@ export interface DownloadSlotsOptions {
 /** What one set of slots bounds: layer downloads, or manifest lookups before them. */
 export type DownloadKind = 'layer' | 'manifest'
 
+/** How refusals name what was full. */
+const NOUNS: Record<DownloadKind, { many: string; one: string }> = {
+  layer: { many: 'layer downloads', one: 'download' },
+  manifest: { many: 'manifest lookups', one: 'manifest lookup' },
+}
+
 export const DEFAULT_DOWNLOAD_SLOTS: DownloadSlotsOptions = Object.freeze({
   // The registry client's agents keep at most 64 sockets per host: more would only queue there,
   // unseen, with their header timers already running.
@@ -92,8 +98,7 @@ export class DownloadSlots {
       return this.#holding()
     }
     if (this.#queue.length >= this.#o.maxQueued) {
-      const what = this.#kind === 'layer' ? 'layer downloads' : 'manifest lookups'
-      throw new BusyError(`${this.#running} ${what} are running and ${this.#queue.length} waiting; retry later`, this.#o.retryAfterSeconds, this.#kind)
+      throw new BusyError(`${this.#running} ${NOUNS[this.#kind].many} are running and ${this.#queue.length} waiting; retry later`, this.#o.retryAfterSeconds, this.#kind)
     }
     let state: 'waiting' | 'holding' | 'done' = 'waiting'
     let timer: NodeJS.Timeout | undefined
@@ -118,8 +123,7 @@ export class DownloadSlots {
         if (state !== 'waiting') return
         state = 'done'
         leaveQueue()
-        const what = this.#kind === 'layer' ? 'download' : 'manifest lookup'
-        reject(new BusyError(`no ${what} slot became free within ${this.#o.queueTimeoutMs} ms; retry later`, this.#o.retryAfterSeconds, this.#kind))
+        reject(new BusyError(`no ${NOUNS[this.#kind].one} slot became free within ${this.#o.queueTimeoutMs} ms; retry later`, this.#o.retryAfterSeconds, this.#kind))
       }, this.#o.queueTimeoutMs)
     })
     // Whoever holds the ticket observes `ready`; this keeps an abandoned one from being "unhandled".

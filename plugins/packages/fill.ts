@@ -2,11 +2,11 @@ import { createHash } from 'node:crypto'
 import { EventEmitter } from 'node:events'
 import { Readable } from 'node:stream'
 export type { TempFile } from './blob-store.js'
-import { DigestError, UpstreamError } from '../../errors.js'
+import { DigestError } from '../../errors.js'
 import type { TempFile } from './blob-store.js'
 import type { BlobResponse } from './registry-client.js'
 import type { LayerRef } from './manifest.js'
-import { resumableDownload } from './resumable-download.js'
+import { openLayer, resumableDownload } from './resumable-download.js'
 
 const READ_CHUNK = 256 * 1024
 
@@ -87,11 +87,7 @@ export class Fill extends EventEmitter {
   async run(open: (offset: number) => Promise<BlobResponse>): Promise<void> {
     try {
       const hash = createHash('sha256')
-      const first = await open(0)
-      if (first.length !== this.layer.size) {
-        first.body.destroy()
-        throw new UpstreamError(`registry blob is ${first.length} bytes, the manifest says ${this.layer.size}`)
-      }
+      const first = await openLayer(open, this.layer.size)
       this.#resolveStarted()
       const bytes = resumableDownload(first, this.layer.size, open, {
         // A degraded fill gives up instead: it will not be cached, and its readers are served

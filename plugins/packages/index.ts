@@ -224,7 +224,6 @@ export const packagesPlugin: Plugin<PackagesOptions> = {
     // a volume that was mounted late, or a disk that was full and got space, heals by itself.
     let retrying = false
     let stopped = false
-    let lastFailure = unavailable
     const retry = unavailable
       ? setInterval(() => {
           if (retrying) return
@@ -249,9 +248,8 @@ export const packagesPlugin: Plugin<PackagesOptions> = {
             .catch((err: unknown) => {
               // Said once per kind of failure, not every 30 s: /readyz carries the reason.
               const now = unusable(storageErrorCode(err))
+              if (now !== unavailable) o.log.warn({ err: describe(err), cacheDirectory: o.cacheDirectory }, 'cache directory still unusable')
               unavailable = now
-              if (now !== lastFailure) o.log.warn({ err: describe(err), cacheDirectory: o.cacheDirectory }, 'cache directory still unusable')
-              lastFailure = now
             })
             .finally(() => {
               retrying = false

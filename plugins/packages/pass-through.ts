@@ -4,7 +4,7 @@ import { DigestError, UpstreamError } from '../../errors.js'
 import type { RegistrySource } from '../credentials/source.js'
 import type { LayerRef } from './manifest.js'
 import type { BlobResponse, RegistryClient } from './registry-client.js'
-import { resumableDownload } from './resumable-download.js'
+import { openLayer, resumableDownload } from './resumable-download.js'
 
 /**
  * Hashes a whole layer as it passes and emits bytes `start..end` of it (inclusive), withholding
@@ -86,11 +86,7 @@ export async function verifiedPassThrough(
     res.body.on('error', () => undefined)
     return res
   }
-  const first = await open(0)
-  if (first.length !== layer.size) {
-    first.body.destroy()
-    throw new UpstreamError(`registry blob is ${first.length} bytes, the manifest says ${layer.size}`)
-  }
+  const first = await openLayer(open, layer.size)
   const bytes = Readable.from(resumableDownload(first, layer.size, open, { canResume: () => !controller.signal.aborted, ...(onResume ? { onResume } : {}) }), { objectMode: false })
   const slice = new VerifyingSlice(layer, start, end)
   bytes.on('error', (err) => slice.destroy(err))

@@ -18,6 +18,19 @@ export interface ResumeOptions {
 }
 
 /**
+ * Opens a layer of `size` bytes from byte 0: the first request of a download. A registry whose
+ * blob has another size than the manifest says is refused before a byte is passed on.
+ */
+export async function openLayer(open: (offset: number) => Promise<BlobResponse>, size: number): Promise<BlobResponse> {
+  const res = await open(0)
+  if (res.length !== size) {
+    res.body.destroy()
+    throw new UpstreamError(`registry blob is ${res.length} bytes, the manifest says ${size}`)
+  }
+  return res
+}
+
+/**
  * The bytes of one layer of `size` bytes, from the registry's answer `first` (from byte 0) on.
  * A connection that breaks or stalls mid-layer is reopened with `reopen(offset)` (a Range
  * request from the byte reached), up to {@link MAX_RESUMES} times; a registry that ignores the
