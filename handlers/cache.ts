@@ -1,8 +1,7 @@
 import Boom from '@hapi/boom'
 import type { Request, ResponseObject, ResponseToolkit } from '@hapi/hapi'
-import type { BlobEntry, CacheIndex } from '../plugins/packages/cache-index.js'
+import type { BlobEntry, CacheIndex } from '../plugins/packages/cache/cache-index.js'
 import { DIGEST } from '../plugins/packages/manifest.js'
-import type { PackageService } from '../plugins/packages/package-service.js'
 
 /** Request outcome counters since start (the numbers behind the hit ratio). */
 export interface ResultCounts {
@@ -12,9 +11,22 @@ export interface ResultCounts {
   bypass: number
 }
 
+/** The cache's books as `GET /cache` shows them. */
+export interface CacheBooks {
+  usedBytes: number
+  reservedBytes: number
+  /** Removed entries whose files are still open by readers (or being unlinked). */
+  heldBytes: number
+  fillsInFlight: number
+  evictions: number
+  evictedBytes: number
+}
+
 export interface CacheHandlerDeps {
   index: CacheIndex | undefined
-  packages: PackageService
+  books(): CacheBooks
+  /** Removes an entry by layer digest; false if it was not cached. */
+  remove(layerDigest: string): Promise<boolean>
   limitBytes: number
   counts: ResultCounts
   /** Why the cache is off although `--disable-cache` was not given (it could not be opened). */
@@ -76,14 +88,10 @@ export function listCacheHandler(deps: CacheHandlerDeps) {
       enabled: deps.index !== undefined,
       ...(deps.unavailable ? { unavailable: deps.unavailable } : {}),
       limitBytes: deps.index ? deps.limitBytes : 0,
-      usedBytes: deps.packages.space?.usedBytes ?? 0,
-      reservedBytes: deps.packages.space?.reservedBytes ?? 0,
+      ...deps.books(),
       entries: deps.index?.blobCount ?? 0,
-      fillsInFlight: deps.packages.activeFills,
       ...counts,
       hitRatio: served === 0 ? 0 : Number((counts.hit / served).toFixed(4)),
-      evictions: deps.packages.space?.evictions ?? 0,
-      evictedBytes: deps.packages.space?.evictedBytes ?? 0,
     }
     const index = deps.index
     if (!index) return h.response({ ...base, items: [] })
@@ -114,7 +122,7 @@ export function deleteCacheEntryHandler(deps: CacheHandlerDeps) {
     const entry = deps.index ? find(deps.index, digest) : undefined
     if (!deps.index || !entry) throw Boom.notFound(`${digest} is not in the cache`)
     const shown = view(deps.index, entry)
-    await deps.packages.remove(entry.digest)
+    await deps.remove(entry.digest)
     return h.response({ removed: shown })
   }
 }

@@ -5,6 +5,8 @@ export interface CacheStats {
   usedBytes(): number
   limitBytes(): number
   entries(): number
+  /** Bytes of removed entries still on disk (open by readers) plus space reserved for fills. */
+  heldBytes(): number
   activeFills(): number
   /** Layer downloads and manifest lookups holding a slot, and those waiting for one. */
   downloads(): Record<'layer' | 'manifest', { running: number; queued: number }>
@@ -24,8 +26,9 @@ export class Metrics {
   readonly upstreamSeconds: client.Histogram<'kind'>
   readonly digestMismatches: client.Counter<'what'>
   readonly sourceSynced: client.Gauge<'provider'>
-  readonly evictions: client.Counter
-  readonly evictedBytes: client.Counter
+  readonly evictions: client.Counter<'reason'>
+  readonly evictedBytes: client.Counter<'reason'>
+  readonly scrubbedBytes: client.Counter
   readonly fillSeconds: client.Histogram<'outcome'>
   readonly sourceErrors: client.Counter<'provider'>
   readonly sourceRestarts: client.Counter<'provider'>
@@ -149,17 +152,36 @@ export class Metrics {
     })
     this.evictions = new client.Counter({
       name: 'registry_packages_proxy_evictions_total',
-      help: 'Cache entries deleted: evicted to make room (least recently used first), or removed by DELETE /cache/{digest} (cache rm).',
+      help: 'Cache entries removed, once their file is gone, by reason: evicted to make room (least recently used first), deleted by DELETE /cache/{digest} (cache rm), corrupt (failed a re-hash).',
+      labelNames: ['reason'],
       registers,
     })
     this.evictedBytes = new client.Counter({
       name: 'registry_packages_proxy_evicted_bytes_total',
-      help: 'Bytes of the entries counted in registry_packages_proxy_evictions_total.',
+      help: 'Bytes of the entries counted in registry_packages_proxy_evictions_total, by reason.',
+      labelNames: ['reason'],
       registers,
+    })
+    for (const reason of ['evicted', 'deleted', 'corrupt'] as const) {
+      this.evictions.inc({ reason }, 0)
+      this.evictedBytes.inc({ reason }, 0)
+    }
+    this.scrubbedBytes = new client.Counter({
+      name: 'registry_packages_proxy_scrubbed_bytes_total',
+      help: 'Bytes of cached files re-hashed by the background scrubber (a corrupt file found is counted in evictions_total{reason="corrupt"}).',
+      registers,
+    })
+    new client.Gauge({
+      name: 'registry_packages_proxy_cache_held_bytes',
+      help: 'Bytes in the cache folder beyond live entries: space reserved for running fills, and removed files still open by readers. cache_size plus this never exceeds the limit.',
+      registers,
+      collect() {
+        this.set(stats()?.heldBytes() ?? 0)
+      },
     })
     this.fillSeconds = new client.Histogram({
       name: 'registry_packages_proxy_fill_duration_seconds',
-      help: 'Duration of layer downloads into the cache, by outcome (committed, failed, disk-error, commit-error).',
+      help: 'Duration of layer downloads, by outcome (committed, failed, disk-error, commit-error; uncached: a verified download that could not be cached).',
       labelNames: ['outcome'],
       buckets: [0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300],
       registers,

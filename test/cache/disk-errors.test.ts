@@ -8,9 +8,10 @@ import { existsSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from 'nod
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import t from 'tap'
-import { BlobStore } from '../../plugins/packages/blob-store.js'
-import { CacheIndex } from '../../plugins/packages/cache-index.js'
-import type { TempFile } from '../../plugins/packages/fill.js'
+import { BlobCache } from '../../plugins/packages/cache/blob-cache.js'
+import { BlobStore } from '../../plugins/packages/cache/blob-store.js'
+import { CacheIndex } from '../../plugins/packages/cache/cache-index.js'
+import type { TempFile } from '../../plugins/packages/cache/blob-store.js'
 import { PackageService } from '../../plugins/packages/package-service.js'
 import { RegistryClient } from '../../plugins/packages/registry-client.js'
 import { createServer } from '../../server.js'
@@ -61,7 +62,7 @@ void t.test('ENOSPC on a real, tiny tmpfs: complete response, nothing cached, pr
   await proxy.packages.service.settled()
   t.same(blobFiles(mnt), [], 'nothing cached')
   t.same(readdirSync(join(mnt, 'tmp')), [], 'no partial file left behind')
-  t.equal(proxy.packages.service.space?.reservedBytes, 0, 'reservations returned')
+  t.equal(proxy.packages.service.cache?.reservedBytes, 0, 'reservations returned')
   t.equal((await proxy.server.inject('/healthz')).statusCode, 200, 'still serving')
   t.ok(
     log.lines().some((l) => String(l.msg).includes('disk error during a cache fill') && (l.err as { code?: string } | undefined)?.code === 'ENOSPC'),
@@ -75,7 +76,7 @@ void t.test('EIO injected mid-fill: every concurrent client completes exactly, n
   t.teardown(() => registry.close())
   registry.faults.blobChunkDelayMs = 2
   registry.faults.blobChunkSize = 64 * 1024
-  const layer = bytes(5, 12 * 1024 * 1024) // larger than the 8 MiB memory window
+  const layer = bytes(5, 12 * 1024 * 1024) // larger than the memory window and the memory cache
   const image = registry.addImage('deckhouse/ce/eio', [layer])
   const source: RegistrySource = { name: 'default', kind: 'default', repository: `${registry.host}/deckhouse/ce`, registry: registry.host, namePrefix: 'deckhouse/ce', scheme: 'http' }
 
@@ -91,6 +92,7 @@ void t.test('EIO injected mid-fill: every concurrent client completes exactly, n
           return temp.handle.write(buffer, offset, length, position)
         },
         read: (buffer, offset, length, position) => temp.handle.read(buffer, offset, length, position),
+        sync: () => temp.handle.sync(),
         close: () => temp.handle.close(),
       }
       return { path: temp.path, handle }
@@ -103,7 +105,8 @@ void t.test('EIO injected mid-fill: every concurrent client completes exactly, n
   const log = captureLogger('info')
   const client = new RegistryClient({ env: {} })
   t.teardown(() => client.close())
-  const service = new PackageService({ index, store, client, limitBytes: 64 * 1024 * 1024, disableCache: false, log: log.logger })
+  const cache = new BlobCache({ index, store, limit: 64 * 1024 * 1024, log: log.logger })
+  const service = new PackageService({ cache: { cache, index, store }, client, log: log.logger })
   const pkg = await service.resolve(source, 'deckhouse/ce/eio', image.manifestDigest)
   const read = async (): Promise<{ result: string; body: Buffer }> => {
     const body = await service.open(source, 'deckhouse/ce/eio', pkg, 0, layer.length - 1)
@@ -123,6 +126,6 @@ void t.test('EIO injected mid-fill: every concurrent client completes exactly, n
   t.same(blobFiles(join(dir, 'cache')), [], 'nothing cached')
   t.same(readdirSync(join(dir, 'cache', 'tmp')), [], 'partial file removed')
   t.equal(index.blobCount, 0, 'no index row')
-  t.equal(service.space?.reservedBytes, 0, 'reservation returned')
+  t.equal(service.cache?.reservedBytes, 0, 'reservation returned')
   t.ok(log.lines().some((l) => (l.err as { code?: string } | undefined)?.code === 'EIO'), 'the EIO is logged')
 })

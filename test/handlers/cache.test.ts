@@ -41,7 +41,7 @@ void t.test('GET /cache reports limit, usage, counts and entries; show and delet
   const del = await inject(`/cache/${b.manifestDigest}`, 'DELETE')
   t.equal(del.statusCode, 200)
   t.equal((await inject(`/cache/${b.manifestDigest}`)).statusCode, 404, 'gone from the API')
-  t.equal(h.proxy.packages.service.space?.usedBytes, 1000, 'its bytes are released')
+  t.equal(h.proxy.packages.service.cache?.usedBytes, 1000, 'its bytes are released')
   t.equal((await inject(`/cache/${b.manifestDigest}`, 'DELETE')).statusCode, 404, 'a second delete is a 404')
   const before = h.registry.counts.blob
   t.equal((await inject(packageUrl({ digest: b.manifestDigest, path: 'b' }))).statusCode, 200)
@@ -62,7 +62,7 @@ void t.test('DELETE while a client is reading: the reader finishes, the file goe
   const chunks: Buffer[] = []
   for await (const c of body.stream) chunks.push(c as Buffer)
   t.ok(Buffer.concat(chunks).equals(layer), 'the reader got every byte')
-  await until(() => h.proxy.packages.service.space?.usedBytes === 0, 'bytes released after the reader closed')
+  await until(() => h.proxy.packages.service.cache?.usedBytes === 0, 'bytes released after the reader closed')
   t.pass('released')
 })
 

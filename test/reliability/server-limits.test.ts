@@ -14,7 +14,7 @@ import { connect, type Socket } from 'node:net'
 import { setFlagsFromString } from 'node:v8'
 import { runInNewContext } from 'node:vm'
 import t from 'tap'
-import { BlobStore } from '../../plugins/packages/blob-store.js'
+import { BlobStore } from '../../plugins/packages/cache/blob-store.js'
 import { DEFAULT_PREFIX, bytes, packageUrl } from '../fixtures/proxy-harness.js'
 import { eventually, fdCount, fetchRaw, startProxy } from './support.js'
 

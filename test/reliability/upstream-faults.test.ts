@@ -89,7 +89,7 @@ void t.test('a blob that never answers: 504 each round, and the registry sockets
   for (const [round, n] of after.entries()) t.ok(n <= concurrency, `round ${round}: ${n} <= ${concurrency} sockets`)
   t.ok((after.at(-1) ?? 0) <= (after[0] ?? 0), 'not growing')
   t.equal(p.proxy.packages.service.downloads.running, 0, 'every download slot was returned')
-  t.equal(p.proxy.packages.service.space?.reservedBytes, 0, 'every reservation was returned')
+  t.equal(p.proxy.packages.service.cache?.reservedBytes, 0, 'every reservation was returned')
 })
 
 for (const disableCache of [false, true]) {

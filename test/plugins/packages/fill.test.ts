@@ -36,8 +36,8 @@ async function assertNothingCached(t: Test, h: Harness, layerDigest: string): Pr
   t.equal(h.proxy.packages.index?.blob(layerDigest), undefined, 'no index row')
   t.same(blobFiles(h.cacheDirectory), [], 'no file under blobs/')
   await until(() => readdirSync(join(h.cacheDirectory, 'tmp')).length === 0, 'the temp file is removed')
-  t.equal(h.proxy.packages.service.space?.usedBytes, 0, 'no bytes accounted')
-  t.equal(h.proxy.packages.service.space?.reservedBytes, 0, 'the reservation was returned')
+  t.equal(h.proxy.packages.service.cache?.usedBytes, 0, 'no bytes accounted')
+  t.equal(h.proxy.packages.service.cache?.reservedBytes, 0, 'the reservation was returned')
 }
 
 // Broken connections are resumed up to MAX_RESUMES times, and the fake cuts every response

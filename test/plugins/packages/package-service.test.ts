@@ -234,7 +234,7 @@ void t.test('remove() forgets a cached package; the next request is a miss', asy
   t.equal(h.proxy.packages.index?.blob(image.lastLayer.digest), undefined)
   t.same(blobFiles(h.cacheDirectory), [], 'the file is gone')
   t.equal(h.proxy.packages.index?.usedBytes, 0)
-  t.equal(service.space?.usedBytes, 0)
+  t.equal(service.cache?.usedBytes, 0)
   t.equal(await service.remove(image.manifestDigest), false, 'a second remove finds nothing')
 
   h.registry.resetCounts()

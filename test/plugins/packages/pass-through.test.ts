@@ -1,15 +1,17 @@
 import { Readable } from 'node:stream'
-import { pipeline } from 'node:stream/promises'
 import t, { type Test } from 'tap'
 import { DigestError, UpstreamError } from '../../../errors.js'
 import { MAX_RESUMES } from '../../../plugins/packages/resumable-download.js'
-import { VerifyingSlice } from '../../../plugins/packages/pass-through.js'
+import { Fill } from '../../../plugins/packages/fill.js'
 import type { FakeFaults } from '../../fixtures/fake-registry.js'
 import { DEFAULT_PREFIX, blobFiles, bytes, fetchRaw, injectOutcome, midLayerBreaks, packageUrl, sha256, startHarness, type RawReply } from '../../fixtures/proxy-harness.js'
 
 const SIZE = 48 * 1024
 
-/** Runs `data` through a VerifyingSlice in chunks; returns what came out and the error, if any. */
+/**
+ * Serves `data` as an uncached (memory-window) download in chunks, claiming `layer`; returns
+ * what a reader of `start..end` received and the error, if any.
+ */
 async function slice(
   data: Buffer,
   layer: { digest: string; size: number },
@@ -19,19 +21,22 @@ async function slice(
 ): Promise<{ out: Buffer; error: unknown }> {
   const parts: Buffer[] = []
   for (let i = 0; i < data.length; i += chunk) parts.push(data.subarray(i, i + chunk))
-  const s = new VerifyingSlice({ ...layer, mediaType: '' }, start, end)
+  const fill = new Fill({ ...layer, mediaType: '' }, undefined)
+  const running = fill.run(() => Promise.resolve({ body: Readable.from(parts), length: layer.size, offset: 0 }))
   const out: Buffer[] = []
-  s.on('data', (c: Buffer) => out.push(c))
   let error: unknown
   try {
-    await pipeline(Readable.from(parts), s)
+    await fill.started
+    for await (const c of fill.reader(start, end)) out.push(c as Buffer)
   } catch (err) {
     error = err
   }
+  await running
+  fill.release()
   return { out: Buffer.concat(out), error }
 }
 
-void t.test('VerifyingSlice passes exactly the range of a verified layer', async (t) => {
+void t.test('an uncached download passes exactly the range of a verified layer', async (t) => {
   const data = bytes(10_000, 31)
   const layer = { digest: sha256(data), size: data.length }
   for (const [start, end, chunk] of [
@@ -49,7 +54,7 @@ void t.test('VerifyingSlice passes exactly the range of a verified layer', async
   }
 })
 
-void t.test('VerifyingSlice withholds the last byte of a layer that does not verify', async (t) => {
+void t.test('an uncached download withholds the last byte of a layer that does not verify', async (t) => {
   const data = bytes(10_000, 32)
   const layer = { digest: sha256(data), size: data.length }
   const wrong = Buffer.from(data)
@@ -188,7 +193,7 @@ void t.test('a layer bigger than the cache limit is served byte-exact and not ca
   t.ok(ranged.rawPayload.equals(data.subarray(19_990)))
   t.equal(h.proxy.packages.index?.blobCount, 0)
   t.same(blobFiles(h.cacheDirectory), [])
-  t.equal(h.proxy.packages.service.space?.reservedBytes, 0)
+  t.equal(h.proxy.packages.service.cache?.reservedBytes, 0)
   const results = await h.proxy.metrics.registry.getSingleMetricAsString('registry_packages_proxy_package_results_total')
   t.match(results, /result="bypass"} 3/)
 

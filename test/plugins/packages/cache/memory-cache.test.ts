@@ -1,6 +1,6 @@
 import t from 'tap'
-import { HotCache } from '../../../plugins/packages/hot-cache.js'
-import { bytes, DEFAULT_PREFIX, packageUrl, startHarness } from '../../fixtures/proxy-harness.js'
+import { HotCache } from '../../../../plugins/packages/cache/memory-cache.js'
+import { bytes, DEFAULT_PREFIX, packageUrl, startHarness } from '../../../fixtures/proxy-harness.js'
 
 void t.test('keeps small entries within its byte budget, least recently used out first', (t) => {
   const hot = new HotCache(100, 60)

@@ -2,10 +2,10 @@ import { existsSync } from 'node:fs'
 import { mkdir, writeFile } from 'node:fs/promises'
 import { dirname } from 'node:path'
 import t, { type Test } from 'tap'
-import { BlobStore } from '../../../plugins/packages/blob-store.js'
-import { CacheIndex } from '../../../plugins/packages/cache-index.js'
-import { SpaceManager } from '../../../plugins/packages/space-manager.js'
-import { DEFAULT_PREFIX, blobFiles, bytes, packageUrl, sha256, startHarness, until, waitCached, type Harness } from '../../fixtures/proxy-harness.js'
+import { BlobStore, type TempFile } from '../../../../plugins/packages/cache/blob-store.js'
+import { CacheIndex } from '../../../../plugins/packages/cache/cache-index.js'
+import { BlobCache } from '../../../../plugins/packages/cache/blob-cache.js'
+import { DEFAULT_PREFIX, blobFiles, bytes, packageUrl, sha256, startHarness, until, waitCached, type Harness } from '../../../fixtures/proxy-harness.js'
 
 const silent = { info: () => undefined, warn: () => undefined, error: () => undefined }
 
@@ -70,7 +70,7 @@ void t.test('eviction through the server: the limit holds after every request, L
     new Set([layer(0), layer(3), layer(4)]),
   )
   t.equal(h.proxy.packages.index?.manifest(images[1]?.manifestDigest ?? ''), undefined, 'the evicted layer took its manifest row along')
-  t.equal(h.proxy.packages.service.space?.evictions, 2)
+  t.equal(h.proxy.packages.service.cache?.removals.evicted.count, 2)
 
   h.registry.resetCounts()
   await fetch(1)
@@ -82,9 +82,9 @@ void t.test('eviction through the server: the limit holds after every request, L
 
 function assertWithinLimit(t: Test, h: Harness, limit: number): void {
   const index = h.proxy.packages.index
-  const space = h.proxy.packages.service.space
+  const space = h.proxy.packages.service.cache
   t.ok((index?.usedBytes ?? 0) <= limit, `index bytes ${index?.usedBytes} <= ${limit}`)
-  t.equal(space?.usedBytes, index?.usedBytes, 'the space manager and the index agree')
+  t.equal(space?.usedBytes, index?.usedBytes, 'the cache owner and the index agree')
   t.equal(blobFiles(h.cacheDirectory).length, index?.blobCount, 'one file per row')
 }
 
@@ -96,8 +96,8 @@ void t.test('concurrent cold fills never push the cache over its limit', async (
   h.registry.faults = { blobChunkSize: 2000, blobChunkDelayMs: 5 }
   let peak = 0
   const sampler = setInterval(() => {
-    const space = h.proxy.packages.service.space
-    peak = Math.max(peak, (space?.usedBytes ?? 0) + (space?.reservedBytes ?? 0))
+    const space = h.proxy.packages.service.cache
+    peak = Math.max(peak, space?.occupiedBytes ?? 0)
   }, 1)
   t.teardown(() => clearInterval(sampler))
   const replies = await Promise.all(images.map((image) => h.proxy.server.inject(packageUrl({ digest: image.manifestDigest }))))
@@ -108,112 +108,161 @@ void t.test('concurrent cold fills never push the cache over its limit', async (
   assertWithinLimit(t, h, limit)
 })
 
-void t.test('SpaceManager: reserve, commit and release keep exact accounts', async (t) => {
+/** A temp file written with `data`, as a fill leaves it before the commit. */
+async function tempWith(store: BlobStore, data: Buffer): Promise<{ path: string; handle: TempFile }> {
+  const temp = await store.createTemp()
+  await temp.handle.write(data, 0, data.length, 0)
+  return temp
+}
+
+void t.test('BlobCache: reserve, commit and release keep exact accounts', async (t) => {
   const { index, store, put } = await openCache(t)
   await put(1, 100, 1000)
-  const space = new SpaceManager(index, store, 300, silent)
-  t.equal(space.usedBytes, 100, 'starts from the index')
-  const r = space.reserve(150)
+  const cache = new BlobCache({ index, store, limit: 300, log: silent })
+  t.equal(cache.usedBytes, 100, 'starts from the index')
+  const data = bytes(150, 9)
+  const r = cache.reserve(150)
   if (!r) throw new Error('expected a reservation')
   await r.ready
-  t.equal(space.reservedBytes, 150)
-  r.commit()
+  t.equal(cache.reservedBytes, 150)
+  const temp = await tempWith(store, data)
+  const lease = await cache.commit(r, temp, sha256(data))
+  await temp.handle.close()
   r.release()
-  t.equal(space.reservedBytes, 0)
-  t.equal(space.usedBytes, 250, 'committed bytes count as used')
-  const r2 = space.reserve(50)
+  t.equal(cache.reservedBytes, 0, 'the reservation became the entry')
+  t.equal(cache.usedBytes, 250, 'committed bytes count as used, once')
+  t.ok(existsSync(store.pathFor(sha256(data))), 'the file is under its digest')
+  lease.release()
+  lease.release()
+  const r2 = cache.reserve(50)
   r2?.release()
   r2?.release()
-  r2?.commit()
-  t.equal(space.reservedBytes, 0, 'release is idempotent, and commit after release is ignored')
-  t.equal(space.usedBytes, 250)
-  t.equal(space.reserve(301), undefined, 'larger than the limit: not cacheable')
-  t.equal(space.evictions, 0)
+  t.equal(cache.reservedBytes, 0, 'release is idempotent')
+  t.equal(cache.usedBytes, 250)
+  t.equal(cache.reserve(301), undefined, 'larger than the limit: not cacheable')
+  t.equal(cache.removals.evicted.count, 0)
 })
 
-void t.test('SpaceManager: evicts least recently used entries first', async (t) => {
+void t.test('BlobCache: evicts least recently used entries first', async (t) => {
   const { index, store, put } = await openCache(t)
   const a = await put(1, 100, 1000)
   const b = await put(2, 100, 3000)
   const c = await put(3, 100, 2000)
-  const space = new SpaceManager(index, store, 300, silent)
-  const r = space.reserve(150)
+  const cache = new BlobCache({ index, store, limit: 300, log: silent })
+  const r = cache.reserve(150)
   if (!r) throw new Error('expected a reservation')
+  t.notOk(cache.has(a), 'a victim leaves service at once, before any I/O')
   await r.ready
+  await cache.settled()
   t.equal(index.blob(a), undefined, 'oldest gone')
   t.equal(index.blob(c), undefined, 'second oldest gone')
   t.ok(index.blob(b), 'newest kept')
   t.notOk(existsSync(store.pathFor(a)))
   t.notOk(existsSync(store.pathFor(c)))
   t.ok(existsSync(store.pathFor(b)))
-  t.equal(space.usedBytes, 100)
-  t.equal(space.evictions, 2)
-  t.equal(space.evictedBytes, 200)
+  t.equal(cache.usedBytes, 100)
+  t.same(cache.removals.evicted, { count: 2, bytes: 200 })
   r.release()
 })
 
-void t.test('SpaceManager: pinned entries are never evicted', async (t) => {
+void t.test('BlobCache: leased entries are never evicted', async (t) => {
   const { index, store, put } = await openCache(t)
   const a = await put(1, 100, 1000)
   const b = await put(2, 100, 2000)
   const c = await put(3, 100, 3000)
-  const space = new SpaceManager(index, store, 300, silent)
-  space.pin(a)
-  space.pin(a)
-  const r = space.reserve(100)
+  const cache = new BlobCache({ index, store, limit: 300, log: silent })
+  const la1 = cache.acquire(a)
+  const la2 = cache.acquire(a)
+  const r = cache.reserve(100)
   if (!r) throw new Error('expected a reservation')
   await r.ready
-  t.ok(index.blob(a), 'the pinned LRU entry stays')
+  await cache.settled()
+  t.ok(index.blob(a), 'the leased LRU entry stays')
   t.ok(existsSync(store.pathFor(a)))
   t.equal(index.blob(b), undefined, 'the next one goes instead')
   r.release()
-  t.equal(space.usedBytes, 200)
+  t.equal(cache.usedBytes, 200)
 
-  space.pin(c)
-  t.equal(space.reserve(200), undefined, 'no space that is not being read: stream through')
-  t.equal(space.reservedBytes, 0)
-  space.unpin(a)
-  t.equal(space.reserve(200), undefined, 'still pinned once')
-  space.unpin(a)
-  const r2 = space.reserve(200)
-  t.ok(r2, 'unpinned: evictable again')
+  const lc = cache.acquire(c)
+  t.equal(cache.reserve(200), undefined, 'no space that is not being read: serve uncached')
+  t.equal(cache.reservedBytes, 0)
+  la1?.release()
+  t.equal(cache.reserve(200), undefined, 'still leased once')
+  la2?.release()
+  const r2 = cache.reserve(200)
+  t.ok(r2, 'released: evictable again')
   await r2?.ready
+  await cache.settled()
   t.equal(index.blob(a), undefined)
-  t.ok(index.blob(c), 'c is still pinned')
+  t.ok(index.blob(c), 'c is still leased')
   r2?.release()
+  lc?.release()
 })
 
-void t.test('SpaceManager: removing an entry being read deletes the file only after the reader', async (t) => {
+void t.test('BlobCache: removing an entry being read keeps its bytes counted until the reader lets go', async (t) => {
   const { index, store, put } = await openCache(t)
   const a = await put(1, 100, 1000)
-  const space = new SpaceManager(index, store, 1000, silent)
-  space.pin(a)
-  t.equal(await space.evict(a), true)
-  t.equal(index.blob(a), undefined, 'the row goes at once: no new reader finds it')
+  const cache = new BlobCache({ index, store, limit: 1000, log: silent })
+  const lease = cache.acquire(a)
+  t.equal(cache.remove(a, 'deleted'), true)
+  t.notOk(cache.has(a), 'out of service at once: no new reader finds it')
+  t.equal(cache.acquire(a), undefined)
+  await cache.settled()
+  t.equal(index.blob(a), undefined, 'the row is gone')
   t.ok(existsSync(store.pathFor(a)), 'the file stays for its reader')
-  t.equal(await space.evict(a), false, 'already gone')
-  space.unpin(a)
-  await until(() => !existsSync(store.pathFor(a)), 'the file is deleted after the reader')
-  await until(() => space.usedBytes === 0, 'and its bytes are free')
+  t.equal(cache.usedBytes, 0, 'no longer a live entry')
+  t.equal(cache.heldBytes, 100, 'but its bytes are still on disk, and counted')
+  t.equal(cache.remove(a, 'deleted'), false, 'already gone')
+  lease?.release()
+  await cache.settled()
+  t.notOk(existsSync(store.pathFor(a)), 'the file is deleted after the reader')
+  t.equal(cache.heldBytes, 0, 'and its bytes are free')
+  t.same(cache.removals.deleted, { count: 1, bytes: 100 }, 'counted as a removal, with its bytes')
 
   const b = await put(2, 100, 2000)
-  t.equal(await space.evict(b), true, 'not pinned: removed at once')
+  const cache2 = new BlobCache({ index, store, limit: 1000, log: silent })
+  t.equal(cache2.remove(b, 'deleted'), true, 'not leased: removed at once')
+  await cache2.settled()
   t.notOk(existsSync(store.pathFor(b)))
-  t.equal(await space.evict(`sha256:${'e'.repeat(64)}`), false, 'unknown digest')
+  t.equal(cache2.remove(`sha256:${'e'.repeat(64)}`, 'deleted'), false, 'unknown digest')
 })
 
-void t.test('SpaceManager: trim() fits a cache to a smaller limit, LRU first', async (t) => {
+void t.test('BlobCache: a refill while the removed file is still read counts both until each is let go', async (t) => {
+  const { index, store, put } = await openCache(t)
+  const data = bytes(100, 1)
+  const a = await put(1, 100, 1000)
+  const cache = new BlobCache({ index, store, limit: 1000, log: silent })
+  const old = cache.acquire(a)
+  cache.remove(a, 'deleted')
+  const r = cache.reserve(100)
+  if (!r) throw new Error('expected a reservation')
+  await r.ready
+  const temp = await tempWith(store, data)
+  const lease = await cache.commit(r, temp, a)
+  await temp.handle.close()
+  t.equal(cache.usedBytes, 100, 'the new entry')
+  t.equal(cache.heldBytes, 100, 'the old file, still open')
+  old?.release()
+  await cache.settled()
+  t.equal(cache.heldBytes, 0, 'the old bytes are free once its reader is done')
+  t.ok(existsSync(store.pathFor(a)), 'and the new file was not deleted in its place')
+  t.ok(index.blob(a), 'nor its row')
+  lease.release()
+  t.equal(cache.usedBytes, 100)
+})
+
+void t.test('BlobCache: trim() fits a cache to a smaller limit, LRU first', async (t) => {
   const { index, store, put } = await openCache(t)
   const a = await put(1, 100, 1000)
   const b = await put(2, 100, 2000)
   const c = await put(3, 100, 3000)
-  const space = new SpaceManager(index, store, 150, silent)
-  t.equal(await space.trim(), 2)
+  const cache = new BlobCache({ index, store, limit: 150, log: silent })
+  t.equal(await cache.trim(), 2)
   t.same(index.blobs().map((e) => e.digest), [c])
   t.notOk(existsSync(store.pathFor(a)))
   t.notOk(existsSync(store.pathFor(b)))
-  t.equal(space.usedBytes, 100)
-  t.equal(await space.trim(), 0, 'nothing more to do')
+  t.equal(cache.usedBytes, 100)
+  t.equal(await cache.trim(), 0, 'nothing more to do')
 })
 
 void t.test('a smaller limit at start-up trims the cache before serving', async (t) => {

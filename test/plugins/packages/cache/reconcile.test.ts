@@ -2,10 +2,10 @@ import { existsSync, readdirSync } from 'node:fs'
 import { mkdir, utimes, writeFile } from 'node:fs/promises'
 import { dirname, join } from 'node:path'
 import t, { type Test } from 'tap'
-import { BlobStore } from '../../../plugins/packages/blob-store.js'
-import { CacheIndex } from '../../../plugins/packages/cache-index.js'
-import { reconcile } from '../../../plugins/packages/reconcile.js'
-import { DEFAULT_PREFIX, blobFiles, bytes, packageUrl, sha256, startHarness } from '../../fixtures/proxy-harness.js'
+import { BlobStore } from '../../../../plugins/packages/cache/blob-store.js'
+import { CacheIndex } from '../../../../plugins/packages/cache/cache-index.js'
+import { reconcile } from '../../../../plugins/packages/cache/reconcile.js'
+import { DEFAULT_PREFIX, blobFiles, bytes, packageUrl, sha256, startHarness } from '../../../fixtures/proxy-harness.js'
 
 async function openCache(t: Test, dir = t.testdir()): Promise<{ dir: string; index: CacheIndex; store: BlobStore }> {
   const store = new BlobStore(dir)

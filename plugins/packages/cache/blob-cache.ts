@@ -1,0 +1,352 @@
+import type { PackageLogger } from '../log.js'
+import type { TempFile } from './blob-store.js'
+import type { BlobEntry } from './cache-index.js'
+
+/** What the owner needs of the index (the SQLite record); tests wrap it to reorder completions. */
+export interface IndexPort {
+  blobs(): BlobEntry[]
+  blob(digest: string): BlobEntry | undefined
+  putBlob(entry: BlobEntry): Promise<void>
+  removeBlob(digest: string): Promise<unknown>
+}
+
+/** What the owner needs of the content store (the files). */
+export interface StorePort {
+  pathFor(digest: string): string
+  commit(temp: { path: string; handle: TempFile }, digest: string): Promise<string>
+  remove(digest: string): Promise<void>
+}
+
+/** Why an entry left the cache: room for another (LRU), DELETE /cache, or a failed re-hash. */
+export type RemovalReason = 'evicted' | 'deleted' | 'corrupt'
+
+/** A reader's hold on one cached file: it stays on disk, and counted, until {@link release}. */
+export interface Lease {
+  readonly digest: string
+  readonly size: number
+  /** Where the file is; it is there until the lease is released, whatever else happens. */
+  readonly path: string
+  /** Idempotent. */
+  release(): void
+}
+
+/** Space promised to one fill; `ready` settles when the bytes may be written. */
+export interface Reservation {
+  readonly size: number
+  readonly ready: Promise<void>
+  /** Returns the space. Call it once the temp file is closed and gone, not before. */
+  release(): void
+}
+
+interface Entry {
+  readonly digest: string
+  readonly size: number
+  pins: number
+  state: 'live' | 'doomed' | 'gone'
+  /** False once a newer file of the same digest took the name: nothing to unlink then. */
+  ownsPath: boolean
+  /** Set when the entry is removed. */
+  reason?: RemovalReason
+}
+
+interface Waiting {
+  size: number
+  grant(): void
+}
+
+export interface BlobCacheOptions {
+  index: IndexPort
+  store: StorePort
+  limit: number
+  log: PackageLogger
+  /** Told of every entry that left the cache, once its bytes are really gone. */
+  onRemoved?: (reason: RemovalReason, bytes: number, digest: string) => void
+}
+
+/**
+ * The one owner of every cached blob's life: reservation, commit of a verified temp file,
+ * leases for readers, eviction of unleased entries only, removal on the last release, and
+ * the byte accounting that goes with each step (the part bazel-remote's `lru.go` does).
+ *
+ * All bookkeeping is synchronous on the event loop, so no two callers can see a state half
+ * changed; I/O runs after the books say what it will do. The books count every byte that
+ * occupies the cache folder, including files already deleted but still open:
+ *
+ *     used (live entries) + reserved (fills writing) + held (removed, not yet gone) <= limit
+ *
+ * A fill's reservation is granted only when that holds with its size added; it waits, in
+ * order, for the unlinks of the victims chosen for it. A removal under readers takes the
+ * entry out of service at once (no new lease), and its bytes stay held until the last reader
+ * lets go, when the file is unlinked.
+ */
+export class BlobCache {
+  readonly limit: number
+  readonly #o: BlobCacheOptions
+  readonly #live = new Map<string, Entry>()
+  /** Removed entries whose files are still on disk (some of them pinned by readers). */
+  readonly #doomed = new Set<Entry>()
+  #used = 0
+  #reserved = 0
+  #pending = 0
+  #held = 0
+  /** Part of {@link #held} being unlinked now (no reader left): free again in a moment. */
+  #unlinking = 0
+  readonly #queue: Waiting[] = []
+  /** Index writes per digest, in order: a row removal and a later re-insert never cross. */
+  readonly #rowOps = new Map<string, Promise<unknown>>()
+  readonly #inFlight = new Set<Promise<unknown>>()
+  /** How commit() turns a granted reservation into used bytes, once. */
+  readonly #consume = new WeakMap<Reservation, () => boolean>()
+  readonly removals: Record<RemovalReason, { count: number; bytes: number }> = {
+    evicted: { count: 0, bytes: 0 },
+    deleted: { count: 0, bytes: 0 },
+    corrupt: { count: 0, bytes: 0 },
+  }
+
+  constructor(options: BlobCacheOptions) {
+    this.#o = options
+    this.limit = options.limit
+    for (const b of options.index.blobs()) {
+      this.#live.set(b.digest, { digest: b.digest, size: b.size, pins: 0, state: 'live', ownsPath: true })
+      this.#used += b.size
+    }
+  }
+
+  /** Bytes of live entries (what `GET /cache` and the size gauge show). */
+  get usedBytes(): number {
+    return this.#used
+  }
+
+  /** Bytes promised to fills (granted or waiting for victims to go). */
+  get reservedBytes(): number {
+    return this.#reserved + this.#pending
+  }
+
+  /** Bytes of removed entries whose files are still on disk (open by readers, or unlinking). */
+  get heldBytes(): number {
+    return this.#held
+  }
+
+  /** Bytes the cache folder may hold right now by these books (used + reserved + held). */
+  get occupiedBytes(): number {
+    return this.#used + this.#reserved + this.#held
+  }
+
+  get entryCount(): number {
+    return this.#live.size
+  }
+
+  has(digest: string): boolean {
+    return this.#live.has(digest)
+  }
+
+  /** Digests of live entries (for the scrubber's round). */
+  digests(): string[] {
+    return [...this.#live.keys()]
+  }
+
+  /** A lease on a live entry, or undefined if it is not (or no longer) cached. Synchronous. */
+  acquire(digest: string): Lease | undefined {
+    const entry = this.#live.get(digest)
+    return entry ? this.#lease(entry) : undefined
+  }
+
+  #lease(entry: Entry): Lease {
+    entry.pins++
+    let released = false
+    return {
+      digest: entry.digest,
+      size: entry.size,
+      path: this.#o.store.pathFor(entry.digest),
+      release: () => {
+        if (released) return
+        released = true
+        entry.pins--
+        if (entry.state === 'doomed' && entry.pins === 0) this.#unlink(entry)
+      },
+    }
+  }
+
+  /**
+   * Reserves `size` bytes for a fill, choosing least recently used unleased entries to make
+   * room. Undefined when it cannot fit (larger than the limit, or the space is held by
+   * readers): the caller serves without caching.
+   */
+  reserve(size: number): Reservation | undefined {
+    if (size > this.limit) return undefined
+    // Bytes already being unlinked will be free in a moment; held files under readers will not.
+    let free = this.limit - this.#used - this.#reserved - this.#pending - (this.#held - this.#unlinking)
+    const victims: Entry[] = []
+    if (free < size) {
+      const candidates = [...this.#live.values()]
+        .filter((e) => e.pins === 0)
+        .sort((a, b) => (this.#o.index.blob(a.digest)?.lastAccess ?? 0) - (this.#o.index.blob(b.digest)?.lastAccess ?? 0))
+      for (const c of candidates) {
+        if (free >= size) break
+        victims.push(c)
+        free += c.size
+      }
+      if (free < size) return undefined
+    }
+    for (const v of victims) this.#remove(v, 'evicted')
+    this.#pending += size
+    let state: 'waiting' | 'granted' | 'committed' | 'released' = 'waiting'
+    let grant!: () => void
+    const ready = new Promise<void>((resolve) => {
+      grant = () => {
+        if (state !== 'waiting') return
+        state = 'granted'
+        this.#pending -= size
+        this.#reserved += size
+        resolve()
+      }
+    })
+    const waiting: Waiting = { size, grant }
+    this.#queue.push(waiting)
+    const reservation: Reservation = {
+      size,
+      ready,
+      release: () => {
+        if (state === 'released' || state === 'committed') return
+        if (state === 'waiting') {
+          this.#pending -= size
+          this.#queue.splice(this.#queue.indexOf(waiting), 1)
+        } else this.#reserved -= size
+        state = 'released'
+        this.#grant()
+      },
+    }
+    this.#consume.set(reservation, () => {
+      if (state !== 'granted') return false
+      state = 'committed'
+      this.#reserved -= size
+      return true
+    })
+    this.#grant()
+    return reservation
+  }
+
+  /** Grants waiting reservations, in order, while they fit beside every byte on disk. */
+  #grant(): void {
+    for (;;) {
+      const head = this.#queue[0]
+      if (!head || this.#used + this.#reserved + this.#held + head.size > this.limit) return
+      this.#queue.shift()
+      head.grant()
+    }
+  }
+
+  /**
+   * Makes a verified temp file an entry: fsync, rename, index row, then it counts as used
+   * instead of reserved. Returns a lease for the fill's own readers (who read the same file
+   * through the fill's handle). On failure the reservation is still the caller's to release
+   * once its temp file is closed and removed.
+   */
+  async commit(reservation: Reservation, temp: { path: string; handle: TempFile }, digest: string): Promise<Lease> {
+    if (this.#live.has(digest)) throw new Error(`${digest} is cached already`)
+    const consume = this.#consume.get(reservation)
+    if (!consume) throw new Error('not a reservation of this cache')
+    await this.#o.store.commit(temp, digest)
+    // A removed entry of the same digest still open by readers lost its name to this file:
+    // its bytes are freed by the kernel when its readers close, not by an unlink of ours.
+    for (const d of this.#doomed) if (d.digest === digest) d.ownsPath = false
+    const now = Date.now()
+    try {
+      await this.#row(digest, () => this.#o.index.putBlob({ digest, size: reservation.size, lastAccess: now, hits: 0, createdAt: now }))
+    } catch (err) {
+      await this.#o.store.remove(digest).catch(() => undefined)
+      throw err
+    }
+    // Synchronously, in one step: the reserved bytes become used bytes of a live entry. A
+    // reservation released meanwhile (shutdown) is a bug in the caller, not a second entry.
+    if (!consume()) throw new Error('reservation is not granted')
+    const entry: Entry = { digest, size: reservation.size, pins: 0, state: 'live', ownsPath: true }
+    this.#live.set(digest, entry)
+    this.#used += entry.size
+    return this.#lease(entry)
+  }
+
+  /** Removes a cached entry (DELETE /cache, a failed re-hash); false if it is not cached. */
+  remove(digest: string, reason: Exclude<RemovalReason, 'evicted'>): boolean {
+    const entry = this.#live.get(digest)
+    if (!entry) return false
+    this.#remove(entry, reason)
+    return true
+  }
+
+  /** Evicts LRU entries (unleased) until the cache fits the limit; at start-up, after a shrink. */
+  async trim(): Promise<number> {
+    const lru = [...this.#live.values()].sort((a, b) => (this.#o.index.blob(a.digest)?.lastAccess ?? 0) - (this.#o.index.blob(b.digest)?.lastAccess ?? 0))
+    let removed = 0
+    for (const e of lru) {
+      if (this.#used + this.#held <= this.limit) break
+      if (e.pins > 0) continue
+      this.#remove(e, 'evicted')
+      removed++
+    }
+    await this.settled()
+    return removed
+  }
+
+  /** Resolves when every index write and unlink started so far has finished. */
+  async settled(): Promise<void> {
+    while (this.#inFlight.size > 0) await Promise.allSettled([...this.#inFlight])
+  }
+
+  /** Takes an entry out of service now; the row goes at once, the file with its last reader. */
+  #remove(entry: Entry, reason: RemovalReason): void {
+    this.#live.delete(entry.digest)
+    entry.state = 'doomed'
+    this.#doomed.add(entry)
+    this.#used -= entry.size
+    this.#held += entry.size
+    const row = this.#row(entry.digest, () => this.#o.index.removeBlob(entry.digest))
+    this.#track(row.catch((err: unknown) => this.#o.log.error({ err: { code: (err as NodeJS.ErrnoException).code }, layer: entry.digest }, 'cannot remove a cache index row')))
+    entry.reason = reason
+    if (entry.pins === 0) this.#unlink(entry)
+  }
+
+  /** Unlinks a removed entry's file (after its row is gone); its bytes stop counting after. */
+  #unlink(entry: Entry): void {
+    this.#unlinking += entry.size
+    const rowDone = this.#rowOps.get(entry.digest) ?? Promise.resolve()
+    const p = rowDone
+      .catch(() => undefined)
+      .then(async () => {
+        // The row goes before the file: a crash in between leaves an orphan file, which restart
+        // reconciliation verifies or deletes, never a row whose file is missing.
+        if (entry.ownsPath) await this.#o.store.remove(entry.digest)
+      })
+      .catch((err: unknown) => this.#o.log.error({ err: { code: (err as NodeJS.ErrnoException).code }, layer: entry.digest }, 'cannot delete a removed cache file'))
+      .finally(() => {
+        entry.state = 'gone'
+        this.#doomed.delete(entry)
+        this.#unlinking -= entry.size
+        this.#held -= entry.size
+        const reason = entry.reason ?? 'evicted'
+        this.removals[reason].count++
+        this.removals[reason].bytes += entry.size
+        this.#o.onRemoved?.(reason, entry.size, entry.digest)
+        this.#grant()
+      })
+    this.#track(p)
+  }
+
+  /** Runs an index write for `digest` after the previous one for it has finished. */
+  #row<T>(digest: string, op: () => Promise<T>): Promise<T> {
+    const before = this.#rowOps.get(digest) ?? Promise.resolve()
+    const p = before.catch(() => undefined).then(op)
+    this.#rowOps.set(digest, p)
+    const forget = (): void => {
+      if (this.#rowOps.get(digest) === p) this.#rowOps.delete(digest)
+    }
+    p.then(forget, forget)
+    return p
+  }
+
+  #track(p: Promise<unknown>): void {
+    this.#inFlight.add(p)
+    const done = (): void => void this.#inFlight.delete(p)
+    p.then(done, done)
+  }
+}

@@ -1,0 +1,99 @@
+import { createHash } from 'node:crypto'
+import { open } from 'node:fs/promises'
+import type { Readable } from 'node:stream'
+import type { BlobCache } from './cache/blob-cache.js'
+import { HotCache } from './cache/memory-cache.js'
+import { READ_CHUNK } from './fill-reader.js'
+import type { PackageLogger } from './log.js'
+
+export interface CachedReadsOptions {
+  log: PackageLogger
+  /** A cached file did not hash to its name when read whole: it has been removed. */
+  onCorrupt?: (digest: string) => void
+  /** Memory for small hot layers (default 64 MiB, entries up to 8 MiB); 0 turns it off. */
+  hotBytes?: number
+  hotEntryBytes?: number
+}
+
+/** A hit: bytes in memory (shared by every response, never copied), or a stream of the file. */
+export type HitBody = { buffer: Buffer } | { stream: Readable }
+
+/**
+ * Serves cache hits with bounded memory, whatever the number of clients.
+ *
+ * Small layers are read whole once per digest, hashed against their name on the way in, and
+ * kept in memory; every concurrent request for the same digest waits for that one read and
+ * then writes the same Buffer. Larger layers are streamed from the file under a lease, one
+ * {@link READ_CHUNK} at a time with backpressure, so a stalled client holds about that much.
+ */
+export class CachedReads {
+  readonly #o: CachedReadsOptions
+  readonly hot: HotCache
+
+  constructor(options: CachedReadsOptions) {
+    this.#o = options
+    this.hot = new HotCache(options.hotBytes ?? 64 * 1024 * 1024, options.hotEntryBytes ?? 8 * 1024 * 1024)
+  }
+
+  /** The layer's bytes if they are in memory now (no I/O). */
+  inMemory(cache: BlobCache, digest: string): Buffer | undefined {
+    return cache.has(digest) ? this.hot.get(digest) : undefined
+  }
+
+  /**
+   * Bytes `start..end` (inclusive) of a cached layer, or undefined if it is not (or no longer)
+   * cached, or failed its check: the caller then takes the miss path.
+   */
+  async open(cache: BlobCache, digest: string, start: number, end: number): Promise<HitBody | undefined> {
+    const lease = cache.acquire(digest)
+    if (!lease) return undefined
+    if (this.hot.accepts(lease.size)) {
+      lease.release()
+      const data = await this.hot.load(digest, () => this.#readVerified(cache, digest), () => cache.has(digest))
+      return data ? { buffer: data.subarray(start, end + 1) } : undefined
+    }
+    let handle
+    try {
+      handle = await open(lease.path, 'r')
+    } catch (err) {
+      // Under a lease the file cannot have been removed by us: something else deleted it.
+      lease.release()
+      this.#o.log.error({ err: { code: (err as NodeJS.ErrnoException).code }, layer: digest }, 'a cached file could not be opened; treating it as corrupt')
+      this.#corrupt(cache, digest)
+      return undefined
+    }
+    const stream = handle.createReadStream({ start, end, highWaterMark: READ_CHUNK })
+    stream.once('close', () => lease.release())
+    return { stream }
+  }
+
+  /** Reads a whole cached file under a lease and checks it against its digest. */
+  async #readVerified(cache: BlobCache, digest: string): Promise<Buffer | undefined> {
+    const lease = cache.acquire(digest)
+    if (!lease) return undefined
+    try {
+      const handle = await open(lease.path, 'r')
+      let data: Buffer
+      try {
+        data = await handle.readFile()
+      } finally {
+        await handle.close().catch(() => undefined)
+      }
+      // Hashing once per load (not per hit) costs little and catches a file damaged on disk.
+      const found = `sha256:${createHash('sha256').update(data).digest('hex')}`
+      if (data.length === lease.size && found === digest) return data
+      this.#o.log.error({ layer: digest, found, bytes: data.length }, 'a cached file does not match its digest; removing it')
+    } catch (err) {
+      this.#o.log.error({ err: { code: (err as NodeJS.ErrnoException).code }, layer: digest }, 'a cached file could not be read; removing it')
+    } finally {
+      lease.release()
+    }
+    this.#corrupt(cache, digest)
+    return undefined
+  }
+
+  #corrupt(cache: BlobCache, digest: string): void {
+    this.hot.delete(digest)
+    if (cache.remove(digest, 'corrupt')) this.#o.onCorrupt?.(digest)
+  }
+}

@@ -1,0 +1,209 @@
+import { TimeoutError } from '../../errors.js'
+import type { RegistrySource } from '../credentials/source.js'
+import type { BlobCache, Lease, Reservation } from './cache/blob-cache.js'
+import type { BlobStore } from './cache/blob-store.js'
+import type { CacheIndex } from './cache/cache-index.js'
+import { DownloadSlots, type DownloadSlotsOptions } from './download-slots.js'
+import { Fill } from './fill.js'
+import { describe, type PackageLogger } from './log.js'
+import type { LayerRef } from './manifest.js'
+import type { RegistryClient } from './registry-client.js'
+
+/** The parts of an open cache, attached together (at start, or once a late directory opens). */
+export interface CacheParts {
+  cache: BlobCache
+  index: CacheIndex
+  store: BlobStore
+}
+
+/** How a download ended: cached, failed upstream or on verification, served uncached. */
+export type FillOutcome = 'committed' | 'failed' | 'disk-error' | 'commit-error' | 'uncached'
+
+export interface DownloadsOptions {
+  client: RegistryClient
+  log: PackageLogger
+  /** Upper bound for one download, whoever is waiting for it. */
+  deadlineMs?: number
+  /** How long a full memory window may wait for its slowest reader before cutting it off. */
+  laggardMs?: number
+  slots?: Partial<DownloadSlotsOptions>
+  onFillDone?: (outcome: FillOutcome, seconds: number, error: Error | undefined) => void
+  onResume?: (kind: 'fill' | 'pass-through') => void
+}
+
+/** A download a request may read: whether it started it, and whether it is cached. */
+export interface Joined {
+  fill: Fill
+  started: boolean
+  /** Settles once the download has committed (or been discarded). */
+  finished: Promise<void>
+}
+
+/**
+ * The layer downloads running now, one per layer digest however many clients want it.
+ *
+ * A download is a cache fill (temp file, verified, committed through the {@link BlobCache})
+ * when space can be reserved, otherwise an uncached memory-window download; both are
+ * {@link Fill}s, joined the same way, so N clients of a layer that cannot be cached still make
+ * one registry download. Each holds a download slot from before its first byte until its end.
+ */
+export class Downloads {
+  readonly #o: DownloadsOptions
+  readonly #flights = new Map<string, Promise<Fill>>()
+  readonly #finished = new WeakMap<Fill, Promise<void>>()
+  readonly #running = new Set<Promise<void>>()
+  readonly slots: DownloadSlots
+  readonly #aborter = new AbortController()
+
+  constructor(options: DownloadsOptions) {
+    this.#o = options
+    this.slots = new DownloadSlots(options.slots, this.#aborter.signal)
+  }
+
+  /** Downloads running or cleaning up. */
+  get active(): number {
+    return this.#running.size
+  }
+
+  /**
+   * The download of `layer` a reader of bytes from `start` can follow: the running one, or a
+   * new one. Registered synchronously, before any await, so every concurrent request joins the
+   * same download (and its place in the queue). Throws a BusyError when the queue is full.
+   */
+  async join(source: RegistrySource, name: string, manifestDigest: string, layer: LayerRef, start: number, parts: CacheParts | undefined): Promise<Joined> {
+    const running = this.#flights.get(layer.digest)
+    if (running) {
+      const fill = await running.catch(() => undefined)
+      if (fill?.canServe(start)) return { fill, started: false, finished: this.#finished.get(fill) ?? Promise.resolve() }
+    }
+    const ticket = this.slots.enter()
+    const forget = (): void => {
+      if (this.#flights.get(layer.digest) === flight) this.#flights.delete(layer.digest)
+    }
+    const releaseSlot = (): void => ticket.release()
+    const flight = (async () => {
+      try {
+        await ticket.ready
+      } catch (err) {
+        forget()
+        throw err
+      }
+      // Space is reserved only once the download may start: one waiting in line holds no bytes.
+      const reservation = parts?.cache.reserve(layer.size)
+      let temp
+      try {
+        if (reservation) {
+          await reservation.ready
+          temp = await parts?.store.createTemp()
+        }
+      } catch (err) {
+        reservation?.release()
+        this.#o.log.warn({ err: describe(err), layer: layer.digest }, 'cannot start a cache fill; serving uncached')
+        return this.#run(source, name, manifestDigest, layer, parts, undefined, undefined, releaseSlot, forget)
+      }
+      return this.#run(source, name, manifestDigest, layer, parts, reservation, temp, releaseSlot, forget)
+    })()
+    this.#flights.set(layer.digest, flight)
+    const fill = await flight
+    return { fill, started: true, finished: this.#finished.get(fill) ?? Promise.resolve() }
+  }
+
+  #run(
+    source: RegistrySource,
+    name: string,
+    manifestDigest: string,
+    layer: LayerRef,
+    parts: CacheParts | undefined,
+    reservation: Reservation | undefined,
+    temp: Awaited<ReturnType<BlobStore['createTemp']>> | undefined,
+    releaseSlot: () => void,
+    forget: () => void,
+  ): Fill {
+    const fill = new Fill(layer, temp, this.#o.laggardMs)
+    const kind = temp ? 'fill' : 'pass-through'
+    // A failed download leaves the map the moment it fails, so a request arriving during its
+    // clean-up starts a new one instead of inheriting the failure.
+    fill.on('progress', () => {
+      if (fill.state === 'failed') forget()
+    })
+    fill.on('resume', (err: unknown) => {
+      this.#o.onResume?.(kind)
+      this.#o.log.warn({ err: describe(err), layer: layer.digest, offset: fill.written }, 'registry connection broke mid-layer; resuming with a Range request')
+    })
+    fill.once('degraded', (err: unknown) => {
+      // No new reader may join a fill that cannot be cached; its current readers still finish.
+      forget()
+      this.#o.log.error({ err: describe(err), layer: layer.digest }, 'disk error during a cache fill; serving current clients from memory, caching nothing')
+    })
+    let lease: Lease | undefined
+    // The reservation (or, once committed, the entry's lease) is held until the temp file is
+    // closed: readers of this fill read that file, so its bytes are on disk until then.
+    void fill.closed.then(() => (lease ? lease.release() : reservation?.release()))
+    // Past the deadline the download is a 504 (a TimeoutError as the abort reason), not an
+    // anonymous abort that would surface as a bare 500.
+    const deadlineMs = this.#o.deadlineMs ?? 30 * 60_000
+    const deadline = new AbortController()
+    const timer = setTimeout(() => deadline.abort(new TimeoutError('fill', deadlineMs)), deadlineMs)
+    timer.unref()
+    const signal = AbortSignal.any([deadline.signal, this.#aborter.signal])
+    const began = process.hrtime.bigint()
+    const settled = fill
+      .run((offset) => this.#o.client.openBlob(source, name, layer.digest, { offset, signal }), signal)
+      .then(async () => {
+        const result = await this.#finish(fill, manifestDigest, parts, reservation)
+        lease = result.lease
+        return result.outcome
+      })
+      .then((outcome) => this.#o.onFillDone?.(outcome, Number(process.hrtime.bigint() - began) / 1e9, fill.error ?? fill.diskError))
+      .finally(() => {
+        clearTimeout(timer)
+        releaseSlot()
+        forget()
+        fill.release()
+        this.#running.delete(settled)
+      })
+    this.#running.add(settled)
+    this.#finished.set(fill, settled.catch(() => undefined))
+    return fill
+  }
+
+  /** Commits a verified fill (fsync, rename, rows) or discards a failed one. */
+  async #finish(fill: Fill, manifestDigest: string, parts: CacheParts | undefined, reservation: Reservation | undefined): Promise<{ outcome: FillOutcome; lease?: Lease }> {
+    const { layer } = fill
+    const temp = fill.temp
+    if (!parts || !reservation || !temp) return { outcome: fill.state === 'verified' ? 'uncached' : 'failed' }
+    if (fill.state !== 'verified' || fill.diskError) {
+      await parts.store.removeTemp(temp.path).catch(() => undefined)
+      if (fill.diskError) return { outcome: 'disk-error' }
+      this.#o.log.warn({ err: describe(fill.error), layer: layer.digest }, 'cache fill failed; nothing cached')
+      return { outcome: 'failed' }
+    }
+    let lease: Lease
+    try {
+      lease = await parts.cache.commit(reservation, temp, layer.digest)
+    } catch (err) {
+      this.#o.log.error({ err: describe(err), layer: layer.digest }, 'cache commit failed; the layer was served but not cached')
+      await parts.store.removeTemp(temp.path).catch(() => undefined)
+      return { outcome: 'commit-error' }
+    }
+    try {
+      await parts.index.putManifest({ digest: manifestDigest, layerDigest: layer.digest, layerMediaType: layer.mediaType })
+    } catch (err) {
+      // The layer is cached; only the shortcut from this manifest is missing (one registry request).
+      this.#o.log.warn({ err: describe(err), layer: layer.digest }, 'cache index write failed; the manifest will be looked up again')
+    }
+    return { outcome: 'committed', lease }
+  }
+
+  /** Resolves when every running download has committed or cleaned up (tests, shutdown). */
+  async settled(): Promise<void> {
+    while (this.#running.size > 0) await Promise.allSettled([...this.#running])
+  }
+
+  /** Aborts running downloads (shutdown) and waits for them to settle. */
+  async close(reason: Error): Promise<void> {
+    this.#aborter.abort(reason)
+    await Promise.allSettled([...this.#flights.values()])
+    await this.settled()
+  }
+}

@@ -1,0 +1,62 @@
+import Boom from '@hapi/boom'
+import type { Request, Server } from '@hapi/hapi'
+import { BusyError, DigestError, toBoom } from '../../errors.js'
+import { deleteCacheEntryHandler, listCacheHandler, showCacheEntryHandler, type CacheHandlerDeps, type ResultCounts } from '../../handlers/cache.js'
+import { packageHandler } from '../../handlers/package.js'
+import type { SourceSet } from '../credentials/source-set.js'
+import type { Metrics } from '../metrics/metrics.js'
+import { describe } from './log.js'
+import type { PackageService } from './package-service.js'
+
+const SERVED = new Set(['hit', 'miss', 'coalesced', 'bypass'])
+
+/** `GET|HEAD /package` (and 405 for other methods), with its results counted and logged. */
+export function packageRoutes(server: Server, o: { sources: SourceSet; metrics: Metrics; service: PackageService; counts: ResultCounts }): void {
+  const onResult = (request: Request, result: string): void => {
+    o.metrics.packageResults.inc({ result })
+    if (result in o.counts) o.counts[result as keyof ResultCounts]++
+    ;(request.app as { result?: string }).result = result
+  }
+  const onStreamError = (request: Request, _result: string, err: Error): void => {
+    ;(request.app as { error?: unknown }).error = describe(err)
+  }
+  const handler = packageHandler({ sources: o.sources, packages: o.service, onResult, onStreamError })
+  server.route({
+    method: 'GET',
+    path: '/package',
+    options: { response: { ranges: false, emptyStatusCode: 200 } },
+    handler: async (request, h) => {
+      try {
+        return await handler(request, h)
+      } catch (err) {
+        if (err instanceof DigestError) o.metrics.digestMismatches.inc({ what: err.what })
+        onResult(request, 'error')
+        ;(request.app as { error?: unknown }).error = describe(err)
+        if (err instanceof BusyError) o.metrics.downloadsRefused.inc({ kind: err.kind })
+        throw toBoom(err)
+      }
+    },
+  })
+  server.route({
+    method: '*',
+    path: '/package',
+    // Never read or parse a refused request's body: the answer is 405 whatever it holds.
+    options: { payload: { parse: false, output: 'stream' } },
+    handler: () => Boom.methodNotAllowed('only GET and HEAD are allowed on /package', undefined, ['GET', 'HEAD']),
+  })
+  server.events.on('response', (request) => {
+    const result = (request.app as { result?: string }).result
+    const length = Number(request.response && 'headers' in request.response ? request.response.headers['content-length'] : 0)
+    // Only bodies that went out whole: an aborted response did not deliver its length.
+    if (result && SERVED.has(result) && request.raw.res.writableFinished && length > 0) o.metrics.bytesServed.inc(length)
+  })
+}
+
+/** `GET /cache`, `GET|DELETE /cache/{digest}`: the on-call view of the cache. */
+export function cacheRoutes(server: Server, deps: CacheHandlerDeps): void {
+  server.route([
+    { method: 'GET', path: '/cache', handler: listCacheHandler(deps) },
+    { method: 'GET', path: '/cache/{digest}', handler: showCacheEntryHandler(deps) },
+    { method: 'DELETE', path: '/cache/{digest}', handler: deleteCacheEntryHandler(deps) },
+  ])
+}
