@@ -94,6 +94,6 @@ export class CachedReads {
 
   #corrupt(cache: BlobCache, digest: string): void {
     this.hot.delete(digest)
-    if (cache.remove(digest, 'corrupt')) this.#o.onCorrupt?.(digest)
+    void cache.remove(digest, 'corrupt').then((removed) => removed && this.#o.onCorrupt?.(digest))
   }
 }

@@ -52,6 +52,8 @@ export class Downloads {
   readonly #flights = new Map<string, Promise<Fill>>()
   readonly #finished = new WeakMap<Fill, Promise<void>>()
   readonly #running = new Set<Promise<void>>()
+  /** Downloads whose file is still open by readers (their space is still held). */
+  readonly #open = new Set<Promise<void>>()
   readonly slots: DownloadSlots
   readonly #aborter = new AbortController()
 
@@ -138,7 +140,12 @@ export class Downloads {
     let lease: Lease | undefined
     // The reservation (or, once committed, the entry's lease) is held until the temp file is
     // closed: readers of this fill read that file, so its bytes are on disk until then.
-    void fill.closed.then(() => (lease ? lease.release() : reservation?.release()))
+    const closed = fill.closed.then(() => {
+      if (lease) lease.release()
+      else reservation?.release()
+      this.#open.delete(closed)
+    })
+    this.#open.add(closed)
     // Past the deadline the download is a 504 (a TimeoutError as the abort reason), not an
     // anonymous abort that would surface as a bare 500.
     const deadlineMs = this.#o.deadlineMs ?? 30 * 60_000
@@ -195,9 +202,12 @@ export class Downloads {
     return { outcome: 'committed', lease }
   }
 
-  /** Resolves when every running download has committed or cleaned up (tests, shutdown). */
+  /**
+   * Resolves when every download has committed or cleaned up and its last reader has closed,
+   * so its space is returned (tests, shutdown).
+   */
   async settled(): Promise<void> {
-    while (this.#running.size > 0) await Promise.allSettled([...this.#running])
+    while (this.#running.size > 0 || this.#open.size > 0) await Promise.allSettled([...this.#running, ...this.#open])
   }
 
   /** Aborts running downloads (shutdown) and waits for them to settle. */

@@ -117,8 +117,9 @@ export class Fill extends EventEmitter {
       const first = await openLayer(open, this.layer.size)
       this.#settle.started[0]()
       const bytes = resumableDownload(first, this.layer.size, open, {
-        // A memory-mode download gives up instead: its readers wait on it.
-        canResume: () => this.#file !== undefined && this.diskError === undefined,
+        // A degraded fill gives up instead: it will not be cached, and its readers are served
+        // from a memory window that a slow resume would keep waiting.
+        canResume: () => this.diskError === undefined,
         onResume: (err) => {
           this.resumes++
           this.emit('resume', err)

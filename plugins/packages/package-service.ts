@@ -212,7 +212,7 @@ export class PackageService {
     if (!parts) return false
     const layerDigest = parts.index.manifest(digest)?.layerDigest ?? digest
     this.#reads.hot.delete(layerDigest)
-    if (parts.cache.remove(layerDigest, 'deleted')) return true
+    if (await parts.cache.remove(layerDigest, 'deleted')) return true
     await parts.index.removeManifest(digest)
     return false
   }

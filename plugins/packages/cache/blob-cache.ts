@@ -162,7 +162,7 @@ export class BlobCache {
         if (released) return
         released = true
         entry.pins--
-        if (entry.state === 'doomed' && entry.pins === 0) this.#unlink(entry)
+        if (entry.state === 'doomed' && entry.pins === 0) void this.#unlink(entry)
       },
     }
   }
@@ -188,7 +188,7 @@ export class BlobCache {
       }
       if (free < size) return undefined
     }
-    for (const v of victims) this.#remove(v, 'evicted')
+    for (const v of victims) void this.#remove(v, 'evicted')
     this.#pending += size
     let state: 'waiting' | 'granted' | 'committed' | 'released' = 'waiting'
     let grant!: () => void
@@ -266,11 +266,15 @@ export class BlobCache {
     return this.#lease(entry)
   }
 
-  /** Removes a cached entry (DELETE /cache, a failed re-hash); false if it is not cached. */
-  remove(digest: string, reason: Exclude<RemovalReason, 'evicted'>): boolean {
+  /**
+   * Removes a cached entry (DELETE /cache, a failed re-hash); false if it is not cached. It is
+   * out of service at once; the promise settles when its index row is gone (its file goes
+   * when the last reader lets go).
+   */
+  async remove(digest: string, reason: Exclude<RemovalReason, 'evicted'>): Promise<boolean> {
     const entry = this.#live.get(digest)
     if (!entry) return false
-    this.#remove(entry, reason)
+    await this.#remove(entry, reason)
     return true
   }
 
@@ -279,9 +283,9 @@ export class BlobCache {
     const lru = [...this.#live.values()].sort((a, b) => (this.#o.index.blob(a.digest)?.lastAccess ?? 0) - (this.#o.index.blob(b.digest)?.lastAccess ?? 0))
     let removed = 0
     for (const e of lru) {
-      if (this.#used + this.#held <= this.limit) break
+      if (this.#used + (this.#held - this.#unlinking) <= this.limit) break
       if (e.pins > 0) continue
-      this.#remove(e, 'evicted')
+      void this.#remove(e, 'evicted')
       removed++
     }
     await this.settled()
@@ -294,20 +298,24 @@ export class BlobCache {
   }
 
   /** Takes an entry out of service now; the row goes at once, the file with its last reader. */
-  #remove(entry: Entry, reason: RemovalReason): void {
+  #remove(entry: Entry, reason: RemovalReason): Promise<void> {
     this.#live.delete(entry.digest)
     entry.state = 'doomed'
     this.#doomed.add(entry)
     this.#used -= entry.size
     this.#held += entry.size
-    const row = this.#row(entry.digest, () => this.#o.index.removeBlob(entry.digest))
-    this.#track(row.catch((err: unknown) => this.#o.log.error({ err: { code: (err as NodeJS.ErrnoException).code }, layer: entry.digest }, 'cannot remove a cache index row')))
+    const row = this.#row(entry.digest, () => this.#o.index.removeBlob(entry.digest)).then(
+      () => undefined,
+      (err: unknown) => this.#o.log.error({ err: { code: (err as NodeJS.ErrnoException).code }, layer: entry.digest }, 'cannot remove a cache index row'),
+    )
+    this.#track(row)
     entry.reason = reason
-    if (entry.pins === 0) this.#unlink(entry)
+    // Unleased: it is gone when this settles. Leased: its file goes with its last reader.
+    return entry.pins === 0 ? this.#unlink(entry) : row
   }
 
   /** Unlinks a removed entry's file (after its row is gone); its bytes stop counting after. */
-  #unlink(entry: Entry): void {
+  #unlink(entry: Entry): Promise<void> {
     this.#unlinking += entry.size
     const rowDone = this.#rowOps.get(entry.digest) ?? Promise.resolve()
     const p = rowDone
@@ -330,6 +338,7 @@ export class BlobCache {
         this.#grant()
       })
     this.#track(p)
+    return p
   }
 
   /** Runs an index write for `digest` after the previous one for it has finished. */

@@ -100,7 +100,7 @@ export class Scrubber {
   }
 
   #corrupt(digest: string, size: number, release: () => void): false {
-    this.#cache.remove(digest, 'corrupt')
+    void this.#cache.remove(digest, 'corrupt')
     release()
     this.#o.onChecked?.(size, false)
     return false

@@ -32,7 +32,7 @@ function assertNotComplete(t: Test, reply: RawReply, data: Buffer, what: string)
 }
 
 async function assertNothingCached(t: Test, h: Harness, layerDigest: string): Promise<void> {
-  await until(() => h.proxy.packages.service.activeFills === 0, 'the fill is over')
+  await h.proxy.packages.service.settled()
   t.equal(h.proxy.packages.index?.blob(layerDigest), undefined, 'no index row')
   t.same(blobFiles(h.cacheDirectory), [], 'no file under blobs/')
   await until(() => readdirSync(join(h.cacheDirectory, 'tmp')).length === 0, 'the temp file is removed')
