@@ -73,6 +73,8 @@ async function exercisedServer(t: Test): Promise<{ exposition: Exposition; forbi
   registry.faults = {}
   t.equal((await get(packageUrl({ digest: x.manifestDigest, repository: `${registry.host}/modules/unknown` }))).status, 404, 'an unknown repository')
   t.equal((await get(`/v2/deckhouse/ce/manifests/${x.manifestDigest}`)).status, 404, 'a path no route has')
+  // A fill commits (fsync, rename, row) just after its last byte went out.
+  await proxy.packages.service.settled()
   t.equal((await get('/cache')).status, 200)
   t.equal((await get(`/cache/${y.lastLayer.digest}`)).status, 200)
   t.equal((await get('/healthz')).status, 200)

@@ -142,8 +142,8 @@ void t.test('a miss, a coalesced request, a hit, an eviction, an upstream error,
       [k('package_results_total', { result: 'miss' })]: 1,
       [k('served_bytes_total')]: size,
       ...fill('committed'),
-      [k('evictions_total')]: 1,
-      [k('evicted_bytes_total')]: size,
+      [k('evictions_total', { reason: 'evicted' })]: 1,
+      [k('evicted_bytes_total', { reason: 'evicted' })]: size,
     })
     t.equal(valueOf(after, `${PREFIX}cache_size`), size, 'one layer in place of the other')
     t.equal(valueOf(after, `${PREFIX}cache_entries`), 1)
@@ -220,8 +220,10 @@ void t.test('a miss, a coalesced request, a hit, an eviction, an upstream error,
     }
     t.equal(body.usedBytes, valueOf(e, `${PREFIX}cache_size`))
     t.equal(body.entries, valueOf(e, `${PREFIX}cache_entries`))
-    t.equal(body.evictions, valueOf(e, `${PREFIX}evictions_total`))
-    t.equal(body.evictedBytes, valueOf(e, `${PREFIX}evicted_bytes_total`))
+    const sum = (name: string): number => ['evicted', 'deleted', 'corrupt'].reduce((n, reason) => n + (valueOf(e, `${PREFIX}${name}`, { reason }) ?? NaN), 0)
+    t.equal(body.evictions, sum('evictions_total'))
+    t.equal(body.evictedBytes, sum('evicted_bytes_total'))
+    t.equal(body.heldBytes + body.reservedBytes, valueOf(e, `${PREFIX}cache_held_bytes`))
   })
 })
 

@@ -22,7 +22,7 @@ t.comment(`fast-check seed ${seed}, ${RUNS} runs per property (FC_SEED / FC_RUNS
 const params = (runs = RUNS): fc.Parameters<unknown> => ({ seed, numRuns: runs, endOnFailure: true })
 
 /** Files the cache directory may hold: the index, verified blobs, temp files of running fills. */
-const CACHE_LAYOUT = /^(index\.sqlite(-wal|-shm|-journal)?|blobs\/sha256\/[0-9a-f]{2}\/[0-9a-f]{64}|tmp\/[0-9]+-[0-9a-f]{12}\.partial)$/
+const CACHE_LAYOUT = /^(layout\.json|index\.sqlite(-wal|-shm|-journal)?|blobs\/sha256\/[0-9a-f]{2}\/[0-9a-f]{64}|tmp\/[0-9]+-[0-9a-f]{12}\.partial)$/
 
 const HEX = /^[0-9a-f]{64}$/
 

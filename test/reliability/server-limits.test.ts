@@ -284,14 +284,18 @@ void t.test('download slots: coalesced clients share one, and the queue wait is 
   t.equal((await slow).statusCode, 200, 'the running download was not disturbed')
 })
 
-void t.test('download slots: with the cache off every request is a pass-through, and each holds a slot while it streams', async (t) => {
+void t.test('download slots: with the cache off every layer is an uncached download, and each holds a slot while it streams', async (t) => {
   const q = await startProxy(t, { disableCache: true, downloads: { max: 1, maxQueued: 0 } })
-  const d = q.registry.addImage(DEFAULT_PREFIX, [bytes(64 * 1024, 83)])
+  const d = q.registry.addImage(`${DEFAULT_PREFIX}/d`, [bytes(64 * 1024, 83)])
+  const e = q.registry.addImage(`${DEFAULT_PREFIX}/e`, [bytes(64 * 1024, 84)])
   q.registry.faults = { blobChunkSize: 8192, blobChunkDelayMs: 50 }
-  const both = await Promise.all([0, 1].map(() => q.proxy.server.inject(packageUrl({ digest: d.manifestDigest }))))
+  const both = await Promise.all([
+    q.proxy.server.inject(packageUrl({ digest: d.manifestDigest, path: 'd' })),
+    q.proxy.server.inject(packageUrl({ digest: e.manifestDigest, path: 'e' })),
+  ])
   t.same(both.map((r) => r.statusCode).sort(), [200, 503], 'one streams, the other is refused')
   await eventually(() => q.proxy.packages.service.downloads.running === 0, 'the pass-through returned its slot')
-  t.equal((await q.proxy.server.inject(packageUrl({ digest: d.manifestDigest }))).statusCode, 200, 'and the next one is served')
+  t.equal((await q.proxy.server.inject(packageUrl({ digest: d.manifestDigest, path: 'd' }))).statusCode, 200, 'and the next one is served')
 })
 
 void t.test('a stuck reader of a memory hit (answered before hapi routes it) is cut after the idle timeout too', async (t) => {
