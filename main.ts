@@ -48,6 +48,7 @@ async function main(argv: string[]): Promise<void> {
       cacheDirectory: flags.cacheDirectory,
       limitBytes: flags.cacheRetentionBytes,
       disableCache: flags.disableCache,
+      scrubBytesPerSecond: flags.scrubBytesPerSecond,
       ...(flags.registryConfig ? { registryConfig: flags.registryConfig } : {}),
       ...(flags.kubeconfig ? { kubeconfig: flags.kubeconfig } : {}),
       logger,

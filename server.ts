@@ -45,6 +45,8 @@ export interface ServerOptions {
   lookups?: Partial<DownloadSlotsOptions>
   /** How often a cache directory that was unusable at start is tried again (tests shorten it). */
   cacheRetryMs?: number
+  /** Bytes per second the background scrubber re-hashes (`--scrub-rate`); off unless given. */
+  scrubBytesPerSecond?: number
 }
 
 export interface ProxyServer {
@@ -127,6 +129,7 @@ export async function createServer(o: ServerOptions): Promise<ProxyServer> {
         ...(o.downloads ? { downloads: o.downloads } : {}),
         ...(o.lookups ? { lookups: o.lookups } : {}),
         ...(o.cacheRetryMs ? { cacheRetryMs: o.cacheRetryMs } : {}),
+        scrubBytesPerSecond: o.scrubBytesPerSecond ?? 0,
       },
     },
   ])

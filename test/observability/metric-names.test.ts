@@ -65,6 +65,8 @@ async function exercisedServer(t: Test): Promise<{ exposition: Exposition; forbi
   t.equal((await get(xUrl)).status, 200, 'a hit')
   t.equal((await get(xUrl, {}, 'HEAD')).status, 200, 'a HEAD')
   t.equal((await get(xUrl, { 'if-none-match': `"${x.manifestDigest}"` })).status, 304, 'not modified')
+  // x must be committed (not still a reservation) before y's miss can evict it.
+  await proxy.packages.service.settled()
   t.equal((await get(packageUrl({ digest: y.manifestDigest, path: 'pkg-y' }))).status, 200, 'a miss that evicts')
   registry.faults = { manifestStatus: 500 }
   t.equal((await get(packageUrl({ digest: broken.manifestDigest, path: 'pkg-z' }))).status, 502, 'an upstream error')

@@ -10,7 +10,7 @@ export interface ScrubberOptions {
   log: PackageLogger
   /** Told of each entry checked, and whether it was intact. */
   onChecked?: (bytes: number, intact: boolean) => void
-  /** Pause after a full round (or when the cache is empty) before the next. */
+  /** Pause before each round, the first included (default 60 s). */
   idleMs?: number
 }
 
@@ -49,6 +49,10 @@ export class Scrubber {
   async #run(): Promise<void> {
     const signal = this.#stop.signal
     for (;;) {
+      // Rest first: right after a start the disk and the CPU belong to the nodes that are
+      // waiting for packages (a bootstrap herd), not to a check that can wait a minute.
+      await sleep(this.#o.idleMs ?? 60_000, undefined, { signal, ref: false }).catch(() => undefined)
+      if (signal.aborted) return
       // One round over the entries as they were when it began; entries added meanwhile were
       // verified when committed, and are checked in the next round.
       const round = this.#cache.digests().sort()
@@ -56,8 +60,6 @@ export class Scrubber {
         if (signal.aborted) return
         await this.check(digest, signal)
       }
-      await sleep(this.#o.idleMs ?? 60_000, undefined, { signal, ref: false }).catch(() => undefined)
-      if (signal.aborted) return
     }
   }
 
