@@ -125,7 +125,7 @@ async function checkInvariants(r: Real): Promise<void> {
   }
 }
 
-async function build(dir: string, s: fc.Scheduler, index: CacheIndex, store: BlobStore): Promise<BlobCache> {
+function build(s: fc.Scheduler, index: CacheIndex, store: BlobStore): BlobCache {
   const ports = wrapped(s, index, store)
   return new BlobCache({ index: ports.index, store: ports.store, limit: LIMIT, log: silent })
 }
@@ -278,7 +278,7 @@ class Restart implements fc.AsyncCommand<Model, Real> {
     const files = (await r.store.list()).filter((f) => f.digest)
     if (files.length !== rows.size) throw new Error(`after restart: ${files.length} files, ${rows.size} rows`)
     for (const f of files) if (rows.get(f.digest ?? '') !== statSync(f.path).size) throw new Error(`after restart: ${f.digest} row and file disagree`)
-    r.cache = await build(r.dir, r.s, r.index, r.store)
+    r.cache = build(r.s, r.index, r.store)
     const sum = [...rows.values()].reduce((n, s) => n + s, 0)
     if (r.cache.usedBytes !== sum) throw new Error('after restart: used bytes are not the rows')
     await checkInvariants(r)
@@ -317,11 +317,11 @@ void t.test('the cache owner keeps its books and its promises under arbitrary in
       const store = new BlobStore(dir)
       await store.init()
       const index = await CacheIndex.open(dir)
-      const real: Real = { dir, s, index, store, cache: await build(dir, s, index, store), held: [], fills: [], background: new Set() }
+      const real: Real = { dir, s, index, store, cache: build(s, index, store), held: [], fills: [], background: new Set() }
       try {
-        await fc.asyncModelRun(() => ({ model: {} as Model, real }), cmds)
+        await fc.asyncModelRun(() => ({ model: {}, real }), cmds)
         // Drain: every reader done, every fill ended, every I/O through; then all is returned.
-        await new Restart().run({} as Model, real)
+        await new Restart().run({}, real)
         if (real.cache.reservedBytes !== 0 || real.cache.heldBytes !== 0) throw new Error('space not returned at the end')
       } finally {
         for (const h of real.held) await h.fd.close().catch(() => undefined)
