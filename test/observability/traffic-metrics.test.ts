@@ -223,7 +223,7 @@ void t.test('a miss, a coalesced request, a hit, an eviction, an upstream error,
     const sum = (name: string): number => ['evicted', 'deleted', 'corrupt'].reduce((n, reason) => n + (valueOf(e, `${PREFIX}${name}`, { reason }) ?? NaN), 0)
     t.equal(body.evictions, sum('evictions_total'))
     t.equal(body.evictedBytes, sum('evicted_bytes_total'))
-    t.equal(body.heldBytes + body.reservedBytes, valueOf(e, `${PREFIX}cache_held_bytes`))
+    t.equal((body.heldBytes ?? NaN) + (body.reservedBytes ?? NaN), valueOf(e, `${PREFIX}cache_held_bytes`))
   })
 })
 
