@@ -1,6 +1,9 @@
 import type { PackageLogger } from '../log.js'
 import type { TempFile } from './blob-store.js'
 import type { BlobEntry } from './cache-index.js'
+import { Reservations, type Reservation } from './reservations.js'
+
+export type { Reservation } from './reservations.js'
 
 /** What the owner needs of the index (the SQLite record); tests wrap it to reorder completions. */
 export interface IndexPort {
@@ -30,14 +33,6 @@ export interface Lease {
   release(): void
 }
 
-/** Space promised to one fill; `ready` settles when the bytes may be written. */
-export interface Reservation {
-  readonly size: number
-  readonly ready: Promise<void>
-  /** Returns the space. Call it once the temp file is closed and gone, not before. */
-  release(): void
-}
-
 interface Entry {
   readonly digest: string
   readonly size: number
@@ -47,11 +42,6 @@ interface Entry {
   ownsPath: boolean
   /** Set when the entry is removed. */
   reason?: RemovalReason
-}
-
-interface Waiting {
-  size: number
-  grant(): void
 }
 
 export interface BlobCacheOptions {
@@ -86,17 +76,16 @@ export class BlobCache {
   /** Removed entries whose files are still on disk (some of them pinned by readers). */
   readonly #doomed = new Set<Entry>()
   #used = 0
-  #reserved = 0
-  #pending = 0
   #held = 0
   /** Part of {@link #held} being unlinked now (no reader left): free again in a moment. */
   #unlinking = 0
-  readonly #queue: Waiting[] = []
-  /** Index writes per digest, in order: a row removal and a later re-insert never cross. */
-  readonly #rowOps = new Map<string, Promise<unknown>>()
+  readonly #reservations = new Reservations(() => this.#grant())
+  /**
+   * Index writes and file operations per digest, in the order they were asked for: a removal's
+   * row delete and unlink never cross a refill's rename and row insert of the same digest.
+   */
+  readonly #ops = new Map<string, Promise<unknown>>()
   readonly #inFlight = new Set<Promise<unknown>>()
-  /** How commit() turns a granted reservation into used bytes, once. */
-  readonly #consume = new WeakMap<Reservation, () => boolean>()
   readonly removals: Record<RemovalReason, { count: number; bytes: number }> = {
     evicted: { count: 0, bytes: 0 },
     deleted: { count: 0, bytes: 0 },
@@ -119,7 +108,7 @@ export class BlobCache {
 
   /** Bytes promised to fills (granted or waiting for victims to go). */
   get reservedBytes(): number {
-    return this.#reserved + this.#pending
+    return this.#reservations.granted + this.#reservations.waiting
   }
 
   /** Bytes of removed entries whose files are still on disk (open by readers, or unlinking). */
@@ -129,7 +118,7 @@ export class BlobCache {
 
   /** Bytes the cache folder may hold right now by these books (used + reserved + held). */
   get occupiedBytes(): number {
-    return this.#used + this.#reserved + this.#held
+    return this.#used + this.#reservations.granted + this.#held
   }
 
   get entryCount(): number {
@@ -175,13 +164,11 @@ export class BlobCache {
   reserve(size: number): Reservation | undefined {
     if (size > this.limit) return undefined
     // Bytes already being unlinked will be free in a moment; held files under readers will not.
-    let free = this.limit - this.#used - this.#reserved - this.#pending - (this.#held - this.#unlinking)
+    let free = this.limit - this.#used - this.reservedBytes - (this.#held - this.#unlinking)
     const victims: Entry[] = []
     if (free < size) {
-      const candidates = [...this.#live.values()]
-        .filter((e) => e.pins === 0)
-        .sort((a, b) => (this.#o.index.blob(a.digest)?.lastAccess ?? 0) - (this.#o.index.blob(b.digest)?.lastAccess ?? 0))
-      for (const c of candidates) {
+      for (const c of this.#lru()) {
+        if (c.pins > 0) continue
         if (free >= size) break
         victims.push(c)
         free += c.size
@@ -189,51 +176,20 @@ export class BlobCache {
       if (free < size) return undefined
     }
     for (const v of victims) void this.#remove(v, 'evicted')
-    this.#pending += size
-    let state: 'waiting' | 'granted' | 'committed' | 'released' = 'waiting'
-    let grant!: () => void
-    const ready = new Promise<void>((resolve) => {
-      grant = () => {
-        if (state !== 'waiting') return
-        state = 'granted'
-        this.#pending -= size
-        this.#reserved += size
-        resolve()
-      }
-    })
-    const waiting: Waiting = { size, grant }
-    this.#queue.push(waiting)
-    const reservation: Reservation = {
-      size,
-      ready,
-      release: () => {
-        if (state === 'released' || state === 'committed') return
-        if (state === 'waiting') {
-          this.#pending -= size
-          this.#queue.splice(this.#queue.indexOf(waiting), 1)
-        } else this.#reserved -= size
-        state = 'released'
-        this.#grant()
-      },
-    }
-    this.#consume.set(reservation, () => {
-      if (state !== 'granted') return false
-      state = 'committed'
-      this.#reserved -= size
-      return true
-    })
+    const reservation = this.#reservations.create(size)
     this.#grant()
     return reservation
   }
 
+  /** Live entries, least recently used first. */
+  #lru(): Entry[] {
+    const at = (e: Entry): number => this.#o.index.blob(e.digest)?.lastAccess ?? 0
+    return [...this.#live.values()].sort((a, b) => at(a) - at(b))
+  }
+
   /** Grants waiting reservations, in order, while they fit beside every byte on disk. */
   #grant(): void {
-    for (;;) {
-      const head = this.#queue[0]
-      if (!head || this.#used + this.#reserved + this.#held + head.size > this.limit) return
-      this.#queue.shift()
-      head.grant()
-    }
+    this.#reservations.grant((size) => this.occupiedBytes + size <= this.limit)
   }
 
   /**
@@ -244,22 +200,22 @@ export class BlobCache {
    */
   async commit(reservation: Reservation, temp: { path: string; handle: TempFile }, digest: string): Promise<Lease> {
     if (this.#live.has(digest)) throw new Error(`${digest} is cached already`)
-    const consume = this.#consume.get(reservation)
-    if (!consume) throw new Error('not a reservation of this cache')
-    await this.#o.store.commit(temp, digest)
-    // A removed entry of the same digest still open by readers lost its name to this file:
-    // its bytes are freed by the kernel when its readers close, not by an unlink of ours.
-    for (const d of this.#doomed) if (d.digest === digest) d.ownsPath = false
+    await this.#serial(digest, async () => {
+      await this.#o.store.commit(temp, digest)
+      // A removed entry of the same digest still open by readers lost its name to this file:
+      // its bytes are freed by the kernel when its readers close, not by an unlink of ours.
+      for (const d of this.#doomed) if (d.digest === digest) d.ownsPath = false
+    })
     const now = Date.now()
     try {
-      await this.#row(digest, () => this.#o.index.putBlob({ digest, size: reservation.size, lastAccess: now, hits: 0, createdAt: now }))
+      await this.#serial(digest, () => this.#o.index.putBlob({ digest, size: reservation.size, lastAccess: now, hits: 0, createdAt: now }))
     } catch (err) {
-      await this.#o.store.remove(digest).catch(() => undefined)
+      await this.#serial(digest, () => this.#o.store.remove(digest)).catch(() => undefined)
       throw err
     }
     // Synchronously, in one step: the reserved bytes become used bytes of a live entry. A
     // reservation released meanwhile (shutdown) is a bug in the caller, not a second entry.
-    if (!consume()) throw new Error('reservation is not granted')
+    if (!this.#reservations.consume(reservation)) throw new Error('reservation is not granted')
     const entry: Entry = { digest, size: reservation.size, pins: 0, state: 'live', ownsPath: true }
     this.#live.set(digest, entry)
     this.#used += entry.size
@@ -280,9 +236,8 @@ export class BlobCache {
 
   /** Evicts LRU entries (unleased) until the cache fits the limit; at start-up, after a shrink. */
   async trim(): Promise<number> {
-    const lru = [...this.#live.values()].sort((a, b) => (this.#o.index.blob(a.digest)?.lastAccess ?? 0) - (this.#o.index.blob(b.digest)?.lastAccess ?? 0))
     let removed = 0
-    for (const e of lru) {
+    for (const e of this.#lru()) {
       if (this.#used + (this.#held - this.#unlinking) <= this.limit) break
       if (e.pins > 0) continue
       void this.#remove(e, 'evicted')
@@ -304,7 +259,7 @@ export class BlobCache {
     this.#doomed.add(entry)
     this.#used -= entry.size
     this.#held += entry.size
-    const row = this.#row(entry.digest, () => this.#o.index.removeBlob(entry.digest)).then(
+    const row = this.#serial(entry.digest, () => this.#o.index.removeBlob(entry.digest)).then(
       () => undefined,
       (err: unknown) => this.#o.log.error({ err: { code: (err as NodeJS.ErrnoException).code }, layer: entry.digest }, 'cannot remove a cache index row'),
     )
@@ -317,14 +272,11 @@ export class BlobCache {
   /** Unlinks a removed entry's file (after its row is gone); its bytes stop counting after. */
   #unlink(entry: Entry): Promise<void> {
     this.#unlinking += entry.size
-    const rowDone = this.#rowOps.get(entry.digest) ?? Promise.resolve()
-    const p = rowDone
-      .catch(() => undefined)
-      .then(async () => {
-        // The row goes before the file: a crash in between leaves an orphan file, which restart
-        // reconciliation verifies or deletes, never a row whose file is missing.
-        if (entry.ownsPath) await this.#o.store.remove(entry.digest)
-      })
+    // Queued after the row delete: a crash in between leaves an orphan file, which restart
+    // reconciliation verifies or deletes, never a row whose file is missing.
+    const p = this.#serial(entry.digest, async () => {
+      if (entry.ownsPath) await this.#o.store.remove(entry.digest)
+    })
       .catch((err: unknown) => this.#o.log.error({ err: { code: (err as NodeJS.ErrnoException).code }, layer: entry.digest }, 'cannot delete a removed cache file'))
       .finally(() => {
         entry.state = 'gone'
@@ -341,13 +293,13 @@ export class BlobCache {
     return p
   }
 
-  /** Runs an index write for `digest` after the previous one for it has finished. */
-  #row<T>(digest: string, op: () => Promise<T>): Promise<T> {
-    const before = this.#rowOps.get(digest) ?? Promise.resolve()
+  /** Runs an index write or file operation for `digest` after the previous one has finished. */
+  #serial<T>(digest: string, op: () => Promise<T>): Promise<T> {
+    const before = this.#ops.get(digest) ?? Promise.resolve()
     const p = before.catch(() => undefined).then(op)
-    this.#rowOps.set(digest, p)
+    this.#ops.set(digest, p)
     const forget = (): void => {
-      if (this.#rowOps.get(digest) === p) this.#rowOps.delete(digest)
+      if (this.#ops.get(digest) === p) this.#ops.delete(digest)
     }
     p.then(forget, forget)
     return p

@@ -59,18 +59,27 @@ interface Real {
 
 type Model = Record<string, never>
 
+/**
+ * The owner's I/O, each operation started only when the scheduler lets it: on the thread pool
+ * two operations issued in one order may take effect in the other, and the owner must be
+ * right whichever happens.
+ */
+function later<A extends unknown[], T>(s: fc.Scheduler, label: string, op: (...args: A) => Promise<T>): (...args: A) => Promise<T> {
+  return (...args) => s.schedule(Promise.resolve(), label).then(() => op(...args))
+}
+
 function wrapped(s: fc.Scheduler, index: CacheIndex, store: BlobStore): { index: IndexPort; store: StorePort } {
   return {
     index: {
       blobs: () => index.blobs(),
       blob: (d) => index.blob(d),
-      putBlob: s.scheduleFunction((e: Parameters<CacheIndex['putBlob']>[0]) => index.putBlob(e)),
-      removeBlob: s.scheduleFunction((d: string) => index.removeBlob(d)),
+      putBlob: later(s, 'putBlob', (e: Parameters<CacheIndex['putBlob']>[0]) => index.putBlob(e)),
+      removeBlob: later(s, 'removeBlob', (d: string) => index.removeBlob(d)),
     },
     store: {
       pathFor: (d) => store.pathFor(d),
-      commit: s.scheduleFunction((temp: { path: string; handle: TempFile }, d: string) => store.commit(temp, d)),
-      remove: s.scheduleFunction((d: string) => store.remove(d)),
+      commit: later(s, 'rename', (temp: { path: string; handle: TempFile }, d: string) => store.commit(temp, d)),
+      remove: later(s, 'unlink', (d: string) => store.remove(d)),
     },
   }
 }
@@ -87,10 +96,12 @@ async function physicalBytes(r: Real): Promise<number> {
   for (const sub of ['blobs/sha256', 'tmp']) {
     const root = join(r.dir, sub)
     const walk = (p: string): void => {
-      for (const e of readdirSync(p, { withFileTypes: true })) {
+      const entries = existsSync(p) ? readdirSync(p, { withFileTypes: true }) : []
+      for (const e of entries) {
         const q = join(p, e.name)
         if (e.isDirectory()) walk(q)
-        else if (!e.name.startsWith('layout.json')) total += statSync(q).size
+        // A file unlinked between the listing and here is simply gone.
+        else if (!e.name.startsWith('layout.json')) total += statSync(q, { throwIfNoEntry: false })?.size ?? 0
       }
     }
     if (existsSync(root)) walk(root)
@@ -237,6 +248,17 @@ class Delete implements fc.AsyncCommand<Model, Real> {
   toString = (): string => `Delete(${this.i})`
 }
 
+/** A removal and, at once, a new fill of the same digest: their I/O may complete in any order. */
+class Refill implements fc.AsyncCommand<Model, Real> {
+  constructor(readonly i: number) {}
+  check = (): boolean => true
+  async run(m: Model, r: Real): Promise<void> {
+    await new Delete(this.i).run(m, r)
+    await new StartFill(this.i).run(m, r)
+  }
+  toString = (): string => `Refill(${this.i})`
+}
+
 class Step implements fc.AsyncCommand<Model, Real> {
   constructor(readonly n: number) {}
   check = (): boolean => true
@@ -301,6 +323,7 @@ const commands = [
   hit,
   fc.nat(5).map((k) => new Release(k)),
   fc.integer({ min: 0, max: 3 }).map((i) => new Delete(i)),
+  fc.integer({ min: 0, max: 3 }).map((i) => new Refill(i)),
   step,
   step,
   step,

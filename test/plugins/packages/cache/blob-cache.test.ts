@@ -251,6 +251,49 @@ void t.test('BlobCache: a refill while the removed file is still read counts bot
   t.equal(cache.usedBytes, 100)
 })
 
+void t.test('BlobCache: a refill committed while the removed file is still being unlinked keeps the new file', async (t) => {
+  const { index, store, put } = await openCache(t)
+  const data = bytes(100, 1)
+  const a = await put(1, 100, 1000)
+  // Unlinks wait for the test's word: the old file's removal is still queued when the refill commits.
+  let open!: () => void
+  const gate = new Promise<void>((resolve) => (open = resolve))
+  let renamed!: () => void
+  const didRename = new Promise<void>((resolve) => (renamed = resolve))
+  const slowStore = {
+    pathFor: (d: string) => store.pathFor(d),
+    commit: async (temp: { path: string; handle: TempFile }, d: string) => {
+      const path = await store.commit(temp, d)
+      renamed()
+      return path
+    },
+    remove: async (d: string) => {
+      await gate
+      await store.remove(d)
+    },
+  }
+  const cache = new BlobCache({ index, store: slowStore, limit: 1000, log: silent })
+  const removing = cache.remove(a, 'deleted')
+  const r = cache.reserve(100)
+  if (!r) throw new Error('expected a reservation')
+  await r.ready
+  const temp = await tempWith(store, data)
+  const committing = cache.commit(r, temp, a)
+  // The unlink must not overtake the rename: give the rename every chance to go first (it
+  // must wait for the unlink, so it does not come, and the bound ends the wait).
+  await Promise.race([didRename, new Promise((resolve) => setTimeout(resolve, 300))])
+  open()
+  await removing
+  const lease = await committing
+  await temp.handle.close()
+  await cache.settled()
+  t.ok(existsSync(store.pathFor(a)), 'the refilled file is on disk')
+  t.ok(cache.has(a) && index.blob(a), 'and in service, with its row')
+  t.equal(cache.usedBytes, 100)
+  t.equal(cache.heldBytes, 0)
+  lease.release()
+})
+
 void t.test('BlobCache: trim() fits a cache to a smaller limit, LRU first', async (t) => {
   const { index, store, put } = await openCache(t)
   const a = await put(1, 100, 1000)
