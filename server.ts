@@ -7,10 +7,12 @@ import { packageFastPath } from './handlers/package-fast-path.js'
 import { credentialsPlugin } from './plugins/credentials/index.js'
 import { SourceSet } from './plugins/credentials/source-set.js'
 import { healthPlugin } from './plugins/health/index.js'
+import { imagesPlugin } from './plugins/images/index.js'
 import { finalStatus, metricsPlugin } from './plugins/metrics/index.js'
 import { Metrics } from './plugins/metrics/metrics.js'
 import { packagesPlugin, type PackagesApi } from './plugins/packages/index.js'
 import type { DownloadSlotsOptions } from './plugins/packages/download-slots.js'
+import { RegistryClient } from './plugins/packages/registry-client.js'
 import type { RegistryTimeouts } from './plugins/packages/transport.js'
 
 export interface ServerOptions {
@@ -45,6 +47,8 @@ export interface ServerOptions {
   lookups?: Partial<DownloadSlotsOptions>
   /** How often a cache directory that was unusable at start is tried again (tests shorten it). */
   cacheRetryMs?: number
+  /** How long a resolved CLI tag is reused (default 5 s; tests that move tags use 0). */
+  tagTtlMs?: number
 }
 
 export interface ProxyServer {
@@ -131,6 +135,23 @@ export async function createServer(o: ServerOptions): Promise<ProxyServer> {
     },
   ])
   const packages = (server.plugins as unknown as { packages: { api: PackagesApi } }).packages.api
+  // The v1 endpoints list tags and read manifests and icon layers themselves; layers they serve
+  // whole go through `packages.service`, the same verified, cached path as /package.
+  const v1Client = new RegistryClient({
+    ...(o.timeouts ? { timeouts: o.timeouts } : {}),
+    ...(o.env ? { env: o.env } : {}),
+    observe: (kind, code, seconds) => {
+      metrics.upstreamRequests.inc({ kind, code: String(code) })
+      metrics.upstreamSeconds.observe({ kind }, seconds)
+    },
+  })
+  server.ext('onPostStop', () => v1Client.close())
+  await server.register([
+    {
+      plugin: imagesPlugin,
+      options: { sources, metrics, packages: packages.service, client: v1Client, ...(o.tagTtlMs !== undefined ? { resolver: { tagTtlMs: o.tagTtlMs } } : {}) },
+    },
+  ])
   await server.register({
     plugin: healthPlugin,
     options: {
