@@ -4,10 +4,12 @@ import Boom from '@hapi/boom'
 import Hapi from '@hapi/hapi'
 import type { Logger } from 'pino'
 import { packageFastPath } from './handlers/package-fast-path.js'
-import { credentialsPlugin } from './plugins/credentials/index.js'
+import { credentialsPlugin, type CredentialsApi } from './plugins/credentials/index.js'
 import { SourceSet } from './plugins/credentials/source-set.js'
 import { healthPlugin } from './plugins/health/index.js'
+import { iconsPlugin } from './plugins/icons/index.js'
 import { imagesPlugin } from './plugins/images/index.js'
+import { ManifestResolver } from './plugins/images/manifest-resolver.js'
 import { finalStatus, metricsPlugin } from './plugins/metrics/index.js'
 import { Metrics } from './plugins/metrics/metrics.js'
 import { packagesPlugin, type PackagesApi } from './plugins/packages/index.js'
@@ -146,11 +148,11 @@ export async function createServer(o: ServerOptions): Promise<ProxyServer> {
     },
   })
   server.ext('onPostStop', () => v1Client.close())
+  const manifests = new ManifestResolver(v1Client, o.tagTtlMs !== undefined ? { tagTtlMs: o.tagTtlMs } : {})
+  const credentials = (server.plugins as unknown as { credentials: { api: CredentialsApi } }).credentials.api
   await server.register([
-    {
-      plugin: imagesPlugin,
-      options: { sources, metrics, packages: packages.service, client: v1Client, ...(o.tagTtlMs !== undefined ? { resolver: { tagTtlMs: o.tagTtlMs } } : {}) },
-    },
+    { plugin: imagesPlugin, options: { sources, metrics, packages: packages.service, client: v1Client, manifests } },
+    { plugin: iconsPlugin, options: { sources, metrics, client: v1Client, manifests, synced: () => credentials.packageRepositoriesSynced() } },
   ])
   await server.register({
     plugin: healthPlugin,

@@ -31,6 +31,8 @@ export interface CredentialsApi {
   reloadFile(reason?: string): Promise<boolean>
   /** The Kubernetes provider, when running with one. */
   readonly kubernetes: KubernetesSource | undefined
+  /** False until PackageRepositories were listed once (always true without Kubernetes). */
+  packageRepositoriesSynced(): boolean
 }
 
 /**
@@ -72,13 +74,25 @@ export const credentialsPlugin: Plugin<CredentialsOptions> = {
         })
       : undefined
 
+    // PackageRepositories (package icons) are watched beside the ModuleSources, the same way.
+    const packageRepositories = kubeConfig
+      ? new (await import('./package-repositories.js')).PackageRepositoryWatch({
+          kubeConfig,
+          sources: options.sources,
+          metrics: options.metrics,
+          log,
+          ...(options.kubernetesTiming ? { timing: options.kubernetesTiming } : {}),
+        })
+      : undefined
+
     server.ext('onPreStart', () => {
       file?.start()
       kubernetes?.start()
+      packageRepositories?.start()
     })
     server.ext('onPostStop', async () => {
       file?.stop()
-      await kubernetes?.stop()
+      await Promise.all([kubernetes?.stop(), packageRepositories?.stop()])
     })
     const api: CredentialsApi = {
       reloadFile: async (reason = 'reload requested') => {
@@ -89,6 +103,7 @@ export const credentialsPlugin: Plugin<CredentialsOptions> = {
         return file.reload(reason)
       },
       kubernetes,
+      packageRepositoriesSynced: () => packageRepositories?.synced ?? true,
     }
     server.expose('api', api)
   },

@@ -7,14 +7,15 @@ import type { Metrics } from '../metrics/metrics.js'
 import { v1Results } from '../metrics/v1-metrics.js'
 import { describe, type PackageService } from '../packages/package-service.js'
 import type { RegistryClient } from '../packages/registry-client.js'
-import { ManifestResolver, type ManifestResolverOptions } from './manifest-resolver.js'
+import type { ManifestResolver } from './manifest-resolver.js'
 
 export interface ImagesOptions {
   sources: SourceSet
   metrics: Metrics
   packages: PackageService
   client: RegistryClient
-  resolver?: ManifestResolverOptions
+  /** Shared with the icons: one tag question in flight per repository and tag. */
+  manifests: ManifestResolver
 }
 
 const PREFIXES = ['/v1/images/deckhouse-cli', '/v1/images/deckhouse-cli/plugins/{plugin}']
@@ -33,7 +34,7 @@ export const imagesPlugin: Plugin<ImagesOptions> = {
       sources: o.sources,
       packages: o.packages,
       client: o.client,
-      manifests: new ManifestResolver(o.client, o.resolver),
+      manifests: o.manifests,
       onResult: (request, result) => {
         results.inc({ route: request.route.path, result })
         ;(request.app as { result?: string }).result = result
