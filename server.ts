@@ -7,6 +7,7 @@ import { packageFastPath } from './handlers/package-fast-path.js'
 import { credentialsPlugin, type CredentialsApi } from './plugins/credentials/index.js'
 import { SourceSet } from './plugins/credentials/source-set.js'
 import { healthPlugin } from './plugins/health/index.js'
+import { bootstrapPlugin } from './plugins/bootstrap/index.js'
 import { iconsPlugin } from './plugins/icons/index.js'
 import { imagesPlugin } from './plugins/images/index.js'
 import { ManifestResolver } from './plugins/images/manifest-resolver.js'
@@ -51,6 +52,8 @@ export interface ServerOptions {
   cacheRetryMs?: number
   /** How long a resolved CLI tag is reused (default 5 s; tests that move tags use 0). */
   tagTtlMs?: number
+  /** `--bootstrap-listen-address` and `--cluster-uuid`: the rpp-get listener (off when absent). */
+  bootstrap?: { host: string; port: number; clusterUuid: string }
 }
 
 export interface ProxyServer {
@@ -154,6 +157,9 @@ export async function createServer(o: ServerOptions): Promise<ProxyServer> {
     { plugin: imagesPlugin, options: { sources, metrics, packages: packages.service, client: v1Client, manifests } },
     { plugin: iconsPlugin, options: { sources, metrics, client: v1Client, manifests, synced: () => credentials.packageRepositoriesSynced() } },
   ])
+  if (o.bootstrap) {
+    await server.register({ plugin: bootstrapPlugin, options: { ...o.bootstrap, sources, packages: packages.service, metrics, log: o.logger } })
+  }
   await server.register({
     plugin: healthPlugin,
     options: {

@@ -141,3 +141,13 @@ void t.test('parseListenAddress', (t) => {
   t.throws(() => parseListenAddress('localhost'), { code: 'ECONFIG' })
   t.end()
 })
+
+void t.test('--bootstrap-listen-address needs --cluster-uuid, and the UUID must be one path segment', (t) => {
+  t.notOk(parseFlags([], {}, '/').bootstrap, 'off by default')
+  t.same(parseFlags(['--bootstrap-listen-address=0.0.0.0:4282', '--cluster-uuid=abc-123'], {}, '/').bootstrap, { host: '0.0.0.0', port: 4282, clusterUuid: 'abc-123' })
+  t.same(parseFlags(['--bootstrap-listen-address=:4282'], { RPP_CLUSTER_UUID: 'u' }, '/').bootstrap, { host: '0.0.0.0', port: 4282, clusterUuid: 'u' }, 'the UUID from its env var')
+  t.throws(() => parseFlags(['--bootstrap-listen-address=0.0.0.0:4282'], {}, '/'), /--bootstrap-listen-address needs --cluster-uuid/)
+  t.throws(() => parseFlags(['--bootstrap-listen-address=4282', '--cluster-uuid=u'], {}, '/'), /--bootstrap-listen-address: "4282" is not host:port/)
+  t.throws(() => parseFlags(['--bootstrap-listen-address=:1', '--cluster-uuid=a/b'], {}, '/'), /--cluster-uuid must be one URL path segment/)
+  t.end()
+})
