@@ -56,6 +56,8 @@ void t.test('every flag from its RPP_ environment variable', (t) => {
     'RPP_KUBECONFIG',
     'RPP_REGISTRY_CONFIG',
     'RPP_LOG_LEVEL',
+    'RPP_BOOTSTRAP_LISTEN_ADDRESS',
+    'RPP_CLUSTER_UUID',
   ])
   const env = {
     RPP_LISTEN_ADDRESS: '[::1]:6000',
