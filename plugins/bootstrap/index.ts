@@ -2,7 +2,7 @@ import { createServer, type Server } from 'node:http'
 import type { AddressInfo } from 'node:net'
 import type { Plugin } from '@hapi/hapi'
 import type { Logger } from 'pino'
-import { bootstrapHandler } from '../../handlers/bootstrap.js'
+import { bootstrapHandler, RPP_GET_ROUTE } from '../../handlers/bootstrap.js'
 import type { SourceSet } from '../credentials/source-set.js'
 import type { Metrics } from '../metrics/metrics.js'
 import { v1Results } from '../metrics/v1-metrics.js'
@@ -45,6 +45,7 @@ export const bootstrapPlugin: Plugin<BootstrapOptions> = {
         else o.log.info(line, 'request')
       },
     })
+    results.inc({ route: RPP_GET_ROUTE, result: 'error' }, 0)
     const listener: Server = createServer({
       maxHeaderSize: 4096,
       headersTimeout: 5_000,

@@ -48,6 +48,8 @@ export const iconsPlugin: Plugin<IconsOptions> = {
         throw boom
       }
     }
+    // The error series exists from the start, so a rate over it sees the first failure.
+    results.inc({ route: `${ICON}/{version?}`, result: 'error' }, 0)
     // One route for `icon`, `icon/` (both "the latest version") and `icon/<version>`.
     server.route([
       { method: 'GET', path: `${ICON}/{version?}`, handler: guarded },

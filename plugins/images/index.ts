@@ -58,6 +58,8 @@ export const imagesPlugin: Plugin<ImagesOptions> = {
         }
       }
     for (const prefix of PREFIXES) {
+      // Error series exist from the start, so a rate over them sees the first failure.
+      for (const route of ['tags', 'manifests/{ref}', 'images/{version}']) results.inc({ route: `${prefix}/${route}`, result: 'error' }, 0)
       server.route([
         { method: 'GET', path: `${prefix}/tags`, handler: guarded(cliTagsHandler(deps)) },
         { method: 'GET', path: `${prefix}/manifests/{ref}`, handler: guarded(cliManifestHandler(deps)) },
