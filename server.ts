@@ -197,6 +197,7 @@ export async function createServer(o: ServerOptions): Promise<ProxyServer> {
       ...(request.path === '/package'
         ? { digest: query.digest, repository: query.repository, source: app.source, pkgPath: query.path, result: app.result }
         : {}),
+      ...(request.path.startsWith('/v1/') ? { route: request.route.path, result: app.result } : {}),
       ...(app.error ? { err: app.error } : {}),
     }
     if (request.path === '/healthz' || request.path === '/readyz' || request.path === '/metrics') log.debug(line, 'request')

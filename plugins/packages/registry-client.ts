@@ -367,7 +367,7 @@ export class RegistryClient {
       if (doc.tags !== null && doc.tags !== undefined && (!Array.isArray(doc.tags) || !doc.tags.every((x) => typeof x === 'string'))) {
         throw new UpstreamError('registry sent a tag list without a tags array')
       }
-      tags.push(...((doc.tags as string[] | null | undefined) ?? []))
+      tags.push(...(doc.tags ?? []))
       const next = nextPageLink(headerText(res.headers.link))
       if (next === undefined) return tags
       const url = new URL(next, base)
