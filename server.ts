@@ -119,6 +119,7 @@ export async function createServer(o: ServerOptions): Promise<ProxyServer> {
         ...(o.registryConfig ? { registryConfig: o.registryConfig } : {}),
         ...(o.kubeconfig ? { kubeconfig: o.kubeconfig } : {}),
         ...(o.env ? { env: o.env } : {}),
+        watchPackageRepositories: true,
       },
     },
     {

@@ -23,6 +23,11 @@ export interface CredentialsOptions {
   serviceAccountDir?: string
   /** Informer backoff and timeouts (tests shorten them). */
   kubernetesTiming?: Partial<InformerTiming>
+  /**
+   * Also watch PackageRepositories in Kubernetes (the server turns it on for the icon endpoint;
+   * the plugin alone watches what /package needs).
+   */
+  watchPackageRepositories?: boolean
 }
 
 /** What the plugin exposes as `server.plugins.credentials.api`. */
@@ -75,7 +80,7 @@ export const credentialsPlugin: Plugin<CredentialsOptions> = {
       : undefined
 
     // PackageRepositories (package icons) are watched beside the ModuleSources, the same way.
-    const packageRepositories = kubeConfig
+    const packageRepositories = kubeConfig && options.watchPackageRepositories
       ? new (await import('./package-repositories.js')).PackageRepositoryWatch({
           kubeConfig,
           sources: options.sources,

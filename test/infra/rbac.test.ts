@@ -63,12 +63,14 @@ void t.test("the pod's ServiceAccount may make every call the code makes, and no
 
   // The restart paths must not need more: a dropped connection (resume the watch) and 410 Gone
   // (list again).
-  const lists = api.counts.list.secrets + api.counts.list.modulesources
+  // The 410 lands on whichever of the three informers watches first: count all three.
+  const relists = (): number => api.counts.list.secrets + api.counts.list.modulesources + api.counts.list.packagerepositories
+  const lists = relists()
   api.goneOnNextWatch = 'http'
   api.dropWatches('destroy')
   await waitFor(
-    () => api.counts.list.secrets + api.counts.list.modulesources > lists && api.openWatches('secrets') > 0 && api.openWatches('modulesources') > 0,
-    'both informers watch again after a re-list',
+    () => relists() > lists && api.openWatches('secrets') > 0 && api.openWatches('modulesources') > 0 && api.openWatches('packagerepositories') > 0,
+    'all three informers watch again after a re-list',
   )
 
   const calls = uniqueCalls(api.requests.map((r) => requestAttributes(r.method, r.path, r.query)))
