@@ -51,6 +51,7 @@ async function main(argv: string[]): Promise<void> {
       scrubBytesPerSecond: flags.scrubBytesPerSecond,
       ...(flags.registryConfig ? { registryConfig: flags.registryConfig } : {}),
       ...(flags.kubeconfig ? { kubeconfig: flags.kubeconfig } : {}),
+      ...(flags.bootstrap ? { bootstrap: flags.bootstrap } : {}),
       logger,
     })
   } catch (err) {
@@ -61,7 +62,10 @@ async function main(argv: string[]): Promise<void> {
   try {
     await proxy.server.start()
   } catch (err) {
-    fail(`--listen-address ${flags.listenHost}:${flags.listenPort}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`)
+    // The bootstrap listener opens first (onPreStart): name the address that failed.
+    const bootstrap = flags.bootstrap && !(proxy.server.plugins as { bootstrap?: { api: { address(): unknown } } }).bootstrap?.api.address()
+    const [flag, address] = bootstrap && flags.bootstrap ? ['--bootstrap-listen-address', `${flags.bootstrap.host}:${flags.bootstrap.port}`] : ['--listen-address', `${flags.listenHost}:${flags.listenPort}`]
+    fail(`${flag} ${address}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`)
   }
   logger.info(
     {

@@ -4,13 +4,18 @@ import Boom from '@hapi/boom'
 import Hapi from '@hapi/hapi'
 import type { Logger } from 'pino'
 import { packageFastPath } from './handlers/package-fast-path.js'
-import { credentialsPlugin } from './plugins/credentials/index.js'
+import { credentialsPlugin, type CredentialsApi } from './plugins/credentials/index.js'
 import { SourceSet } from './plugins/credentials/source-set.js'
 import { healthPlugin } from './plugins/health/index.js'
+import { bootstrapPlugin } from './plugins/bootstrap/index.js'
+import { iconsPlugin } from './plugins/icons/index.js'
+import { imagesPlugin } from './plugins/images/index.js'
+import { ManifestResolver } from './plugins/images/manifest-resolver.js'
 import { finalStatus, metricsPlugin } from './plugins/metrics/index.js'
 import { Metrics } from './plugins/metrics/metrics.js'
 import { packagesPlugin, type PackagesApi } from './plugins/packages/index.js'
 import type { DownloadSlotsOptions } from './plugins/packages/download-slots.js'
+import { RegistryClient } from './plugins/packages/registry-client.js'
 import type { RegistryTimeouts } from './plugins/packages/transport.js'
 
 export interface ServerOptions {
@@ -47,6 +52,10 @@ export interface ServerOptions {
   cacheRetryMs?: number
   /** Bytes per second the background scrubber re-hashes (`--scrub-rate`); off unless given. */
   scrubBytesPerSecond?: number
+  /** How long a resolved CLI tag is reused (default 5 s; tests that move tags use 0). */
+  tagTtlMs?: number
+  /** `--bootstrap-listen-address` and `--cluster-uuid`: the rpp-get listener (off when absent). */
+  bootstrap?: { host: string; port: number; clusterUuid: string }
 }
 
 export interface ProxyServer {
@@ -112,6 +121,7 @@ export async function createServer(o: ServerOptions): Promise<ProxyServer> {
         ...(o.registryConfig ? { registryConfig: o.registryConfig } : {}),
         ...(o.kubeconfig ? { kubeconfig: o.kubeconfig } : {}),
         ...(o.env ? { env: o.env } : {}),
+        watchPackageRepositories: true,
       },
     },
     {
@@ -134,6 +144,26 @@ export async function createServer(o: ServerOptions): Promise<ProxyServer> {
     },
   ])
   const packages = (server.plugins as unknown as { packages: { api: PackagesApi } }).packages.api
+  // The v1 endpoints list tags and read manifests and icon layers themselves; layers they serve
+  // whole go through `packages.service`, the same verified, cached path as /package.
+  const v1Client = new RegistryClient({
+    ...(o.timeouts ? { timeouts: o.timeouts } : {}),
+    ...(o.env ? { env: o.env } : {}),
+    observe: (kind, code, seconds) => {
+      metrics.upstreamRequests.inc({ kind, code: String(code) })
+      metrics.upstreamSeconds.observe({ kind }, seconds)
+    },
+  })
+  server.ext('onPostStop', () => v1Client.close())
+  const manifests = new ManifestResolver(v1Client, o.tagTtlMs !== undefined ? { tagTtlMs: o.tagTtlMs } : {})
+  const credentials = (server.plugins as unknown as { credentials: { api: CredentialsApi } }).credentials.api
+  await server.register([
+    { plugin: imagesPlugin, options: { sources, metrics, packages: packages.service, client: v1Client, manifests } },
+    { plugin: iconsPlugin, options: { sources, metrics, client: v1Client, manifests, synced: () => credentials.packageRepositoriesSynced() } },
+  ])
+  if (o.bootstrap) {
+    await server.register({ plugin: bootstrapPlugin, options: { ...o.bootstrap, sources, packages: packages.service, metrics, log: o.logger } })
+  }
   await server.register({
     plugin: healthPlugin,
     options: {
@@ -171,6 +201,7 @@ export async function createServer(o: ServerOptions): Promise<ProxyServer> {
       ...(request.path === '/package'
         ? { digest: query.digest, repository: query.repository, source: app.source, pkgPath: query.path, result: app.result }
         : {}),
+      ...(request.path.startsWith('/v1/') ? { route: request.route.path, result: app.result } : {}),
       ...(app.error ? { err: app.error } : {}),
     }
     if (request.path === '/healthz' || request.path === '/readyz' || request.path === '/metrics') log.debug(line, 'request')

@@ -15,6 +15,8 @@ export interface Flags {
   kubeconfig?: string
   registryConfig?: string
   logLevel: LogLevel
+  /** `--bootstrap-listen-address`: the second, rpp-get-only listener (off when absent). */
+  bootstrap?: { host: string; port: number; clusterUuid: string }
 }
 
 /** A flag or config problem: main prints the message on one line and exits with code 2. */
@@ -43,6 +45,8 @@ const SPECS: FlagSpec[] = [
   { name: 'kubeconfig' },
   { name: 'registry-config' },
   { name: 'log-level', default: 'info' },
+  { name: 'bootstrap-listen-address' },
+  { name: 'cluster-uuid' },
 ]
 
 export const FLAG_NAMES: readonly string[] = SPECS.map((s) => s.name)
@@ -59,11 +63,11 @@ function parseBoolean(flag: string, text: string): boolean {
 }
 
 /** Splits `host:port` or `[v6]:port`; the port must be 0-65535. */
-export function parseListenAddress(text: string): { host: string; port: number } {
+export function parseListenAddress(text: string, flag = 'listen-address'): { host: string; port: number } {
   const m = /^(?:\[([^\]]+)\]|([^:]*)):(\d{1,5})$/.exec(text)
   const port = m ? Number(m[3]) : NaN
   if (!m || port > 65535) {
-    throw new ConfigError(`--listen-address: "${text}" is not host:port (example: 127.0.0.1:5080)`)
+    throw new ConfigError(`--${flag}: "${text}" is not host:port (example: 127.0.0.1:5080)`)
   }
   return { host: m[1] ?? (m[2] || '0.0.0.0'), port }
 }
@@ -118,6 +122,15 @@ export function parseFlags(argv: readonly string[], env: NodeJS.ProcessEnv = pro
   if (cacheDirectory === '') throw new ConfigError('--cache-directory must not be empty')
   const kubeconfig = values.get('kubeconfig')
   const registryConfig = values.get('registry-config')
+  const bootstrapAddress = values.get('bootstrap-listen-address')
+  const clusterUuid = values.get('cluster-uuid')
+  let bootstrap: Flags['bootstrap']
+  if (bootstrapAddress) {
+    // The UUID is a path segment the client sends: anything that cannot be one is a mistake.
+    if (!clusterUuid) throw new ConfigError('--bootstrap-listen-address needs --cluster-uuid (or RPP_CLUSTER_UUID)')
+    if (!/^[^/?#%\s]{1,128}$/.test(clusterUuid)) throw new ConfigError('--cluster-uuid must be one URL path segment (no "/", "?", "#", "%" or spaces)')
+    bootstrap = { ...parseListenAddress(bootstrapAddress, 'bootstrap-listen-address'), clusterUuid }
+  }
   return {
     listenHost: listen.host,
     listenPort: listen.port,
@@ -128,5 +141,6 @@ export function parseFlags(argv: readonly string[], env: NodeJS.ProcessEnv = pro
     ...(kubeconfig ? { kubeconfig: resolve(cwd, kubeconfig) } : {}),
     ...(registryConfig ? { registryConfig: resolve(cwd, registryConfig) } : {}),
     logLevel: logLevel as LogLevel,
+    ...(bootstrap ? { bootstrap } : {}),
   }
 }

@@ -17,6 +17,9 @@ import { makePackageTarGz } from '../test/fixtures/tarball.js'
 
 const once = process.argv.includes('--once')
 const listen = process.env.RPP_LISTEN_ADDRESS ?? '127.0.0.1:5080'
+// The rpp-get listener sits two ports above the main one unless told otherwise.
+const bootstrapListen = process.env.RPP_BOOTSTRAP_LISTEN_ADDRESS ?? listen.replace(/:(\d+)$/, (_, port: string) => `:${Number(port) + 2}`)
+const clusterUuid = 'demo-cluster-uuid'
 const root = resolve(fileURLToPath(import.meta.url), '../../..')
 const workDir = join(process.cwd(), '.demo')
 
@@ -64,6 +67,14 @@ async function main(): Promise<void> {
   const big = makePackageTarGz({ install: installScript('blob.bin'), 'blob.bin': pseudoRandom(8 * 1024 * 1024) })
   const base = registry.addImage('deckhouse/ce/packages/hello', [Buffer.from('base layer'), hello])
   const bigImage = registry.addImage('deckhouse/ce/packages/big', [big])
+  // A Deckhouse CLI build (/v1/images/), a package with an icon (/v1/packages/) and an image
+  // whose last layer carries rpp-get (the bootstrap listener).
+  const cli = registry.addImage('deckhouse/ce/deckhouse-cli', [makePackageTarGz({ 'bin/d8': '#!/bin/sh\necho d8 v0.20.0\n' })])
+  registry.tag('deckhouse/ce/deckhouse-cli', 'v0.20.0', cli.manifestDigest)
+  const icon = '<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16"><circle cx="8" cy="8" r="7" fill="teal"/></svg>\n'
+  const iconImage = registry.addImage('demo-packages/hello/version', [makePackageTarGz({ 'docs/icon.svg': icon, 'README.md': '# hello\n' })])
+  registry.tag('demo-packages/hello/version', 'v1.0.0', iconImage.manifestDigest)
+  const rppGet = registry.addImage('deckhouse/ce', [makePackageTarGz({ 'rpp-get': '#!/bin/sh\necho rpp-get\n' })])
   const moduleImage = registry.addImage('modules/example/packages/tool', [makePackageTarGz({ install: installScript('tool'), tool: 'tool\n' })], { mediaType: 'docker' })
 
   const configPath = join(workDir, 'registry-config.json')
@@ -73,13 +84,20 @@ async function main(): Promise<void> {
       {
         default: { address: registry.host, path: '/deckhouse/ce', scheme: 'http' },
         moduleSources: [{ name: 'example', repo: `${registry.host}/modules/example`, scheme: 'http' }],
+        packageRepositories: [{ name: 'demo', repo: `${registry.host}/demo-packages`, scheme: 'http' }],
       },
       null,
       2,
     ),
   )
 
-  const child = spawn(process.execPath, [join(root, 'dist/main.js'), `--registry-config=${configPath}`, `--listen-address=${listen}`], {
+  const child = spawn(process.execPath, [
+    join(root, 'dist/main.js'),
+    `--registry-config=${configPath}`,
+    `--listen-address=${listen}`,
+    `--bootstrap-listen-address=${bootstrapListen}`,
+    `--cluster-uuid=${clusterUuid}`,
+  ], {
     stdio: ['ignore', 'inherit', 'inherit'],
     env: process.env,
   })
@@ -112,8 +130,25 @@ async function main(): Promise<void> {
     // Let the fill commit its index row before asking again.
     await new Promise((r) => setTimeout(r, 200))
   }
+  const cliUrl = `${proxy}/v1/images/deckhouse-cli/images/v0.20.0`
+  const iconUrl = `${proxy}/v1/packages/demo/hello/metadata/icon`
+  const rppGetUrl = `http://${bootstrapListen}/${clusterUuid}/rpp-get?digest=${rppGet.manifestDigest}`
+  for (const [what, target, expected] of [
+    ['cli download', cliUrl, cli.lastLayer.data],
+    ['package icon', iconUrl, Buffer.from(icon)],
+    ['rpp-get', rppGetUrl, Buffer.from('#!/bin/sh\necho rpp-get\n')],
+  ] as const) {
+    const res = await get(target)
+    const ok = res.status === 200 && res.body.equals(expected)
+    console.log(`${what}: HTTP ${res.status}, ${res.body.length} bytes, ${ok ? 'as seeded' : 'WRONG'}`)
+    if (!ok) return shutdown(1)
+  }
   console.log(`
 Try it (the proxy keeps serving until Ctrl-C):
+  curl -sS '${proxy}/v1/images/deckhouse-cli/tags'                       # the CLI's tags
+  curl -sS -o d8.tar.gz -D - '${cliUrl}'   # a CLI build
+  curl -sS -D - '${iconUrl}'                  # a package icon (SVG, with a CSP)
+  curl -sS -o rpp-get -D - '${rppGetUrl}'     # the bootstrap listener
   curl -sS -o hello.tar.gz -D - '${url}'
   curl -sS -o big.tar.gz -w '%{http_code} %{size_download} bytes\\n' '${proxy}/package?digest=${bigImage.manifestDigest}&path=packages/big'
   curl -sS -o tool.tar.gz -D - '${proxy}/package?digest=${moduleImage.manifestDigest}&repository=${registry.host}/modules/example&path=packages/tool'

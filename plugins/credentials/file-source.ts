@@ -1,4 +1,5 @@
 import { readFile } from 'node:fs/promises'
+import { parsePackageRepositoriesConfig } from './package-repository.js'
 import {
   credentialsFromDockerConfig,
   decodeBase64,
@@ -64,8 +65,8 @@ function optionalString(obj: Record<string, unknown>, key: string, what: string)
 /** Validates the parsed config document; exported for tests and for the Kubernetes shapes. */
 export function parseRegistryConfig(doc: unknown, what: string): RegistrySource[] {
   const root = asObject(doc, what)
-  const unknownKeys = Object.keys(root).filter((k) => k !== 'default' && k !== 'moduleSources')
-  if (unknownKeys.length > 0) throw new SourceError(`${what}: unknown key "${unknownKeys[0]}" (expected default, moduleSources)`)
+  const unknownKeys = Object.keys(root).filter((k) => k !== 'default' && k !== 'moduleSources' && k !== 'packageRepositories')
+  if (unknownKeys.length > 0) throw new SourceError(`${what}: unknown key "${unknownKeys[0]}" (expected default, moduleSources, packageRepositories)`)
   const sources: RegistrySource[] = []
   if (root.default !== undefined) {
     const d = asObject(root.default, `${what}: default`)
@@ -98,5 +99,6 @@ export function parseRegistryConfig(doc: unknown, what: string): RegistrySource[
       sources.push(registrySource({ name, kind: 'module-source', registry, namePrefix, scheme: parseScheme(m.scheme, where), ca, credentials }))
     })
   }
+  if (root.packageRepositories !== undefined) sources.push(...parsePackageRepositoriesConfig(root.packageRepositories, what))
   return sources
 }

@@ -23,6 +23,11 @@ export interface CredentialsOptions {
   serviceAccountDir?: string
   /** Informer backoff and timeouts (tests shorten them). */
   kubernetesTiming?: Partial<InformerTiming>
+  /**
+   * Also watch PackageRepositories in Kubernetes (the server turns it on for the icon endpoint;
+   * the plugin alone watches what /package needs).
+   */
+  watchPackageRepositories?: boolean
 }
 
 /** What the plugin exposes as `server.plugins.credentials.api`. */
@@ -31,6 +36,8 @@ export interface CredentialsApi {
   reloadFile(reason?: string): Promise<boolean>
   /** The Kubernetes provider, when running with one. */
   readonly kubernetes: KubernetesSource | undefined
+  /** False until PackageRepositories were listed once (always true without Kubernetes). */
+  packageRepositoriesSynced(): boolean
 }
 
 /**
@@ -72,13 +79,25 @@ export const credentialsPlugin: Plugin<CredentialsOptions> = {
         })
       : undefined
 
+    // PackageRepositories (package icons) are watched beside the ModuleSources, the same way.
+    const packageRepositories = kubeConfig && options.watchPackageRepositories
+      ? new (await import('./package-repositories.js')).PackageRepositoryWatch({
+          kubeConfig,
+          sources: options.sources,
+          metrics: options.metrics,
+          log,
+          ...(options.kubernetesTiming ? { timing: options.kubernetesTiming } : {}),
+        })
+      : undefined
+
     server.ext('onPreStart', () => {
       file?.start()
       kubernetes?.start()
+      packageRepositories?.start()
     })
     server.ext('onPostStop', async () => {
       file?.stop()
-      await kubernetes?.stop()
+      await Promise.all([kubernetes?.stop(), packageRepositories?.stop()])
     })
     const api: CredentialsApi = {
       reloadFile: async (reason = 'reload requested') => {
@@ -89,6 +108,7 @@ export const credentialsPlugin: Plugin<CredentialsOptions> = {
         return file.reload(reason)
       },
       kubernetes,
+      packageRepositoriesSynced: () => packageRepositories?.synced ?? true,
     }
     server.expose('api', api)
   },

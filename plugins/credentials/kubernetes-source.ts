@@ -24,7 +24,7 @@ import type { SourceSet } from './source-set.js'
 import { SourceError, type RegistrySource } from './source.js'
 
 /** Call options that tie one generated-client request to `signal`. */
-function withSignal(signal: AbortSignal): ConfigurationOptions {
+export function withSignal(signal: AbortSignal): ConfigurationOptions {
   return {
     middleware: [
       {

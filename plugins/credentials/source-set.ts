@@ -29,6 +29,11 @@ export class SourceSet {
     return [...this.#groups.values()].flatMap((g) => g.sources)
   }
 
+  /** The package repository (a `PackageRepository`, or the file's entry) called `name`, if known. */
+  packageRepository(name: string): RegistrySource | undefined {
+    return this.all().find((s) => s.kind === 'package-repository' && s.name === name)
+  }
+
   /**
    * Picks the source for a request. No `repository` means the default source; otherwise the
    * repository must equal a source's repository exactly. Never guesses: an unknown repository
@@ -42,8 +47,10 @@ export class SourceSet {
       return found
     }
     const wanted = repository.replace(/\/+$/, '')
-    // A ModuleSource wins over the default source when both name the same repository.
-    const found = all.find((s) => s.kind === 'module-source' && s.repository === wanted) ?? all.find((s) => s.repository === wanted)
+    // A ModuleSource wins over the default source when both name the same repository. Package
+    // repositories are for icons only: never chosen by `repository`.
+    const found =
+      all.find((s) => s.kind === 'module-source' && s.repository === wanted) ?? all.find((s) => s.kind !== 'package-repository' && s.repository === wanted)
     if (!found) throw new NoSourceError(repository)
     return found
   }

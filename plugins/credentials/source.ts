@@ -34,9 +34,10 @@ export class Credentials {
 
 /** One registry the proxy may talk to, and how. */
 export interface RegistrySource {
-  /** `default`, or the ModuleSource name: for logs only, never a metric label. */
+  /** `default`, or the ModuleSource (PackageRepository) name: for logs only, never a metric label. */
   readonly name: string
-  readonly kind: 'default' | 'module-source'
+  /** A `package-repository` serves package icons only (by name), never `/package`. */
+  readonly kind: 'default' | 'module-source' | 'package-repository'
   /** What a request's `repository` must equal: `host[:port]/path`. */
   readonly repository: string
   /** `host[:port]` of the registry. */

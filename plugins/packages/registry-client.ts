@@ -336,6 +336,62 @@ export class RegistryClient {
       clearTimeout(timer)
     }
   }
+
+  /**
+   * Every tag of repository `name`, following the registry's pagination: each page's `Link:
+   * <…>; rel="next"` is requested in turn (registries page at 100 or 1000). The next page must
+   * be the same repository's tag list on the same registry: a Link elsewhere is refused rather
+   * than followed with credentials. A repository the registry does not know is a NotFoundError.
+   * (Counted as `kind="manifest"` in the upstream metrics: tag lists are manifest metadata.)
+   */
+  async listTags(source: RegistrySource, name: string, signal?: AbortSignal): Promise<string[]> {
+    const tags: string[] = []
+    const base = `${source.scheme}://${source.registry}/v2/${name}/tags/list`
+    let query = ''
+    for (let page = 0; page < MAX_TAG_PAGES; page++) {
+      const res = await this.#retrying(source, 'manifest', name, `tags/list${query}`, { Accept: 'application/json' }, signal)
+      if (res.status !== 200) {
+        res.data.resume()
+        if (res.status === 404) throw new NotFoundError('registry has no such repository')
+        if (res.status === 401 || res.status === 403) throw new UpstreamError(`registry refused access to the tag list (${res.status})`, res.status)
+        throw new UpstreamError(`registry answered ${res.status} for the tag list`, res.status)
+      }
+      const text = (await readLimited(res.data, MAX_MANIFEST_BYTES, 'tag list')).toString('utf8')
+      let doc: { tags?: unknown }
+      try {
+        doc = JSON.parse(text) as typeof doc
+      } catch {
+        throw new UpstreamError('registry sent a tag list that is not JSON')
+      }
+      // distribution answers `"tags": null` for a repository whose tags were all deleted.
+      if (doc.tags !== null && doc.tags !== undefined && (!Array.isArray(doc.tags) || !doc.tags.every((x) => typeof x === 'string'))) {
+        throw new UpstreamError('registry sent a tag list without a tags array')
+      }
+      tags.push(...(doc.tags ?? []))
+      const next = nextPageLink(headerText(res.headers.link))
+      if (next === undefined) return tags
+      const url = new URL(next, base)
+      if (url.origin !== new URL(base).origin || url.pathname !== new URL(base).pathname) {
+        throw new UpstreamError('registry sent a tag list Link to another repository or host')
+      }
+      if (url.search === query) throw new UpstreamError('registry sent a tag list Link to the same page')
+      query = url.search
+    }
+    throw new UpstreamError(`registry sent more than ${MAX_TAG_PAGES} pages of tags`)
+  }
+}
+
+/** A bound on tag-list pages: a registry whose Links loop cannot keep a request forever. */
+const MAX_TAG_PAGES = 1000
+
+/** The target of `rel="next"` in an RFC 8288 `Link` header, as registries send it. */
+export function nextPageLink(header: string | undefined): string | undefined {
+  if (!header) return undefined
+  for (const part of header.split(/,(?=\s*<)/)) {
+    const m = /^\s*<([^>]*)>\s*;(.*)$/.exec(part)
+    if (m && /(?:^|;)\s*rel\s*=\s*"?(?:[^";]*\s)?next(?:\s[^";]*)?"?\s*(?:;|$)/i.test(m[2] ?? '')) return m[1]
+  }
+  return undefined
 }
 
 /** How many stale pooled connections one request may run into before its error is passed on. */

@@ -56,6 +56,8 @@ void t.test('every flag from its RPP_ environment variable', (t) => {
     'RPP_KUBECONFIG',
     'RPP_REGISTRY_CONFIG',
     'RPP_LOG_LEVEL',
+    'RPP_BOOTSTRAP_LISTEN_ADDRESS',
+    'RPP_CLUSTER_UUID',
   ])
   const env = {
     RPP_LISTEN_ADDRESS: '[::1]:6000',
@@ -139,5 +141,15 @@ void t.test('parseListenAddress', (t) => {
   t.throws(() => parseListenAddress('localhost:65536'), { code: 'ECONFIG' })
   t.throws(() => parseListenAddress('localhost:123456'), { code: 'ECONFIG' })
   t.throws(() => parseListenAddress('localhost'), { code: 'ECONFIG' })
+  t.end()
+})
+
+void t.test('--bootstrap-listen-address needs --cluster-uuid, and the UUID must be one path segment', (t) => {
+  t.notOk(parseFlags([], {}, '/').bootstrap, 'off by default')
+  t.same(parseFlags(['--bootstrap-listen-address=0.0.0.0:4282', '--cluster-uuid=abc-123'], {}, '/').bootstrap, { host: '0.0.0.0', port: 4282, clusterUuid: 'abc-123' })
+  t.same(parseFlags(['--bootstrap-listen-address=:4282'], { RPP_CLUSTER_UUID: 'u' }, '/').bootstrap, { host: '0.0.0.0', port: 4282, clusterUuid: 'u' }, 'the UUID from its env var')
+  t.throws(() => parseFlags(['--bootstrap-listen-address=0.0.0.0:4282'], {}, '/'), /--bootstrap-listen-address needs --cluster-uuid/)
+  t.throws(() => parseFlags(['--bootstrap-listen-address=4282', '--cluster-uuid=u'], {}, '/'), /--bootstrap-listen-address: "4282" is not host:port/)
+  t.throws(() => parseFlags(['--bootstrap-listen-address=:1', '--cluster-uuid=a/b'], {}, '/'), /--cluster-uuid must be one URL path segment/)
   t.end()
 })

@@ -182,7 +182,7 @@ void t.test('manifests by digest, scoped to their repository', async (t) => {
   const post = await fetchRaw(manifestUrl(registry, repo, image.manifestDigest), { method: 'DELETE' });
   t.equal(post.status, 405);
 
-  t.same(registry.counts, { ping: 1, manifest: 5, manifestHead: 1, blob: 0, blobRange: 0, token: 0, storage: 0, unauthorized: 0, total: 8 });
+  t.same(registry.counts, { ping: 1, manifest: 5, manifestHead: 1, blob: 0, blobRange: 0, token: 0, storage: 0, unauthorized: 0, tags: 0, total: 8 });
   registry.resetCounts();
   t.equal(registry.counts.total, 0);
   t.equal(registry.requests.length, 0);
@@ -580,7 +580,7 @@ void t.test('counters and waitForRequests', async (t) => {
   await fetchRaw(blobUrl(registry, 'pkgs/x', image.lastLayer.digest), { headers: { Range: 'bytes=0-0' } });
   await waited;
   await fetchRaw(`${registry.url}/v2/_catalog`);
-  t.same(registry.counts, { ping: 1, manifest: 1, manifestHead: 1, blob: 2, blobRange: 1, token: 0, storage: 0, unauthorized: 0, total: 6 });
+  t.same(registry.counts, { ping: 1, manifest: 1, manifestHead: 1, blob: 2, blobRange: 1, token: 0, storage: 0, unauthorized: 0, tags: 0, total: 6 });
   t.same(
     registry.requests.map((r) => `${r.method} ${r.url}`),
     [

@@ -35,13 +35,31 @@ export interface ServerRoute {
 /** The kube-rbac-proxy subresource each route is authorized as (the issue's decision). */
 export const ROUTE_SUBRESOURCES: Readonly<Record<string, string>> = {
   '/package': 'http',
+  '/v1/images/deckhouse-cli/tags': 'cli-binary',
+  '/v1/images/deckhouse-cli/images/{version}': 'cli-binary',
+  '/v1/images/deckhouse-cli/manifests/{ref}': 'cli-binary',
+  '/v1/images/deckhouse-cli/plugins/{plugin}/tags': 'cli-binary',
+  '/v1/images/deckhouse-cli/plugins/{plugin}/images/{version}': 'cli-binary',
+  '/v1/images/deckhouse-cli/plugins/{plugin}/manifests/{ref}': 'cli-binary',
+  '/v1/images/{path*}': 'cli-binary',
+  // Only 404s and 405s live here (icons are excluded from auth): authorized like the rest.
+  '/v1/packages/{path*}': 'packages',
   '/metrics': 'prometheus-metrics',
   '/cache': 'cache',
   '/cache/{digest}': 'cache',
 }
 
-/** Routes kube-rbac-proxy must let through unauthenticated: the kubelet probes them. */
-export const UNAUTHENTICATED_ROUTES: readonly string[] = ['/healthz', '/readyz']
+/** Routes kube-rbac-proxy must let through unauthenticated: the kubelet probes, the console's icons. */
+export const UNAUTHENTICATED_ROUTES: readonly string[] = ['/healthz', '/readyz', '/v1/packages/{repository}/{package}/metadata/icon/{version?}']
+
+/** The excludePaths that may skip auth: the routes above, icons as Go path.Match globs. */
+export const EXCLUDED_PATHS: readonly string[] = [
+  '/healthz',
+  '/readyz',
+  '/v1/packages/*/*/metadata/icon',
+  '/v1/packages/*/*/metadata/icon/',
+  '/v1/packages/*/*/metadata/icon/*',
+]
 
 /** The port kube-rbac-proxy serves clients on (UPSTREAM.md: bootstrap scripts call it). */
 export const CLIENT_PORT = 4219
@@ -176,7 +194,7 @@ export function checkRoutes(m: Manifests, routes: readonly ServerRoute[]): strin
     if (verbMethod !== '*') {
       const attrs = reviewAttributes(routed.upstream, verbMethod)
       if (!attrs) problems.push(`${what}: kube-rbac-proxy cannot authorize ${verbMethod} (no verb for it)`)
-      else if (!all<K8sObject & { rules: unknown[] }>(m, 'Role').some((r) => allows(grantsFor(roleAsBound(r), roleSubject), attrs))) {
+      else if (![...all(m, 'Role'), ...all(m, 'ClusterRole')].some((r) => allows(grantsFor(roleAsBound(r), roleSubject), attrs))) {
         problems.push(`${what}: no Role grants ${describe(attrs)}`)
       }
     }
@@ -185,7 +203,7 @@ export function checkRoutes(m: Manifests, routes: readonly ServerRoute[]): strin
     if (!usedUpstreams.has(u.path)) problems.push(`kube-rbac-proxy upstream ${u.path} serves no server route`)
   }
   for (const p of config.excludePaths ?? []) {
-    if (!UNAUTHENTICATED_ROUTES.includes(p)) problems.push(`excludePaths has ${p}: only ${UNAUTHENTICATED_ROUTES.join(', ')} may skip auth`)
+    if (!EXCLUDED_PATHS.includes(p)) problems.push(`excludePaths has ${p}: only ${EXCLUDED_PATHS.join(', ')} may skip auth`)
   }
   return problems
 }
@@ -196,11 +214,59 @@ function roleAsBound(role: K8sObject): Manifests {
   const binding = {
     apiVersion: 'rbac.authorization.k8s.io/v1',
     kind: 'RoleBinding',
-    metadata: { name: 'role-check', namespace: role.metadata.namespace ?? '' },
-    roleRef: { kind: 'Role', name: role.metadata.name },
+    metadata: { name: 'role-check', namespace: role.metadata.namespace ?? NAMESPACE },
+    roleRef: { kind: role.kind, name: role.metadata.name },
     subjects: [roleSubject],
   }
   return { kustomization: { resources: [] }, objects: [{ file: '', object: role }, { file: '', object: binding }] }
+}
+
+/**
+ * The Ingress publishes /v1/images/ and nothing else, to kube-rbac-proxy over HTTPS (never to
+ * the proxy's plain port), unbuffered, without a body limit, with 300 s timeouts.
+ */
+export function checkIngress(m: Manifests): string[] {
+  const problems: string[] = []
+  type Ingress = K8sObject & {
+    spec: { rules?: Array<{ http?: { paths: Array<{ path?: string; pathType?: string; backend: { service?: { name: string; port: { name?: string; number?: number } } } }> } }> }
+  }
+  type Service = K8sObject & { spec: { selector?: Record<string, string>; ports: Array<{ name?: string; port: number; targetPort?: number | string }> } }
+  const ingresses = all<Ingress>(m, 'Ingress')
+  if (ingresses.length !== 1) problems.push(`expected one Ingress, found ${ingresses.length}`)
+  for (const ing of ingresses) {
+    const a = ing.metadata.annotations ?? {}
+    const expected: Record<string, string> = {
+      'nginx.ingress.kubernetes.io/backend-protocol': 'HTTPS',
+      'nginx.ingress.kubernetes.io/proxy-body-size': '0',
+      'nginx.ingress.kubernetes.io/proxy-buffering': 'off',
+      'nginx.ingress.kubernetes.io/proxy-read-timeout': '300',
+      'nginx.ingress.kubernetes.io/proxy-send-timeout': '300',
+    }
+    for (const [k, v] of Object.entries(expected)) if (a[k] !== v) problems.push(`Ingress ${ing.metadata.name}: ${k} is ${a[k]}, expected ${v}`)
+    for (const path of (ing.spec.rules ?? []).flatMap((r) => r.http?.paths ?? [])) {
+      if (path.path !== '/v1/images/' || path.pathType !== 'Prefix') problems.push(`Ingress ${ing.metadata.name} publishes ${path.path} (${path.pathType}): only /v1/images/ (Prefix) may be public`)
+      const backend = path.backend.service
+      const service = all<Service>(m, 'Service').find((s) => s.metadata.name === backend?.name && s.metadata.namespace === ing.metadata.namespace)
+      const port = service?.spec.ports.find((p) => (backend?.port.name !== undefined ? p.name === backend.port.name : p.port === backend?.port.number))
+      if (!service || !port) problems.push(`Ingress ${ing.metadata.name}: backend ${backend?.name} is no Service port in the manifests`)
+      else if (Number(port.targetPort ?? port.port) !== CLIENT_PORT || !matchesLabels(service.spec.selector, deployment(m).spec.template.metadata.labels)) {
+        problems.push(`Ingress ${ing.metadata.name}: its Service does not lead to kube-rbac-proxy on ${CLIENT_PORT}`)
+      }
+    }
+  }
+  return problems
+}
+
+/** The rpp-get listener's port is published on the node (hostPort) and its UUID comes from the ConfigMap. */
+export function checkBootstrap(m: Manifests): string[] {
+  const problems: string[] = []
+  const c = container(m, PROXY_CONTAINER)
+  const flags = proxyFlags(m)
+  if (!flags.bootstrap) return ['--bootstrap-listen-address is not set: nodes without rpp-get cannot fetch it']
+  const port = c.ports?.find((p) => p.containerPort === flags.bootstrap?.port)
+  if (!port || port.hostPort !== flags.bootstrap.port) problems.push(`the bootstrap port ${flags.bootstrap.port} is not a hostPort of the proxy container`)
+  if (flags.bootstrap.host !== '$(POD_IP)' || envFromField(c, 'POD_IP') !== 'status.podIP') problems.push('the bootstrap listener does not bind the node IP (POD_IP from status.podIP)')
+  return problems
 }
 
 function probes(c: Container): Array<[string, Probe]> {

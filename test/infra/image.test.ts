@@ -149,8 +149,11 @@ void t.test('the runtime file set, assembled as the Dockerfile copies it', async
     // The Deployment's args, on a free port, without --cache-directory so the image ENV decides.
     const port = await freePort()
     const deploymentArgs = container(loadManifests(), PROXY_CONTAINER).args ?? []
+    const bootstrapPort = await freePort()
+    // The kubelet expands $(VAR) from the container's env; here: loopback and a sample UUID.
+    const expand = (a: string): string => a.replace('$(POD_IP):4282', `127.0.0.1:${bootstrapPort}`).replace('$(CLUSTER_UUID)', 'sample-cluster-uuid')
     const args = [
-      ...deploymentArgs.filter((a) => !a.startsWith('--cache-directory=')).map((a) => (a.startsWith('--listen-address=') ? `--listen-address=127.0.0.1:${port}` : a)),
+      ...deploymentArgs.filter((a) => !a.startsWith('--cache-directory=')).map((a) => (a.startsWith('--listen-address=') ? `--listen-address=127.0.0.1:${port}` : expand(a))),
       `--registry-config=${join(configDir, 'registry.json')}`,
     ]
     const childEnv: NodeJS.ProcessEnv = {

@@ -11,13 +11,14 @@ import { PodMonitor } from '@kubernetes-models/prometheus-operator/monitoring.co
 import { Deployment } from 'kubernetes-models/apps/v1'
 import { PodDisruptionBudget } from 'kubernetes-models/policy/v1'
 import { ClusterRole, ClusterRoleBinding, Role, RoleBinding } from 'kubernetes-models/rbac.authorization.k8s.io/v1'
-import { Secret, ServiceAccount } from 'kubernetes-models/v1'
+import { Ingress } from 'kubernetes-models/networking.k8s.io/v1'
+import { ConfigMap, Secret, Service, ServiceAccount } from 'kubernetes-models/v1'
 import { pino } from 'pino'
 import t from 'tap'
 import { stringify } from 'yaml'
 import { parseQuantity } from '../../config/quantity.js'
 import { createServer } from '../../server.js'
-import { checkCache, checkFlags, checkPlacement, checkProbes, checkRoutes, checkSecurity, checkWiring, minimumCacheVolume, type ServerRoute } from './checks.js'
+import { checkBootstrap, checkCache, checkFlags, checkIngress, checkPlacement, checkProbes, checkRoutes, checkSecurity, checkWiring, minimumCacheVolume, type ServerRoute } from './checks.js'
 import { last, parseDockerfile } from './dockerfile.js'
 import { rbacProxyConfig, type RbacProxyConfig } from './kube-rbac-proxy.js'
 import {
@@ -42,6 +43,9 @@ const MODELS: Record<string, ModelClass> = {
   'apps/v1 Deployment': Deployment,
   'v1 ServiceAccount': ServiceAccount,
   'v1 Secret': Secret,
+  'v1 Service': Service,
+  'v1 ConfigMap': ConfigMap,
+  'networking.k8s.io/v1 Ingress': Ingress,
   'rbac.authorization.k8s.io/v1 Role': Role,
   'rbac.authorization.k8s.io/v1 RoleBinding': RoleBinding,
   'rbac.authorization.k8s.io/v1 ClusterRole': ClusterRole,
@@ -296,5 +300,27 @@ void t.test('the README tells how to apply and fetch through kube-rbac-proxy', (
   t.ok(section.includes(token), `names the token Secret ${token}`)
   t.match(section, /curl[^\n]*\\?\n?[\s\S]*Authorization: Bearer/)
   t.match(section, /:4219\/package\?digest=sha256:/)
+  t.end()
+})
+
+void t.test('the Ingress publishes /v1/images/ only, to kube-rbac-proxy; the rpp-get port is on the node', (t) => {
+  t.same(checkIngress(manifests), [])
+  t.same(checkBootstrap(manifests), [])
+  const ingress = (m: Manifests): K8sObject & { spec: { rules: Array<{ http: { paths: Array<{ path: string; backend: { service: { port: { name?: string; number?: number } } } }> } }> } } => {
+    const found = m.objects.find((o) => o.object.kind === 'Ingress')?.object
+    if (!found) throw new Error('no Ingress')
+    return found as never
+  }
+  const wider = broken((m) => ingress(m).spec.rules[0]?.http.paths.push({ ...structuredClone(ingress(m).spec.rules[0]?.http.paths[0] ?? ({} as never)), path: '/package' }))
+  t.match(checkIngress(wider), [/publishes \/package/])
+  const buffered = broken((m) => {
+    const a = ingress(m).metadata.annotations
+    if (a) a['nginx.ingress.kubernetes.io/proxy-buffering'] = 'on'
+  })
+  t.match(checkIngress(buffered), [/proxy-buffering is on/])
+  const noHostPort = broken((m) => {
+    for (const p of container(m, PROXY_CONTAINER).ports ?? []) delete p.hostPort
+  })
+  t.match(checkBootstrap(noHostPort), [/not a hostPort/])
   t.end()
 })

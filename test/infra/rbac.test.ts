@@ -19,6 +19,15 @@ const KUBE_RBAC_PROXY_CALLS: readonly Attributes[] = [
   { verb: 'create', apiGroup: 'authorization.k8s.io', resource: 'subjectaccessreviews' },
 ]
 
+/**
+ * Granted but never called: Deckhouse unmasks the credential fields of ModuleSources and
+ * PackageRepositories only for a caller that may get their /sensitive subresource.
+ */
+const UNMASKING_GRANTS: readonly Attributes[] = [
+  { verb: 'get', apiGroup: 'deckhouse.io', resource: 'modulesources/sensitive' },
+  { verb: 'get', apiGroup: 'deckhouse.io', resource: 'packagerepositories/sensitive' },
+]
+
 const POD_ACCOUNT = { kind: 'ServiceAccount', name: SERVICE_ACCOUNT, namespace: NAMESPACE }
 
 function uniqueCalls(calls: readonly Attributes[]): Attributes[] {
@@ -49,17 +58,19 @@ void t.test("the pod's ServiceAccount may make every call the code makes, and no
     env: {},
   })
   t.teardown(() => proxy.server.stop())
-  await waitFor(() => api.openWatches('secrets') > 0 && api.openWatches('modulesources') > 0, 'both informers watch')
+  await waitFor(() => api.openWatches('secrets') > 0 && api.openWatches('modulesources') > 0 && api.openWatches('packagerepositories') > 0, 'all three informers watch')
   t.equal((await proxy.server.inject('/readyz')).statusCode, 200, 'ready once both synced')
 
   // The restart paths must not need more: a dropped connection (resume the watch) and 410 Gone
   // (list again).
-  const lists = api.counts.list.secrets + api.counts.list.modulesources
+  // The 410 lands on whichever of the three informers watches first: count all three.
+  const relists = (): number => api.counts.list.secrets + api.counts.list.modulesources + api.counts.list.packagerepositories
+  const lists = relists()
   api.goneOnNextWatch = 'http'
   api.dropWatches('destroy')
   await waitFor(
-    () => api.counts.list.secrets + api.counts.list.modulesources > lists && api.openWatches('secrets') > 0 && api.openWatches('modulesources') > 0,
-    'both informers watch again after a re-list',
+    () => relists() > lists && api.openWatches('secrets') > 0 && api.openWatches('modulesources') > 0 && api.openWatches('packagerepositories') > 0,
+    'all three informers watch again after a re-list',
   )
 
   const calls = uniqueCalls(api.requests.map((r) => requestAttributes(r.method, r.path, r.query)))
@@ -67,8 +78,9 @@ void t.test("the pod's ServiceAccount may make every call the code makes, and no
   t.ok(calls.some((c) => c.verb === 'watch') && calls.some((c) => c.verb === 'list'), 'lists and watches were observed')
   const m = loadManifests()
   const grants = grantsFor(m, POD_ACCOUNT)
-  for (const call of [...calls, ...KUBE_RBAC_PROXY_CALLS]) t.ok(allows(grants, call), `allowed: ${describe(call)}`)
-  t.same(surplus(grants, [...calls, ...KUBE_RBAC_PROXY_CALLS]), [], 'nothing granted beyond those calls')
+  t.ok(calls.some((c) => c.verb === 'watch' && c.resource === 'packagerepositories'), 'PackageRepositories are watched')
+  for (const call of [...calls, ...KUBE_RBAC_PROXY_CALLS, ...UNMASKING_GRANTS]) t.ok(allows(grants, call), `allowed: ${describe(call)}`)
+  t.same(surplus(grants, [...calls, ...KUBE_RBAC_PROXY_CALLS, ...UNMASKING_GRANTS]), [], 'nothing granted beyond those calls')
 
   // Each would be noticed: a verb taken away, a verb or a Secret too many, a call without the
   // field selector that lets a resourceNames Role allow it.
@@ -78,10 +90,10 @@ void t.test("the pod's ServiceAccount may make every call the code makes, and no
   t.ok(watchModuleSources && !allows(grantsFor(noWatch, POD_ACCOUNT), watchModuleSources), 'a ClusterRole without watch fails the watch')
   const withGet = cloneManifests(m)
   role(withGet, 'Role', 'registry-packages-proxy').rules.forEach((r) => r.verbs.push('get'))
-  t.match(surplus(grantsFor(withGet, POD_ACCOUNT), [...calls, ...KUBE_RBAC_PROXY_CALLS]), [/grants get core\/secrets in d8-system, which nothing calls/])
+  t.match(surplus(grantsFor(withGet, POD_ACCOUNT), [...calls, ...KUBE_RBAC_PROXY_CALLS, ...UNMASKING_GRANTS]), [/grants get core\/secrets in d8-system, which nothing calls/])
   const everySecret = cloneManifests(m)
   role(everySecret, 'Role', 'registry-packages-proxy').rules.forEach((r) => delete r.resourceNames)
-  t.match(surplus(grantsFor(everySecret, POD_ACCOUNT), [...calls, ...KUBE_RBAC_PROXY_CALLS]), [/without resourceNames, but every call names deckhouse-registry/])
+  t.match(surplus(grantsFor(everySecret, POD_ACCOUNT), [...calls, ...KUBE_RBAC_PROXY_CALLS, ...UNMASKING_GRANTS]), [/without resourceNames, but every call names deckhouse-registry/])
   const unfiltered = requestAttributes('GET', '/api/v1/namespaces/d8-system/secrets', {})
   t.notOk(allows(grants, unfiltered), 'a LIST of d8-system Secrets without the field selector is refused')
 })

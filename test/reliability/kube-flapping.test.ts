@@ -47,7 +47,8 @@ void t.test('an API server that keeps flapping: packages and readiness are unaff
   })
   t.teardown(() => proxy.server.stop({ timeout: 2000 }))
   await waitFor(async () => (await proxy.server.inject('/readyz')).statusCode === 200, 'ready', 15_000)
-  await waitFor(() => api.openWatches() === 2, 'both watches open')
+  // The Secret, the ModuleSources and the PackageRepositories.
+  await waitFor(() => api.openWatches() === 3, 'all three watches open')
 
   // Traffic for as long as the flapping lasts: a default-source hit, a module-source hit, a cold
   // package and a readiness probe per turn.
@@ -81,7 +82,7 @@ void t.test('an API server that keeps flapping: packages and readiness are unaff
   const started = Date.now()
   const stages: string[] = []
   const reopened = async (what: string): Promise<void> => {
-    await waitFor(() => api.openWatches() === 2, `watches open again after ${what}`, 60_000)
+    await waitFor(() => api.openWatches() === 3, `watches open again after ${what}`, 60_000)
     stages.push(`${what} ${((Date.now() - started) / 1000).toFixed(1)} s`)
   }
   api.dropWatches('destroy')

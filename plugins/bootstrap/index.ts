@@ -1,0 +1,79 @@
+import { createServer, type Server } from 'node:http'
+import type { AddressInfo } from 'node:net'
+import type { Plugin } from '@hapi/hapi'
+import type { Logger } from 'pino'
+import { bootstrapHandler, RPP_GET_ROUTE } from '../../handlers/bootstrap.js'
+import type { SourceSet } from '../credentials/source-set.js'
+import type { Metrics } from '../metrics/metrics.js'
+import { v1Results } from '../metrics/v1-metrics.js'
+import { describe } from '../packages/log.js'
+import type { PackageService } from '../packages/package-service.js'
+import { RppGetFiles } from './rpp-get.js'
+
+export interface BootstrapOptions {
+  host: string
+  port: number
+  clusterUuid: string
+  sources: SourceSet
+  packages: PackageService
+  metrics: Metrics
+  log: Logger
+}
+
+/** What the plugin exposes: where the bootstrap listener listens, once started. */
+export interface BootstrapApi {
+  address(): AddressInfo | undefined
+}
+
+/**
+ * `--bootstrap-listen-address`: a second plain-HTTP listener, outside hapi, that serves
+ * `/<cluster UUID>/rpp-get` and nothing else, with the current module's limits: 5 s to send
+ * the request head, 4 KiB of it, 300 s without progress. It opens and closes with the server.
+ */
+export const bootstrapPlugin: Plugin<BootstrapOptions> = {
+  name: 'bootstrap',
+  register(server, o) {
+    const results = v1Results(o.metrics)
+    const handler = bootstrapHandler({
+      clusterUuid: o.clusterUuid,
+      sources: o.sources,
+      files: new RppGetFiles(o.packages),
+      onDone: (info) => {
+        o.metrics.requests.inc({ route: info.route, method: info.method.toLowerCase(), code: String(info.status) })
+        results.inc({ route: info.route, result: info.result })
+        const line = { listener: 'bootstrap', method: info.method, route: info.route, status: info.status, bytes: info.bytes, ms: info.ms, result: info.result, ...(info.err ? { err: describe(info.err) } : {}) }
+        if (info.status >= 500) o.log.warn(line, 'request')
+        else o.log.info(line, 'request')
+      },
+    })
+    results.inc({ route: RPP_GET_ROUTE, result: 'error' }, 0)
+    const listener: Server = createServer({
+      maxHeaderSize: 4096,
+      headersTimeout: 5_000,
+      requestTimeout: 30_000,
+      keepAliveTimeout: 5_000,
+      connectionsCheckingInterval: 1_000,
+    }, handler)
+    // Writes to a node that stopped reading end after 300 s of no progress.
+    listener.setTimeout(300_000)
+    server.ext('onPreStart', async () => {
+      await new Promise<void>((resolve, reject) => {
+        listener.once('error', reject)
+        listener.listen(o.port, o.host, () => {
+          listener.off('error', reject)
+          resolve()
+        })
+      })
+      o.log.info({ listen: `${o.host}:${(listener.address() as AddressInfo).port}` }, 'bootstrap listener (rpp-get) listening')
+    })
+    server.ext('onPreStop', async () => {
+      if (!listener.listening) return
+      const closed = new Promise<void>((resolve) => listener.close(() => resolve()))
+      listener.closeIdleConnections()
+      await closed
+    })
+    server.expose('api', {
+      address: () => (listener.listening ? (listener.address() as AddressInfo) : undefined),
+    } satisfies BootstrapApi)
+  },
+}

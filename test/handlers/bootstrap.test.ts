@@ -1,0 +1,128 @@
+/**
+ * The bootstrap listener (`--bootstrap-listen-address`): `/<cluster UUID>/rpp-get?digest=` and
+ * nothing else, over a real socket, against the fake registry.
+ */
+import { writeFileSync } from 'node:fs'
+import { connect } from 'node:net'
+import { join } from 'node:path'
+import { pino } from 'pino'
+import t, { type Test } from 'tap'
+import { createServer, type ProxyServer } from '../../server.js'
+import { FakeRegistry } from '../fixtures/fake-registry.js'
+import { layerTarGz, type LayerEntry } from '../fixtures/layers.js'
+import { fetchRaw } from '../fixtures/proxy-harness.js'
+
+const UUID = '7f3c2a1e-0b9d-4c5e-8f6a-123456789abc'
+const RPP_GET = Buffer.from('#!/bin/sh\necho rpp-get\n')
+
+interface Setup {
+  registry: FakeRegistry
+  proxy: ProxyServer
+  base: string
+}
+
+async function setup(t: Test): Promise<Setup> {
+  const registry = await FakeRegistry.start()
+  t.teardown(() => registry.close())
+  const dir = t.testdir()
+  writeFileSync(join(dir, 'r.json'), JSON.stringify({ default: { address: registry.host, path: '/deckhouse/ce', scheme: 'http' } }))
+  const proxy = await createServer({
+    port: 0,
+    cacheDirectory: join(dir, 'cache'),
+    limitBytes: 2 ** 28,
+    registryConfig: join(dir, 'r.json'),
+    logger: pino({ level: 'silent' }),
+    collectDefaultMetrics: false,
+    env: {},
+    bootstrap: { host: '127.0.0.1', port: 0, clusterUuid: UUID },
+  })
+  await proxy.server.start()
+  t.teardown(() => proxy.server.stop())
+  const address = (proxy.server.plugins as unknown as { bootstrap: { api: { address(): { port: number } | undefined } } }).bootstrap.api.address()
+  if (!address) throw new Error('the bootstrap listener is not listening')
+  return { registry, proxy, base: `http://127.0.0.1:${address.port}` }
+}
+
+async function push(s: Setup, ...layers: LayerEntry[][]): Promise<string> {
+  return s.registry.addImage('deckhouse/ce', await Promise.all(layers.map((l) => layerTarGz(l)))).manifestDigest
+}
+
+void t.test('GET /<uuid>/rpp-get: the file from the last layer, with its headers; then from memory', async (t) => {
+  const s = await setup(t)
+  const digest = await push(s, [{ name: 'rpp-get', data: 'from an older layer' }], [{ name: './rpp-get', data: RPP_GET }, { name: 'install', data: 'x' }])
+  const res = await fetchRaw(`${s.base}/${UUID}/rpp-get?digest=${digest}`)
+  t.equal(res.status, 200)
+  t.ok(res.body.equals(RPP_GET), 'the file, from the last layer only')
+  t.match(res.headers, {
+    'content-type': 'application/octet-stream',
+    'content-disposition': 'attachment; filename="rpp-get"',
+    'cache-control': 'no-store',
+    'x-content-type-options': 'nosniff',
+    'content-length': String(RPP_GET.length),
+  })
+  const blobs = s.registry.counts.blob
+  t.equal((await fetchRaw(`${s.base}/${UUID}/rpp-get?digest=${digest}`)).status, 200)
+  t.equal(s.registry.counts.blob, blobs, 'the second node is served without the registry')
+  const metrics = await s.proxy.metrics.registry.metrics()
+  t.match(metrics, /registry_packages_proxy_http_requests_total\{route="\/\{uuid\}\/rpp-get",method="get",code="200"\} 2/)
+})
+
+void t.test('404 for other paths and UUIDs, 405 for other methods, 400 for a missing or bad digest', async (t) => {
+  const s = await setup(t)
+  const digest = await push(s, [{ name: 'rpp-get', data: RPP_GET }])
+  s.registry.resetCounts()
+  const cases: Array<[string, string, number]> = [
+    ['GET', `/other-uuid/rpp-get?digest=${digest}`, 404],
+    ['GET', `/${UUID}/rpp-get/x?digest=${digest}`, 404],
+    ['GET', `/${UUID}/other?digest=${digest}`, 404],
+    ['GET', `/package?digest=${digest}`, 404],
+    ['GET', '/healthz', 404],
+    ['GET', '/metrics', 404],
+    ['GET', '/', 404],
+    ['POST', `/${UUID}/rpp-get?digest=${digest}`, 405],
+    ['HEAD', `/${UUID}/rpp-get?digest=${digest}`, 405],
+    ['DELETE', `/${UUID}/rpp-get?digest=${digest}`, 405],
+    ['GET', `/${UUID}/rpp-get`, 400],
+    ['GET', `/${UUID}/rpp-get?digest=sha256:abc`, 400],
+    ['GET', `/${UUID}/rpp-get?digest=${digest}&digest=${digest}`, 400],
+  ]
+  for (const [method, path, status] of cases) {
+    const res = await fetchRaw(`${s.base}${path}`, { method })
+    t.equal(res.status, status, `${method} ${path}`)
+    if (method !== 'HEAD') t.match(JSON.parse(res.body.toString()), { statusCode: status }, 'a JSON error body')
+  }
+  t.equal(s.registry.counts.total, 0, 'none of them reached the registry')
+})
+
+void t.test('404 when the layer has no regular rpp-get, or one over 64 MiB, or no such manifest; 502 when the registry fails', async (t) => {
+  const s = await setup(t)
+  const none = await push(s, [{ name: 'install', data: 'x' }])
+  const link = await push(s, [{ name: 'rpp-get', type: 'symlink', linkname: '/bin/sh' }])
+  const big = await push(s, [{ name: 'rpp-get', data: Buffer.alloc(64 * 1024 * 1024 + 1) }])
+  for (const [what, digest] of [['none', none], ['a symlink', link], ['over 64 MiB', big], ['no such manifest', `sha256:${'1'.repeat(64)}`]] as const) {
+    t.equal((await fetchRaw(`${s.base}/${UUID}/rpp-get?digest=${digest}`)).status, 404, what)
+  }
+  const ok = await push(s, [{ name: 'rpp-get', data: 'new' }])
+  s.registry.faults = { blobStatus: 500 }
+  t.equal((await fetchRaw(`${s.base}/${UUID}/rpp-get?digest=${ok}`)).status, 502)
+  s.registry.faults = { corruptBlob: true }
+  t.equal((await fetchRaw(`${s.base}/${UUID}/rpp-get?digest=${ok}`)).status, 502, 'a layer that does not verify yields no file')
+})
+
+void t.test('request heads are limited: 4 KiB, and 5 s to send them', async (t) => {
+  const s = await setup(t)
+  const big = await fetchRaw(`${s.base}/${UUID}/rpp-get?digest=x`, { headers: { 'x-filler': 'a'.repeat(5000) } })
+  t.equal(big.status, 431, 'headers over 4 KiB')
+  const port = Number(new URL(s.base).port)
+  const socket = connect(port, '127.0.0.1')
+  socket.write(`GET /${UUID}/rpp-get HTTP/1.1\r\nHost: x\r\n`)
+  const started = Date.now()
+  const reply = await new Promise<string>((resolve) => {
+    let text = ''
+    socket.on('data', (c: Buffer) => (text += c.toString()))
+    socket.on('close', () => resolve(text))
+  })
+  const waited = Date.now() - started
+  t.match(reply, /^HTTP\/1.1 408/, 'a head never finished is answered 408 and closed')
+  t.ok(waited >= 4000 && waited < 9000, `closed after the 5 s headers timeout (${waited} ms)`)
+})
