@@ -64,7 +64,7 @@ void t.test('400: malformed queries, and no upstream request at all', async (t) 
     ['path with ..', packageUrl({ digest: image.manifestDigest, path: '../x' })],
     ['path with inner ..', packageUrl({ digest: image.manifestDigest, path: 'a/../../b' })],
     ['path with an empty segment', packageUrl({ digest: image.manifestDigest, path: 'a//b' })],
-    ['path with a leading slash', packageUrl({ digest: image.manifestDigest, path: '/a' })],
+    ['path with two leading slashes', packageUrl({ digest: image.manifestDigest, path: '//a' })],
     ['path with a trailing slash', packageUrl({ digest: image.manifestDigest, path: 'a/' })],
     ['path with uppercase', packageUrl({ digest: image.manifestDigest, path: 'Pkg' })],
     ['path with a query-ish character', packageUrl({ digest: image.manifestDigest, path: 'a?b' })],
@@ -102,7 +102,8 @@ void t.test('404: an unknown repository causes no upstream request of any kind',
     `${h.registry.host}/other/repo`,
     `${h.registry.host}/deckhouse`,
     `${h.registry.host}/deckhouse/ce/sub`,
-    h.registry.host,
+    // The registry's host without its port is another host (the bare host:port is the default).
+    '127.0.0.1',
     '127.0.0.1:1/deckhouse/ce',
     'registry.example.com/deckhouse/ce',
   ]) {
@@ -368,6 +369,40 @@ void t.test('path is appended to the source repository', async (t) => {
   t.equal(viaModule.statusCode, 200)
   t.ok(viaModule.rawPayload.equals(mod.lastLayer.data))
   t.ok(h.registry.requests.some((r) => r.url === `/v2/${MODULE_PREFIX}/sub/manifests/${mod.manifestDigest}`))
+})
+
+void t.test('the request forms real clients send: a bare registry host, a trailing /, a leading / on path', async (t) => {
+  const h = await startHarness(t)
+  const def = h.registry.addImage(`${DEFAULT_PREFIX}/pkgs/tool`, [bytes(700, 6)])
+  const mod = h.registry.addImage(`${MODULE_PREFIX}/sub`, [bytes(800, 7)])
+  const forms: Array<[string, { repository?: string; path: string }, typeof def]> = [
+    ['the bare registry host selects the default source', { repository: h.registry.host, path: 'pkgs/tool' }, def],
+    ['a trailing / on the bare host', { repository: `${h.registry.host}/`, path: 'pkgs/tool' }, def],
+    ['a trailing / on the default address/path', { repository: `${h.defaultRepository}/`, path: 'pkgs/tool' }, def],
+    ['a leading / on path (rpp-get passes path on as given)', { path: '/pkgs/tool' }, def],
+    ['a trailing / on a module source repo, and a leading / on path', { repository: `${h.moduleRepository}/`, path: '/sub' }, mod],
+  ]
+  for (const [name, q, image] of forms) {
+    h.registry.resetCounts()
+    // HEAD: the manifest request alone shows which repository the proxy chose.
+    const res = await h.proxy.server.inject({ method: 'HEAD', url: packageUrl({ digest: image.manifestDigest, ...q }) })
+    t.equal(res.statusCode, 200, name)
+    t.same(
+      h.registry.requests.map((r) => r.url),
+      [`/v2/${image.repo}/manifests/${image.manifestDigest}`],
+      `${name}: the manifest is asked for at ${image.repo}`,
+    )
+  }
+  const got = await h.proxy.server.inject(packageUrl({ digest: def.manifestDigest, repository: h.registry.host, path: '/pkgs/tool' }))
+  t.equal(got.statusCode, 200)
+  t.ok(got.rawPayload.equals(def.lastLayer.data), 'and a GET in those forms gets the bytes')
+
+  h.registry.resetCounts()
+  for (const q of [{ path: '//pkgs/tool' }, { repository: `${h.registry.host}//` }, { path: 'pkgs/tool/' }]) {
+    assertError(t, await h.proxy.server.inject(packageUrl({ digest: def.manifestDigest, ...q })), 400)
+  }
+  assertError(t, await h.proxy.server.inject(packageUrl({ digest: def.manifestDigest, repository: '127.0.0.2:1' })), 404)
+  t.equal(h.registry.counts.total, 0, 'refused forms and another host cause no upstream request')
 })
 
 void t.test('HEAD on a miss fetches the manifest only', async (t) => {
