@@ -1,4 +1,4 @@
-import { NoSourceError } from '../../errors.js'
+import { NoSourceError, SourcesNotSyncedError } from '../../errors.js'
 import type { RegistrySource } from './source.js'
 
 /**
@@ -36,7 +36,8 @@ export class SourceSet {
    * (`address` alone). A ModuleSource match wins over those aliases; a trailing `/` is ignored.
    *
    * Never guesses beyond that: an unknown repository is a {@link NoSourceError}, so no request
-   * can steer the proxy to an arbitrary host.
+   * can steer the proxy to an arbitrary host. While a provider has not synced yet the set is
+   * incomplete, so "no match" is not an answer yet: {@link SourcesNotSyncedError} (503).
    */
   match(repository: string | undefined): RegistrySource {
     const all = this.all()
@@ -49,6 +50,9 @@ export class SourceSet {
           defaults.find((s) => s.repository === wanted) ??
           defaults.find((s) => s.registry === wanted))
     if (found) return found
-    throw new NoSourceError(wanted === '' ? '(default)' : repository ?? '')
+    const shown = wanted === '' ? '(default)' : repository ?? ''
+    const pending = this.unsynced()
+    if (pending.length > 0) throw new SourcesNotSyncedError(shown, pending)
+    throw new NoSourceError(shown)
   }
 }

@@ -1,5 +1,5 @@
 import t from 'tap'
-import { NoSourceError } from '../../../errors.js'
+import { NoSourceError, SourcesNotSyncedError } from '../../../errors.js'
 import { parseRegistryConfig } from '../../../plugins/credentials/file-source.js'
 import { SourceSet } from '../../../plugins/credentials/source-set.js'
 
@@ -50,6 +50,21 @@ void t.test('no default source', (t) => {
   const set = new SourceSet()
   set.replace('modulesources', mod ? [mod] : [])
   t.throws(() => set.match(undefined), { code: 'ENOSOURCE', message: /\(default\)/ })
+  t.end()
+})
+
+void t.test('before every provider synced, no match is a 503 with Retry-After, not a 404', (t) => {
+  const set = new SourceSet()
+  set.expect('file')
+  set.expect('modulesources')
+  t.throws(() => set.match('r.io/modules/x'), SourcesNotSyncedError, 'nothing synced yet')
+  t.throws(() => set.match(undefined), { code: 'ENOTSYNCED', status: 503, retryAfterSeconds: 5, message: /file, modulesources/ })
+  set.replace('file', def ? [def] : [])
+  t.equal(set.match(undefined), def, 'what is known already is served')
+  t.equal(set.match('r.io/deckhouse/ce'), def)
+  t.throws(() => set.match('r.io/modules/x'), { code: 'ENOTSYNCED', message: /\(modulesources\)/ }, 'a ModuleSource may still arrive')
+  set.replace('modulesources', [])
+  t.throws(() => set.match('r.io/modules/x'), { code: 'ENOSOURCE', status: 404 }, 'once all synced: 404')
   t.end()
 })
 
