@@ -77,11 +77,15 @@ export function parseRange(header: string | undefined, size: number): ByteRange 
   return { start, end }
 }
 
-/** True when an `If-None-Match` header matches `etag` (weak comparison, `*` matches). */
-export function matchesIfNoneMatch(header: string | undefined, etag: string): boolean {
+/**
+ * True when an `If-None-Match` header matches `etag` (weak comparison). `*` matches only a
+ * package known to `exist`: it means "any current representation", so it is no shortcut past
+ * the lookup, and a digest that exists nowhere must still be a 404.
+ */
+export function matchesIfNoneMatch(header: string | undefined, etag: string, exists = false): boolean {
   if (!header) return false
   return header.split(',').some((t) => {
     const tag = t.trim().replace(/^W\//, '')
-    return tag === '*' || tag === etag
+    return tag === etag || (exists && tag === '*')
   })
 }

@@ -493,13 +493,16 @@ void t.test('416 on a miss fetches no layer', async (t) => {
   t.equal(res.statusCode, 416)
   t.equal(res.headers['content-range'], 'bytes */100')
   t.equal(h.registry.counts.blob, 0)
+  // An error must not be cached for a year like the package itself.
+  t.notMatch(String(res.headers['cache-control']), /immutable|max-age=31536000/, `416 Cache-Control: ${String(res.headers['cache-control'])}`)
+  t.notOk(res.headers.etag, 'and carries no ETag of the package')
 })
 
 void t.test('If-None-Match with the ETag: 304 without any registry request', async (t) => {
   const h = await startHarness(t)
   const image = h.registry.addImage(DEFAULT_PREFIX, [bytes(100, 13)])
   const url = packageUrl({ digest: image.manifestDigest })
-  for (const header of [`"${image.manifestDigest}"`, `W/"${image.manifestDigest}"`, `"sha256:${HEX}", "${image.manifestDigest}"`, '*']) {
+  for (const header of [`"${image.manifestDigest}"`, `W/"${image.manifestDigest}"`, `"sha256:${HEX}", "${image.manifestDigest}"`]) {
     const res = await h.proxy.server.inject({ url, headers: { 'if-none-match': header } })
     t.equal(res.statusCode, 304, header)
     t.equal(res.headers.etag, `"${image.manifestDigest}"`)
@@ -514,6 +517,24 @@ void t.test('If-None-Match with the ETag: 304 without any registry request', asy
   t.ok(other.rawPayload.equals(image.lastLayer.data))
 })
 
+void t.test('If-None-Match: * is no shortcut: the digest is looked up like any other', async (t) => {
+  const h = await startHarness(t)
+  const image = h.registry.addImage(DEFAULT_PREFIX, [bytes(100, 14)])
+  const missing = await h.proxy.server.inject({ url: packageUrl({ digest: VALID }), headers: { 'if-none-match': '*' } })
+  assertError(t, missing, 404)
+  t.equal(h.registry.counts.manifest, 1, 'a digest that exists nowhere is asked for, and is a 404')
+
+  h.registry.resetCounts()
+  const present = await h.proxy.server.inject({ url: packageUrl({ digest: image.manifestDigest }), headers: { 'if-none-match': '*' } })
+  t.equal(present.statusCode, 304, 'one that exists: 304 (any current representation matches *)')
+  t.equal(present.headers.etag, `"${image.manifestDigest}"`)
+  t.equal(h.registry.counts.manifest, 1, 'after looking it up')
+  t.equal(h.registry.counts.blob, 0, 'without fetching the layer')
+
+  const unknownRepo = await h.proxy.server.inject({ url: packageUrl({ digest: image.manifestDigest, repository: 'other.example.com/x' }), headers: { 'if-none-match': '*' } })
+  assertError(t, unknownRepo, 404)
+})
+
 void t.test('an empty layer is served as an empty 200', async (t) => {
   const h = await startHarness(t)
   const image = h.registry.addImage(DEFAULT_PREFIX, [Buffer.alloc(0)])
@@ -521,4 +542,31 @@ void t.test('an empty layer is served as an empty 200', async (t) => {
   t.equal(res.statusCode, 200)
   t.equal(res.headers['content-length'], '0')
   t.equal(res.rawPayload.length, 0)
+})
+
+void t.test('a layer the manifest calls empty must have the empty digest: anything else is a 502, never an empty 200', async (t) => {
+  const h = await startHarness(t)
+  // The manifest says size 0, but names a layer with content (which the registry would serve).
+  const content = bytes(64, 15)
+  const layerDigest = h.registry.addBlob(DEFAULT_PREFIX, content)
+  const config = Buffer.from('{"architecture":"amd64","os":"linux"}')
+  const configDigest = h.registry.addBlob(DEFAULT_PREFIX, config)
+  const manifest = Buffer.from(
+    JSON.stringify({
+      schemaVersion: 2,
+      mediaType: MEDIA_TYPES.oci.manifest,
+      config: { mediaType: MEDIA_TYPES.oci.config, digest: configDigest, size: config.length },
+      layers: [{ mediaType: MEDIA_TYPES.oci.layer, digest: layerDigest, size: 0 }],
+    }),
+  )
+  const digest = h.registry.addRawManifest(DEFAULT_PREFIX, manifest, MEDIA_TYPES.oci.manifest)
+  for (const method of ['GET', 'HEAD'] as const) {
+    const res = await h.proxy.server.inject({ method, url: packageUrl({ digest }) })
+    t.equal(res.statusCode, 502, `${method}: a digest mismatch`)
+    if (method === 'GET') {
+      assertError(t, res, 502)
+      t.match(JSON.parse(res.payload), { message: /layer digest mismatch/ })
+    }
+  }
+  t.match((await h.proxy.server.inject('/metrics')).payload, /registry_packages_proxy_digest_mismatches_total\{what="layer"\} [1-9]/)
 })
