@@ -62,6 +62,8 @@ export interface RegistryClientOptions {
   /** Proxy variables come from here (default `process.env`). */
   env?: NodeJS.ProcessEnv
   observe?: UpstreamObserver
+  /** Bound on cached tokens (default 1024, the token cache's MAX_TOKENS); tests shrink it. */
+  maxTokens?: number
 }
 
 export interface BlobResponse {
@@ -81,7 +83,7 @@ export interface BlobResponse {
 export class RegistryClient {
   readonly #timeouts: RegistryTimeouts
   readonly #transport: Transport
-  readonly #tokens = new TokenCache()
+  readonly #tokens: TokenCache
   readonly #observe: UpstreamObserver
   /** What each source's registry asked for last time, so later requests authenticate up front. */
   readonly #schemes = new WeakMap<RegistrySource, Challenge>()
@@ -93,6 +95,7 @@ export class RegistryClient {
     this.#timeouts = { ...DEFAULT_TIMEOUTS, ...options.timeouts }
     this.#transport = new Transport(this.#timeouts, options.env ?? process.env)
     this.#observe = options.observe ?? (() => undefined)
+    this.#tokens = new TokenCache(Date.now, options.maxTokens)
   }
 
   /** Fetches a manifest (or index) by digest; the caller verifies the bytes. */
@@ -231,7 +234,9 @@ export class RegistryClient {
     if (!challenge || challenge.scheme === 'unknown') return undefined
     if (challenge.scheme === 'basic') return source.credentials ? { header: source.credentials.basicHeader(), basic: true } : undefined
     const key = `${this.#sourceId(source)}\n${challenge.realm}\n${challenge.service ?? ''}\n${scope}`
-    const token = await this.#tokens.get(key, () => this.#fetchToken(source, challenge, scope, signal))
+    // The fetch is shared with concurrent requests for the same scope, so it runs on its own
+    // timeouts, not on this caller's signal, which only ends this caller's wait.
+    const token = await this.#tokens.get(key, () => this.#fetchToken(source, challenge, scope), signal)
     return { header: `Bearer ${token}`, tokenKey: key, token }
   }
 
@@ -239,19 +244,19 @@ export class RegistryClient {
     source: RegistrySource,
     challenge: Extract<Challenge, { scheme: 'bearer' }>,
     scope: string,
-    signal: AbortSignal | undefined,
   ): Promise<{ token: string; expiresIn: number }> {
     const url = new URL(challenge.realm)
     if (challenge.service) url.searchParams.set('service', challenge.service)
     url.searchParams.set('scope', scope)
     const headers: Record<string, string> = { Accept: 'application/json' }
     if (source.credentials) headers.Authorization = source.credentials.basicHeader()
-    const { res } = await this.#followRedirects(source, 'token', url.href, headers, signal)
+    const { res } = await this.#followRedirects(source, 'token', url.href, headers, undefined)
     if (res.status !== 200) {
       res.data.resume()
       throw new UpstreamError(`token server answered ${res.status}`, res.status)
     }
-    const text = (await readLimited(res.data, 1024 * 1024, 'token')).toString('utf8')
+    // No caller can cancel this read (see #authorization): the idle timeout bounds it.
+    const text = (await readLimited(guardBody(res.data, this.#timeouts.idleMs), 1024 * 1024, 'token')).toString('utf8')
     let doc: { token?: unknown; access_token?: unknown; expires_in?: unknown }
     try {
       doc = JSON.parse(text) as typeof doc

@@ -324,6 +324,45 @@ void t.test('an https registry that names an http:// token realm: refused, nothi
   t.equal(seen.find((r) => r.path.startsWith('/token'))?.authorization, basic('u', 'realm-pass'))
 })
 
+void t.test('a caller that gives up (a pass-through whose client left) does not fail a token fetch others share', async (t) => {
+  const registry = await FakeRegistry.start({ auth: { kind: 'bearer', username: 'u', password: 'shared-pass' } })
+  t.teardown(() => registry.close())
+  const client = new RegistryClient({ env: {}, timeouts: { headersMs: 5000 } })
+  t.teardown(() => client.close())
+  const source = sourceFor(registry.host, { dockerConfigJson: dockerConfig(registry.host, { username: 'u', password: 'shared-pass' }) })
+  const [a, b] = [bytes(10, 95), bytes(11, 96)].map((data) => registry.addImage(DEFAULT_PREFIX, [data]))
+  if (!a || !b) throw new Error('no images')
+  // The token server is slow: both requests end up waiting on the one token fetch.
+  registry.faults = { tokenDelayMs: 300 }
+  const quitter = new AbortController()
+  const first = client.fetchManifest(source, DEFAULT_PREFIX, a.manifestDigest, quitter.signal)
+  const second = client.fetchManifest(source, DEFAULT_PREFIX, b.manifestDigest)
+  first.catch(() => undefined)
+  await registry.waitForRequests(1, (r) => r.origin === 'token')
+  quitter.abort(new UpstreamError('the client went away'))
+  await t.rejects(first, { message: 'the client went away' }, 'the caller that gave up gets its own reason')
+  const got = await second
+  t.ok(got.body.equals(b.manifest), 'the other request gets its manifest')
+  t.equal(registry.counts.token, 1, 'with the one shared token fetch')
+})
+
+void t.test('distinct paths: one token per repository, and the token cache stays bounded', async (t) => {
+  const registry = await FakeRegistry.start({ auth: { kind: 'bearer' } })
+  t.teardown(() => registry.close())
+  const client = new RegistryClient({ env: {}, maxTokens: 4 })
+  t.teardown(() => client.close())
+  const source = sourceFor(registry.host)
+  const digest = `sha256:${'4'.repeat(64)}`
+  for (let i = 0; i < 10; i++) await t.rejects(client.fetchManifest(source, `${DEFAULT_PREFIX}/p${i}`, digest), NotFoundError)
+  const scopes = registry.requests.filter((r) => r.origin === 'token').map((r) => new URL(r.url, 'http://x').searchParams.get('scope'))
+  t.same(scopes, Array.from({ length: 10 }, (_, i) => `repository:${DEFAULT_PREFIX}/p${i}:pull`), 'each token is scoped to its repository')
+  registry.resetCounts()
+  await t.rejects(client.fetchManifest(source, `${DEFAULT_PREFIX}/p9`, digest), NotFoundError)
+  t.equal(registry.counts.token, 0, 'a recent repository reuses its token')
+  await t.rejects(client.fetchManifest(source, `${DEFAULT_PREFIX}/p0`, digest), NotFoundError)
+  t.equal(registry.counts.token, 1, 'the oldest was dropped to keep the bound')
+})
+
 void t.test('RegistryClient: manifests, blobs and their failures', async (t) => {
   const registry = await FakeRegistry.start()
   t.teardown(() => registry.close())
