@@ -149,6 +149,10 @@ void t.test('any /package query: 200/400/404 only; an unknown repository reaches
       `${p.moduleRepository}//`,
       '',
       host,
+      // Near misses of the default's bare-host alias and of the sources: all unknown.
+      host.split(':')[0] ?? '',
+      `${host}/deckhouse`,
+      `${p.moduleRepository}/sub`,
       `localhost:${host.split(':')[1]}/${DEFAULT_PREFIX}`,
       `127.0.0.1:${w.canary.port}/${DEFAULT_PREFIX}`,
       '169.254.169.254/latest/meta-data',
@@ -204,7 +208,9 @@ void t.test('any /package query: 200/400/404 only; an unknown repository reaches
       // strips trailing control characters from the whole URL).
       const parsed = new URL(`http://127.0.0.1/package?${query}`).searchParams
       const given = parsed.getAll('repository')
-      const known = given.length === 0 || (given.length === 1 && (given[0] === '' || repos.includes((given[0] ?? '').replace(/\/+$/, ''))))
+      // Known: a source's repository, or the default's bare registry host (CONTRACT), with or
+      // without a trailing slash.
+      const known = given.length === 0 || (given.length === 1 && (given[0] === '' || [...repos, host].includes((given[0] ?? '').replace(/\/+$/, ''))))
       if (!known && p.registry.counts.total !== before) return false
       if (!known && res.statusCode === 404) unknownRefused++
       if (res.statusCode === 200) {
