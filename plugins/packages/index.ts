@@ -7,6 +7,7 @@ import { deleteCacheEntryHandler, listCacheHandler, showCacheEntryHandler, type 
 import { packageHandler } from '../../handlers/package.js'
 import type { SourceSet } from '../credentials/source-set.js'
 import type { Metrics } from '../metrics/metrics.js'
+import { newAdminToken, writeAdminToken } from './admin-token.js'
 import { BlobStore } from './blob-store.js'
 import { CacheIndex } from './cache-index.js'
 import type { DownloadSlotsOptions } from './download-slots.js'
@@ -59,10 +60,14 @@ export const packagesPlugin: Plugin<PackagesOptions> = {
     const retryMs = o.cacheRetryMs ?? 30_000
     const unusable = (code: string | undefined): string =>
       `cache directory unusable (${code ?? 'error'}): serving packages uncached, trying again every ${Math.round(retryMs / 1000)} s`
+    // DELETE /cache needs it (handlers/cache.ts); it lives in the cache directory, so a cache
+    // that cannot be opened has no token, and nothing to delete either.
+    const adminToken = newAdminToken()
     /** Opens the blob store and the index and reconciles them; closes what it opened on failure. */
     const openCache = async (): Promise<{ index: CacheIndex; store: BlobStore }> => {
       const s = new BlobStore(o.cacheDirectory)
       await s.init()
+      await writeAdminToken(o.cacheDirectory, adminToken)
       const i = await CacheIndex.open(
         o.cacheDirectory,
         (err) => o.log.error({ err: describe(err) }, 'cache index error'),
@@ -206,6 +211,7 @@ export const packagesPlugin: Plugin<PackagesOptions> = {
       packages: service,
       limitBytes: o.limitBytes,
       counts,
+      adminToken,
     }
     server.route([
       { method: 'GET', path: '/cache', handler: listCacheHandler(cacheDeps) },
