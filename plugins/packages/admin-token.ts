@@ -1,6 +1,6 @@
 import { randomBytes, timingSafeEqual } from 'node:crypto'
 import { readFileSync } from 'node:fs'
-import { rename, writeFile } from 'node:fs/promises'
+import { readdir, rename, rm, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
 
 /** The file in the cache directory that holds the token `DELETE /cache/{digest}` requires. */
@@ -20,9 +20,15 @@ export function newAdminToken(): string {
   return randomBytes(32).toString('hex')
 }
 
-/** Writes the token for this start, atomically (a temp file renamed over the last one). */
+/**
+ * Writes the token for this start, atomically (a temp file renamed over the last one). Temp
+ * files a crash left behind mid-write are removed first: nothing else cleans the directory's
+ * top level.
+ */
 export async function writeAdminToken(directory: string, token: string): Promise<void> {
   const path = join(directory, ADMIN_TOKEN_FILE)
+  const stale = (await readdir(directory)).filter((name) => name.startsWith(`${ADMIN_TOKEN_FILE}.`) && name.endsWith('.partial'))
+  await Promise.all(stale.map((name) => rm(join(directory, name), { force: true })))
   const temp = `${path}.${randomBytes(6).toString('hex')}.partial`
   await writeFile(temp, `${token}\n`, { mode: 0o600 })
   await rename(temp, path)
