@@ -30,6 +30,22 @@ export class NoSourceError extends ProxyError {
   }
 }
 
+/**
+ * `repository` matches no source *yet*: a source provider has not delivered its first sync (the
+ * API server is unreachable, a master just rebooted). 503 with `Retry-After`, never a 404: the
+ * bootstrap clients call node IPs directly, so readiness cannot hold them off, and a 404 would
+ * tell them the package does not exist.
+ */
+export class SourcesNotSyncedError extends ProxyError {
+  constructor(
+    readonly repository: string,
+    readonly pending: readonly string[],
+    readonly retryAfterSeconds = 5,
+  ) {
+    super('ENOTSYNCED', 503, `repository ${repository} matches no registry source yet: source providers not synced yet (${pending.join(', ')})`)
+  }
+}
+
 /** The registry says the manifest or blob does not exist (404). */
 export class NotFoundError extends ProxyError {
   constructor(message: string) {
@@ -97,12 +113,45 @@ export class BusyError extends ProxyError {
   }
 }
 
-/** Maps any error to the Boom response the client sees; unknown errors become a bare 500. */
+/**
+ * The errors an abort produces that are not ours: `AbortSignal.timeout()` rejects with a
+ * `DOMException` named `TimeoutError`, `AbortController.abort()` without a reason with one named
+ * `AbortError`, and Node's streams and timers wrap them in an `AbortError` with the reason as
+ * `cause`. None of them is a {@link ProxyError}, and without this they became a bare 500.
+ */
+function abortKind(err: unknown): 'timeout' | 'abort' | undefined {
+  for (let e: unknown = err, depth = 0; e instanceof Error && depth < 8; e = e.cause, depth++) {
+    if (e.name === 'TimeoutError') return 'timeout'
+  }
+  return err instanceof Error && err.name === 'AbortError' ? 'abort' : undefined
+}
+
+/** The first {@link ProxyError} in an error's `cause` chain (a wrapped one still maps as itself). */
+function proxyErrorIn(err: unknown): ProxyError | undefined {
+  for (let e: unknown = err, depth = 0; e instanceof Error && depth < 8; e = e.cause, depth++) {
+    if (e instanceof ProxyError) return e
+  }
+  return undefined
+}
+
+/**
+ * Maps any error to the Boom response the client sees. A timeout that is not ours is a 504 and
+ * an abort a 503 with `Retry-After` (the work was cancelled, typically by a shutdown: another
+ * replica or a retry will do); only errors that are none of these become a bare 500.
+ */
 export function toBoom(err: unknown): Boom.Boom {
   if (Boom.isBoom(err)) return err
-  if (err instanceof ProxyError) {
-    const boom = new Boom.Boom(err.message, { statusCode: err.status, data: { code: err.code } })
-    if (err instanceof BusyError) boom.output.headers['Retry-After'] = String(err.retryAfterSeconds)
+  const known = proxyErrorIn(err)
+  if (known) {
+    const boom = new Boom.Boom(known.message, { statusCode: known.status, data: { code: known.code } })
+    if (known instanceof BusyError || known instanceof SourcesNotSyncedError) boom.output.headers['Retry-After'] = String(known.retryAfterSeconds)
+    return boom
+  }
+  const kind = abortKind(err)
+  if (kind === 'timeout') return new Boom.Boom('the operation timed out', { statusCode: 504, data: { code: 'ETIMEOUT' } })
+  if (kind === 'abort') {
+    const boom = new Boom.Boom('the operation was cancelled; try again', { statusCode: 503, data: { code: 'EABORTED' } })
+    boom.output.headers['Retry-After'] = '5'
     return boom
   }
   return Boom.internal()

@@ -1,8 +1,15 @@
-import { request } from 'node:http'
+import { readFileSync } from 'node:fs'
+import { request as httpRequest, type IncomingMessage } from 'node:http'
+import { request as httpsRequest } from 'node:https'
+import { join, resolve } from 'node:path'
+import { DEFAULT_CACHE_DIRECTORY } from '../config/flags.js'
 import { formatBytes } from '../config/quantity.js'
+import { ADMIN_TOKEN_FILE, ADMIN_TOKEN_HEADER, readAdminToken } from '../plugins/packages/cache/admin-token.js'
 
 /** `registry-packages-proxy cache ls|show <digest>|rm <digest> [--url URL] [--json]`. */
-export const CACHE_USAGE = 'usage: registry-packages-proxy cache ls|show <digest>|rm <digest> [--url http://127.0.0.1:5080] [--json] [--sort lastAccess|size|hits|createdAt|digest] [--limit N]'
+export const CACHE_USAGE =
+  'usage: registry-packages-proxy cache ls|show <digest>|rm <digest> [--url http://127.0.0.1:5080] [--json] [--sort lastAccess|size|hits|createdAt|digest] [--limit N]' +
+  ' [--token-file <cache directory>/admin-token] [--bearer-token-file FILE] [--insecure]'
 
 export interface CliIo {
   out: (text: string) => void
@@ -34,10 +41,22 @@ interface State {
   items: Entry[]
 }
 
-function call(base: string, method: string, path: string): Promise<{ status: number; body: unknown }> {
-  const url = new URL(path, base)
+/** How to reach the proxy: an `https://` URL (kube-rbac-proxy) may need a bearer token and trust. */
+interface Target {
+  base: string
+  /** Headers sent with every request (`Authorization` for kube-rbac-proxy). */
+  headers: Record<string, string>
+  /** Skip certificate verification (kube-rbac-proxy's self-signed certificate), like curl -k. */
+  insecure: boolean
+}
+
+function call(target: Target, method: string, path: string, headers: Record<string, string> = {}): Promise<{ status: number; body: unknown }> {
+  const url = new URL(path, target.base)
+  const https = url.protocol === 'https:'
+  if (!https && url.protocol !== 'http:') return Promise.reject(new Error(`--url must be http:// or https://, not ${url.protocol}`))
+  const options = { method, timeout: 10_000, headers: { ...target.headers, ...headers }, ...(https && target.insecure ? { rejectUnauthorized: false } : {}) }
   return new Promise((resolve, reject) => {
-    const req = request(url, { method, timeout: 10_000 }, (res) => {
+    const onResponse = (res: IncomingMessage): void => {
       const chunks: Buffer[] = []
       res.on('data', (c: Buffer) => chunks.push(c))
       res.on('end', () => {
@@ -50,11 +69,21 @@ function call(base: string, method: string, path: string): Promise<{ status: num
         }
         resolve({ status: res.statusCode ?? 0, body })
       })
-    })
+    }
+    const req = https ? httpsRequest(url, options, onResponse) : httpRequest(url, options, onResponse)
     req.on('timeout', () => req.destroy(new Error('timed out after 10 s')))
     req.on('error', reject)
     req.end()
   })
+}
+
+/**
+ * Where `rm` finds the admin token by default: the cache directory as the proxy resolves it
+ * (`RPP_CACHE_DIRECTORY`, which the image sets to /cache, else `./cache`). Inside the container
+ * (kubectl exec) that is the running proxy's own file.
+ */
+function defaultTokenFile(env: NodeJS.ProcessEnv): string {
+  return join(resolve(env.RPP_CACHE_DIRECTORY || DEFAULT_CACHE_DIRECTORY), ADMIN_TOKEN_FILE)
 }
 
 function short(digest: string): string {
@@ -74,11 +103,14 @@ function entryRows(items: Entry[]): string[][] {
 }
 
 /** Runs the subcommand; returns the process exit code (0 ok, 1 not found or failed, 2 usage). */
-export async function runCacheCommand(argv: readonly string[], io: CliIo): Promise<number> {
-  let url = process.env.RPP_URL ?? 'http://127.0.0.1:5080'
+export async function runCacheCommand(argv: readonly string[], io: CliIo, env: NodeJS.ProcessEnv = process.env): Promise<number> {
+  let url = env.RPP_URL ?? 'http://127.0.0.1:5080'
   let json = false
   let sort: string | undefined
   let limit: string | undefined
+  let tokenFile: string | undefined
+  let bearerFile: string | undefined
+  let insecure = false
   const positional: string[] = []
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i] ?? ''
@@ -94,6 +126,9 @@ export async function runCacheCommand(argv: readonly string[], io: CliIo): Promi
       else if (flag === '--url') url = value()
       else if (flag === '--sort') sort = value()
       else if (flag === '--limit') limit = value()
+      else if (flag === '--token-file') tokenFile = value()
+      else if (flag === '--bearer-token-file') bearerFile = value()
+      else if (flag === '--insecure') insecure = true
       else if (a.startsWith('--')) throw new Error(`unknown flag ${flag}`)
       else positional.push(a)
     } catch (err) {
@@ -101,10 +136,20 @@ export async function runCacheCommand(argv: readonly string[], io: CliIo): Promi
       return 2
     }
   }
+  const headers: Record<string, string> = {}
+  if (bearerFile !== undefined) {
+    try {
+      headers.Authorization = `Bearer ${readFileSync(bearerFile, 'utf8').trim()}`
+    } catch (err) {
+      io.err(`cannot read --bearer-token-file ${bearerFile} (${(err as NodeJS.ErrnoException).code ?? 'error'})`)
+      return 1
+    }
+  }
+  const target: Target = { base: url, headers, insecure }
   const [command, digest] = positional
   if (command === 'ls' && positional.length === 1) {
     const qs = new URLSearchParams({ ...(sort ? { sort } : {}), ...(limit ? { limit } : {}) }).toString()
-    return fetchAnd(io, url, 'GET', `/cache${qs ? `?${qs}` : ''}`, (body) => {
+    return fetchAnd(io, target, 'GET', `/cache${qs ? `?${qs}` : ''}`, {}, (body) => {
       if (json) return JSON.stringify(body, null, 2)
       const s = body as State
       const head = `cache ${s.enabled ? 'enabled' : 'DISABLED'}: ${formatBytes(s.usedBytes)} of ${formatBytes(s.limitBytes)} in ${s.entries} entries; ` +
@@ -118,7 +163,18 @@ export async function runCacheCommand(argv: readonly string[], io: CliIo): Promi
       io.err(`"${digest}" is not sha256:<64 lowercase hex>`)
       return 2
     }
-    return fetchAnd(io, url, command === 'show' ? 'GET' : 'DELETE', `/cache/${digest}`, (body) => {
+    // Deleting needs the proxy's admin token (see plugins/packages/admin-token.ts).
+    const extra: Record<string, string> = {}
+    if (command === 'rm') {
+      const file = tokenFile ?? defaultTokenFile(env)
+      try {
+        extra[ADMIN_TOKEN_HEADER] = readAdminToken(file)
+      } catch (err) {
+        io.err(`cannot read the cache admin token ${file} (${(err as NodeJS.ErrnoException).code ?? 'error'}): run this where the proxy runs (kubectl exec), or pass --token-file`)
+        return 1
+      }
+    }
+    return fetchAnd(io, target, command === 'show' ? 'GET' : 'DELETE', `/cache/${digest}`, extra, (body) => {
       if (json) return JSON.stringify(body, null, 2)
       if (command === 'rm') return `removed ${(body as { removed: Entry }).removed.digest}`
       const e = body as Entry
@@ -136,12 +192,19 @@ export async function runCacheCommand(argv: readonly string[], io: CliIo): Promi
   return 2
 }
 
-async function fetchAnd(io: CliIo, base: string, method: string, path: string, render: (body: unknown) => string): Promise<number> {
+async function fetchAnd(
+  io: CliIo,
+  target: Target,
+  method: string,
+  path: string,
+  headers: Record<string, string>,
+  render: (body: unknown) => string,
+): Promise<number> {
   let res
   try {
-    res = await call(base, method, path)
+    res = await call(target, method, path, headers)
   } catch (err) {
-    io.err(`cannot reach ${base}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`)
+    io.err(`cannot reach ${target.base}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`)
     return 1
   }
   if (res.status !== 200) {

@@ -1,5 +1,6 @@
 import Boom from '@hapi/boom'
 import type { Request, ResponseObject, ResponseToolkit } from '@hapi/hapi'
+import { ADMIN_TOKEN_FILE, ADMIN_TOKEN_HEADER, adminTokenMatches } from '../plugins/packages/cache/admin-token.js'
 import type { BlobEntry, CacheIndex } from '../plugins/packages/cache/cache-index.js'
 import { DIGEST } from '../plugins/packages/manifest.js'
 
@@ -31,6 +32,12 @@ export interface CacheHandlerDeps {
   counts: ResultCounts
   /** Why the cache is off although `--disable-cache` was not given (it could not be opened). */
   unavailable?: string | undefined
+  /**
+   * The token `DELETE /cache/{digest}` requires in its `X-Cache-Token` header (written to
+   * `<cache directory>/admin-token` when the cache opens; see admin-token.ts). Without one,
+   * every DELETE is refused.
+   */
+  adminToken?: string | undefined
 }
 
 /** One cache entry as the API shows it. */
@@ -115,9 +122,16 @@ export function showCacheEntryHandler(deps: CacheHandlerDeps) {
   }
 }
 
-/** `DELETE /cache/{digest}`: removes an entry; a reader in progress finishes first. */
+/**
+ * `DELETE /cache/{digest}`: removes an entry; a reader in progress finishes first. Needs the
+ * cache admin token: anything on the master reaches this listener directly (host network),
+ * so kube-rbac-proxy's rule alone does not guard it. Checked before anything else is said.
+ */
 export function deleteCacheEntryHandler(deps: CacheHandlerDeps) {
   return async (request: Request, h: ResponseToolkit): Promise<ResponseObject> => {
+    if (!adminTokenMatches(deps.adminToken, request.headers[ADMIN_TOKEN_HEADER])) {
+      throw Boom.forbidden(`deleting from the cache needs the X-Cache-Token header with the token in <cache directory>/${ADMIN_TOKEN_FILE} (registry-packages-proxy cache rm sends it)`)
+    }
     const digest = digestParam(request)
     const entry = deps.index ? find(deps.index, digest) : undefined
     if (!deps.index || !entry) throw Boom.notFound(`${digest} is not in the cache`)

@@ -16,12 +16,19 @@ function single(query: Record<string, unknown>, key: string): string | undefined
   return v
 }
 
-/** Validates `digest`, `repository` and `path` against CONTRACT.md; throws a 400 naming the field. */
+/**
+ * Validates `digest`, `repository` and `path` against CONTRACT.md; throws a 400 naming the field.
+ * Two forms real clients send are normalised first, as the module this proxy replaces accepts
+ * them: one trailing `/` on `repository` is dropped, and so is one leading `/` on `path` (the
+ * `rpp-get` client passes `path` on as it was given). Anything more (`//a`, `a//`) is still an
+ * empty segment and refused.
+ */
 export function parsePackageQuery(query: Record<string, unknown>): PackageQuery {
   const digest = single(query, 'digest')
   if (digest === undefined || digest === '') throw new BadRequestError('"digest" is required (sha256:<64 lowercase hex>)')
   if (!DIGEST.test(digest)) throw new BadRequestError('"digest" must be sha256:<64 lowercase hex>')
-  const repository = single(query, 'repository')
+  const rawRepository = single(query, 'repository')
+  const repository = rawRepository?.endsWith('/') ? rawRepository.slice(0, -1) : rawRepository
   if (repository !== undefined && repository !== '') {
     const slash = repository.indexOf('/')
     const host = slash === -1 ? repository : repository.slice(0, slash)
@@ -30,7 +37,8 @@ export function parsePackageQuery(query: Record<string, unknown>): PackageQuery 
       throw new BadRequestError('"repository" must be host[:port]/path in the OCI name grammar')
     }
   }
-  const path = single(query, 'path')
+  const rawPath = single(query, 'path')
+  const path = rawPath?.startsWith('/') ? rawPath.slice(1) : rawPath
   if (path !== undefined && path !== '' && !isRepositoryPath(path)) {
     throw new BadRequestError('"path" must be /-separated lowercase OCI name components (no "..", no empty segments)')
   }
@@ -69,11 +77,15 @@ export function parseRange(header: string | undefined, size: number): ByteRange 
   return { start, end }
 }
 
-/** True when an `If-None-Match` header matches `etag` (weak comparison, `*` matches). */
-export function matchesIfNoneMatch(header: string | undefined, etag: string): boolean {
+/**
+ * True when an `If-None-Match` header matches `etag` (weak comparison). `*` matches only a
+ * package known to `exist`: it means "any current representation", so it is no shortcut past
+ * the lookup, and a digest that exists nowhere must still be a 404.
+ */
+export function matchesIfNoneMatch(header: string | undefined, etag: string, exists = false): boolean {
   if (!header) return false
   return header.split(',').some((t) => {
     const tag = t.trim().replace(/^W\//, '')
-    return tag === '*' || tag === etag
+    return tag === etag || (exists && tag === '*')
   })
 }

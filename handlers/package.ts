@@ -1,5 +1,6 @@
 import type { Request, ResponseObject, ResponseToolkit } from '@hapi/hapi'
 import type { SourceSet } from '../plugins/credentials/source-set.js'
+import { verifyDigest } from '../plugins/packages/manifest.js'
 import type { PackageResult, PackageService } from '../plugins/packages/package-service.js'
 import { matchesIfNoneMatch, parsePackageQuery, parseRange } from './package-request.js'
 
@@ -37,17 +38,30 @@ export function packageHandler(deps: PackageHandlerDeps) {
         .header('Accept-Ranges', 'bytes')
 
     // The ETag is the digest the client asked for: a match needs no registry at all.
-    if (matchesIfNoneMatch(header(request, 'if-none-match'), etag)) {
+    const ifNoneMatch = header(request, 'if-none-match')
+    if (matchesIfNoneMatch(ifNoneMatch, etag)) {
       deps.onResult?.(request, 'not-modified')
       return common(h.response().code(304))
     }
 
     const pkg = await deps.packages.resolve(source, name, query.digest)
+    // `*` only now: it means "you have it", which is known once the manifest was found.
+    if (matchesIfNoneMatch(ifNoneMatch, etag, true)) {
+      deps.onResult?.(request, 'not-modified')
+      return common(h.response().code(304))
+    }
     const size = pkg.layer.size
+    // A layer the manifest says is empty is never downloaded, so its digest is checked here:
+    // zero bytes hash to one digest only, and any other is a mismatch, not an empty package.
+    if (size === 0) verifyDigest('layer', Buffer.alloc(0), pkg.layer.digest)
     const ifRange = header(request, 'if-range')
     const range = ifRange && ifRange !== etag ? undefined : parseRange(header(request, 'range'), size)
     if (range === 'unsatisfiable') {
-      return common(h.response({ statusCode: 416, error: 'Range Not Satisfiable', message: `the package has ${size} bytes` }).code(416))
+      // An error, not the package: none of the package's year-long immutable caching headers.
+      return h
+        .response({ statusCode: 416, error: 'Range Not Satisfiable', message: `the package has ${size} bytes` })
+        .code(416)
+        .header('Accept-Ranges', 'bytes')
         .header('Content-Range', `bytes */${size}`)
     }
     const start = range?.start ?? 0

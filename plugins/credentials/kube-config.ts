@@ -49,11 +49,18 @@ export async function loadKubeConfig(o: KubeConfigChoice): Promise<KubeConfig | 
     } catch {
       throw new SourceError(`${what}: cluster "${cluster.name}" has no valid server URL`)
     }
-    if (url.protocol === 'http:' && !cluster.skipTLSVerify) {
-      // client-node refuses plain HTTP otherwise, on every request: fail once, at start-up.
-      throw new SourceError(`${what}: cluster "${cluster.name}" uses http:// without insecure-skip-tls-verify: true`)
-    }
     if (url.protocol !== 'http:' && url.protocol !== 'https:') throw new SourceError(`${what}: cluster server must be an http(s) URL`)
+    if (url.protocol === 'http:' && !cluster.skipTLSVerify) {
+      // kubectl talks plain HTTP to an http:// server (kubectl proxy, a local API server): there
+      // is no TLS to verify. client-node refuses it on every request unless skipTLSVerify is
+      // set, which for http:// means exactly that and nothing more, so it is set here.
+      kc.loadFromOptions({
+        clusters: kc.clusters.map((c) => (c.name === cluster.name ? { ...c, skipTLSVerify: true } : c)),
+        contexts: kc.contexts,
+        users: kc.users,
+        currentContext: kc.currentContext,
+      })
+    }
     return kc
   }
   const port = o.env.KUBERNETES_SERVICE_PORT || '443'

@@ -7,7 +7,7 @@ import {
 } from '@kubernetes/client-node'
 import type { Logger } from 'pino'
 import type { Metrics } from '../metrics/metrics.js'
-import { describeKubeError, WatchClosedEarlyError } from './kube-errors.js'
+import { describeKubeError, WatchClosedEarlyError, WatchErrorEvent } from './kube-errors.js'
 
 /** How an informer retries. Tests shorten every one of these. */
 export interface InformerTiming {
@@ -117,32 +117,58 @@ class ObservedWatch extends Watch {
     let ended = false
     let presumedDead = false
     let deadline: NodeJS.Timeout | undefined
+    let controller: AbortController | undefined
+    // An ERROR event ends the watch as a failure. client-node would ignore it (bar a 410) and
+    // re-watch at once from the same resourceVersion: against an API server that ends every
+    // watch that way, some 1,700 requests a second, without a log line or a metric.
+    let errorEvent: WatchErrorEvent | undefined
+    const unusableVersion = (event: WatchErrorEvent): void => {
+      // ListWatch forgets its resourceVersion, so its restart lists again, only when an ERROR
+      // event says code 410: say so for every form of "the resourceVersion is unusable".
+      if (event.relist) callback('ERROR', { kind: 'Status', code: 410, reason: event.reason ?? 'Expired' })
+    }
     const onDone = (err: unknown): void => {
       ended = true
       clearTimeout(deadline)
+      // HTTP 410 on the watch request: the same as the event. (ListWatch alone would re-list
+      // at once, with no backoff, however often the API server says it.)
+      if (!errorEvent && (err as { statusCode?: unknown } | null)?.statusCode === 410) {
+        errorEvent = new WatchErrorEvent(410, 'Gone', true, 'the watch request was answered 410')
+        unusableVersion(errorEvent)
+      }
       // Our own abort of a watch that outlived its timeout: a clean end, resumed at once from
       // the last resourceVersion (not a failure with backoff).
-      done(this.#hooks.closed(presumedDead ? null : err))
+      done(this.#hooks.closed(errorEvent ?? (presumedDead ? null : err)))
     }
     const timeoutSeconds = Math.max(1, Math.round((this.#timing.watchTimeoutMs * (1 + Math.random())) / 1000))
     try {
-      const controller = await super.watch(
+      controller = await super.watch(
         path,
         { ...queryParams, timeoutSeconds },
         (phase, obj, watchObj) => {
+          if (phase === 'ERROR') {
+            if (errorEvent) return
+            errorEvent = WatchErrorEvent.from(obj)
+            unusableVersion(errorEvent)
+            // The API server ends the stream after an ERROR; one that does not is ended here.
+            controller?.abort()
+            return
+          }
           this.#hooks.event()
           callback(phase, obj, watchObj)
         },
         onDone,
       )
-      // stop() came while the request was under way: ListWatch had nothing to abort yet.
-      if (this.#hooks.stopped()) controller.abort()
+      // stop() came while the request was under way: ListWatch had nothing to abort yet. An
+      // ERROR event that came before the controller did ends the watch now.
+      if (this.#hooks.stopped() || (errorEvent && !ended)) controller.abort()
       else if (!ended) {
         this.#hooks.opened()
+        const running = controller
         deadline = setTimeout(() => {
           presumedDead = true
           this.#hooks.presumedDead(timeoutSeconds)
-          controller.abort()
+          running.abort()
         }, timeoutSeconds * 1000 + this.#timing.watchTimeoutGraceMs)
         deadline.unref()
       }
@@ -156,11 +182,12 @@ class ObservedWatch extends Watch {
 
 /**
  * A client-node informer (LIST, then WATCH from the list's resourceVersion) that keeps going.
- * client-node's ListWatch re-lists by itself on 410 Gone and re-watches after a clean close,
- * but after any other error (API server unreachable, connection dropped, 5xx, 403) it emits
- * `error` once and stops for good. This class restarts it with exponential backoff; a restart
- * resumes the watch from the last resourceVersion seen, so nothing is missed, and the API
- * server's 410 on a too-old version makes it re-list.
+ * client-node's ListWatch re-watches after a clean close, but after any other error (API
+ * server unreachable, connection dropped, 5xx, 403) it emits `error` once and stops for good.
+ * This class restarts it with exponential backoff; a restart resumes the watch from the last
+ * resourceVersion seen, so nothing is missed. A watch the API server ends with an ERROR event
+ * (or HTTP 410) is such a failure too, and when it says the resourceVersion is unusable (410
+ * Gone, `Expired`, "too old resource version", as client-go reads it) the restart re-lists.
  */
 export class RestartingInformer<T extends KubernetesObject> {
   readonly #o: RestartingInformerOptions<T>
@@ -293,8 +320,9 @@ export class RestartingInformer<T extends KubernetesObject> {
     // +-20 % jitter: replicas that lost the API server together do not come back in lockstep.
     const jittered = Math.round(delay * (0.8 + 0.4 * Math.random()))
     this.#o.metrics.sourceRestarts.inc({ provider: this.#o.provider })
+    const relist = err instanceof WatchErrorEvent && err.relist ? { relist: true } : {}
     this.#o.log.warn(
-      { provider: this.#o.provider, error: describeKubeError(err), failures: this.#failures, retryInMs: jittered, synced: this.#listed },
+      { provider: this.#o.provider, error: describeKubeError(err), failures: this.#failures, retryInMs: jittered, synced: this.#listed, ...relist },
       this.#listed
         ? 'Kubernetes watch failed; serving the last known sources and retrying'
         : 'Kubernetes list failed; not ready until it succeeds, retrying',

@@ -1,4 +1,4 @@
-import { NoSourceError } from '../../errors.js'
+import { NoSourceError, SourcesNotSyncedError } from '../../errors.js'
 import type { RegistrySource } from './source.js'
 
 /**
@@ -35,23 +35,31 @@ export class SourceSet {
   }
 
   /**
-   * Picks the source for a request. No `repository` means the default source; otherwise the
-   * repository must equal a source's repository exactly. Never guesses: an unknown repository
-   * is a {@link NoSourceError}, so no request can steer the proxy to an arbitrary host.
+   * Picks the source for a request, as the module this proxy replaces does: no (or an empty)
+   * `repository` means the default source; otherwise a ModuleSource whose repo equals it, else
+   * the default source when it equals the default's `address/path` or its bare registry host
+   * (`address` alone). A ModuleSource match wins over those aliases; a trailing `/` is ignored.
+   *
+   * Never guesses beyond that: an unknown repository is a {@link NoSourceError}, so no request
+   * can steer the proxy to an arbitrary host. While a provider has not synced yet the set is
+   * incomplete, so "no match" is not an answer yet: {@link SourcesNotSyncedError} (503).
    */
   match(repository: string | undefined): RegistrySource {
     const all = this.all()
-    if (repository === undefined || repository === '') {
-      const found = all.find((s) => s.kind === 'default')
-      if (!found) throw new NoSourceError('(default)')
-      return found
-    }
-    const wanted = repository.replace(/\/+$/, '')
-    // A ModuleSource wins over the default source when both name the same repository. Package
-    // repositories are for icons only: never chosen by `repository`.
+    const wanted = (repository ?? '').replace(/\/+$/, '')
+    const defaults = all.filter((s) => s.kind === 'default')
+    // A ModuleSource wins over the default source's aliases. Package repositories are for icons
+    // only: never chosen by `repository`.
     const found =
-      all.find((s) => s.kind === 'module-source' && s.repository === wanted) ?? all.find((s) => s.kind !== 'package-repository' && s.repository === wanted)
-    if (!found) throw new NoSourceError(repository)
-    return found
+      wanted === ''
+        ? defaults[0]
+        : (all.find((s) => s.kind === 'module-source' && s.repository === wanted) ??
+          defaults.find((s) => s.repository === wanted) ??
+          defaults.find((s) => s.registry === wanted))
+    if (found) return found
+    const shown = wanted === '' ? '(default)' : repository ?? ''
+    const pending = this.unsynced()
+    if (pending.length > 0) throw new SourcesNotSyncedError(shown, pending)
+    throw new NoSourceError(shown)
   }
 }

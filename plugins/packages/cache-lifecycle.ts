@@ -21,6 +21,8 @@ export interface CacheLifecycleOptions {
   retryMs?: number
   /** How often batched access times are written to SQLite (default 5 s). */
   flushIntervalMs?: number
+  /** The token `DELETE /cache` requires, written into the directory when the cache opens. */
+  adminToken?: string
 }
 
 /**
@@ -87,7 +89,13 @@ export class CacheLifecycle {
   }
 
   #open(): Promise<CacheParts> {
-    return openCache({ directory: this.#o.directory, limitBytes: this.#o.limitBytes, log: this.#o.log, ...(this.#o.onRemoved ? { onRemoved: this.#o.onRemoved } : {}) })
+    return openCache({
+      directory: this.#o.directory,
+      limitBytes: this.#o.limitBytes,
+      log: this.#o.log,
+      ...(this.#o.onRemoved ? { onRemoved: this.#o.onRemoved } : {}),
+      ...(this.#o.adminToken !== undefined ? { adminToken: this.#o.adminToken } : {}),
+    })
   }
 
   #attach(parts: CacheParts): void {

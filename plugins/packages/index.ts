@@ -3,6 +3,7 @@ import { DigestError } from '../../errors.js'
 import type { ResultCounts } from '../../handlers/cache.js'
 import type { SourceSet } from '../credentials/source-set.js'
 import type { Metrics } from '../metrics/metrics.js'
+import { newAdminToken } from './cache/admin-token.js'
 import type { CacheIndex } from './cache/cache-index.js'
 import { CacheLifecycle } from './cache-lifecycle.js'
 import type { DownloadSlotsOptions } from './download-slots.js'
@@ -56,6 +57,9 @@ export const packagesPlugin: Plugin<PackagesOptions> = {
   name: 'packages',
   async register(server, o) {
     const m = o.metrics
+    // DELETE /cache needs it (handlers/cache.ts); it is written into the cache directory when the
+    // cache opens, so a cache that cannot be opened has no token, and nothing to delete either.
+    const adminToken = newAdminToken()
     const client = new RegistryClient({
       ...(o.timeouts ? { timeouts: o.timeouts } : {}),
       ...(o.env ? { env: o.env } : {}),
@@ -89,6 +93,7 @@ export const packagesPlugin: Plugin<PackagesOptions> = {
       },
       onScrubbed: (bytes) => m.scrubbedBytes.inc(bytes),
       scrubBytesPerSecond: o.scrubBytesPerSecond ?? DEFAULT_SCRUB_BYTES_PER_SECOND,
+      adminToken,
       ...(o.cacheRetryMs !== undefined ? { retryMs: o.cacheRetryMs } : {}),
       ...(o.flushIntervalMs !== undefined ? { flushIntervalMs: o.flushIntervalMs } : {}),
     })
@@ -126,6 +131,7 @@ export const packagesPlugin: Plugin<PackagesOptions> = {
       remove: (digest) => service.remove(digest),
       limitBytes: o.limitBytes,
       counts,
+      adminToken,
     })
     server.expose('api', {
       service,

@@ -62,6 +62,8 @@ export interface RegistryClientOptions {
   /** Proxy variables come from here (default `process.env`). */
   env?: NodeJS.ProcessEnv
   observe?: UpstreamObserver
+  /** Bound on cached tokens (default 1024, the token cache's MAX_TOKENS); tests shrink it. */
+  maxTokens?: number
 }
 
 export interface BlobResponse {
@@ -81,7 +83,7 @@ export interface BlobResponse {
 export class RegistryClient {
   readonly #timeouts: RegistryTimeouts
   readonly #transport: Transport
-  readonly #tokens = new TokenCache()
+  readonly #tokens: TokenCache
   readonly #observe: UpstreamObserver
   /** What each source's registry asked for last time, so later requests authenticate up front. */
   readonly #schemes = new WeakMap<RegistrySource, Challenge>()
@@ -93,6 +95,7 @@ export class RegistryClient {
     this.#timeouts = { ...DEFAULT_TIMEOUTS, ...options.timeouts }
     this.#transport = new Transport(this.#timeouts, options.env ?? process.env)
     this.#observe = options.observe ?? (() => undefined)
+    this.#tokens = new TokenCache(Date.now, options.maxTokens)
   }
 
   /** Fetches a manifest (or index) by digest; the caller verifies the bytes. */
@@ -184,6 +187,10 @@ export class RegistryClient {
   /**
    * One logical request: authenticate with what the registry asked for before, and on a 401
    * learn the challenge (or drop a refused token) and try again, at most twice.
+   *
+   * A challenge is learned only from the registry's own origin. A 401 from a host a redirect
+   * led to (blob storage, a CDN) fails the request instead: that host did not get credentials
+   * and must not be able to name a realm they would be sent to.
    */
   async #exchange(
     source: RegistrySource,
@@ -197,11 +204,17 @@ export class RegistryClient {
     const scope = `repository:${name}:pull`
     for (let attempt = 0; ; attempt++) {
       const auth = await this.#authorization(source, scope, signal)
-      const res = await this.#followRedirects(source, kind, url, { ...headers, ...(auth ? { Authorization: auth.header } : {}) }, signal)
-      if (res.status !== 401 || attempt >= 2) return res
+      const { res, redirected } = await this.#followRedirects(source, kind, url, { ...headers, ...(auth ? { Authorization: auth.header } : {}) }, signal)
+      if (res.status !== 401) return res
+      if (redirected) {
+        res.data.resume()
+        throw new UpstreamError(`the ${kind} storage that registry ${source.registry} redirected to asked for credentials; none are sent to it`, 401)
+      }
+      if (attempt >= 2) return res
       res.data.resume()
       if (auth?.tokenKey) this.#tokens.drop(auth.tokenKey, auth.token ?? '')
       const challenge = parseChallenge(headerText(res.headers['www-authenticate']))
+      if (challenge.scheme === 'bearer') checkRealm(source, challenge.realm)
       this.#schemes.set(source, challenge)
       // Nothing new to try: an unknown scheme, Basic without credentials, or Basic credentials
       // that this very request already sent. (Whether *this* request sent them, not whether the
@@ -221,7 +234,9 @@ export class RegistryClient {
     if (!challenge || challenge.scheme === 'unknown') return undefined
     if (challenge.scheme === 'basic') return source.credentials ? { header: source.credentials.basicHeader(), basic: true } : undefined
     const key = `${this.#sourceId(source)}\n${challenge.realm}\n${challenge.service ?? ''}\n${scope}`
-    const token = await this.#tokens.get(key, () => this.#fetchToken(source, challenge, scope, signal))
+    // The fetch is shared with concurrent requests for the same scope, so it runs on its own
+    // timeouts, not on this caller's signal, which only ends this caller's wait.
+    const token = await this.#tokens.get(key, () => this.#fetchToken(source, challenge, scope), signal)
     return { header: `Bearer ${token}`, tokenKey: key, token }
   }
 
@@ -229,19 +244,19 @@ export class RegistryClient {
     source: RegistrySource,
     challenge: Extract<Challenge, { scheme: 'bearer' }>,
     scope: string,
-    signal: AbortSignal | undefined,
   ): Promise<{ token: string; expiresIn: number }> {
     const url = new URL(challenge.realm)
     if (challenge.service) url.searchParams.set('service', challenge.service)
     url.searchParams.set('scope', scope)
     const headers: Record<string, string> = { Accept: 'application/json' }
     if (source.credentials) headers.Authorization = source.credentials.basicHeader()
-    const res = await this.#followRedirects(source, 'token', url.href, headers, signal)
+    const { res } = await this.#followRedirects(source, 'token', url.href, headers, undefined)
     if (res.status !== 200) {
       res.data.resume()
       throw new UpstreamError(`token server answered ${res.status}`, res.status)
     }
-    const text = (await readLimited(res.data, 1024 * 1024, 'token')).toString('utf8')
+    // No caller can cancel this read (see #authorization): the idle timeout bounds it.
+    const text = (await readLimited(guardBody(res.data, this.#timeouts.idleMs), 1024 * 1024, 'token')).toString('utf8')
     let doc: { token?: unknown; access_token?: unknown; expires_in?: unknown }
     try {
       doc = JSON.parse(text) as typeof doc
@@ -257,7 +272,8 @@ export class RegistryClient {
 
   /**
    * Sends one request and follows redirects by hand: `Authorization` goes only to the origin
-   * it was meant for, never to blob storage on another host.
+   * it was meant for, never to blob storage on another host. `redirected` says the final
+   * response came from another origin than `url`'s.
    */
   async #followRedirects(
     source: RegistrySource,
@@ -265,7 +281,7 @@ export class RegistryClient {
     url: string,
     headers: Record<string, string>,
     signal: AbortSignal | undefined,
-  ): Promise<AxiosResponse<Readable>> {
+  ): Promise<{ res: AxiosResponse<Readable>; redirected: boolean }> {
     const origin = new URL(url).origin
     let current = url
     for (let hop = 0; hop <= MAX_REDIRECTS; hop++) {
@@ -274,7 +290,7 @@ export class RegistryClient {
       if (!sameOrigin) delete sent.Authorization
       const res = await this.#once(source, kind, current, sent, signal)
       const location = headerText(res.headers.location)
-      if (!REDIRECTS.has(res.status) || !location) return res
+      if (!REDIRECTS.has(res.status) || !location) return { res, redirected: !sameOrigin }
       res.data.resume()
       const next = new URL(location, current)
       if (next.protocol !== 'http:' && next.protocol !== 'https:') throw new UpstreamError('registry redirected to a non-HTTP URL')
@@ -405,6 +421,17 @@ function resetBeforeAnswer(err: unknown): 'reused' | 'new' | undefined {
   if (!axios.isAxiosError(err) || err.response !== undefined) return undefined
   if (err.code !== 'ECONNRESET' && err.code !== 'EPIPE') return undefined
   return (err.request as { reusedSocket?: unknown } | undefined)?.reusedSocket === true ? 'reused' : 'new'
+}
+
+/**
+ * Refuses a token realm that would expose what is sent to it: an `http://` realm named by an
+ * `https://` registry would carry the source's credentials (and bring back the token) in clear
+ * text. A realm on another host is fine: the registry itself named it, as Docker allows.
+ */
+function checkRealm(source: RegistrySource, realm: string): void {
+  if (source.scheme === 'https' && new URL(realm).protocol !== 'https:') {
+    throw new UpstreamError(`registry ${source.registry} named a token realm over plain http; nothing is sent to it`)
+  }
 }
 
 function headerText(value: unknown): string | undefined {

@@ -1,4 +1,9 @@
-import t from 'tap'
+import { execFileSync } from 'node:child_process'
+import { readFileSync, writeFileSync } from 'node:fs'
+import { request as httpRequest } from 'node:http'
+import { createServer as createHttpsServer } from 'node:https'
+import { join } from 'node:path'
+import t, { type Test } from 'tap'
 import { runCacheCommand } from '../../cli/cache-command.js'
 import { bytes, packageUrl, startHarness } from '../fixtures/proxy-harness.js'
 
@@ -32,8 +37,17 @@ void t.test('cache ls, show and rm against a running server', async (t) => {
   t.match(show.out.join('\n'), new RegExp(`layer\\s+${img.lastLayer.digest}`))
   t.match(show.out.join('\n'), /size\s+2\.0Ki \(2048 bytes\)/)
 
+  // rm needs the proxy's admin token: read from the cache directory, as inside the container.
+  const noToken = io()
+  t.equal(await runCacheCommand(['rm', img.manifestDigest, '--url', url], noToken.io, { RPP_CACHE_DIRECTORY: join(h.dir, 'elsewhere') }), 1, 'no token file: exit 1')
+  t.match(noToken.err.join(''), /cannot read the cache admin token .*elsewhere\/admin-token \(ENOENT\)/)
+  const wrong = join(h.dir, 'wrong-token')
+  writeFileSync(wrong, 'f'.repeat(64))
+  const refused = io()
+  t.equal(await runCacheCommand(['rm', img.manifestDigest, '--url', url, '--token-file', wrong], refused.io), 1, 'a wrong token: exit 1')
+  t.match(refused.err.join(''), /^403: .*X-Cache-Token/)
   const rm = io()
-  t.equal(await runCacheCommand(['rm', img.manifestDigest, '--url', url], rm.io), 0)
+  t.equal(await runCacheCommand(['rm', img.manifestDigest, '--url', url], rm.io, { RPP_CACHE_DIRECTORY: h.cacheDirectory }), 0)
   t.match(rm.out.join(''), `removed ${img.lastLayer.digest}`)
 
   const missing = io()
@@ -50,4 +64,71 @@ void t.test('usage errors are exit 2; an unreachable server is exit 1', async (t
   const down = io()
   t.equal(await runCacheCommand(['ls', '--url', 'http://127.0.0.1:1'], down.io), 1)
   t.match(down.err.join(''), /cannot reach http:\/\/127\.0\.0\.1:1: ECONNREFUSED/)
+})
+
+/** A self-signed certificate for 127.0.0.1, or undefined (and `t` planned empty) without openssl; CI must have it. */
+function selfSigned(t: Test): { cert: string; key: string } | undefined {
+  const dir = t.testdir()
+  try {
+    execFileSync('openssl', [
+      'req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes',
+      '-keyout', join(dir, 'tls.key'), '-out', join(dir, 'tls.crt'), '-days', '2', '-subj', '/CN=kube-rbac-proxy',
+      '-addext', 'subjectAltName=IP:127.0.0.1',
+    ], { stdio: 'ignore' })
+  } catch {
+    if (process.env.CI) throw new Error('openssl is needed for the https CLI test')
+    t.plan(0, 'openssl is not installed')
+    return undefined
+  }
+  return { cert: readFileSync(join(dir, 'tls.crt'), 'utf8'), key: readFileSync(join(dir, 'tls.key'), 'utf8') }
+}
+
+void t.test('--url https://: through a TLS front that wants a bearer token, as kube-rbac-proxy does', async (t) => {
+  const tls = selfSigned(t)
+  if (!tls) return
+  const h = await startHarness(t)
+  await h.proxy.server.start()
+  const upstream = new URL(h.proxy.server.info.uri)
+  const img = h.registry.addImage('deckhouse/ce/tls', [bytes(1024, 10)])
+  await h.proxy.server.inject(packageUrl({ digest: img.manifestDigest, path: 'tls' }))
+  await h.proxy.packages.service.settled()
+  const seen: Array<string | undefined> = []
+  // A small stand-in for kube-rbac-proxy: HTTPS, a bearer token required, forwarded as is.
+  const front = createHttpsServer({ cert: tls.cert, key: tls.key }, (req, res) => {
+    seen.push(req.headers.authorization)
+    if (req.headers.authorization !== 'Bearer on-call-token') {
+      res.writeHead(401, { 'Content-Type': 'text/plain' })
+      res.end('Unauthorized')
+      return
+    }
+    const forward = httpRequest({ host: upstream.hostname, port: upstream.port, method: req.method, path: req.url, headers: req.headers }, (up) => {
+      res.writeHead(up.statusCode ?? 502, up.headers)
+      up.pipe(res)
+    })
+    req.pipe(forward)
+  })
+  await new Promise<void>((resolve) => front.listen(0, '127.0.0.1', resolve))
+  t.teardown(() => new Promise<void>((resolve) => front.close(() => resolve())))
+  const address = front.address()
+  if (address === null || typeof address === 'string') throw new Error('no port')
+  const url = `https://127.0.0.1:${address.port}`
+  const bearer = join(h.dir, 'bearer')
+  writeFileSync(bearer, 'on-call-token\n')
+
+  const untrusted = io()
+  t.equal(await runCacheCommand(['ls', '--url', url], untrusted.io), 1, 'a self-signed certificate is not trusted by default')
+  t.match(untrusted.err.join(''), /cannot reach https:\/\/127\.0\.0\.1:\d+: .*(SELF_SIGNED|CERT)/)
+  const noBearer = io()
+  t.equal(await runCacheCommand(['ls', '--url', url, '--insecure'], noBearer.io), 1)
+  t.match(noBearer.err.join(''), /^401: Unauthorized/)
+  const ls = io()
+  t.equal(await runCacheCommand(['ls', '--url', url, '--insecure', '--bearer-token-file', bearer], ls.io), 0, 'https with --insecure and a bearer token')
+  t.match(ls.out.join('\n'), /cache enabled: 1\.0Ki of 64Mi in 1 entries/)
+  const rm = io()
+  t.equal(await runCacheCommand(['rm', img.manifestDigest, '--url', url, '--insecure', '--bearer-token-file', bearer], rm.io, { RPP_CACHE_DIRECTORY: h.cacheDirectory }), 0, rm.err.join(''))
+  t.match(rm.out.join(''), `removed ${img.lastLayer.digest}`)
+  t.ok(seen.slice(2).every((a) => a === 'Bearer on-call-token'), 'the bearer token went with every request')
+  const missing = io()
+  t.equal(await runCacheCommand(['ls', '--url', url, '--bearer-token-file', join(h.dir, 'nope')], missing.io), 1)
+  t.match(missing.err.join(''), /cannot read --bearer-token-file .* \(ENOENT\)/)
 })

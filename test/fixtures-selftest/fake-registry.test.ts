@@ -407,6 +407,19 @@ void t.test('redirectBlobs sends blob GETs to a storage origin that records Auth
   t.equal(head.status, 200, 'HEAD is answered by the registry itself');
 });
 
+void t.test('storageChallenge: the storage origin answers 401 with the given challenge and records the request', async (t) => {
+  const registry = await startRegistry(t);
+  const image = registry.addImage('pkgs/x', [bytes(100)]);
+  registry.faults = { redirectBlobs: true, storageChallenge: 'Bearer realm="http://127.0.0.1:1/token",service="s"' };
+  const redirect = await fetchRaw(blobUrl(registry, 'pkgs/x', image.lastLayer.digest));
+  t.equal(redirect.status, 307);
+  const challenged = await fetchRaw(redirect.headers.location ?? '');
+  t.equal(challenged.status, 401);
+  t.equal(challenged.headers['www-authenticate'], 'Bearer realm="http://127.0.0.1:1/token",service="s"');
+  t.equal(registry.counts.storage, 1);
+  t.same(registry.storageAuthHeaders, [undefined]);
+});
+
 void t.test('status faults and delays', async (t) => {
   const registry = await startRegistry(t, { auth: { kind: 'bearer' } });
   const image = registry.addImage('pkgs/x', [bytes(10)]);

@@ -1,11 +1,13 @@
 import t from 'tap'
-import { bytes, packageUrl, startHarness, until } from '../fixtures/proxy-harness.js'
+import { statSync } from 'node:fs'
+import { join } from 'node:path'
+import { bytes, cacheTokenHeader, packageUrl, startHarness, until } from '../fixtures/proxy-harness.js'
 
 void t.test('GET /cache reports limit, usage, counts and entries; show and delete by either digest', async (t) => {
   const h = await startHarness(t, { limitBytes: 10_000_000 })
   const a = h.registry.addImage('deckhouse/ce/a', [bytes(1000, 1)])
   const b = h.registry.addImage('deckhouse/ce/b', [bytes(3000, 2)])
-  const inject = (url: string, method = 'GET') => h.proxy.server.inject({ method, url })
+  const inject = (url: string, method = 'GET') => h.proxy.server.inject({ method, url, headers: cacheTokenHeader(h.cacheDirectory) })
 
   const empty = (await inject('/cache')).result as Record<string, unknown>
   t.match(empty, { enabled: true, limitBytes: 10_000_000, usedBytes: 0, entries: 0, hit: 0, miss: 0, hitRatio: 0, items: [] })
@@ -57,13 +59,48 @@ void t.test('DELETE while a client is reading: the reader finishes, the file goe
   const pkg = await h.proxy.packages.service.resolve(h.proxy.sources.match(undefined), 'deckhouse/ce/big', img.manifestDigest)
   t.equal(pkg.cached, true)
   const body = await h.proxy.packages.service.open(h.proxy.sources.match(undefined), 'deckhouse/ce/big', pkg, 0, layer.length - 1)
-  const del = await h.proxy.server.inject({ method: 'DELETE', url: `/cache/${img.manifestDigest}` })
+  const del = await h.proxy.server.inject({ method: 'DELETE', url: `/cache/${img.manifestDigest}`, headers: cacheTokenHeader(h.cacheDirectory) })
   t.equal(del.statusCode, 200)
   const chunks: Buffer[] = []
   for await (const c of body.stream) chunks.push(c as Buffer)
   t.ok(Buffer.concat(chunks).equals(layer), 'the reader got every byte')
   await until(() => h.proxy.packages.service.cache?.usedBytes === 0, 'bytes released after the reader closed')
   t.pass('released')
+})
+
+void t.test('DELETE needs the admin token from the cache directory: anything on the master reaches the listener', async (t) => {
+  const h = await startHarness(t)
+  const img = h.registry.addImage('deckhouse/ce/a', [bytes(1000, 4)])
+  t.equal((await h.proxy.server.inject(packageUrl({ digest: img.manifestDigest, path: 'a' }))).statusCode, 200)
+  await h.proxy.packages.service.settled()
+  const tokenFile = join(h.cacheDirectory, 'admin-token')
+  t.equal(statSync(tokenFile).mode & 0o777, 0o600, 'the token file is readable by the proxy user only')
+  const token = cacheTokenHeader(h.cacheDirectory)['x-cache-token'] ?? ''
+  t.match(token, /^[0-9a-f]{64}$/)
+
+  for (const [what, headers] of [
+    ['no token', {}],
+    ['a wrong token', { 'x-cache-token': 'f'.repeat(64) }],
+    ['a token of another length', { 'x-cache-token': token.slice(1) }],
+    ['the token in Authorization', { authorization: `Bearer ${token}` }],
+  ] as Array<[string, Record<string, string>]>) {
+    const res = await h.proxy.server.inject({ method: 'DELETE', url: `/cache/${img.manifestDigest}`, headers })
+    t.equal(res.statusCode, 403, `${what}: 403`)
+    t.match(JSON.parse(res.payload), { statusCode: 403, message: /X-Cache-Token .*admin-token/ })
+    t.notOk(res.payload.includes(token), `${what}: the token is not in the answer`)
+  }
+  t.equal((await h.proxy.server.inject({ method: 'DELETE', url: '/cache/sha256:nope' })).statusCode, 403, 'checked before anything else')
+  t.ok(h.proxy.packages.index?.blob(img.lastLayer.digest), 'nothing was removed')
+  t.equal((await h.proxy.server.inject(`/cache/${img.manifestDigest}`)).statusCode, 200, 'reading needs no token')
+  const ok = await h.proxy.server.inject({ method: 'DELETE', url: `/cache/${img.manifestDigest}`, headers: { 'x-cache-token': token } })
+  t.equal(ok.statusCode, 200, 'with the token: removed')
+
+  // A restart writes a fresh token: an old one stops working.
+  await h.stop()
+  const again = await startHarness(t, { registry: h.registry, dir: h.dir })
+  const fresh = cacheTokenHeader(again.cacheDirectory)['x-cache-token']
+  t.not(fresh, token, 'a new token per start')
+  t.equal((await again.proxy.server.inject({ method: 'DELETE', url: `/cache/${img.manifestDigest}`, headers: { 'x-cache-token': token } })).statusCode, 403, 'the old token is refused')
 })
 
 void t.test('with --disable-cache the API says so', async (t) => {

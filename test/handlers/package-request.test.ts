@@ -13,6 +13,10 @@ void t.test('parsePackageQuery accepts the contract forms', (t) => {
   })
   t.same(parsePackageQuery({ digest: D, repository: 'registry.example.com' }), { digest: D, repository: 'registry.example.com' }, 'a bare host')
   t.same(parsePackageQuery({ digest: D, repository: '[::1]:5000/a' }), { digest: D, repository: '[::1]:5000/a' }, 'an IPv6 host')
+  t.same(parsePackageQuery({ digest: D, path: '/x/y' }), { digest: D, path: 'x/y' }, 'one leading slash on path is dropped')
+  t.same(parsePackageQuery({ digest: D, path: '/' }), { digest: D }, 'a path of just / is no path')
+  t.same(parsePackageQuery({ digest: D, repository: 'r.example.com/a/b/' }), { digest: D, repository: 'r.example.com/a/b' }, 'one trailing slash on repository is dropped')
+  t.same(parsePackageQuery({ digest: D, repository: 'r.example.com/' }), { digest: D, repository: 'r.example.com' }, 'a bare host with a trailing slash')
   t.end()
 })
 
@@ -36,6 +40,9 @@ void t.test('parsePackageQuery refuses with a 400 naming the field', (t) => {
     [{ digest: D, path: 'a--' }, /"path"/],
     [{ digest: D, path: `${'a'.repeat(256)}` }, /"path"/],
     [{ digest: D, path: ['a', 'b'] }, /"path" must be given once/],
+    [{ digest: D, path: '//a' }, /"path"/],
+    [{ digest: D, path: 'a/' }, /"path"/],
+    [{ digest: D, repository: 'r.example.com/a//' }, /"repository"/],
   ]
   for (const [query, message] of cases) {
     t.throws(() => parsePackageQuery(query), { code: 'EBADREQUEST', status: 400, message }, JSON.stringify(query).slice(0, 80))
@@ -68,7 +75,10 @@ void t.test('matchesIfNoneMatch', (t) => {
   t.ok(matchesIfNoneMatch(etag, etag))
   t.ok(matchesIfNoneMatch(`W/${etag}`, etag), 'weak comparison')
   t.ok(matchesIfNoneMatch(`"other", ${etag}`, etag))
-  t.ok(matchesIfNoneMatch('*', etag))
+  t.notOk(matchesIfNoneMatch('*', etag), '* is no shortcut: unknown whether the package exists')
+  t.ok(matchesIfNoneMatch('*', etag, true), '* matches once the package is known to exist')
+  t.ok(matchesIfNoneMatch(`"other", *`, etag, true))
+  t.notOk(matchesIfNoneMatch('"other"', etag, true), 'existence does not make another ETag match')
   t.notOk(matchesIfNoneMatch(undefined, etag))
   t.notOk(matchesIfNoneMatch('', etag))
   t.notOk(matchesIfNoneMatch(D, etag), 'an unquoted value is not the tag')

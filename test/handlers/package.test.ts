@@ -64,7 +64,7 @@ void t.test('400: malformed queries, and no upstream request at all', async (t) 
     ['path with ..', packageUrl({ digest: image.manifestDigest, path: '../x' })],
     ['path with inner ..', packageUrl({ digest: image.manifestDigest, path: 'a/../../b' })],
     ['path with an empty segment', packageUrl({ digest: image.manifestDigest, path: 'a//b' })],
-    ['path with a leading slash', packageUrl({ digest: image.manifestDigest, path: '/a' })],
+    ['path with two leading slashes', packageUrl({ digest: image.manifestDigest, path: '//a' })],
     ['path with a trailing slash', packageUrl({ digest: image.manifestDigest, path: 'a/' })],
     ['path with uppercase', packageUrl({ digest: image.manifestDigest, path: 'Pkg' })],
     ['path with a query-ish character', packageUrl({ digest: image.manifestDigest, path: 'a?b' })],
@@ -102,7 +102,8 @@ void t.test('404: an unknown repository causes no upstream request of any kind',
     `${h.registry.host}/other/repo`,
     `${h.registry.host}/deckhouse`,
     `${h.registry.host}/deckhouse/ce/sub`,
-    h.registry.host,
+    // The registry's host without its port is another host (the bare host:port is the default).
+    '127.0.0.1',
     '127.0.0.1:1/deckhouse/ce',
     'registry.example.com/deckhouse/ce',
   ]) {
@@ -370,6 +371,40 @@ void t.test('path is appended to the source repository', async (t) => {
   t.ok(h.registry.requests.some((r) => r.url === `/v2/${MODULE_PREFIX}/sub/manifests/${mod.manifestDigest}`))
 })
 
+void t.test('the request forms real clients send: a bare registry host, a trailing /, a leading / on path', async (t) => {
+  const h = await startHarness(t)
+  const def = h.registry.addImage(`${DEFAULT_PREFIX}/pkgs/tool`, [bytes(700, 6)])
+  const mod = h.registry.addImage(`${MODULE_PREFIX}/sub`, [bytes(800, 7)])
+  const forms: Array<[string, { repository?: string; path: string }, typeof def]> = [
+    ['the bare registry host selects the default source', { repository: h.registry.host, path: 'pkgs/tool' }, def],
+    ['a trailing / on the bare host', { repository: `${h.registry.host}/`, path: 'pkgs/tool' }, def],
+    ['a trailing / on the default address/path', { repository: `${h.defaultRepository}/`, path: 'pkgs/tool' }, def],
+    ['a leading / on path (rpp-get passes path on as given)', { path: '/pkgs/tool' }, def],
+    ['a trailing / on a module source repo, and a leading / on path', { repository: `${h.moduleRepository}/`, path: '/sub' }, mod],
+  ]
+  for (const [name, q, image] of forms) {
+    h.registry.resetCounts()
+    // HEAD: the manifest request alone shows which repository the proxy chose.
+    const res = await h.proxy.server.inject({ method: 'HEAD', url: packageUrl({ digest: image.manifestDigest, ...q }) })
+    t.equal(res.statusCode, 200, name)
+    t.same(
+      h.registry.requests.map((r) => r.url),
+      [`/v2/${image.repo}/manifests/${image.manifestDigest}`],
+      `${name}: the manifest is asked for at ${image.repo}`,
+    )
+  }
+  const got = await h.proxy.server.inject(packageUrl({ digest: def.manifestDigest, repository: h.registry.host, path: '/pkgs/tool' }))
+  t.equal(got.statusCode, 200)
+  t.ok(got.rawPayload.equals(def.lastLayer.data), 'and a GET in those forms gets the bytes')
+
+  h.registry.resetCounts()
+  for (const q of [{ path: '//pkgs/tool' }, { repository: `${h.registry.host}//` }, { path: 'pkgs/tool/' }]) {
+    assertError(t, await h.proxy.server.inject(packageUrl({ digest: def.manifestDigest, ...q })), 400)
+  }
+  assertError(t, await h.proxy.server.inject(packageUrl({ digest: def.manifestDigest, repository: '127.0.0.2:1' })), 404)
+  t.equal(h.registry.counts.total, 0, 'refused forms and another host cause no upstream request')
+})
+
 void t.test('HEAD on a miss fetches the manifest only', async (t) => {
   const h = await startHarness(t)
   const image = h.registry.addImage(DEFAULT_PREFIX, [bytes(2000)])
@@ -458,13 +493,16 @@ void t.test('416 on a miss fetches no layer', async (t) => {
   t.equal(res.statusCode, 416)
   t.equal(res.headers['content-range'], 'bytes */100')
   t.equal(h.registry.counts.blob, 0)
+  // An error must not be cached for a year like the package itself.
+  t.notMatch(String(res.headers['cache-control']), /immutable|max-age=31536000/, `416 Cache-Control: ${String(res.headers['cache-control'])}`)
+  t.notOk(res.headers.etag, 'and carries no ETag of the package')
 })
 
 void t.test('If-None-Match with the ETag: 304 without any registry request', async (t) => {
   const h = await startHarness(t)
   const image = h.registry.addImage(DEFAULT_PREFIX, [bytes(100, 13)])
   const url = packageUrl({ digest: image.manifestDigest })
-  for (const header of [`"${image.manifestDigest}"`, `W/"${image.manifestDigest}"`, `"sha256:${HEX}", "${image.manifestDigest}"`, '*']) {
+  for (const header of [`"${image.manifestDigest}"`, `W/"${image.manifestDigest}"`, `"sha256:${HEX}", "${image.manifestDigest}"`]) {
     const res = await h.proxy.server.inject({ url, headers: { 'if-none-match': header } })
     t.equal(res.statusCode, 304, header)
     t.equal(res.headers.etag, `"${image.manifestDigest}"`)
@@ -479,6 +517,24 @@ void t.test('If-None-Match with the ETag: 304 without any registry request', asy
   t.ok(other.rawPayload.equals(image.lastLayer.data))
 })
 
+void t.test('If-None-Match: * is no shortcut: the digest is looked up like any other', async (t) => {
+  const h = await startHarness(t)
+  const image = h.registry.addImage(DEFAULT_PREFIX, [bytes(100, 14)])
+  const missing = await h.proxy.server.inject({ url: packageUrl({ digest: VALID }), headers: { 'if-none-match': '*' } })
+  assertError(t, missing, 404)
+  t.equal(h.registry.counts.manifest, 1, 'a digest that exists nowhere is asked for, and is a 404')
+
+  h.registry.resetCounts()
+  const present = await h.proxy.server.inject({ url: packageUrl({ digest: image.manifestDigest }), headers: { 'if-none-match': '*' } })
+  t.equal(present.statusCode, 304, 'one that exists: 304 (any current representation matches *)')
+  t.equal(present.headers.etag, `"${image.manifestDigest}"`)
+  t.equal(h.registry.counts.manifest, 1, 'after looking it up')
+  t.equal(h.registry.counts.blob, 0, 'without fetching the layer')
+
+  const unknownRepo = await h.proxy.server.inject({ url: packageUrl({ digest: image.manifestDigest, repository: 'other.example.com/x' }), headers: { 'if-none-match': '*' } })
+  assertError(t, unknownRepo, 404)
+})
+
 void t.test('an empty layer is served as an empty 200', async (t) => {
   const h = await startHarness(t)
   const image = h.registry.addImage(DEFAULT_PREFIX, [Buffer.alloc(0)])
@@ -486,4 +542,31 @@ void t.test('an empty layer is served as an empty 200', async (t) => {
   t.equal(res.statusCode, 200)
   t.equal(res.headers['content-length'], '0')
   t.equal(res.rawPayload.length, 0)
+})
+
+void t.test('a layer the manifest calls empty must have the empty digest: anything else is a 502, never an empty 200', async (t) => {
+  const h = await startHarness(t)
+  // The manifest says size 0, but names a layer with content (which the registry would serve).
+  const content = bytes(64, 15)
+  const layerDigest = h.registry.addBlob(DEFAULT_PREFIX, content)
+  const config = Buffer.from('{"architecture":"amd64","os":"linux"}')
+  const configDigest = h.registry.addBlob(DEFAULT_PREFIX, config)
+  const manifest = Buffer.from(
+    JSON.stringify({
+      schemaVersion: 2,
+      mediaType: MEDIA_TYPES.oci.manifest,
+      config: { mediaType: MEDIA_TYPES.oci.config, digest: configDigest, size: config.length },
+      layers: [{ mediaType: MEDIA_TYPES.oci.layer, digest: layerDigest, size: 0 }],
+    }),
+  )
+  const digest = h.registry.addRawManifest(DEFAULT_PREFIX, manifest, MEDIA_TYPES.oci.manifest)
+  for (const method of ['GET', 'HEAD'] as const) {
+    const res = await h.proxy.server.inject({ method, url: packageUrl({ digest }) })
+    t.equal(res.statusCode, 502, `${method}: a digest mismatch`)
+    if (method === 'GET') {
+      assertError(t, res, 502)
+      t.match(JSON.parse(res.payload), { message: /layer digest mismatch/ })
+    }
+  }
+  t.match((await h.proxy.server.inject('/metrics')).payload, /registry_packages_proxy_digest_mismatches_total\{what="layer"\} [1-9]/)
 })

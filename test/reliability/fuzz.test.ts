@@ -13,7 +13,7 @@ import t, { type Test } from 'tap'
 import { parsePackageQuery } from '../../handlers/package-request.js'
 import { BlobStore } from '../../plugins/packages/cache/blob-store.js'
 import { FakeRegistry } from '../fixtures/fake-registry.js'
-import { DEFAULT_PREFIX, MODULE_PREFIX, bytes, packageUrl } from '../fixtures/proxy-harness.js'
+import { DEFAULT_PREFIX, MODULE_PREFIX, bytes, cacheTokenHeader, packageUrl } from '../fixtures/proxy-harness.js'
 import { Canary, eventually, fuzzSeed, startProxy, tree, type Proxy } from './support.js'
 
 const seed = fuzzSeed()
@@ -22,7 +22,7 @@ t.comment(`fast-check seed ${seed}, ${RUNS} runs per property (FC_SEED / FC_RUNS
 const params = (runs = RUNS): fc.Parameters<unknown> => ({ seed, numRuns: runs, endOnFailure: true })
 
 /** Files the cache directory may hold: the index, verified blobs, temp files of running fills. */
-const CACHE_LAYOUT = /^(layout\.json|index\.sqlite(-wal|-shm|-journal)?|blobs\/sha256\/[0-9a-f]{2}\/[0-9a-f]{64}|tmp\/[0-9]+-[0-9a-f]{12}\.partial)$/
+const CACHE_LAYOUT = /^(layout\.json|index\.sqlite(-wal|-shm|-journal)?|admin-token|blobs\/sha256\/[0-9a-f]{2}\/[0-9a-f]{64}|tmp\/[0-9]+-[0-9a-f]{12}\.partial)$/
 
 const HEX = /^[0-9a-f]{64}$/
 
@@ -77,7 +77,7 @@ async function assertContained(t: Test, w: World): Promise<void> {
   const outside = (m: Map<string, number>): string[] => [...m.keys()].filter((k) => !k.startsWith('cache/')).sort()
   t.same(outside(after), outside(w.before), 'no file appeared or vanished outside the cache directory')
   const strays = [...after.keys()].filter((k) => k.startsWith('cache/') && !CACHE_LAYOUT.test(k.slice('cache/'.length)))
-  t.same(strays, [], 'every file in the cache directory is an index, blob or temp file')
+  t.same(strays, [], 'every file in the cache directory is an index, blob or temp file, or the admin token')
   t.equal(w.canary.connections, 0, 'no outbound connection to anything but the configured registry')
   t.equal((await w.p.proxy.server.inject('/healthz')).statusCode, 200, 'still serving')
   const ok = await w.p.proxy.server.inject(packageUrl({ digest: w.manifestDigest }))
@@ -149,6 +149,10 @@ void t.test('any /package query: 200/400/404 only; an unknown repository reaches
       `${p.moduleRepository}//`,
       '',
       host,
+      // Near misses of the default's bare-host alias and of the sources: all unknown.
+      host.split(':')[0] ?? '',
+      `${host}/deckhouse`,
+      `${p.moduleRepository}/sub`,
       `localhost:${host.split(':')[1]}/${DEFAULT_PREFIX}`,
       `127.0.0.1:${w.canary.port}/${DEFAULT_PREFIX}`,
       '169.254.169.254/latest/meta-data',
@@ -204,7 +208,9 @@ void t.test('any /package query: 200/400/404 only; an unknown repository reaches
       // strips trailing control characters from the whole URL).
       const parsed = new URL(`http://127.0.0.1/package?${query}`).searchParams
       const given = parsed.getAll('repository')
-      const known = given.length === 0 || (given.length === 1 && (given[0] === '' || repos.includes((given[0] ?? '').replace(/\/+$/, ''))))
+      // Known: a source's repository, or the default's bare registry host (CONTRACT), with or
+      // without a trailing slash.
+      const known = given.length === 0 || (given.length === 1 && (given[0] === '' || [...repos, host].includes((given[0] ?? '').replace(/\/+$/, ''))))
       if (!known && p.registry.counts.total !== before) return false
       if (!known && res.statusCode === 404) unknownRefused++
       if (res.statusCode === 200) {
@@ -258,7 +264,7 @@ void t.test('any Range, If-None-Match, If-Range and other headers: the bytes are
   await fc.assert(
     fc.asyncProperty(headers, fc.boolean(), async (h, evictFirst) => {
       // Half the runs start from a miss, so the fill's path sees the same headers.
-      if (evictFirst) await p.proxy.server.inject({ method: 'DELETE', url: `/cache/${w.layerDigest}` })
+      if (evictFirst) await p.proxy.server.inject({ method: 'DELETE', url: `/cache/${w.layerDigest}`, headers: cacheTokenHeader(p.cacheDirectory) })
       const { extra, ...named } = h
       const sent: Record<string, string> = { ...named }
       if (extra && !['host', 'content-length', 'transfer-encoding', 'connection'].includes(extra[0])) sent[extra[0]] = extra[1]
@@ -313,7 +319,7 @@ void t.test('the cache API under any digest, sort, order and limit: 200/400/404,
   await fc.assert(
     fc.asyncProperty(op, async ({ method, url, target }) => {
       const cachedBefore = p.proxy.packages.index?.blob(w.layerDigest) !== undefined
-      const res = await p.proxy.server.inject({ method, url })
+      const res = await p.proxy.server.inject({ method, url, headers: cacheTokenHeader(p.cacheDirectory) })
       if (![200, 400, 404].includes(res.statusCode) || !jsonError(res.statusCode, res.headers['content-type'], res.payload)) return false
       const cachedAfter = p.proxy.packages.index?.blob(w.layerDigest) !== undefined
       const exact = target === w.layerDigest || target === w.manifestDigest

@@ -15,7 +15,7 @@ import { setFlagsFromString } from 'node:v8'
 import { runInNewContext } from 'node:vm'
 import t from 'tap'
 import { BlobStore } from '../../plugins/packages/cache/blob-store.js'
-import { DEFAULT_PREFIX, bytes, packageUrl } from '../fixtures/proxy-harness.js'
+import { DEFAULT_PREFIX, bytes, cacheTokenHeader, packageUrl } from '../fixtures/proxy-harness.js'
 import { eventually, fdCount, fetchRaw, startProxy } from './support.js'
 
 const SLACK_MS = 4000
@@ -157,7 +157,7 @@ void t.test('a client that stops reading mid-body holds no one hostage, keeps me
 
   // 3. While it is stuck, its file is pinned: a DELETE is deferred, not done under its reader.
   const store = new BlobStore(p.cacheDirectory)
-  t.equal((await p.proxy.server.inject({ method: 'DELETE', url: `/cache/${layerDigest}` })).statusCode, 200)
+  t.equal((await p.proxy.server.inject({ method: 'DELETE', url: `/cache/${layerDigest}`, headers: cacheTokenHeader(p.cacheDirectory) })).statusCode, 200)
   t.ok(existsSync(store.pathFor(layerDigest)), 'the file stays while a reader has it open')
 
   // 4. Nothing moves on the stuck connections: the server closes them after the idle timeout,

@@ -1,4 +1,5 @@
 import type { CacheParts } from '../downloads.js'
+import { writeAdminToken } from './admin-token.js'
 import { describe, type PackageLogger } from '../log.js'
 import { BlobCache, type RemovalReason } from './blob-cache.js'
 import { BlobStore } from './blob-store.js'
@@ -10,6 +11,8 @@ export interface OpenCacheOptions {
   limitBytes: number
   log: PackageLogger
   onRemoved?: (reason: RemovalReason, bytes: number, digest: string) => void
+  /** Written to `<directory>/admin-token` for `cache rm` (see admin-token.ts). */
+  adminToken?: string
 }
 
 /**
@@ -20,6 +23,7 @@ export interface OpenCacheOptions {
 export async function openCache(o: OpenCacheOptions): Promise<CacheParts> {
   const store = new BlobStore(o.directory)
   await store.init()
+  if (o.adminToken !== undefined) await writeAdminToken(o.directory, o.adminToken)
   const index = await CacheIndex.open(
     o.directory,
     (err) => o.log.error({ err: describe(err) }, 'cache index error'),

@@ -53,9 +53,9 @@ void t.test('a bad --kubeconfig fails start-up with a message that names it and 
   const dir = t.testdir({
     'not-yaml.yaml': `clusters: [ {{ token: ${TOKEN}`,
     'no-context.yaml': 'apiVersion: v1\nkind: Config\nclusters: []\nusers: []\ncontexts: []\n',
-    'http.yaml': [
+    'ftp.yaml': [
       'apiVersion: v1',
-      'clusters: [{name: c, cluster: {server: "http://127.0.0.1:1"}}]',
+      'clusters: [{name: c, cluster: {server: "ftp://127.0.0.1:1"}}]',
       `users: [{name: u, user: {token: ${TOKEN}}}]`,
       'contexts: [{name: x, context: {cluster: c, user: u}}]',
       'current-context: x',
@@ -65,7 +65,7 @@ void t.test('a bad --kubeconfig fails start-up with a message that names it and 
     ['missing.yaml', /--kubeconfig .*missing\.yaml: cannot read \(ENOENT\)/],
     ['not-yaml.yaml', /--kubeconfig .*not-yaml\.yaml: not a valid kubeconfig \(YAML does not parse\)/],
     ['no-context.yaml', /no current-context naming a cluster/],
-    ['http.yaml', /cluster "c" uses http:\/\/ without insecure-skip-tls-verify: true/],
+    ['ftp.yaml', /cluster server must be an http\(s\) URL/],
   ]
   for (const [file, message] of cases) {
     const err = await loadKubeConfig({ kubeconfig: join(dir, file), env: {} }).then(
@@ -78,7 +78,7 @@ void t.test('a bad --kubeconfig fails start-up with a message that names it and 
   }
   const server = Hapi.server()
   await t.rejects(
-    server.register({ plugin: credentialsPlugin, options: { sources: new SourceSet(), metrics: new Metrics({ collectDefaults: false }), log: pino({ level: 'silent' }), kubeconfig: join(dir, 'http.yaml') } }),
+    server.register({ plugin: credentialsPlugin, options: { sources: new SourceSet(), metrics: new Metrics({ collectDefaults: false }), log: pino({ level: 'silent' }), kubeconfig: join(dir, 'ftp.yaml') } }),
     { code: 'ESOURCE' },
     'registration fails: main prints it and exits 2',
   )
@@ -119,4 +119,19 @@ void t.test('a --kubeconfig with a token user, over HTTPS with its CA', async (t
   await waitFor(() => sources.unsynced().length === 0, 'synced')
   t.same(sources.all().map((s) => s.repository), ['registry.example.com'])
   t.ok(api.requests.every((r) => r.headers.authorization === `Bearer ${TOKEN}`))
+})
+
+void t.test('a --kubeconfig with an http:// server works as kubectl treats it, insecure-skip-tls-verify or not', async (t) => {
+  for (const skipTlsVerify of [false, true]) {
+    const api = await FakeKubeApi.start()
+    t.teardown(() => api.close())
+    api.putSecret(registrySecret({ address: `plain-${String(skipTlsVerify)}.example.com` }))
+    const dir = t.testdir()
+    const kubeconfig = api.writeKubeconfig(dir, TOKEN, 'kubeconfig.yaml', skipTlsVerify)
+    t.equal(readFileSync(kubeconfig, 'utf8').includes('insecure-skip-tls-verify'), skipTlsVerify, 'the kubeconfig is as kubectl proxy users write it')
+    const { sources } = await startCredentialsPlugin(t, { kubeconfig, env: {}, kubernetesTiming: { initialBackoffMs: 20, maxBackoffMs: 200 } })
+    await waitFor(() => sources.unsynced().length === 0, `synced over plain http (insecure-skip-tls-verify: ${String(skipTlsVerify)})`)
+    t.same(sources.all().map((s) => s.repository), [`plain-${String(skipTlsVerify)}.example.com`])
+    t.ok(api.requests.every((r) => r.headers.authorization === `Bearer ${TOKEN}`), 'with its token')
+  }
 })

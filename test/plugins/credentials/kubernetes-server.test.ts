@@ -53,8 +53,14 @@ void t.test('through the server: not ready until the API server answers, then pa
   t.equal(before.status, 503, 'not ready before the first sync')
   t.match(before.body.reasons, [/cache index|credential sources not synced yet: .*secret/], 'the reason names the unsynced sources')
   t.match(before.body.reasons?.join(), /modulesources/)
-  const early = await proxy.server.inject(packageUrl({ digest: base.manifestDigest, path: 'pkg' }))
-  t.equal(early.statusCode, 404, 'no default source yet: 404')
+  // Nodes call the masters directly (readiness does not hold them off): before the first sync
+  // "no such source" is not known yet, so it is a 503 to retry, never a 404.
+  for (const q of [{ path: 'pkg' }, { repository: `${registry.host}/modules/example`, path: 'pkg' }, { repository: 'unknown.example.com/x' }]) {
+    const early = await proxy.server.inject(packageUrl({ digest: base.manifestDigest, ...q }))
+    t.equal(early.statusCode, 503, `before the first sync: 503 (${q.repository ?? 'default'})`)
+    t.equal(early.headers['retry-after'], '5', 'with Retry-After')
+    t.match(JSON.parse(early.payload), { statusCode: 503, message: /not synced yet/ })
+  }
   t.equal(registry.counts.total, 0, 'and no outbound connection')
 
   await api.listen()

@@ -216,6 +216,82 @@ void t.test('a server that ends every watch at once gets backoff, not a tight lo
   t.ok(watches >= 2 && watches <= 12, `bounded re-watches in 1.5 s: ${watches}`)
 })
 
+/** Watch requests of `resource` since request number `from`, in order. */
+function watchesSince(api: FakeKubeApi, from: number, resource: 'secrets' | 'modulesources'): Array<{ resourceVersion: string | undefined }> {
+  return api.requests.slice(from).filter((r) => r.watch && r.resource === resource).map((r) => ({ resourceVersion: r.query.resourceVersion }))
+}
+
+void t.test('watch ERROR events that are not 410: backoff, a log line, restarts counted, resumed without a re-list', async (t) => {
+  const api = await startApi(t)
+  api.putSecret(registrySecret({ address: 'r.example.com', path: 'ee' }))
+  const timing = { ...FAST, initialBackoffMs: 100, maxBackoffMs: 400 }
+  const s = await startPlugin(t, api, timing)
+  await waitFor(() => api.openWatches() === 2, 'watches open')
+  const lists = api.counts.list.secrets
+  const restarts = (await providerMetric(s.metrics, 'registry_packages_proxy_source_watch_restarts_total', 'secret')) ?? 0
+  const mark = api.requests.length
+  const rv = api.resourceVersion
+
+  // An API server in trouble ends every watch with an ERROR event (500).
+  api.watchErrorEvent = { kind: 'Status', apiVersion: 'v1', status: 'Failure', code: 500, reason: 'InternalError', message: 'etcd leader changed' }
+  const started = Date.now()
+  api.dropWatches('destroy')
+  await waitFor(() => watchesSince(api, mark, 'secrets').length >= 5, 'five watches of the Secret after the cut')
+  const elapsed = Date.now() - started
+  // Backoff 100, 200, 400, 400 ms (+-20 %) between the five: no tight loop (without it,
+  // thousands of watches a second).
+  t.ok(elapsed >= 0.8 * (100 + 200 + 400 + 400) - 50, `five watches took ${elapsed} ms`)
+  t.same(watchesSince(api, mark, 'secrets').map((w) => w.resourceVersion), Array(watchesSince(api, mark, 'secrets').length).fill(rv), 'each resumed from the same resourceVersion')
+  t.equal(api.counts.list.secrets, lists, 'a 500 says nothing about the resourceVersion: no re-list')
+  const logged = s.logs.find(/watch failed/).filter((l) => /ERROR event: HTTP 500: InternalError: etcd leader changed/.test(String(l.error)))
+  t.ok(logged.length >= 3, `a log line per failure (${logged.length})`)
+  t.notOk(logged.some((l) => l.relist), 'not marked as a re-list')
+  t.ok(((await providerMetric(s.metrics, 'registry_packages_proxy_source_watch_restarts_total', 'secret')) ?? 0) - restarts >= 4, 'source_watch_restarts_total moves')
+  t.same(s.sources.unsynced(), [], 'still synced: the last known sources serve')
+
+  // One that sends the ERROR event and leaves the stream open is ended by the client.
+  api.watchErrorKeepsOpen = true
+  const open = api.requests.length
+  await waitFor(() => watchesSince(api, open, 'secrets').length >= 2, 'an ERROR event on an open stream still restarts the watch')
+
+  api.watchErrorEvent = undefined
+  api.watchErrorKeepsOpen = false
+  await waitFor(() => api.openWatches() === 2, 'watching again once the errors stop', 5000)
+  api.putSecret(registrySecret({ address: 'r.example.com', path: 'be' }))
+  await waitFor(() => s.repositories().includes('default:r.example.com/be'), 'changes arrive again')
+})
+
+void t.test('an ERROR event that says the resourceVersion is unusable re-lists, after backoff: 410, Expired, "too old resource version"', async (t) => {
+  const api = await startApi(t)
+  api.putModuleSource(moduleSource('keep', { repo: 'm.example.com/keep' }))
+  const s = await startPlugin(t, api, { ...FAST, initialBackoffMs: 100, maxBackoffMs: 400 })
+  await waitFor(() => api.openWatches() === 2, 'watches open')
+  const variants: Array<[string, Record<string, unknown>]> = [
+    ['410 Gone', { kind: 'Status', code: 410, reason: 'Gone', message: 'gone' }],
+    ['reason Expired', { kind: 'Status', code: 500, reason: 'Expired', message: 'expired' }],
+    ['"too old resource version"', { kind: 'Status', code: 500, reason: 'InternalError', message: 'too old resource version: 5 (280)' }],
+  ]
+  for (const [name, event] of variants) {
+    // A deletion that only a LIST can reveal: the history is compacted.
+    api.putModuleSource(moduleSource(`lost-${name.length}`, { repo: `m.example.com/lost${name.length}` }))
+    await waitFor(() => s.repositories().includes(`module-source:m.example.com/lost${name.length}`), `${name}: seen`)
+    const lists = api.counts.list.modulesources
+    api.watchErrorEvent = event
+    const started = Date.now()
+    api.dropWatches('destroy')
+    api.deleteModuleSource(`lost-${name.length}`)
+    api.compact()
+    await waitFor(() => api.counts.list.modulesources >= lists + 3, `${name}: re-listed three times while the errors last`)
+    const elapsed = Date.now() - started
+    t.ok(elapsed >= 0.8 * (100 + 200) - 50, `${name}: re-lists back off (${elapsed} ms for three)`)
+    t.ok(s.logs.find(/watch failed/).some((l) => l.relist === true && String(l.error).includes('ERROR event')), `${name}: logged as a re-list`)
+    api.watchErrorEvent = undefined
+    await waitFor(() => !s.repositories().includes(`module-source:m.example.com/lost${name.length}`), `${name}: the re-list shows the deletion`)
+    await waitFor(() => api.openWatches() === 2, `${name}: watching again`, 5000)
+  }
+  t.same(s.repositories(), ['module-source:m.example.com/keep'])
+})
+
 void t.test('410 Gone re-lists: as an ERROR event, as HTTP 410, and after compaction', async (t) => {
   const api = await startApi(t)
   api.putModuleSource(moduleSource('keep', { repo: 'm.example.com/keep' }))

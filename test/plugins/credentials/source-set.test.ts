@@ -1,5 +1,5 @@
 import t from 'tap'
-import { NoSourceError } from '../../../errors.js'
+import { NoSourceError, SourcesNotSyncedError } from '../../../errors.js'
 import { parseRegistryConfig } from '../../../plugins/credentials/file-source.js'
 import { SourceSet } from '../../../plugins/credentials/source-set.js'
 
@@ -22,7 +22,10 @@ void t.test('match picks the source by repository', (t) => {
   t.equal(set.match('r.io/deckhouse/ce'), def, 'the default source by its own address/path')
   t.equal(set.match('r.io/modules/x'), mod)
   t.equal(set.match('r.io/modules/x/'), mod, 'a trailing slash is tolerated')
-  for (const repository of ['r.io/modules', 'r.io/modules/x/y', 'r.io', 'R.IO/modules/x', 'other.io/modules/x']) {
+  t.equal(set.match('r.io'), def, 'the default source by its bare registry host (address alone)')
+  t.equal(set.match('r.io/'), def, 'and with a trailing slash')
+  t.equal(set.match('r.io/deckhouse/ce/'), def)
+  for (const repository of ['r.io/modules', 'r.io/modules/x/y', 'r.io/deckhouse', 'R.IO/modules/x', 'other.io/modules/x', 'other.io']) {
     t.throws(() => set.match(repository), NoSourceError, repository)
   }
   t.throws(() => set.match('r.io/nope'), { code: 'ENOSOURCE', status: 404 })
@@ -34,6 +37,12 @@ void t.test('a module source wins over the default for the same repository', (t)
   set.replace('file', def && shadow ? [def, shadow] : [])
   t.equal(set.match('r.io/deckhouse/ce'), shadow)
   t.equal(set.match(undefined), def)
+  t.equal(set.match('r.io'), def, 'the bare host still names the default source')
+  // A ModuleSource whose repo is a bare host wins over the default's bare-host alias too.
+  const [, bare] = parseRegistryConfig({ default: { address: 'r.io', path: 'deckhouse/ce' }, moduleSources: [{ name: 'bare', repo: 'r.io' }] }, 'test')
+  set.replace('modulesources', bare ? [bare] : [])
+  t.equal(set.match('r.io'), bare)
+  t.equal(set.match('r.io/deckhouse/ce'), shadow)
   t.end()
 })
 
@@ -41,6 +50,21 @@ void t.test('no default source', (t) => {
   const set = new SourceSet()
   set.replace('modulesources', mod ? [mod] : [])
   t.throws(() => set.match(undefined), { code: 'ENOSOURCE', message: /\(default\)/ })
+  t.end()
+})
+
+void t.test('before every provider synced, no match is a 503 with Retry-After, not a 404', (t) => {
+  const set = new SourceSet()
+  set.expect('file')
+  set.expect('modulesources')
+  t.throws(() => set.match('r.io/modules/x'), SourcesNotSyncedError, 'nothing synced yet')
+  t.throws(() => set.match(undefined), { code: 'ENOTSYNCED', status: 503, retryAfterSeconds: 5, message: /file, modulesources/ })
+  set.replace('file', def ? [def] : [])
+  t.equal(set.match(undefined), def, 'what is known already is served')
+  t.equal(set.match('r.io/deckhouse/ce'), def)
+  t.throws(() => set.match('r.io/modules/x'), { code: 'ENOTSYNCED', message: /\(modulesources\)/ }, 'a ModuleSource may still arrive')
+  set.replace('modulesources', [])
+  t.throws(() => set.match('r.io/modules/x'), { code: 'ENOSOURCE', status: 404 }, 'once all synced: 404')
   t.end()
 })
 

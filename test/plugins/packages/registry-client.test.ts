@@ -1,5 +1,10 @@
+import { execFileSync } from 'node:child_process'
+import { readFileSync } from 'node:fs'
+import { createServer as createHttpServer, type IncomingHttpHeaders } from 'node:http'
+import { createServer as createHttpsServer } from 'node:https'
 import { createServer } from 'node:net'
-import t from 'tap'
+import { join } from 'node:path'
+import t, { type Test } from 'tap'
 import { NotFoundError, TimeoutError, UpstreamError } from '../../../errors.js'
 import { parseRegistryConfig } from '../../../plugins/credentials/file-source.js'
 import type { RegistrySource } from '../../../plugins/credentials/source.js'
@@ -211,6 +216,151 @@ void t.test('redirected blobs: the storage origin never receives Authorization',
     t.ok(authHeaders(h.registry, 'registry').at(-1) !== undefined, `${auth.kind}: the registry itself got credentials`)
     await waitCached(h, image.manifestDigest, image.lastLayer.digest)
   }
+})
+
+/** An HTTP server that stands for a host of someone else's choosing and records every request. */
+async function recorder(t: Test): Promise<{ url: string; requests: IncomingHttpHeaders[] }> {
+  const requests: IncomingHttpHeaders[] = []
+  const server = createHttpServer((req, res) => {
+    requests.push(req.headers)
+    res.writeHead(200, { 'Content-Type': 'application/json' })
+    res.end(JSON.stringify({ token: 'harvested-token', expires_in: 300 }))
+  })
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
+  t.teardown(() => new Promise<void>((resolve) => server.close(() => resolve())))
+  const address = server.address()
+  if (address === null || typeof address === 'string') throw new Error('no port')
+  return { url: `http://127.0.0.1:${address.port}`, requests }
+}
+
+void t.test('a redirect target that challenges gets no credentials, and neither does the realm it names: 502', async (t) => {
+  for (const auth of [
+    { kind: 'basic' as const, username: 'u', password: 'storage-harvest-pass' },
+    { kind: 'bearer' as const, username: 'u', password: 'storage-harvest-pass' },
+  ]) {
+    const h = await startHarness(t, { auth, credentials: { username: 'u', password: 'storage-harvest-pass' } })
+    const harvest = await recorder(t)
+    const image = h.registry.addImage(DEFAULT_PREFIX, [bytes(3000, 81)])
+    for (const challenge of [`Bearer realm="${harvest.url}/token",service="cdn"`, 'Basic realm="storage"']) {
+      h.registry.resetCounts()
+      h.registry.faults = { redirectBlobs: true, storageChallenge: challenge }
+      const res = await h.proxy.server.inject(packageUrl({ digest: image.manifestDigest }))
+      const what = `${auth.kind} registry, storage says ${challenge.split(' ')[0] ?? ''}`
+      t.equal(res.statusCode, 502, `${what}: 502`)
+      t.match(JSON.parse(res.payload), { message: /redirected to asked for credentials/ }, what)
+      t.notOk(res.payload.includes('storage-harvest-pass'), `${what}: no secret in the body`)
+      t.same(harvest.requests, [], `${what}: nothing was sent to the realm the storage named`)
+      t.ok(h.registry.counts.storage >= 1, `${what}: the storage was asked`)
+      t.same(h.registry.storageAuthHeaders.filter((a) => a !== undefined), [], `${what}: never with Authorization`)
+      t.equal(h.registry.counts.blob, 1, `${what}: the registry was not asked again with other credentials`)
+    }
+    h.registry.faults = { redirectBlobs: true }
+    const ok = await h.proxy.server.inject(packageUrl({ digest: image.manifestDigest }))
+    t.equal(ok.statusCode, 200, `${auth.kind}: the same redirect without a challenge still serves`)
+    t.ok(ok.rawPayload.equals(image.lastLayer.data))
+  }
+})
+
+/** A self-signed certificate for 127.0.0.1, or undefined (and `t` planned empty) without openssl; CI must have it. */
+function selfSigned(t: Test): { cert: string; key: string } | undefined {
+  const dir = t.testdir()
+  try {
+    execFileSync('openssl', [
+      'req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes',
+      '-keyout', join(dir, 'tls.key'), '-out', join(dir, 'tls.crt'), '-days', '2', '-subj', '/CN=registry',
+      '-addext', 'subjectAltName=IP:127.0.0.1',
+    ], { stdio: 'ignore' })
+  } catch {
+    if (process.env.CI) throw new Error('openssl is needed for the TLS realm test')
+    t.plan(0, 'openssl is not installed')
+    return undefined
+  }
+  return { cert: readFileSync(join(dir, 'tls.crt'), 'utf8'), key: readFileSync(join(dir, 'tls.key'), 'utf8') }
+}
+
+void t.test('an https registry that names an http:// token realm: refused, nothing sent there', async (t) => {
+  const tls = selfSigned(t)
+  if (!tls) return
+  const harvest = await recorder(t)
+  const seen: Array<{ path: string; authorization: string | undefined }> = []
+  let realm = ''
+  const manifest = Buffer.from('{"schemaVersion":2}')
+  // A registry over TLS with token auth; its challenge names `realm`, and it issues tokens itself.
+  const server = createHttpsServer({ cert: tls.cert, key: tls.key }, (req, res) => {
+    seen.push({ path: req.url ?? '', authorization: req.headers.authorization })
+    if (req.url?.startsWith('/token')) {
+      res.writeHead(200, { 'Content-Type': 'application/json' })
+      res.end(JSON.stringify({ token: 'good-token', expires_in: 300 }))
+    } else if (req.headers.authorization === 'Bearer good-token') {
+      res.writeHead(200, { 'Content-Type': MEDIA_TYPES.oci.manifest, 'Content-Length': manifest.length })
+      res.end(manifest)
+    } else {
+      res.writeHead(401, { 'WWW-Authenticate': `Bearer realm="${realm}",service="svc"`, 'Content-Length': 0 })
+      res.end()
+    }
+  })
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
+  t.teardown(() => new Promise<void>((resolve) => server.close(() => resolve())))
+  const address = server.address()
+  if (address === null || typeof address === 'string') throw new Error('no port')
+  const host = `127.0.0.1:${address.port}`
+  const credentials = { username: 'u', password: 'realm-pass' }
+  const source = (): RegistrySource =>
+    sourceFor(host, { scheme: 'https', ca: tls.cert, dockerConfigJson: dockerConfig(host, credentials) })
+  const client = new RegistryClient({ env: {} })
+  t.teardown(() => client.close())
+  const digest = `sha256:${'3'.repeat(64)}`
+
+  realm = `${harvest.url}/token`
+  const err = (await client.fetchManifest(source(), DEFAULT_PREFIX, digest).catch((e: unknown) => e)) as Error
+  t.type(err, UpstreamError)
+  t.match(err.message, /token realm over plain http/)
+  t.same(harvest.requests, [], 'the http realm got nothing, credentials least of all')
+
+  // The control: the same registry naming an https realm gets its token (with the credentials).
+  realm = `https://${host}/token`
+  const got = await client.fetchManifest(source(), DEFAULT_PREFIX, digest)
+  t.ok(got.body.equals(manifest))
+  t.equal(seen.find((r) => r.path.startsWith('/token'))?.authorization, basic('u', 'realm-pass'))
+})
+
+void t.test('a caller that gives up (a pass-through whose client left) does not fail a token fetch others share', async (t) => {
+  const registry = await FakeRegistry.start({ auth: { kind: 'bearer', username: 'u', password: 'shared-pass' } })
+  t.teardown(() => registry.close())
+  const client = new RegistryClient({ env: {}, timeouts: { headersMs: 5000 } })
+  t.teardown(() => client.close())
+  const source = sourceFor(registry.host, { dockerConfigJson: dockerConfig(registry.host, { username: 'u', password: 'shared-pass' }) })
+  const [a, b] = [bytes(10, 95), bytes(11, 96)].map((data) => registry.addImage(DEFAULT_PREFIX, [data]))
+  if (!a || !b) throw new Error('no images')
+  // The token server is slow: both requests end up waiting on the one token fetch.
+  registry.faults = { tokenDelayMs: 300 }
+  const quitter = new AbortController()
+  const first = client.fetchManifest(source, DEFAULT_PREFIX, a.manifestDigest, quitter.signal)
+  const second = client.fetchManifest(source, DEFAULT_PREFIX, b.manifestDigest)
+  first.catch(() => undefined)
+  await registry.waitForRequests(1, (r) => r.origin === 'token')
+  quitter.abort(new UpstreamError('the client went away'))
+  await t.rejects(first, { message: 'the client went away' }, 'the caller that gave up gets its own reason')
+  const got = await second
+  t.ok(got.body.equals(b.manifest), 'the other request gets its manifest')
+  t.equal(registry.counts.token, 1, 'with the one shared token fetch')
+})
+
+void t.test('distinct paths: one token per repository, and the token cache stays bounded', async (t) => {
+  const registry = await FakeRegistry.start({ auth: { kind: 'bearer' } })
+  t.teardown(() => registry.close())
+  const client = new RegistryClient({ env: {}, maxTokens: 4 })
+  t.teardown(() => client.close())
+  const source = sourceFor(registry.host)
+  const digest = `sha256:${'4'.repeat(64)}`
+  for (let i = 0; i < 10; i++) await t.rejects(client.fetchManifest(source, `${DEFAULT_PREFIX}/p${i}`, digest), NotFoundError)
+  const scopes = registry.requests.filter((r) => r.origin === 'token').map((r) => new URL(r.url, 'http://x').searchParams.get('scope'))
+  t.same(scopes, Array.from({ length: 10 }, (_, i) => `repository:${DEFAULT_PREFIX}/p${i}:pull`), 'each token is scoped to its repository')
+  registry.resetCounts()
+  await t.rejects(client.fetchManifest(source, `${DEFAULT_PREFIX}/p9`, digest), NotFoundError)
+  t.equal(registry.counts.token, 0, 'a recent repository reuses its token')
+  await t.rejects(client.fetchManifest(source, `${DEFAULT_PREFIX}/p0`, digest), NotFoundError)
+  t.equal(registry.counts.token, 1, 'the oldest was dropped to keep the bound')
 })
 
 void t.test('RegistryClient: manifests, blobs and their failures', async (t) => {
