@@ -1,6 +1,7 @@
 import { createHash } from 'node:crypto'
 import { open } from 'node:fs/promises'
-import type { Readable } from 'node:stream'
+import { Transform, type Readable, type TransformCallback } from 'node:stream'
+import { DigestError } from '../../errors.js'
 import type { BlobCache } from './cache/blob-cache.js'
 import { HotCache } from './cache/memory-cache.js'
 import { READ_CHUNK } from './fill-reader.js'
@@ -64,7 +65,21 @@ export class CachedReads {
     }
     const stream = handle.createReadStream({ start, end, highWaterMark: READ_CHUNK })
     stream.once('close', () => lease.release())
-    return { stream }
+    // A file this process has not hashed yet (it was on disk at start) is checked on its first
+    // whole read: the last byte waits for the digest, so a file damaged while the proxy was
+    // down (a torn write, a bad disk) is never one complete response, and is removed.
+    if (lease.verified || start !== 0 || end !== lease.size - 1) return { stream }
+    const checked = new VerifyingTail(digest, lease.size)
+    stream.on('error', (err) => checked.destroy(err))
+    checked.once('verified', () => lease.markVerified())
+    checked.once('error', (err) => {
+      if (err instanceof DigestError) {
+        this.#o.log.error({ layer: digest, found: err.found }, 'a cached file does not match its digest; removing it')
+        this.#corrupt(cache, digest)
+      }
+    })
+    checked.once('close', () => stream.destroy())
+    return { stream: stream.pipe(checked) }
   }
 
   /** Reads a whole cached file under a lease and checks it against its digest. */
@@ -81,7 +96,10 @@ export class CachedReads {
       }
       // Hashing once per load (not per hit) costs little and catches a file damaged on disk.
       const found = `sha256:${createHash('sha256').update(data).digest('hex')}`
-      if (data.length === lease.size && found === digest) return data
+      if (data.length === lease.size && found === digest) {
+        lease.markVerified()
+        return data
+      }
       this.#o.log.error({ layer: digest, found, bytes: data.length }, 'a cached file does not match its digest; removing it')
     } catch (err) {
       this.#o.log.error({ err: { code: (err as NodeJS.ErrnoException).code }, layer: digest }, 'a cached file could not be read; removing it')
@@ -95,5 +113,42 @@ export class CachedReads {
   #corrupt(cache: BlobCache, digest: string): void {
     this.hot.delete(digest)
     void cache.remove(digest, 'corrupt').then((removed) => removed && this.#o.onCorrupt?.(digest))
+  }
+}
+
+/**
+ * Passes a whole file through, hashing it, and holds back its last byte until the hash and the
+ * length match the digest; otherwise ends with a {@link DigestError} before that byte.
+ */
+class VerifyingTail extends Transform {
+  readonly #hash = createHash('sha256')
+  #seen = 0
+  #held: Buffer | undefined
+
+  constructor(
+    readonly digest: string,
+    readonly size: number,
+  ) {
+    super({ highWaterMark: READ_CHUNK })
+  }
+
+  override _transform(chunk: Buffer, _enc: BufferEncoding, cb: TransformCallback): void {
+    this.#hash.update(chunk)
+    this.#seen += chunk.length
+    if (this.#held) this.push(this.#held)
+    this.#held = chunk.subarray(chunk.length - 1)
+    if (chunk.length > 1) this.push(chunk.subarray(0, chunk.length - 1))
+    cb()
+  }
+
+  override _flush(cb: TransformCallback): void {
+    const found = `sha256:${this.#hash.digest('hex')}`
+    if (this.#seen !== this.size || found !== this.digest) {
+      cb(new DigestError('layer', this.digest, found))
+      return
+    }
+    this.emit('verified')
+    if (this.#held) this.push(this.#held)
+    cb()
   }
 }

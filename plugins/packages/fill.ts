@@ -190,12 +190,16 @@ export class Fill extends EventEmitter {
     for (const r of readers) if (r.position === min && !r.waiting) r.destroy(new LaggardError())
   }
 
-  /** Drops memory chunks every reader has passed (all of them, before the first reader joined: none). */
+  /**
+   * Drops memory chunks every reader has passed, only as far as the window needs: bytes kept
+   * from the start let late clients join (a herd does not arrive in one instant), at no cost
+   * beyond the window's bound.
+   */
   #trimMemory(): void {
     if (!this.#hadReader) return
     let min = this.written
     for (const r of this.#readers) min = Math.min(min, r.position)
-    while (this.#mem.length > 0 && this.#memStart + (this.#mem[0]?.length ?? 0) <= min) {
+    while (this.written - this.#memStart > MEMORY_WINDOW && this.#mem.length > 0 && this.#memStart + (this.#mem[0]?.length ?? 0) <= min) {
       this.#memStart += this.#mem.shift()?.length ?? 0
     }
   }

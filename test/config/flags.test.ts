@@ -11,6 +11,7 @@ void t.test('defaults', (t) => {
     cacheDirectory: resolve(CWD, DEFAULT_CACHE_DIRECTORY),
     cacheRetentionBytes: 2 ** 30,
     disableCache: false,
+    scrubBytesPerSecond: 4 * 2 ** 20,
     logLevel: 'info',
   })
   t.end()
@@ -23,6 +24,7 @@ void t.test('every flag, in both forms', (t) => {
     '/cache',
     '--cache-retention-size=512Mi',
     '--disable-cache',
+    '--scrub-rate=0',
     '--kubeconfig=kube.conf',
     '--registry-config',
     'cfg/registry.json',
@@ -34,6 +36,7 @@ void t.test('every flag, in both forms', (t) => {
     cacheDirectory: '/cache',
     cacheRetentionBytes: 512 * 2 ** 20,
     disableCache: true,
+    scrubBytesPerSecond: 0,
     kubeconfig: '/srv/rpp/kube.conf',
     registryConfig: '/srv/rpp/cfg/registry.json',
     logLevel: 'debug',
@@ -53,6 +56,7 @@ void t.test('every flag from its RPP_ environment variable', (t) => {
     'RPP_CACHE_DIRECTORY',
     'RPP_CACHE_RETENTION_SIZE',
     'RPP_DISABLE_CACHE',
+    'RPP_SCRUB_RATE',
     'RPP_KUBECONFIG',
     'RPP_REGISTRY_CONFIG',
     'RPP_LOG_LEVEL',
@@ -64,6 +68,7 @@ void t.test('every flag from its RPP_ environment variable', (t) => {
     RPP_CACHE_DIRECTORY: 'var/cache',
     RPP_CACHE_RETENTION_SIZE: '2Gi',
     RPP_DISABLE_CACHE: 'true',
+    RPP_SCRUB_RATE: '16Mi',
     RPP_KUBECONFIG: '/etc/kube',
     RPP_REGISTRY_CONFIG: '/etc/registry.json',
     RPP_LOG_LEVEL: 'warn',
@@ -74,6 +79,7 @@ void t.test('every flag from its RPP_ environment variable', (t) => {
     cacheDirectory: '/srv/rpp/var/cache',
     cacheRetentionBytes: 2 * 2 ** 30,
     disableCache: true,
+    scrubBytesPerSecond: 16 * 2 ** 20,
     kubeconfig: '/etc/kube',
     registryConfig: '/etc/registry.json',
     logLevel: 'warn',
@@ -151,5 +157,12 @@ void t.test('--bootstrap-listen-address needs --cluster-uuid, and the UUID must 
   t.throws(() => parseFlags(['--bootstrap-listen-address=0.0.0.0:4282'], {}, '/'), /--bootstrap-listen-address needs --cluster-uuid/)
   t.throws(() => parseFlags(['--bootstrap-listen-address=4282', '--cluster-uuid=u'], {}, '/'), /--bootstrap-listen-address: "4282" is not host:port/)
   t.throws(() => parseFlags(['--bootstrap-listen-address=:1', '--cluster-uuid=a/b'], {}, '/'), /--cluster-uuid must be one URL path segment/)
+  t.end()
+})
+
+void t.test('--scrub-rate is a quantity of bytes per second; 0 turns the scrubber off', (t) => {
+  t.equal(parseFlags(['--scrub-rate=1M'], {}, '/').scrubBytesPerSecond, 1e6)
+  t.equal(parseFlags(['--scrub-rate=0'], {}, '/').scrubBytesPerSecond, 0)
+  t.throws(() => parseFlags(['--scrub-rate=fast'], {}, '/'), { code: 'ECONFIG', message: /^--scrub-rate: / })
   t.end()
 })

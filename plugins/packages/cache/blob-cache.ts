@@ -29,6 +29,10 @@ export interface Lease {
   readonly size: number
   /** Where the file is; it is there until the lease is released, whatever else happens. */
   readonly path: string
+  /** Whether this process has hashed the file (it wrote it, or re-hashed it since start). */
+  readonly verified: boolean
+  /** Records that the file hashed to its digest. */
+  markVerified(): void
   /** Idempotent. */
   release(): void
 }
@@ -42,6 +46,8 @@ interface Entry {
   ownsPath: boolean
   /** Set when the entry is removed. */
   reason?: RemovalReason
+  /** Hashed by this process: committed by it, or re-hashed since start (files from before are not). */
+  verified: boolean
 }
 
 export interface BlobCacheOptions {
@@ -96,7 +102,7 @@ export class BlobCache {
     this.#o = options
     this.limit = options.limit
     for (const b of options.index.blobs()) {
-      this.#live.set(b.digest, { digest: b.digest, size: b.size, pins: 0, state: 'live', ownsPath: true })
+      this.#live.set(b.digest, { digest: b.digest, size: b.size, pins: 0, state: 'live', ownsPath: true, verified: false })
       this.#used += b.size
     }
   }
@@ -147,6 +153,12 @@ export class BlobCache {
       digest: entry.digest,
       size: entry.size,
       path: this.#o.store.pathFor(entry.digest),
+      get verified() {
+        return entry.verified
+      },
+      markVerified: () => {
+        entry.verified = true
+      },
       release: () => {
         if (released) return
         released = true
@@ -216,7 +228,7 @@ export class BlobCache {
     // Synchronously, in one step: the reserved bytes become used bytes of a live entry. A
     // reservation released meanwhile (shutdown) is a bug in the caller, not a second entry.
     if (!this.#reservations.consume(reservation)) throw new Error('reservation is not granted')
-    const entry: Entry = { digest, size: reservation.size, pins: 0, state: 'live', ownsPath: true }
+    const entry: Entry = { digest, size: reservation.size, pins: 0, state: 'live', ownsPath: true, verified: true }
     this.#live.set(digest, entry)
     this.#used += entry.size
     return this.#lease(entry)

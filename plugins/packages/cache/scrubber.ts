@@ -93,6 +93,7 @@ export class Scrubber {
     }
     const found = `sha256:${hash.digest('hex')}`
     if (read === lease.size && found === digest) {
+      lease.markVerified()
       lease.release()
       this.#o.onChecked?.(read, true)
       return true
