@@ -1,9 +1,9 @@
 import { createHash } from 'node:crypto'
 import { open } from 'node:fs/promises'
-import { Transform, type Readable, type TransformCallback } from 'node:stream'
-import { DigestError } from '../../errors.js'
+import type { Readable } from 'node:stream'
 import type { BlobCache } from './cache/blob-cache.js'
 import { HotCache } from './cache/memory-cache.js'
+import { verifyEntry, type Verdict } from './cache/verify.js'
 import { READ_CHUNK } from './fill-reader.js'
 import type { PackageLogger } from './log.js'
 
@@ -30,6 +30,7 @@ export type HitBody = { buffer: Buffer } | { stream: Readable }
 export class CachedReads {
   readonly #o: CachedReadsOptions
   readonly hot: HotCache
+  readonly #verifying = new Map<string, Promise<Verdict>>()
 
   constructor(options: CachedReadsOptions) {
     this.#o = options
@@ -53,6 +54,17 @@ export class CachedReads {
       const data = await this.hot.load(digest, () => this.#readVerified(cache, digest), () => cache.has(digest))
       return data ? { buffer: data.subarray(start, end + 1) } : undefined
     }
+    // A file this process has not hashed yet (it was on disk at start) is checked once, before
+    // its first byte goes out: one read of the file for all the requests that wait, so a file
+    // damaged while the proxy was down (a torn write, a bad disk) is never served, and costs a
+    // registry download instead.
+    if (!lease.verified) {
+      const verdict = await this.#verify(cache, digest)
+      if (verdict !== 'intact') {
+        lease.release()
+        return undefined
+      }
+    }
     let handle
     try {
       handle = await open(lease.path, 'r')
@@ -65,21 +77,25 @@ export class CachedReads {
     }
     const stream = handle.createReadStream({ start, end, highWaterMark: READ_CHUNK })
     stream.once('close', () => lease.release())
-    // A file this process has not hashed yet (it was on disk at start) is checked on its first
-    // whole read: the last byte waits for the digest, so a file damaged while the proxy was
-    // down (a torn write, a bad disk) is never one complete response, and is removed.
-    if (lease.verified || start !== 0 || end !== lease.size - 1) return { stream }
-    const checked = new VerifyingTail(digest, lease.size)
-    stream.on('error', (err) => checked.destroy(err))
-    checked.once('verified', () => lease.markVerified())
-    checked.once('error', (err) => {
-      if (err instanceof DigestError) {
-        this.#o.log.error({ layer: digest, found: err.found }, 'a cached file does not match its digest; removing it')
-        this.#corrupt(cache, digest)
-      }
-    })
-    checked.once('close', () => stream.destroy())
-    return { stream: stream.pipe(checked) }
+    return { stream }
+  }
+
+  /** Hashes a cached file once, however many requests wait for the verdict. */
+  #verify(cache: BlobCache, digest: string): Promise<Verdict> {
+    let pending = this.#verifying.get(digest)
+    if (!pending) {
+      pending = verifyEntry(cache, digest, { log: this.#o.log })
+        .then(({ verdict }) => {
+          if (verdict === 'corrupt') {
+            this.hot.delete(digest)
+            this.#o.onCorrupt?.(digest)
+          }
+          return verdict
+        })
+        .finally(() => this.#verifying.delete(digest))
+      this.#verifying.set(digest, pending)
+    }
+    return pending
   }
 
   /** Reads a whole cached file under a lease and checks it against its digest. */
@@ -116,39 +132,3 @@ export class CachedReads {
   }
 }
 
-/**
- * Passes a whole file through, hashing it, and holds back its last byte until the hash and the
- * length match the digest; otherwise ends with a {@link DigestError} before that byte.
- */
-class VerifyingTail extends Transform {
-  readonly #hash = createHash('sha256')
-  #seen = 0
-  #held: Buffer | undefined
-
-  constructor(
-    readonly digest: string,
-    readonly size: number,
-  ) {
-    super({ highWaterMark: READ_CHUNK })
-  }
-
-  override _transform(chunk: Buffer, _enc: BufferEncoding, cb: TransformCallback): void {
-    this.#hash.update(chunk)
-    this.#seen += chunk.length
-    if (this.#held) this.push(this.#held)
-    this.#held = chunk.subarray(chunk.length - 1)
-    if (chunk.length > 1) this.push(chunk.subarray(0, chunk.length - 1))
-    cb()
-  }
-
-  override _flush(cb: TransformCallback): void {
-    const found = `sha256:${this.#hash.digest('hex')}`
-    if (this.#seen !== this.size || found !== this.digest) {
-      cb(new DigestError('layer', this.digest, found))
-      return
-    }
-    this.emit('verified')
-    if (this.#held) this.push(this.#held)
-    cb()
-  }
-}

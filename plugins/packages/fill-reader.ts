@@ -1,7 +1,11 @@
 import { Readable } from 'node:stream'
 
-/** Read size and per-response buffer: one chunk waits in the stream while the socket drains. */
-export const READ_CHUNK = 256 * 1024
+/**
+ * Read size and per-response buffer: one chunk waits in the stream while the socket drains.
+ * Measured on the real binary: 150 clients that stopped reading cost ~0.4 MiB each at 64 KiB,
+ * ~0.7 MiB at 256 KiB; a bootstrap herd is many clients, so memory wins over fewer reads.
+ */
+export const READ_CHUNK = 64 * 1024
 
 /** What a reader needs of the download it follows. */
 export interface ReaderSource {

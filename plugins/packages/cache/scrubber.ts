@@ -1,8 +1,7 @@
-import { createHash } from 'node:crypto'
-import { open } from 'node:fs/promises'
 import { setTimeout as sleep } from 'node:timers/promises'
 import type { PackageLogger } from '../log.js'
 import type { BlobCache } from './blob-cache.js'
+import { verifyEntry } from './verify.js'
 
 export interface ScrubberOptions {
   /** Bytes re-hashed per second; 0 turns the scrubber off. */
@@ -14,14 +13,12 @@ export interface ScrubberOptions {
   idleMs?: number
 }
 
-const CHUNK = 1024 * 1024
-
 /**
  * Re-hashes cached files in the background, one at a time, at a bounded rate, and removes any
- * that no longer match their name. Files are verified once before they are committed; this
- * catches what happens to them afterwards (a bad disk, a torn write the fsync did not cover,
- * a stray hand in the folder), which hits from disk would otherwise serve as verified forever.
- * Each file is read under a lease, so it is not evicted while it is being checked.
+ * that no longer match their name. Files are verified before they are committed, and files
+ * from before a start on their first read; this catches what happens to them afterwards (a
+ * bad disk, a stray hand in the folder), which hits would otherwise serve for as long as the
+ * process runs.
  */
 export class Scrubber {
   readonly #o: ScrubberOptions
@@ -55,57 +52,11 @@ export class Scrubber {
       if (signal.aborted) return
       // One round over the entries as they were when it began; entries added meanwhile were
       // verified when committed, and are checked in the next round.
-      const round = this.#cache.digests().sort()
-      for (const digest of round) {
+      for (const digest of this.#cache.digests().sort()) {
         if (signal.aborted) return
-        await this.check(digest, signal)
+        const { verdict, bytes } = await verifyEntry(this.#cache, digest, { log: this.#o.log, bytesPerSecond: this.#o.bytesPerSecond, signal })
+        if (verdict !== 'absent' && !signal.aborted) this.#o.onChecked?.(bytes, verdict === 'intact')
       }
     }
-  }
-
-  /** Re-hashes one entry; false if it did not match and was removed. */
-  async check(digest: string, signal?: AbortSignal): Promise<boolean> {
-    const lease = this.#cache.acquire(digest)
-    if (!lease) return true
-    const hash = createHash('sha256')
-    let read = 0
-    try {
-      const handle = await open(lease.path, 'r')
-      try {
-        const buffer = Buffer.allocUnsafe(CHUNK)
-        for (;;) {
-          const began = Date.now()
-          const { bytesRead } = await handle.read(buffer, 0, CHUNK, read)
-          if (bytesRead === 0) break
-          hash.update(buffer.subarray(0, bytesRead))
-          read += bytesRead
-          // Pace to the rate: a chunk of 1 MiB at 4 MiB/s is followed by about 250 ms of rest.
-          const rest = (bytesRead / this.#o.bytesPerSecond) * 1000 - (Date.now() - began)
-          if (rest > 0) await sleep(rest, undefined, { ...(signal ? { signal } : {}), ref: false })
-        }
-      } finally {
-        await handle.close().catch(() => undefined)
-      }
-    } catch (err) {
-      if (signal?.aborted) return true
-      this.#o.log.error({ err: { code: (err as NodeJS.ErrnoException).code }, layer: digest }, 'a cached file could not be read by the scrubber; removing it')
-      return this.#corrupt(digest, lease.size, () => lease.release())
-    }
-    const found = `sha256:${hash.digest('hex')}`
-    if (read === lease.size && found === digest) {
-      lease.markVerified()
-      lease.release()
-      this.#o.onChecked?.(read, true)
-      return true
-    }
-    this.#o.log.error({ layer: digest, found, bytes: read, expectedBytes: lease.size }, 'a cached file does not match its digest; removing it')
-    return this.#corrupt(digest, lease.size, () => lease.release())
-  }
-
-  #corrupt(digest: string, size: number, release: () => void): false {
-    void this.#cache.remove(digest, 'corrupt')
-    release()
-    this.#o.onChecked?.(size, false)
-    return false
   }
 }
