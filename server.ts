@@ -15,8 +15,8 @@ import { finalStatus, metricsPlugin } from './plugins/metrics/index.js'
 import { Metrics } from './plugins/metrics/metrics.js'
 import { packagesPlugin, type PackagesApi } from './plugins/packages/index.js'
 import type { DownloadSlotsOptions } from './plugins/packages/download-slots.js'
-import { RegistryClient } from './plugins/packages/registry-client.js'
-import type { RegistryTimeouts } from './plugins/packages/transport.js'
+import { RegistryClient } from './plugins/packages/registry/registry-client.js'
+import type { RegistryTimeouts } from './plugins/packages/registry/transport.js'
 
 export interface ServerOptions {
   host?: string

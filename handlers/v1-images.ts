@@ -6,7 +6,7 @@ import { allowedImage, imageNames, parsePlatform, parseReference, parseTag } fro
 import type { FetchedManifest, ManifestResolver } from '../plugins/images/manifest-resolver.js'
 import { isIndex, platformDigest } from '../plugins/images/platform.js'
 import type { PackageService } from '../plugins/packages/package-service.js'
-import type { RegistryClient } from '../plugins/packages/registry-client.js'
+import type { RegistryClient } from '../plugins/packages/registry/registry-client.js'
 import { matchesIfNoneMatch, parseRange } from './package-request.js'
 import { defaultSource, firstFound, header, type V1ResultHook } from './v1-common.js'
 

@@ -3,7 +3,7 @@ import { NotFoundError } from '../../errors.js'
 import type { RegistrySource } from '../credentials/source.js'
 import type { ManifestResolver } from '../images/manifest-resolver.js'
 import { imageLayers, isIndex, platformDigest } from '../images/platform.js'
-import type { RegistryClient } from '../packages/registry-client.js'
+import type { RegistryClient } from '../packages/registry/registry-client.js'
 import { flattenedFiles } from './layer-files.js'
 
 /** The icon files looked for, best first, with what they are served as. */

@@ -7,7 +7,7 @@ import type { ManifestResolver } from '../images/manifest-resolver.js'
 import type { Metrics } from '../metrics/metrics.js'
 import { v1Results } from '../metrics/v1-metrics.js'
 import { describe } from '../packages/log.js'
-import type { RegistryClient } from '../packages/registry-client.js'
+import type { RegistryClient } from '../packages/registry/registry-client.js'
 import { IconService } from './icon-service.js'
 
 export interface IconsOptions {

@@ -7,7 +7,7 @@ import type { Metrics } from '../metrics/metrics.js'
 import { v1Results } from '../metrics/v1-metrics.js'
 import { describe } from '../packages/log.js'
 import type { PackageService } from '../packages/package-service.js'
-import type { RegistryClient } from '../packages/registry-client.js'
+import type { RegistryClient } from '../packages/registry/registry-client.js'
 import type { ManifestResolver } from './manifest-resolver.js'
 
 export interface ImagesOptions {

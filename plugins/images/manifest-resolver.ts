@@ -1,6 +1,6 @@
 import type { RegistrySource } from '../credentials/source.js'
 import { sha256Digest, verifyDigest } from '../packages/manifest.js'
-import type { RegistryClient } from '../packages/registry-client.js'
+import type { RegistryClient } from '../packages/registry/registry-client.js'
 
 /** A manifest (or index) as the registry stored it, with the digest of exactly these bytes. */
 export interface FetchedManifest {

@@ -7,7 +7,7 @@ import { DownloadSlots, type DownloadSlotsOptions } from './download-slots.js'
 import { Fill } from './fill.js'
 import { describe, type PackageLogger } from './log.js'
 import type { LayerRef } from './manifest.js'
-import type { RegistryClient } from './registry-client.js'
+import type { RegistryClient } from './registry/registry-client.js'
 
 /** The parts of an open cache, attached together (at start, or once a late directory opens). */
 export interface CacheParts {

@@ -5,7 +5,7 @@ import { DigestError } from '../../errors.js'
 import type { TempFile } from './cache/blob-store.js'
 import { FillReader } from './fill-reader.js'
 import type { LayerRef } from './manifest.js'
-import type { BlobResponse } from './registry-client.js'
+import type { BlobResponse } from './registry/registry-client.js'
 import { openLayer, resumableDownload } from './resumable-download.js'
 
 export type { TempFile } from './cache/blob-store.js'

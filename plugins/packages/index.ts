@@ -9,9 +9,9 @@ import { CacheLifecycle } from './cache-lifecycle.js'
 import type { DownloadSlotsOptions } from './download-slots.js'
 import type { PackageLogger } from './log.js'
 import { PackageService } from './package-service.js'
-import { RegistryClient } from './registry-client.js'
+import { RegistryClient } from './registry/registry-client.js'
 import { cacheRoutes, packageRoutes } from './routes.js'
-import type { RegistryTimeouts } from './transport.js'
+import type { RegistryTimeouts } from './registry/transport.js'
 
 export interface PackagesOptions {
   sources: SourceSet

@@ -7,7 +7,7 @@ import { DownloadSlots, type DownloadSlotsOptions } from './download-slots.js'
 import { Downloads, type CacheParts, type FillOutcome } from './downloads.js'
 import { describe, type PackageLogger } from './log.js'
 import { parseManifest, verifyDigest, type LayerRef } from './manifest.js'
-import type { RegistryClient } from './registry-client.js'
+import type { RegistryClient } from './registry/registry-client.js'
 
 export type { CacheParts, FillOutcome } from './downloads.js'
 

@@ -1,5 +1,5 @@
 import { TimeoutError, UpstreamError } from '../../errors.js'
-import type { BlobResponse } from './registry-client.js'
+import type { BlobResponse } from './registry/registry-client.js'
 
 /** How often one download resumes a broken connection before giving up. */
 export const MAX_RESUMES = 3

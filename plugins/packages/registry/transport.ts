@@ -3,7 +3,7 @@ import https from 'node:https'
 import type { Duplex } from 'node:stream'
 import { rootCertificates } from 'node:tls'
 import { HttpsProxyAgent } from 'https-proxy-agent'
-import { TimeoutError } from '../../errors.js'
+import { TimeoutError } from '../../../errors.js'
 
 /** How long the proxy waits on a registry; each expiry becomes a 504. */
 export interface RegistryTimeouts {

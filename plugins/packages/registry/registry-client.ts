@@ -1,8 +1,10 @@
-import { PassThrough, type Readable } from 'node:stream'
-import axios, { type AxiosResponse } from 'axios'
-import { NotFoundError, ProxyError, TimeoutError, UpstreamError } from '../../errors.js'
-import type { RegistrySource } from '../credentials/source.js'
+import type { Readable } from 'node:stream'
+import type { AxiosResponse } from 'axios'
+import { NotFoundError, UpstreamError } from '../../../errors.js'
+import type { RegistrySource } from '../../credentials/source.js'
 import { parseChallenge, type Challenge } from './auth-challenge.js'
+import { checkRealm, guardBody, headerText, nextPageLink, parseTagPage, parseTokenResponse, readLimited, retryDelayMs, sleep } from './http.js'
+import { sendOnce, type SendContext } from './send.js'
 import { TokenCache } from './token-cache.js'
 import { DEFAULT_TIMEOUTS, Transport, type RegistryTimeouts } from './transport.js'
 
@@ -26,35 +28,6 @@ export const MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 const REDIRECTS = new Set([301, 302, 303, 307, 308])
 const RETRYABLE = new Set([429, 502, 503, 504])
 const MAX_RETRIES = 2
-/** The longest `Retry-After` we wait out inside one client request. */
-export const MAX_RETRY_AFTER_MS = 10_000
-
-/** The pause before retry `attempt` (0-based): `Retry-After` if given, else 250 ms doubling. */
-export function retryDelayMs(retryAfter: string | undefined, attempt: number, now = Date.now()): number | undefined {
-  if (retryAfter === undefined || retryAfter.trim() === '') return 250 * 2 ** attempt
-  const seconds = /^\s*\d+\s*$/.test(retryAfter) ? Number(retryAfter) * 1000 : Date.parse(retryAfter) - now
-  if (!Number.isFinite(seconds)) return 250 * 2 ** attempt
-  const ms = Math.max(0, seconds)
-  return ms > MAX_RETRY_AFTER_MS ? undefined : ms
-}
-
-function sleep(ms: number, signal: AbortSignal | undefined): Promise<void> {
-  return new Promise((resolve, reject) => {
-    if (signal?.aborted) {
-      reject(signal.reason instanceof Error ? signal.reason : new UpstreamError('request cancelled'))
-      return
-    }
-    const onAbort = (): void => {
-      clearTimeout(timer)
-      reject(signal?.reason instanceof Error ? signal.reason : new UpstreamError('request cancelled'))
-    }
-    const timer = setTimeout(() => {
-      signal?.removeEventListener('abort', onAbort)
-      resolve()
-    }, ms)
-    signal?.addEventListener('abort', onAbort, { once: true })
-  })
-}
 const MAX_REDIRECTS = 5
 
 export interface RegistryClientOptions {
@@ -84,7 +57,7 @@ export class RegistryClient {
   readonly #timeouts: RegistryTimeouts
   readonly #transport: Transport
   readonly #tokens: TokenCache
-  readonly #observe: UpstreamObserver
+  readonly #send: SendContext
   /** What each source's registry asked for last time, so later requests authenticate up front. */
   readonly #schemes = new WeakMap<RegistrySource, Challenge>()
   /** Token cache keys use a per-object id: a source replaced with new credentials gets new tokens. */
@@ -94,7 +67,7 @@ export class RegistryClient {
   constructor(options: RegistryClientOptions = {}) {
     this.#timeouts = { ...DEFAULT_TIMEOUTS, ...options.timeouts }
     this.#transport = new Transport(this.#timeouts, options.env ?? process.env)
-    this.#observe = options.observe ?? (() => undefined)
+    this.#send = { transport: this.#transport, timeouts: this.#timeouts, observe: options.observe ?? (() => undefined) }
     this.#tokens = new TokenCache(Date.now, options.maxTokens)
   }
 
@@ -163,7 +136,7 @@ export class RegistryClient {
 
   /**
    * Retries a request the registry asked us to repeat (429, 502, 503, 504), honouring
-   * `Retry-After` up to {@link MAX_RETRY_AFTER_MS}; a registry that wants a longer pause gets
+   * `Retry-After` up to 10 s (`MAX_RETRY_AFTER_MS`); a registry that wants a longer pause gets
    * its error passed on at once (the bootstrap scripts retry on their own schedule).
    */
   async #retrying(
@@ -257,17 +230,7 @@ export class RegistryClient {
     }
     // No caller can cancel this read (see #authorization): the idle timeout bounds it.
     const text = (await readLimited(guardBody(res.data, this.#timeouts.idleMs), 1024 * 1024, 'token')).toString('utf8')
-    let doc: { token?: unknown; access_token?: unknown; expires_in?: unknown }
-    try {
-      doc = JSON.parse(text) as typeof doc
-    } catch {
-      throw new UpstreamError('token server sent a response that is not JSON')
-    }
-    const token = typeof doc.token === 'string' && doc.token ? doc.token : typeof doc.access_token === 'string' ? doc.access_token : ''
-    if (!token) throw new UpstreamError('token server sent no token')
-    // The distribution spec: a missing or too small expires_in means 60 seconds.
-    const expiresIn = typeof doc.expires_in === 'number' && doc.expires_in >= 60 ? doc.expires_in : 60
-    return { token, expiresIn }
+    return parseTokenResponse(text)
   }
 
   /**
@@ -288,7 +251,7 @@ export class RegistryClient {
       const sameOrigin = new URL(current).origin === origin
       const sent = { ...headers }
       if (!sameOrigin) delete sent.Authorization
-      const res = await this.#once(source, kind, current, sent, signal)
+      const res = await sendOnce(this.#send, source, kind, current, sent, signal)
       const location = headerText(res.headers.location)
       if (!REDIRECTS.has(res.status) || !location) return { res, redirected: !sameOrigin }
       res.data.resume()
@@ -297,60 +260,6 @@ export class RegistryClient {
       current = next.href
     }
     throw new UpstreamError(`registry redirected more than ${MAX_REDIRECTS} times`)
-  }
-
-  async #once(
-    source: RegistrySource,
-    kind: UpstreamKind,
-    url: string,
-    headers: Record<string, string>,
-    signal: AbortSignal | undefined,
-  ): Promise<AxiosResponse<Readable>> {
-    const started = process.hrtime.bigint()
-    const headersTimer = new AbortController()
-    const timer = setTimeout(() => headersTimer.abort(new TimeoutError('headers', this.#timeouts.headersMs)), this.#timeouts.headersMs)
-    const combined = signal ? AbortSignal.any([signal, headersTimer.signal]) : headersTimer.signal
-    const seconds = (): number => Number(process.hrtime.bigint() - started) / 1e9
-    let staleRetries = 0
-    let resetRetries = 0
-    try {
-      for (;;) {
-        try {
-          const res = await axios.request<Readable>({
-            url,
-            method: 'GET',
-            headers: { 'User-Agent': 'registry-packages-proxy', ...headers },
-            responseType: 'stream',
-            // Layers are gzip files: deliver the bytes exactly as stored, they are what the digest covers.
-            decompress: false,
-            maxRedirects: 0,
-            validateStatus: () => true,
-            signal: combined,
-            ...this.#transport.optionsFor(url, source.ca),
-          })
-          this.#observe(kind, res.status, seconds())
-          return res
-        } catch (err) {
-          this.#observe(kind, 'error', seconds())
-          const reset = resetBeforeAnswer(err)
-          if (reset !== undefined && !combined.aborted) {
-            // A pooled keep-alive connection that the registry closed just as we reused it (the
-            // race Node documents for `reusedSocket`): the request never reached the registry,
-            // and it is a GET, so it goes out again, within the same timeout. Several pooled
-            // sockets can go stale at once (the registry's idle timeout closes them together,
-            // and a busy event loop has not seen their FINs yet), so a few tries.
-            if (reset === 'reused' && staleRetries++ < MAX_STALE_RETRIES) continue
-            // A new connection reset before any answer: a load balancer draining a backend or
-            // a registry restarting. The GET is safe to repeat, once; a second reset is a
-            // registry that is really down, and the client hears of it at once.
-            if (reset === 'new' && resetRetries++ < 1) continue
-          }
-          throw translate(err, headersTimer.signal, signal, source)
-        }
-      }
-    } finally {
-      clearTimeout(timer)
-    }
   }
 
   /**
@@ -373,17 +282,7 @@ export class RegistryClient {
         throw new UpstreamError(`registry answered ${res.status} for the tag list`, res.status)
       }
       const text = (await readLimited(res.data, MAX_MANIFEST_BYTES, 'tag list')).toString('utf8')
-      let doc: { tags?: unknown }
-      try {
-        doc = JSON.parse(text) as typeof doc
-      } catch {
-        throw new UpstreamError('registry sent a tag list that is not JSON')
-      }
-      // distribution answers `"tags": null` for a repository whose tags were all deleted.
-      if (doc.tags !== null && doc.tags !== undefined && (!Array.isArray(doc.tags) || !doc.tags.every((x) => typeof x === 'string'))) {
-        throw new UpstreamError('registry sent a tag list without a tags array')
-      }
-      tags.push(...(doc.tags ?? []))
+      tags.push(...parseTagPage(text))
       const next = nextPageLink(headerText(res.headers.link))
       if (next === undefined) return tags
       const url = new URL(next, base)
@@ -399,127 +298,3 @@ export class RegistryClient {
 
 /** A bound on tag-list pages: a registry whose Links loop cannot keep a request forever. */
 const MAX_TAG_PAGES = 1000
-
-/** The target of `rel="next"` in an RFC 8288 `Link` header, as registries send it. */
-export function nextPageLink(header: string | undefined): string | undefined {
-  if (!header) return undefined
-  for (const part of header.split(/,(?=\s*<)/)) {
-    const m = /^\s*<([^>]*)>\s*;(.*)$/.exec(part)
-    if (m && /(?:^|;)\s*rel\s*=\s*"?(?:[^";]*\s)?next(?:\s[^";]*)?"?\s*(?:;|$)/i.test(m[2] ?? '')) return m[1]
-  }
-  return undefined
-}
-
-/** How many stale pooled connections one request may run into before its error is passed on. */
-const MAX_STALE_RETRIES = 8
-
-/**
- * Whether a request failed because its connection was reset or closed before any response
- * came, and whether that connection was a `reused` pooled one or a `new` one.
- */
-function resetBeforeAnswer(err: unknown): 'reused' | 'new' | undefined {
-  if (!axios.isAxiosError(err) || err.response !== undefined) return undefined
-  if (err.code !== 'ECONNRESET' && err.code !== 'EPIPE') return undefined
-  return (err.request as { reusedSocket?: unknown } | undefined)?.reusedSocket === true ? 'reused' : 'new'
-}
-
-/**
- * Refuses a token realm that would expose what is sent to it: an `http://` realm named by an
- * `https://` registry would carry the source's credentials (and bring back the token) in clear
- * text. A realm on another host is fine: the registry itself named it, as Docker allows.
- */
-function checkRealm(source: RegistrySource, realm: string): void {
-  if (source.scheme === 'https' && new URL(realm).protocol !== 'https:') {
-    throw new UpstreamError(`registry ${source.registry} named a token realm over plain http; nothing is sent to it`)
-  }
-}
-
-function headerText(value: unknown): string | undefined {
-  if (Array.isArray(value)) return value.map(String).join(', ')
-  return typeof value === 'string' ? value : undefined
-}
-
-/**
- * Turns an axios/Node failure into our error. The axios error itself is dropped on purpose:
- * it carries the request config, headers included, and must never reach a log.
- */
-function translate(err: unknown, headersTimer: AbortSignal, caller: AbortSignal | undefined, source: RegistrySource): Error {
-  if (headersTimer.aborted && headersTimer.reason instanceof Error) return headersTimer.reason
-  if (caller?.aborted) return caller.reason instanceof Error ? caller.reason : new UpstreamError('request cancelled')
-  for (let e: unknown = err; e instanceof Error; e = e.cause) {
-    if (e instanceof ProxyError) return e
-  }
-  let code = 'error'
-  for (let e: unknown = err; e instanceof Error; e = e.cause) {
-    const c = (e as NodeJS.ErrnoException).code
-    if (typeof c === 'string' && c !== 'ERR_BAD_REQUEST' && !c.startsWith('ERR_BAD_')) {
-      code = c
-      if (!c.startsWith('ERR_')) break
-    }
-  }
-  return new UpstreamError(`connection to registry ${source.registry} failed (${code})`)
-}
-
-/** Reads a small body whole, refusing more than `limit` bytes. */
-async function readLimited(body: Readable, limit: number, what: string): Promise<Buffer> {
-  const chunks: Buffer[] = []
-  let size = 0
-  try {
-    for await (const chunk of body) {
-      const buf = chunk as Buffer
-      size += buf.length
-      if (size > limit) {
-        body.destroy()
-        throw new UpstreamError(`${what} is larger than ${limit} bytes`)
-      }
-      chunks.push(buf)
-    }
-  } catch (err) {
-    if (err instanceof ProxyError) throw err
-    throw new UpstreamError(`registry broke off the ${what} (${(err as NodeJS.ErrnoException).code ?? 'error'})`)
-  }
-  return Buffer.concat(chunks)
-}
-
-/**
- * Re-exposes a response body so that (1) a stall longer than `idleMs` while the consumer is
- * asking for data fails it with a {@link TimeoutError}, and (2) any socket error surfaces as an
- * {@link UpstreamError} without the raw error's internals. Time spent paused by a slow consumer
- * does not count as idle.
- */
-function guardBody(res: Readable, idleMs: number): Readable {
-  const out = new PassThrough({ highWaterMark: 64 * 1024 })
-  const timer = setTimeout(function check() {
-    if (res.isPaused()) {
-      timer.refresh()
-      return
-    }
-    fail(new TimeoutError('idle', idleMs))
-  }, idleMs)
-  let failed = false
-  const fail = (err: Error): void => {
-    // First cause wins: destroying the socket below makes it emit its own, vaguer errors.
-    if (failed) return
-    failed = true
-    clearTimeout(timer)
-    out.destroy(err)
-    res.destroy()
-  }
-  res.pipe(out)
-  res.on('data', () => timer.refresh())
-  res.on('end', () => clearTimeout(timer))
-  res.on('aborted', () => fail(new UpstreamError('registry closed the connection mid-body')))
-  res.on('error', (err: NodeJS.ErrnoException) => {
-    if (err instanceof ProxyError) fail(err)
-    else fail(new UpstreamError(`registry connection broke mid-body (${err.code ?? 'error'})`))
-  })
-  // A premature close without 'error' (the socket just ended) must not look like success.
-  res.on('close', () => {
-    if (!res.readableEnded) fail(new UpstreamError('registry closed the connection mid-body'))
-  })
-  out.on('close', () => {
-    clearTimeout(timer)
-    if (!res.readableEnded) res.destroy()
-  })
-  return out
-}

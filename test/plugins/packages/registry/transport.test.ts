@@ -1,10 +1,10 @@
 import { createServer, request, type IncomingMessage, type ServerResponse } from 'node:http'
 import t from 'tap'
-import { parseRegistryConfig } from '../../../plugins/credentials/file-source.js'
-import { RegistryClient } from '../../../plugins/packages/registry-client.js'
-import { Transport, proxyForUrl, DEFAULT_TIMEOUTS } from '../../../plugins/packages/transport.js'
-import { FakeRegistry } from '../../fixtures/fake-registry.js'
-import { DEFAULT_PREFIX, bytes } from '../../fixtures/proxy-harness.js'
+import { parseRegistryConfig } from '../../../../plugins/credentials/file-source.js'
+import { RegistryClient } from '../../../../plugins/packages/registry/registry-client.js'
+import { Transport, proxyForUrl, DEFAULT_TIMEOUTS } from '../../../../plugins/packages/registry/transport.js'
+import { FakeRegistry } from '../../../fixtures/fake-registry.js'
+import { DEFAULT_PREFIX, bytes } from '../../../fixtures/proxy-harness.js'
 
 void t.test('proxyForUrl: which variable applies', (t) => {
   const env = { HTTPS_PROXY: 'http://secure-proxy:3128', HTTP_PROXY: 'http://plain-proxy:3128' }

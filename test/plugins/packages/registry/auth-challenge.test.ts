@@ -1,5 +1,5 @@
 import t from 'tap'
-import { parseChallenge } from '../../../plugins/packages/auth-challenge.js'
+import { parseChallenge } from '../../../../plugins/packages/registry/auth-challenge.js'
 
 void t.test('Bearer challenges', (t) => {
   t.same(parseChallenge('Bearer realm="https://auth.example.com/token",service="registry.example.com",scope="repository:a/b:pull"'), {

@@ -1,8 +1,9 @@
 /** Tag-list pagination in the registry client: the Link header, and Links that must not be followed. */
 import { createServer } from 'node:http'
 import t from 'tap'
-import type { RegistrySource } from '../../../plugins/credentials/source.js'
-import { nextPageLink, RegistryClient } from '../../../plugins/packages/registry-client.js'
+import type { RegistrySource } from '../../../../plugins/credentials/source.js'
+import { nextPageLink } from '../../../../plugins/packages/registry/http.js'
+import { RegistryClient } from '../../../../plugins/packages/registry/registry-client.js'
 
 void t.test('nextPageLink reads rel="next" the way registries send it', (t) => {
   t.equal(nextPageLink('</v2/a/tags/list?last=x&n=100>; rel="next"'), '/v2/a/tags/list?last=x&n=100')

@@ -1,5 +1,5 @@
 import t from 'tap'
-import { MAX_TOKENS, TokenCache } from '../../../plugins/packages/token-cache.js'
+import { MAX_TOKENS, TokenCache } from '../../../../plugins/packages/registry/token-cache.js'
 
 void t.test('tokens are reused until shortly before they expire', async (t) => {
   let now = 1_000_000

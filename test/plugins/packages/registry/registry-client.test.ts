@@ -5,12 +5,12 @@ import { createServer as createHttpsServer } from 'node:https'
 import { createServer } from 'node:net'
 import { join } from 'node:path'
 import t, { type Test } from 'tap'
-import { NotFoundError, TimeoutError, UpstreamError } from '../../../errors.js'
-import { parseRegistryConfig } from '../../../plugins/credentials/file-source.js'
-import type { RegistrySource } from '../../../plugins/credentials/source.js'
-import { MANIFEST_ACCEPT, MAX_MANIFEST_BYTES, RegistryClient, type UpstreamKind } from '../../../plugins/packages/registry-client.js'
-import { FakeRegistry, MEDIA_TYPES } from '../../fixtures/fake-registry.js'
-import { DEFAULT_PREFIX, MODULE_PREFIX, bytes, dockerConfig, packageUrl, startHarness, waitCached } from '../../fixtures/proxy-harness.js'
+import { NotFoundError, TimeoutError, UpstreamError } from '../../../../errors.js'
+import { parseRegistryConfig } from '../../../../plugins/credentials/file-source.js'
+import type { RegistrySource } from '../../../../plugins/credentials/source.js'
+import { MANIFEST_ACCEPT, MAX_MANIFEST_BYTES, RegistryClient, type UpstreamKind } from '../../../../plugins/packages/registry/registry-client.js'
+import { FakeRegistry, MEDIA_TYPES } from '../../../fixtures/fake-registry.js'
+import { DEFAULT_PREFIX, MODULE_PREFIX, bytes, dockerConfig, packageUrl, startHarness, waitCached } from '../../../fixtures/proxy-harness.js'
 
 function basic(username: string, password: string): string {
   return `Basic ${Buffer.from(`${username}:${password}`).toString('base64')}`
