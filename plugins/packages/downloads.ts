@@ -1,20 +1,15 @@
 import { TimeoutError } from '../../errors.js'
 import type { RegistrySource } from '../credentials/source.js'
-import type { BlobCache, Lease, Reservation } from './cache/blob-cache.js'
+import type { Lease, Reservation } from './cache/blob-cache.js'
 import type { BlobStore } from './cache/blob-store.js'
-import type { CacheIndex } from './cache/cache-index.js'
+import type { CacheParts } from './cache/open-cache.js'
 import { DownloadSlots, type DownloadSlotsOptions } from './download-slots.js'
 import { Fill } from './fill.js'
 import { describe, type PackageLogger } from './log.js'
 import type { LayerRef } from './manifest.js'
 import type { RegistryClient } from './registry/registry-client.js'
 
-/** The parts of an open cache, attached together (at start, or once a late directory opens). */
-export interface CacheParts {
-  cache: BlobCache
-  index: CacheIndex
-  store: BlobStore
-}
+export type { CacheParts } from './cache/open-cache.js'
 
 /** How a download ended: cached, failed upstream or on verification, served uncached. */
 export type FillOutcome = 'committed' | 'failed' | 'disk-error' | 'commit-error' | 'uncached'

@@ -1,10 +1,16 @@
-import type { CacheParts } from '../downloads.js'
 import { writeAdminToken } from './admin-token.js'
 import { describe, type PackageLogger } from '../log.js'
 import { BlobCache, type RemovalReason } from './blob-cache.js'
 import { BlobStore } from './blob-store.js'
 import { CacheIndex } from './cache-index.js'
 import { reconcile } from './reconcile.js'
+
+/** The parts of an open cache, attached together (at start, or once a late directory opens). */
+export interface CacheParts {
+  cache: BlobCache
+  index: CacheIndex
+  store: BlobStore
+}
 
 export interface OpenCacheOptions {
   directory: string

@@ -4,15 +4,11 @@ import { NotFoundError, UpstreamError } from '../../../errors.js'
 import type { RegistrySource } from '../../credentials/source.js'
 import { parseChallenge, type Challenge } from './auth-challenge.js'
 import { checkRealm, guardBody, headerText, nextPageLink, parseTagPage, parseTokenResponse, readLimited, retryDelayMs, sleep } from './http.js'
-import { sendOnce, type SendContext } from './send.js'
+import { sendOnce, type SendContext, type UpstreamKind, type UpstreamObserver } from './send.js'
 import { TokenCache } from './token-cache.js'
 import { DEFAULT_TIMEOUTS, Transport, type RegistryTimeouts } from './transport.js'
 
-/** The upstream call kinds, as metric labels. */
-export type UpstreamKind = 'manifest' | 'blob' | 'token'
-
-/** Told about every upstream HTTP exchange (for metrics); never given URLs or headers. */
-export type UpstreamObserver = (kind: UpstreamKind, status: number | 'error', seconds: number) => void
+export type { UpstreamKind, UpstreamObserver } from './send.js'
 
 /** Everything a registry may answer for a manifest digest, best first. */
 export const MANIFEST_ACCEPT = [

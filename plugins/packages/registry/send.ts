@@ -3,8 +3,13 @@ import axios, { type AxiosResponse } from 'axios'
 import { TimeoutError } from '../../../errors.js'
 import type { RegistrySource } from '../../credentials/source.js'
 import { MAX_STALE_RETRIES, resetBeforeAnswer, translate } from './http.js'
-import type { UpstreamKind, UpstreamObserver } from './registry-client.js'
 import type { RegistryTimeouts, Transport } from './transport.js'
+
+/** The upstream call kinds, as metric labels. */
+export type UpstreamKind = 'manifest' | 'blob' | 'token'
+
+/** Told about every upstream HTTP exchange (for metrics); never given URLs or headers. */
+export type UpstreamObserver = (kind: UpstreamKind, status: number | 'error', seconds: number) => void
 
 /** What one send needs: connections, timeouts, and whom to tell about the exchange. */
 export interface SendContext {
