@@ -132,7 +132,7 @@ export class Children {
 /** Starts `dist/main.js` on `port`; resolves once `/readyz` answers 200. */
 export async function startProxy(
   children: Children,
-  o: { configPath: string; cacheDir: string; port: number; logFile: string; nodeArgs?: string[] },
+  o: { configPath: string; cacheDir: string; port: number; logFile: string; nodeArgs?: string[]; logLevel?: string },
 ): Promise<ChildProcess> {
   const child = children.spawn(
     process.execPath,
@@ -143,7 +143,7 @@ export async function startProxy(
       `--cache-directory=${o.cacheDir}`,
       '--cache-retention-size=2Gi',
       `--listen-address=127.0.0.1:${o.port}`,
-      '--log-level=warn',
+      `--log-level=${o.logLevel ?? 'warn'}`,
     ],
     o.logFile,
   )
