@@ -11,6 +11,8 @@ export const READ_CHUNK = 64 * 1024
 export interface ReaderSource {
   readonly state: 'running' | 'verified' | 'failed'
   readonly error: Error | undefined
+  /** Bytes received so far. */
+  readonly written: number
   /** How many bytes from the start a reader whose range ends at `end` may take now. */
   readable(end: number): number
   read(buffer: Buffer, length: number, position: number): Promise<number>
@@ -32,6 +34,8 @@ export class FillReader extends Readable {
   readonly #end: number
   #reading = false
   #released = false
+  /** The range's last byte, taken out of the download early, until the digest is proven. */
+  #parked: Buffer | undefined
 
   constructor(source: ReaderSource, start: number, end: number) {
     super({ highWaterMark: READ_CHUNK })
@@ -43,6 +47,15 @@ export class FillReader extends Readable {
 
   get position(): number {
     return this.#pos
+  }
+
+  /**
+   * The first byte this reader still needs from the download's memory: none once it has
+   * parked its last byte (a range that ends before the layer does must not hold a shared
+   * window, and everyone on it, until the whole layer is verified).
+   */
+  get holdsFrom(): number {
+    return this.#parked ? Number.POSITIVE_INFINITY : this.#pos
   }
 
   /** True when this reader has taken every byte there is so far and waits for more. */
@@ -64,6 +77,12 @@ export class FillReader extends Readable {
         this.push(null)
         return
       }
+      if (this.#parked && this.#source.state === 'verified') {
+        this.#pos++
+        this.#reading = false
+        this.push(this.#parked)
+        continue
+      }
       const limit = this.#source.readable(this.#end)
       if (this.#pos < limit) {
         const length = Math.min(READ_CHUNK, limit - this.#pos)
@@ -80,6 +99,13 @@ export class FillReader extends Readable {
         return
       }
       if (this.#source.state === 'failed') throw this.#source.error ?? new Error('download failed')
+      if (!this.#parked && this.#pos === this.#end && this.#source.written > this.#end) {
+        const byte = Buffer.allocUnsafe(1)
+        if ((await this.#source.read(byte, 1, this.#end)) !== 1) throw new Error('download is shorter than recorded')
+        this.#parked = byte
+        this.#source.advanced()
+        continue
+      }
       await this.#source.progress()
     }
   }

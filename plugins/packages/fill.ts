@@ -186,8 +186,8 @@ export class Fill extends EventEmitter {
   #cutLaggards(): void {
     const readers = [...this.#readers]
     if (!readers.some((r) => r.waiting)) return
-    const min = Math.min(...readers.map((r) => r.position))
-    for (const r of readers) if (r.position === min && !r.waiting) r.destroy(new LaggardError())
+    const min = Math.min(...readers.map((r) => r.holdsFrom))
+    for (const r of readers) if (r.holdsFrom === min && !r.waiting) r.destroy(new LaggardError())
   }
 
   /**
@@ -198,7 +198,7 @@ export class Fill extends EventEmitter {
   #trimMemory(): void {
     if (!this.#hadReader) return
     let min = this.written
-    for (const r of this.#readers) min = Math.min(min, r.position)
+    for (const r of this.#readers) min = Math.min(min, r.holdsFrom)
     while (this.written - this.#memStart > MEMORY_WINDOW && this.#mem.length > 0 && this.#memStart + (this.#mem[0]?.length ?? 0) <= min) {
       this.#memStart += this.#mem.shift()?.length ?? 0
     }

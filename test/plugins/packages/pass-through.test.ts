@@ -201,3 +201,23 @@ void t.test('a layer bigger than the cache limit is served byte-exact and not ca
   await h.proxy.server.start()
   assertNotComplete(t, await fetchRaw(`${h.proxy.server.info.uri}${url}`), 'a corrupt oversized layer')
 })
+
+void t.test('a range that ends before the layer does never holds up an uncached download (it parks its last byte)', async (t) => {
+  const h = await startHarness(t, { disableCache: true })
+  const data = bytes(8 * 1024 * 1024, 36)
+  const image = h.registry.addImage(DEFAULT_PREFIX, [data])
+  h.registry.faults = { blobChunkSize: 256 * 1024, blobChunkDelayMs: 2 }
+  await h.proxy.server.start()
+  const url = `${h.proxy.server.info.uri}${packageUrl({ digest: image.manifestDigest })}`
+  const began = Date.now()
+  const [range, whole] = await Promise.all([fetchRaw(url, { headers: { range: 'bytes=0-9' } }), fetchRaw(url)])
+  const ms = Date.now() - began
+  t.same([range.status, range.complete], [206, true])
+  t.ok(range.body.equals(data.subarray(0, 10)), 'the range is exact')
+  t.same([whole.status, whole.complete], [200, true])
+  t.ok(whole.body.equals(data), 'the whole layer is exact')
+  t.equal(h.registry.counts.blob, 1, 'one download served both')
+  // Without parking, the range reader pinned the 2 MiB window at byte 9 until the socket's
+  // idle timeout (300 s); the laggard cut-off never applied to it, since it was "waiting".
+  t.ok(ms < 8000, `both done in ${ms} ms`)
+})
