@@ -3,7 +3,7 @@ import { open } from 'node:fs/promises'
 import type { Readable } from 'node:stream'
 import type { BlobCache } from './cache/blob-cache.js'
 import { HotCache } from './cache/memory-cache.js'
-import { verifyEntry, type Verdict } from './cache/verify.js'
+import { fileStamp, verifyEntry, type Verdict } from './cache/verify.js'
 import { READ_CHUNK } from './fill-reader.js'
 import type { PackageLogger } from './log.js'
 
@@ -54,17 +54,6 @@ export class CachedReads {
       const data = await this.hot.load(digest, () => this.#readVerified(cache, digest), () => cache.has(digest))
       return data ? { buffer: data.subarray(start, end + 1) } : undefined
     }
-    // A file this process has not hashed yet (it was on disk at start) is checked once, before
-    // its first byte goes out: one read of the file for all the requests that wait, so a file
-    // damaged while the proxy was down (a torn write, a bad disk) is never served, and costs a
-    // registry download instead.
-    if (!lease.verified) {
-      const verdict = await this.#verify(cache, digest)
-      if (verdict !== 'intact') {
-        lease.release()
-        return undefined
-      }
-    }
     let handle
     try {
       handle = await open(lease.path, 'r')
@@ -74,6 +63,21 @@ export class CachedReads {
       this.#o.log.error({ err: { code: (err as NodeJS.ErrnoException).code }, layer: digest }, 'a cached file could not be opened; treating it as corrupt')
       this.#corrupt(cache, digest)
       return undefined
+    }
+    // A file this process has not hashed yet (it was on disk at start), or one written to since
+    // it was (its inode, size or times changed), is hashed once before its first byte goes
+    // out, for all the requests that wait: a file damaged while the proxy was down or by a
+    // stray hand is never served, and costs a registry download instead. Silent rot that
+    // changes no times is the scrubber's to find.
+    const stamp = fileStamp(await handle.stat())
+    if (lease.verified && lease.stamp === undefined) lease.markVerified(stamp)
+    else if (!lease.verified || lease.stamp !== stamp) {
+      const verdict = await this.#verify(cache, digest)
+      if (verdict !== 'intact') {
+        await handle.close().catch(() => undefined)
+        lease.release()
+        return undefined
+      }
     }
     const stream = handle.createReadStream({ start, end, highWaterMark: READ_CHUNK })
     stream.once('close', () => lease.release())
@@ -105,7 +109,9 @@ export class CachedReads {
     try {
       const handle = await open(lease.path, 'r')
       let data: Buffer
+      let stamp: string
       try {
+        stamp = fileStamp(await handle.stat())
         data = await handle.readFile()
       } finally {
         await handle.close().catch(() => undefined)
@@ -113,7 +119,7 @@ export class CachedReads {
       // Hashing once per load (not per hit) costs little and catches a file damaged on disk.
       const found = `sha256:${createHash('sha256').update(data).digest('hex')}`
       if (data.length === lease.size && found === digest) {
-        lease.markVerified()
+        lease.markVerified(stamp)
         return data
       }
       this.#o.log.error({ layer: digest, found, bytes: data.length }, 'a cached file does not match its digest; removing it')

@@ -47,6 +47,7 @@ export class Downloads {
   readonly #flights = new Map<string, Promise<Fill>>()
   readonly #finished = new WeakMap<Fill, Promise<void>>()
   readonly #running = new Set<Promise<void>>()
+  #fills = 0
   /** Downloads whose file is still open by readers (their space is still held). */
   readonly #open = new Set<Promise<void>>()
   readonly slots: DownloadSlots
@@ -57,9 +58,14 @@ export class Downloads {
     this.slots = new DownloadSlots(options.slots, this.#aborter.signal)
   }
 
-  /** Downloads running or cleaning up. */
+  /** Downloads running or cleaning up, cached or not. */
   get active(): number {
     return this.#running.size
+  }
+
+  /** Of those, the cache fills (a temp file, to be committed): the fills-in-flight gauge. */
+  get fills(): number {
+    return this.#fills
   }
 
   /**
@@ -118,6 +124,7 @@ export class Downloads {
   ): Fill {
     const fill = new Fill(layer, temp, this.#o.laggardMs)
     const kind = temp ? 'fill' : 'pass-through'
+    if (temp) this.#fills++
     // A failed download leaves the map the moment it fails, so a request arriving during its
     // clean-up starts a new one instead of inheriting the failure.
     fill.on('progress', () => {
@@ -158,6 +165,7 @@ export class Downloads {
       })
       .then((outcome) => this.#o.onFillDone?.(outcome, Number(process.hrtime.bigint() - began) / 1e9, fill.error ?? fill.diskError))
       .finally(() => {
+        if (temp) this.#fills--
         clearTimeout(timer)
         releaseSlot()
         forget()

@@ -105,7 +105,7 @@ export const packagesPlugin: Plugin<PackagesOptions> = {
         usedBytes: c?.usedBytes ?? 0,
         reservedBytes: c?.reservedBytes ?? 0,
         heldBytes: c?.heldBytes ?? 0,
-        fillsInFlight: service.activeFills,
+        fillsInFlight: service.cacheFills,
         evictions: removed.reduce((n, r) => n + r.count, 0),
         evictedBytes: removed.reduce((n, r) => n + r.bytes, 0),
       }
@@ -115,7 +115,7 @@ export const packagesPlugin: Plugin<PackagesOptions> = {
       limitBytes: () => (service.cache ? o.limitBytes : 0),
       entries: () => service.cache?.entryCount ?? 0,
       heldBytes: () => (service.cache ? service.cache.reservedBytes + service.cache.heldBytes : 0),
-      activeFills: () => service.activeFills,
+      activeFills: () => service.cacheFills,
       downloads: () => ({ layer: service.downloads, manifest: service.lookups }),
     })
     const counts: ResultCounts = { hit: 0, miss: 0, coalesced: 0, bypass: 0 }

@@ -107,9 +107,14 @@ export class PackageService {
     this.#reads.hot.delete(digest)
   }
 
-  /** Downloads running or cleaning up. */
+  /** Layer downloads running or cleaning up, cached or not (tests wait for 0). */
   get activeFills(): number {
     return this.#downloads.active
+  }
+
+  /** Downloads into the cache running now (the fills-in-flight gauge, `GET /cache`). */
+  get cacheFills(): number {
+    return this.#downloads.fills
   }
 
   /** Layer downloads holding a slot, and those waiting for one. */

@@ -225,6 +225,29 @@ void t.test('a file damaged while the proxy was down is never served whole, and 
   t.match(metrics, /registry_packages_proxy_evictions_total\{reason="corrupt"\} 2\b/, 'both removals counted as corrupt')
 })
 
+void t.test('a cached file written to while the proxy runs is hashed again before it is served, and replaced', async (t) => {
+  const registry = await FakeRegistry.start()
+  t.teardown(() => registry.close())
+  const image = registry.addImage('deckhouse/ce/live', [bytes(12 * MiB, 510)])
+  const url = packageUrl({ digest: image.manifestDigest, path: 'live' })
+  t.testdir()
+  const cacheDirectory = join(t.testdirName, 'cache')
+  const p = await startProxyProcess(t, { registry, cacheDirectory })
+  t.equal((await fetchHashed(p.base, url)).digest, image.lastLayer.digest, 'a miss')
+  await waitFor(() => cached(p, image.lastLayer.digest), 'cached')
+  t.same((await fetchHashed(p.base, url)).cache, 'HIT', 'a hit from the file')
+  // A stray hand (or a tool) changes bytes in place: same size, same inode.
+  const hex = image.lastLayer.digest.slice('sha256:'.length)
+  const file = join(cacheDirectory, 'blobs', 'sha256', hex.slice(0, 2), hex)
+  const data = readFileSync(file)
+  data[6 * MiB] = (data[6 * MiB] ?? 0) ^ 0xff
+  writeFileSync(file, data)
+  registry.resetCounts()
+  const after = await fetchHashed(p.base, url)
+  t.same([after.status, after.complete, after.digest, after.cache], [200, true, image.lastLayer.digest, 'MISS'], 'never the changed bytes: found before a byte went out, fetched again')
+  t.equal(registry.counts.blob, 1)
+})
+
 for (const mode of ['bigger than the cache', '--disable-cache'] as const) {
   void t.test(`clients of a layer that cannot be cached (${mode}) share one registry download`, async (t) => {
     const registry = await FakeRegistry.start()

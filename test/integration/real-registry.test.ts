@@ -74,7 +74,14 @@ async function startProxy(
     url,
     cacheDir,
     logs,
-    get: (query, init) => request(`${url}/package?${query}`, init),
+    // Each answer waits for the fill behind it to commit: a fill commits (fsync, rename, row)
+    // just after its last byte, and tap removes a test's directory before its teardowns run
+    // when t.testdir() came first, which would pull the cache folder from under that commit.
+    get: async (query, init) => {
+      const res = await request(`${url}/package?${query}`, init)
+      await proxy.packages.service.settled()
+      return res
+    },
     results: () => logs.lines().filter((l) => l.path === '/package').map((l) => l.result),
     upstream: async () => {
       const out: Record<string, number> = {}

@@ -72,4 +72,6 @@ void t.test('CLI tags, platform downloads with Range, and an icon through whiteo
   const older = await proxy.server.inject('/v1/packages/main/fox/metadata/icon/v0.9.0')
   t.equal(older.payload, '<svg>new</svg>')
   t.match(older.headers['content-security-policy'], /default-src 'none'/)
+  // Fills commit just after their last byte; let them finish before tap removes the directory.
+  await proxy.packages.service.settled()
 })

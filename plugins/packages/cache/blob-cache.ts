@@ -17,6 +17,7 @@ interface Entry {
   reason?: RemovalReason
   /** Hashed by this process: committed by it, or re-hashed since start (files from before are not). */
   verified: boolean
+  stamp?: string
 }
 
 export interface BlobCacheOptions {
@@ -125,8 +126,12 @@ export class BlobCache {
       get verified() {
         return entry.verified
       },
-      markVerified: () => {
+      get stamp() {
+        return entry.stamp
+      },
+      markVerified: (stamp?: string) => {
         entry.verified = true
+        if (stamp !== undefined) entry.stamp = stamp
       },
       release: () => {
         if (released) return

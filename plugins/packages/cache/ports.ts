@@ -33,8 +33,13 @@ export interface Lease {
   readonly path: string
   /** Whether this process has hashed the file (it wrote it, or re-hashed it since start). */
   readonly verified: boolean
-  /** Records that the file hashed to its digest. */
-  markVerified(): void
+  /**
+   * The file's identity when it was last known good (inode, size, mtime, ctime): a file whose
+   * identity changed since was written to by someone, and is hashed again before it is served.
+   */
+  readonly stamp: string | undefined
+  /** Records that the file is good, as it is now (`stamp`). */
+  markVerified(stamp?: string): void
   /** Idempotent. */
   release(): void
 }

@@ -27,9 +27,11 @@ export async function verifyEntry(cache: BlobCache, digest: string, o: VerifyOpt
   if (!lease) return { verdict: 'absent', bytes: 0 }
   const hash = createHash('sha256')
   let read = 0
+  let stamp: string | undefined
   try {
     const handle = await open(lease.path, 'r')
     try {
+      stamp = fileStamp(await handle.stat())
       const buffer = Buffer.allocUnsafe(CHUNK)
       for (;;) {
         const began = Date.now()
@@ -56,7 +58,7 @@ export async function verifyEntry(cache: BlobCache, digest: string, o: VerifyOpt
   }
   const found = `sha256:${hash.digest('hex')}`
   if (read === lease.size && found === digest) {
-    lease.markVerified()
+    lease.markVerified(stamp)
     lease.release()
     return { verdict: 'intact', bytes: read }
   }
@@ -69,4 +71,9 @@ async function corrupt(cache: BlobCache, digest: string, size: number, release: 
   release()
   await removing
   return { verdict: 'corrupt', bytes: size }
+}
+
+/** A file's identity for a lease's `stamp`: any write or replacement changes it. */
+export function fileStamp(st: { ino: number; size: number; mtimeMs: number; ctimeMs: number }): string {
+  return `${st.ino}:${st.size}:${st.mtimeMs}:${st.ctimeMs}`
 }
