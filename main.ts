@@ -52,6 +52,9 @@ async function main(argv: string[]): Promise<void> {
       ...(flags.registryConfig ? { registryConfig: flags.registryConfig } : {}),
       ...(flags.kubeconfig ? { kubeconfig: flags.kubeconfig } : {}),
       ...(flags.bootstrap ? { bootstrap: flags.bootstrap } : {}),
+      ...(flags.peers.length > 0
+        ? { peers: { members: flags.peers, timeouts: { firstByteMs: flags.peerTimeoutMs, idleMs: flags.peerTimeoutMs } } }
+        : {}),
       logger,
     })
   } catch (err) {

@@ -13,10 +13,15 @@ import { imagesPlugin } from './plugins/images/index.js'
 import { ManifestResolver } from './plugins/images/manifest-resolver.js'
 import { finalStatus, metricsPlugin } from './plugins/metrics/index.js'
 import { Metrics } from './plugins/metrics/metrics.js'
+import { peerMetrics } from './plugins/metrics/peer-metrics.js'
 import { packagesPlugin, type PackagesApi } from './plugins/packages/index.js'
 import type { DownloadSlotsOptions } from './plugins/packages/download-slots.js'
 import { RegistryClient } from './plugins/packages/registry/registry-client.js'
 import type { RegistryTimeouts } from './plugins/packages/registry/transport.js'
+import { peersPlugin } from './plugins/peers/index.js'
+import { Membership } from './plugins/peers/membership.js'
+import { PEER_RESULTS, PeerClient, type PeerTimeouts } from './plugins/peers/peer-client.js'
+import { Peers } from './plugins/peers/peers.js'
 
 export interface ServerOptions {
   host?: string
@@ -56,6 +61,11 @@ export interface ServerOptions {
   tagTtlMs?: number
   /** `--bootstrap-listen-address` and `--cluster-uuid`: the rpp-get listener (off when absent). */
   bootstrap?: { host: string; port: number; clusterUuid: string }
+  /**
+   * `--peers`: every replica's `host:port` (this one may be among them) for peer fill. `self`
+   * is how the others name this replica (default `host:port` of this server).
+   */
+  peers?: { members: string[]; self?: string; timeouts?: Partial<PeerTimeouts>; downMs?: number }
 }
 
 export interface ProxyServer {
@@ -109,6 +119,8 @@ export async function createServer(o: ServerOptions): Promise<ProxyServer> {
   const sources = new SourceSet()
   const metrics = new Metrics({ collectDefaults: o.collectDefaultMetrics ?? true })
   const log = o.logger
+  const peers = o.peers ? peerFill(o, metrics, log) : undefined
+  if (!peers) peerMetrics(metrics, PEER_RESULTS, () => 1)
 
   await server.register([
     { plugin: metricsPlugin, options: { metrics } },
@@ -140,9 +152,11 @@ export async function createServer(o: ServerOptions): Promise<ProxyServer> {
         ...(o.lookups ? { lookups: o.lookups } : {}),
         ...(o.cacheRetryMs ? { cacheRetryMs: o.cacheRetryMs } : {}),
         scrubBytesPerSecond: o.scrubBytesPerSecond ?? 0,
+        ...(peers ? { peers: peers.peers } : {}),
       },
     },
   ])
+  if (peers) await server.register({ plugin: peersPlugin, options: peers })
   const packages = (server.plugins as unknown as { packages: { api: PackagesApi } }).packages.api
   // The v1 endpoints list tags and read manifests and icon layers themselves; layers they serve
   // whole go through `packages.service`, the same verified, cached path as /package.
@@ -183,7 +197,7 @@ export async function createServer(o: ServerOptions): Promise<ProxyServer> {
   server.events.on('response', (request) => {
     const response = request.response
     const status = finalStatus(request)
-    const app = request.app as { result?: string; error?: unknown; source?: string }
+    const app = request.app as { result?: string; error?: unknown; source?: string; peer?: string }
     const query = request.query as Record<string, unknown>
     const raw = request.raw.res
     // hapi swaps a response whose body broke off for a Boom error; the client saw the headers
@@ -199,7 +213,7 @@ export async function createServer(o: ServerOptions): Promise<ProxyServer> {
       ...(aborted || !raw.writableFinished ? { aborted: true, sentStatus: raw.statusCode } : { bytes: Number(headers['content-length'] ?? 0) }),
       ms: ended ? ended - request.info.received : undefined,
       ...(request.path === '/package'
-        ? { digest: query.digest, repository: query.repository, source: app.source, pkgPath: query.path, result: app.result }
+        ? { digest: query.digest, repository: query.repository, source: app.source, pkgPath: query.path, result: app.result, ...(app.peer ? { peer: app.peer } : {}) }
         : {}),
       ...(request.path.startsWith('/v1/') ? { route: request.route.path, result: app.result } : {}),
       ...(app.error ? { err: app.error } : {}),
@@ -246,4 +260,24 @@ export async function createServer(o: ServerOptions): Promise<ProxyServer> {
   }
   await server.initialize()
   return { server, sources, metrics, packages }
+}
+
+/** The peers of `--peers`: their membership, client and metrics. */
+function peerFill(o: ServerOptions, metrics: Metrics, log: Logger): { peers: Peers; client: PeerClient } {
+  const config = o.peers ?? { members: [] }
+  const membership = new Membership({
+    self: config.self ?? `${o.host ?? '127.0.0.1'}:${o.port ?? 0}`,
+    members: config.members,
+    ...(config.downMs !== undefined ? { downMs: config.downMs } : {}),
+  })
+  const m = peerMetrics(metrics, PEER_RESULTS, () => membership.live().length)
+  const client = new PeerClient(config.timeouts)
+  const peers = new Peers({
+    membership,
+    client,
+    log,
+    onResult: (result) => m.requests.inc({ result }),
+    onFillBytes: (bytes) => m.fillBytes.inc(bytes),
+  })
+  return { peers, client }
 }

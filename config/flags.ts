@@ -17,6 +17,10 @@ export interface Flags {
   logLevel: LogLevel
   /** `--bootstrap-listen-address`: the second, rpp-get-only listener (off when absent). */
   bootstrap?: { host: string; port: number; clusterUuid: string }
+  /** `--peers`: every replica's `host:port` for peer fill (empty: off). */
+  peers: string[]
+  /** `--peer-timeout`: first-byte and idle bound for a peer's answer, in ms. */
+  peerTimeoutMs: number
 }
 
 /** A flag or config problem: main prints the message on one line and exits with code 2. */
@@ -47,6 +51,9 @@ const SPECS: FlagSpec[] = [
   { name: 'log-level', default: 'info' },
   { name: 'bootstrap-listen-address' },
   { name: 'cluster-uuid' },
+  { name: 'peers' },
+  // Peers are near: a peer that says nothing for this long is slower than the registry.
+  { name: 'peer-timeout', default: '5s' },
 ]
 
 export const FLAG_NAMES: readonly string[] = SPECS.map((s) => s.name)
@@ -70,6 +77,28 @@ export function parseListenAddress(text: string, flag = 'listen-address'): { hos
     throw new ConfigError(`--${flag}: "${text}" is not host:port (example: 127.0.0.1:5080)`)
   }
   return { host: m[1] ?? (m[2] || '0.0.0.0'), port }
+}
+
+/** `--peers`: `host:port,host:port,…`, each as `--listen-address` writes it; duplicates dropped. */
+export function parsePeers(text: string): string[] {
+  const members = text
+    .split(',')
+    .map((p) => p.trim())
+    .filter((p) => p !== '')
+  for (const m of members) {
+    const { host, port } = parseListenAddress(m, 'peers')
+    if (host === '0.0.0.0' || port === 0) throw new ConfigError(`--peers: "${m}" is not an address another replica can reach`)
+  }
+  return [...new Set(members)]
+}
+
+/** A duration: `500ms`, `5s`. */
+export function parseDuration(flag: string, text: string): number {
+  const m = /^(\d{1,7})(ms|s)$/.exec(text)
+  if (!m) throw new ConfigError(`--${flag}: "${text}" is not a duration (examples: 500ms, 5s)`)
+  const ms = Number(m[1]) * (m[2] === 's' ? 1000 : 1)
+  if (ms === 0) throw new ConfigError(`--${flag} must be more than 0`)
+  return ms
 }
 
 /**
@@ -131,7 +160,11 @@ export function parseFlags(argv: readonly string[], env: NodeJS.ProcessEnv = pro
     if (!/^[^/?#%\s]{1,128}$/.test(clusterUuid)) throw new ConfigError('--cluster-uuid must be one URL path segment (no "/", "?", "#", "%" or spaces)')
     bootstrap = { ...parseListenAddress(bootstrapAddress, 'bootstrap-listen-address'), clusterUuid }
   }
+  const peers = parsePeers(values.get('peers') ?? '')
+  const peerTimeoutMs = parseDuration('peer-timeout', values.get('peer-timeout') ?? '')
   return {
+    peers,
+    peerTimeoutMs,
     listenHost: listen.host,
     listenPort: listen.port,
     cacheDirectory: resolve(cwd, cacheDirectory),

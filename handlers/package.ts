@@ -1,12 +1,25 @@
 import type { Request, ResponseObject, ResponseToolkit } from '@hapi/hapi'
 import type { SourceSet } from '../plugins/credentials/source-set.js'
 import { verifyDigest } from '../plugins/packages/manifest.js'
+import type { PeerRequest } from '../plugins/packages/peer-port.js'
 import type { PackageResult, PackageService } from '../plugins/packages/package-service.js'
 import { matchesIfNoneMatch, parsePackageQuery, parseRange } from './package-request.js'
 
 function header(request: Request, name: string): string | undefined {
   const v: unknown = request.headers[name]
   return typeof v === 'string' ? v : undefined
+}
+
+/** Marks a request from another replica: `1` (fill if you must, never forward) or `cached`. */
+export const PEER_HEADER = 'x-rpp-peer'
+
+/**
+ * Who sent the request. Anyone may send the header: it only narrows what this replica does
+ * (no peer is asked, or nothing but the cache is used), so it grants nothing.
+ */
+function peerOrigin(request: Request): PeerRequest['from'] {
+  const v = header(request, PEER_HEADER)
+  return v === 'cached' ? 'cached' : v === undefined ? 'client' : 'peer'
 }
 
 export interface PackageHandlerDeps {
@@ -44,7 +57,9 @@ export function packageHandler(deps: PackageHandlerDeps) {
       return common(h.response().code(304))
     }
 
-    const pkg = await deps.packages.resolve(source, name, query.digest)
+    const peer: PeerRequest = { ...query, from: peerOrigin(request) }
+    if (peer.from !== 'client') (request.app as { peer?: string }).peer = peer.from
+    const pkg = await deps.packages.resolve(source, name, query.digest, peer)
     // `*` only now: it means "you have it", which is known once the manifest was found.
     if (matchesIfNoneMatch(ifNoneMatch, etag, true)) {
       deps.onResult?.(request, 'not-modified')
@@ -83,7 +98,7 @@ export function packageHandler(deps: PackageHandlerDeps) {
         .header('X-Cache', pkg.cached ? 'HIT' : 'MISS')
     }
 
-    const body = await deps.packages.open(source, name, pkg, start, end)
+    const body = await deps.packages.open(source, name, pkg, start, end, peer)
     deps.onResult?.(request, body.result)
     if (body.buffer) return withHeaders(h.response(body.buffer)).header('X-Cache', body.result.toUpperCase())
     const stream = body.stream

@@ -5,8 +5,10 @@ import type { BlobStore } from './cache/blob-store.js'
 import type { CacheParts } from './cache/open-cache.js'
 import { DownloadSlots, type DownloadSlotsOptions } from './download-slots.js'
 import { Fill } from './fill.js'
+import { runFromSources } from './fill-sources.js'
 import { describe, type PackageLogger } from './log.js'
 import type { LayerRef } from './manifest.js'
+import type { PeerPort, PeerRequest } from './peer-port.js'
 import type { RegistryClient } from './registry/registry-client.js'
 
 export type { CacheParts } from './cache/open-cache.js'
@@ -24,6 +26,8 @@ export interface DownloadsOptions {
   slots?: Partial<DownloadSlotsOptions>
   onFillDone?: (outcome: FillOutcome, seconds: number, error: Error | undefined) => void
   onResume?: (kind: 'fill' | 'pass-through') => void
+  /** Other replicas, asked before (the layer's owner) and after (any holder) the registry. */
+  peers?: PeerPort | undefined
 }
 
 /** A download a request may read: whether it started it, and whether it is cached. */
@@ -72,8 +76,17 @@ export class Downloads {
    * The download of `layer` a reader of bytes from `start` can follow: the running one, or a
    * new one. Registered synchronously, before any await, so every concurrent request joins the
    * same download (and its place in the queue). Throws a BusyError when the queue is full.
+   * `request` says who asked first (a client, or a peer: whose download never asks peers).
    */
-  async join(source: RegistrySource, name: string, manifestDigest: string, layer: LayerRef, start: number, parts: CacheParts | undefined): Promise<Joined> {
+  async join(
+    source: RegistrySource,
+    name: string,
+    manifestDigest: string,
+    layer: LayerRef,
+    start: number,
+    parts: CacheParts | undefined,
+    request?: PeerRequest,
+  ): Promise<Joined> {
     const running = this.#flights.get(layer.digest)
     if (running) {
       const fill = await running.catch(() => undefined)
@@ -102,9 +115,9 @@ export class Downloads {
       } catch (err) {
         reservation?.release()
         this.#o.log.warn({ err: describe(err), layer: layer.digest }, 'cannot start a cache fill; serving uncached')
-        return this.#run(source, name, manifestDigest, layer, parts, undefined, undefined, releaseSlot, forget)
+        return this.#run({ source, name, manifestDigest, layer, request }, parts, undefined, undefined, releaseSlot, forget)
       }
-      return this.#run(source, name, manifestDigest, layer, parts, reservation, temp, releaseSlot, forget)
+      return this.#run({ source, name, manifestDigest, layer, request }, parts, reservation, temp, releaseSlot, forget)
     })()
     this.#flights.set(layer.digest, flight)
     const fill = await flight
@@ -112,16 +125,14 @@ export class Downloads {
   }
 
   #run(
-    source: RegistrySource,
-    name: string,
-    manifestDigest: string,
-    layer: LayerRef,
+    what: { source: RegistrySource; name: string; manifestDigest: string; layer: LayerRef; request: PeerRequest | undefined },
     parts: CacheParts | undefined,
     reservation: Reservation | undefined,
     temp: Awaited<ReturnType<BlobStore['createTemp']>> | undefined,
     releaseSlot: () => void,
     forget: () => void,
   ): Fill {
+    const { source, name, manifestDigest, layer } = what
     const fill = new Fill(layer, temp, this.#o.laggardMs)
     const kind = temp ? 'fill' : 'pass-through'
     if (temp) this.#fills++
@@ -156,8 +167,8 @@ export class Downloads {
     timer.unref()
     const signal = AbortSignal.any([deadline.signal, this.#aborter.signal])
     const began = process.hrtime.bigint()
-    const settled = fill
-      .run((offset) => this.#o.client.openBlob(source, name, layer.digest, { offset, signal }), signal)
+    const registry = (offset: number): ReturnType<RegistryClient['openBlob']> => this.#o.client.openBlob(source, name, layer.digest, { offset, signal })
+    const settled = runFromSources(fill, { registry, peers: this.#o.peers, request: what.request, signal })
       .then(async () => {
         const result = await this.#finish(fill, manifestDigest, parts, reservation)
         lease = result.lease

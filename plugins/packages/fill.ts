@@ -144,6 +144,18 @@ export class Fill extends EventEmitter {
     }
   }
 
+  /**
+   * Takes the temp file as the whole layer, already written and verified against its digest by
+   * another source (a peer): readers, who saw nothing of it until now, may read it all.
+   */
+  adoptVerified(): void {
+    this.written = this.#fileEnd = this.layer.size
+    this.state = 'verified'
+    this.#settle.started[0]()
+    this.#settle.done[0]()
+    this.emit('progress')
+  }
+
   async #store(chunk: Buffer): Promise<void> {
     if (this.#file && !this.diskError) {
       try {
@@ -271,7 +283,8 @@ interface Settlers {
   closed: () => void
 }
 
-async function writeAll(file: TempFile, chunk: Buffer, position: number): Promise<void> {
+/** Writes all of `chunk` at `position` (a positional write may take less than asked). */
+export async function writeAll(file: TempFile, chunk: Buffer, position: number): Promise<void> {
   let offset = 0
   while (offset < chunk.length) {
     const { bytesWritten } = await file.write(chunk, offset, chunk.length - offset, position + offset)

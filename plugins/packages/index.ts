@@ -8,6 +8,7 @@ import type { CacheIndex } from './cache/cache-index.js'
 import { CacheLifecycle } from './cache-lifecycle.js'
 import type { DownloadSlotsOptions } from './download-slots.js'
 import type { PackageLogger } from './log.js'
+import type { PeerPort } from './peer-port.js'
 import { PackageService } from './package-service.js'
 import { RegistryClient } from './registry/registry-client.js'
 import { cacheRoutes, packageRoutes } from './routes.js'
@@ -34,6 +35,8 @@ export interface PackagesOptions {
   scrubBytesPerSecond?: number
   /** How long a shared uncached download waits for its slowest reader before cutting it off. */
   laggardMs?: number
+  /** The other replicas (`--peers`): asked before and after the registry for a layer. */
+  peers?: PeerPort
 }
 
 /** What the plugin exposes to the server and to other plugins (health, cache API). */
@@ -74,6 +77,7 @@ export const packagesPlugin: Plugin<PackagesOptions> = {
       ...(o.downloads ? { downloads: o.downloads } : {}),
       ...(o.lookups ? { lookups: o.lookups } : {}),
       ...(o.laggardMs !== undefined ? { laggardMs: o.laggardMs } : {}),
+      peers: o.peers,
       onFillDone: (outcome, seconds, error) => {
         m.fillSeconds.observe({ outcome }, seconds)
         // Counted once per download, however many clients read it.

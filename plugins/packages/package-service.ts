@@ -1,5 +1,5 @@
 import { Readable } from 'node:stream'
-import { ManifestError, UpstreamError } from '../../errors.js'
+import { ManifestError, NotFoundError, UpstreamError } from '../../errors.js'
 import type { RegistrySource } from '../credentials/source.js'
 import type { BlobCache, RemovalReason } from './cache/blob-cache.js'
 import { CachedReads } from './cached-reads.js'
@@ -7,6 +7,7 @@ import { DownloadSlots, type DownloadSlotsOptions } from './download-slots.js'
 import { Downloads, type CacheParts, type FillOutcome } from './downloads.js'
 import { describe, type PackageLogger } from './log.js'
 import { parseManifest, verifyDigest, type LayerRef } from './manifest.js'
+import type { ManifestBytes, PeerPort, PeerRequest } from './peer-port.js'
 import type { RegistryClient } from './registry/registry-client.js'
 
 export type { CacheParts, FillOutcome } from './downloads.js'
@@ -31,6 +32,8 @@ export interface PackageServiceOptions {
   lookups?: Partial<DownloadSlotsOptions>
   /** How long a shared uncached download waits for its slowest reader before cutting it off. */
   laggardMs?: number
+  /** The other replicas (peer fill); without them every miss goes to the registry. */
+  peers?: PeerPort | undefined
 }
 
 /** The resolution of a package request: which layer, and whether it is on disk. */
@@ -86,6 +89,7 @@ export class PackageService {
       ...(options.laggardMs !== undefined ? { laggardMs: options.laggardMs } : {}),
       ...(options.onFillDone ? { onFillDone: options.onFillDone } : {}),
       ...(options.onResume ? { onResume: options.onResume } : {}),
+      peers: options.peers,
     })
     this.#lookups = new DownloadSlots(options.lookups, this.#aborter.signal, 'manifest')
     this.#reads = new CachedReads({ log: options.log, onCorrupt: () => options.onCorrupt?.() })
@@ -127,14 +131,19 @@ export class PackageService {
     return { running: this.#lookups.running, queued: this.#lookups.queued }
   }
 
-  /** Finds the layer for `digest`: from the index when known, else from the registry. */
-  async resolve(source: RegistrySource, name: string, digest: string): Promise<ResolvedPackage> {
+  /**
+   * Finds the layer for `digest`: from the index when known, else from the registry (or, when
+   * that fails, from a peer). A peer's `cached` request is answered from the cache alone.
+   */
+  async resolve(source: RegistrySource, name: string, digest: string, request?: PeerRequest): Promise<ResolvedPackage> {
     const parts = this.#parts
     const known = parts?.index.manifest(digest)
     if (parts && known && parts.cache.has(known.layerDigest)) {
       const size = parts.index.blob(known.layerDigest)?.size
       if (size !== undefined) return { digest, layer: { digest: known.layerDigest, size, mediaType: known.layerMediaType }, cached: true }
     }
+    // Another replica whose registry failed asks only for what is here: no registry, no fill.
+    if (request?.from === 'cached') throw new NotFoundError('this replica does not hold that package')
     // A fill that just finished may not have written its rows yet: its manifest is known here.
     const inflight = this.#inflightLayers.get(digest)
     if (inflight) return { digest, layer: inflight, cached: parts?.cache.has(inflight.digest) ?? false }
@@ -144,7 +153,7 @@ export class PackageService {
       // A full queue refuses here (503), before anything is registered or sent upstream.
       const ticket = this.#lookups.enter()
       pending = ticket.ready
-        .then(() => this.#fetchLayerRef(source, name, digest))
+        .then(() => this.#fetchLayerRef(source, name, digest, request))
         .finally(() => {
           ticket.release()
           this.#resolving.delete(key)
@@ -157,16 +166,35 @@ export class PackageService {
     return { digest, layer, cached }
   }
 
-  async #fetchLayerRef(source: RegistrySource, name: string, digest: string): Promise<LayerRef> {
-    const first = await this.#o.client.fetchManifest(source, name, digest)
-    verifyDigest('manifest', first.body, digest)
+  async #fetchLayerRef(source: RegistrySource, name: string, digest: string, request: PeerRequest | undefined): Promise<LayerRef> {
+    const first = await this.#manifest(source, name, digest, request)
     const parsed = parseManifest(first.body, first.mediaType)
     if (parsed.kind === 'image') return parsed.layer
-    const second = await this.#o.client.fetchManifest(source, name, parsed.platformDigest)
-    verifyDigest('manifest', second.body, parsed.platformDigest)
+    const second = await this.#manifest(source, name, parsed.platformDigest, request)
     const image = parseManifest(second.body, second.mediaType)
     if (image.kind !== 'image') throw new ManifestError('linux/amd64 entry of the index is itself an index')
     return image.layer
+  }
+
+  /**
+   * A manifest verified against `reference`: from the registry, or, when the registry fails
+   * (anything but its 404) for a client's request, from a peer, verified here again. Peers
+   * are told of every verified manifest, so they can serve it while the registry is down.
+   */
+  async #manifest(source: RegistrySource, name: string, reference: string, request: PeerRequest | undefined): Promise<ManifestBytes> {
+    const peers = this.#o.peers
+    try {
+      const m = await this.#o.client.fetchManifest(source, name, reference)
+      verifyDigest('manifest', m.body, reference)
+      peers?.remember(reference, m)
+      return m
+    } catch (err) {
+      if (!peers || request?.from !== 'client' || err instanceof NotFoundError) throw err
+      const m = await peers.manifest(reference)
+      if (!m) throw err
+      verifyDigest('manifest', m.body, reference)
+      return m
+    }
   }
 
   async #rememberManifest(digest: string, layer: LayerRef): Promise<void> {
@@ -182,7 +210,7 @@ export class PackageService {
    * the running download of the layer or starts one (cached when space can be reserved).
    * Resolves once the first byte can be trusted to follow (the registry answered).
    */
-  async open(source: RegistrySource, name: string, pkg: ResolvedPackage, start: number, end: number): Promise<PackageBody> {
+  async open(source: RegistrySource, name: string, pkg: ResolvedPackage, start: number, end: number, request?: PeerRequest): Promise<PackageBody> {
     const { layer } = pkg
     const parts = this.#parts
     // Checked again here: the layer may have been committed since resolve().
@@ -193,13 +221,14 @@ export class PackageService {
         return 'buffer' in hit ? bufferBody(hit.buffer, 'hit') : { stream: hit.stream, result: 'hit' }
       }
     }
+    if (request?.from === 'cached') throw new NotFoundError('this replica does not hold that package')
     this.#inflightLayers.set(pkg.digest, layer)
     const forgetLayer = (): void => {
       if (this.#inflightLayers.get(pkg.digest) === layer) this.#inflightLayers.delete(pkg.digest)
     }
     let joined
     try {
-      joined = await this.#downloads.join(source, name, pkg.digest, layer, start, parts)
+      joined = await this.#downloads.join(source, name, pkg.digest, layer, start, parts, request)
     } catch (err) {
       forgetLayer()
       throw err

@@ -13,6 +13,8 @@ void t.test('defaults', (t) => {
     disableCache: false,
     scrubBytesPerSecond: 4 * 2 ** 20,
     logLevel: 'info',
+    peers: [],
+    peerTimeoutMs: 5000,
   })
   t.end()
 })
@@ -29,8 +31,13 @@ void t.test('every flag, in both forms', (t) => {
     '--registry-config',
     'cfg/registry.json',
     '--log-level=debug',
+    '--peers',
+    '10.0.0.1:4219',
+    '--peer-timeout=1s',
   ]
   t.same(parseFlags(argv, {}, CWD), {
+    peers: ['10.0.0.1:4219'],
+    peerTimeoutMs: 1000,
     listenHost: '0.0.0.0',
     listenPort: 4219,
     cacheDirectory: '/cache',
@@ -62,6 +69,8 @@ void t.test('every flag from its RPP_ environment variable', (t) => {
     'RPP_LOG_LEVEL',
     'RPP_BOOTSTRAP_LISTEN_ADDRESS',
     'RPP_CLUSTER_UUID',
+    'RPP_PEERS',
+    'RPP_PEER_TIMEOUT',
   ])
   const env = {
     RPP_LISTEN_ADDRESS: '[::1]:6000',
@@ -72,8 +81,12 @@ void t.test('every flag from its RPP_ environment variable', (t) => {
     RPP_KUBECONFIG: '/etc/kube',
     RPP_REGISTRY_CONFIG: '/etc/registry.json',
     RPP_LOG_LEVEL: 'warn',
+    RPP_PEERS: '10.0.0.1:4219, 10.0.0.2:4219,10.0.0.1:4219',
+    RPP_PEER_TIMEOUT: '750ms',
   }
   t.same(parseFlags([], env, CWD), {
+    peers: ['10.0.0.1:4219', '10.0.0.2:4219'],
+    peerTimeoutMs: 750,
     listenHost: '::1',
     listenPort: 6000,
     cacheDirectory: '/srv/rpp/var/cache',
@@ -164,5 +177,19 @@ void t.test('--scrub-rate is a quantity of bytes per second; 0 turns the scrubbe
   t.equal(parseFlags(['--scrub-rate=1M'], {}, '/').scrubBytesPerSecond, 1e6)
   t.equal(parseFlags(['--scrub-rate=0'], {}, '/').scrubBytesPerSecond, 0)
   t.throws(() => parseFlags(['--scrub-rate=fast'], {}, '/'), { code: 'ECONFIG', message: /^--scrub-rate: / })
+  t.end()
+})
+
+void t.test('--peers and --peer-timeout: off by default; addresses a peer can reach, durations', (t) => {
+  const none = parseFlags([], {}, CWD)
+  t.same(none.peers, [], 'no peers unless given')
+  t.equal(none.peerTimeoutMs, 5000)
+  t.same(parseFlags(['--peers=127.0.0.1:5080,[::1]:5081', '--peer-timeout=2s'], {}, CWD), { ...parseFlags([], {}, CWD), peers: ['127.0.0.1:5080', '[::1]:5081'], peerTimeoutMs: 2000 })
+  for (const bad of ['127.0.0.1', 'host:99999', '0.0.0.0:5080', '127.0.0.1:0']) {
+    t.throws(() => parseFlags([`--peers=${bad}`], {}, CWD), { name: 'ConfigError', message: /^--peers: / }, bad)
+  }
+  for (const bad of ['5', '1m', '0s', '-1s']) {
+    t.throws(() => parseFlags([`--peer-timeout=${bad}`], {}, CWD), { name: 'ConfigError', message: /^--peer-timeout/ }, bad)
+  }
   t.end()
 })

@@ -1,0 +1,41 @@
+import type { TempFile } from './cache/blob-store.js'
+import type { LayerRef } from './manifest.js'
+
+/**
+ * How a package request reached this replica: from a client, or from another replica (the
+ * `X-RPP-Peer` header). A peer request is never forwarded again; `cached` asks only for what
+ * this replica holds (a replica whose registry failed looks for the layer among its peers).
+ */
+export interface PeerRequest {
+  /** The `/package` query as the client sent it, forwarded as is to the owner. */
+  digest: string
+  repository?: string
+  path?: string
+  from: 'client' | 'peer' | 'cached'
+}
+
+/** A verified manifest's bytes, as a peer holds them. */
+export interface ManifestBytes {
+  body: Buffer
+  mediaType: string
+}
+
+/**
+ * What the package core needs of the other replicas (plugins/peers/ implements it; the core
+ * never imports that folder). Every method writes or returns bytes only once they verified
+ * against their digest: the core can treat a `true` as a finished, verified download.
+ */
+export interface PeerPort {
+  /**
+   * Before the registry: asks the replica that owns `layer.digest`, when that is another one.
+   * True once `temp` holds the whole layer (bytes 0..size-1) and it hashed to its digest;
+   * false at once when this replica owns the layer, and after any refusal, stall or mismatch.
+   */
+  fromOwner(request: PeerRequest, layer: LayerRef, temp: TempFile, signal: AbortSignal): Promise<boolean>
+  /** After the registry failed: the other live replicas, from their caches only. Same result. */
+  fromAny(request: PeerRequest, layer: LayerRef, temp: TempFile, signal: AbortSignal): Promise<boolean>
+  /** After the registry failed to give a manifest: a verified copy from a peer, or undefined. */
+  manifest(digest: string, signal?: AbortSignal): Promise<ManifestBytes | undefined>
+  /** Told of every manifest verified against its digest, so peers can ask for it later. */
+  remember(digest: string, manifest: ManifestBytes): void
+}

@@ -1,0 +1,146 @@
+import { createHash } from 'node:crypto'
+import { Agent, request as httpRequest, type IncomingMessage } from 'node:http'
+import type { TempFile } from '../packages/cache/blob-store.js'
+import { writeAll } from '../packages/fill.js'
+import type { LayerRef } from '../packages/manifest.js'
+import type { ManifestBytes, PeerRequest } from '../packages/peer-port.js'
+import { MAX_MANIFEST_BYTES } from '../packages/registry/registry-client.js'
+
+/**
+ * How one exchange with a peer ended: `ok` (verified whole), `not-found` (404), `refused`
+ * (another status, or a length other than the manifest's), `unreachable` (no answer: refused
+ * connection, reset), `timeout` (no first byte, or a stall, within the bound), `mismatch`
+ * (bytes that did not hash to their digest, or too many), `error` (broke off mid-body).
+ */
+export type PeerResult = 'ok' | 'not-found' | 'refused' | 'unreachable' | 'timeout' | 'mismatch' | 'error'
+
+export const PEER_RESULTS: readonly PeerResult[] = ['ok', 'not-found', 'refused', 'unreachable', 'timeout', 'mismatch', 'error']
+
+export interface PeerTimeouts {
+  /** From the request to the first body byte. */
+  firstByteMs: number
+  /** Between body bytes. */
+  idleMs: number
+}
+
+/** Peers are near (the same cluster): a peer slower than this is worse than the registry. */
+export const DEFAULT_PEER_TIMEOUTS: PeerTimeouts = { firstByteMs: 5_000, idleMs: 5_000 }
+
+/** The header that marks a request from another replica (see handlers/package.ts). */
+const PEER_HEADER = 'X-RPP-Peer'
+
+/**
+ * Plain HTTP to the other replicas' listeners. Nothing a peer sends is trusted: a layer is
+ * written to the caller's temp file while it hashes and is `ok` only if it is exactly the
+ * manifest's size and hashes to its digest; a manifest likewise. Both ends of an exchange are
+ * bounded (first byte, then idle), so a stalled peer costs at most those bounds.
+ */
+export class PeerClient {
+  readonly #agent = new Agent({ keepAlive: true, maxSockets: 64 })
+  readonly #timeouts: PeerTimeouts
+
+  constructor(timeouts: Partial<PeerTimeouts> = {}) {
+    this.#timeouts = { ...DEFAULT_PEER_TIMEOUTS, ...timeouts }
+  }
+
+  /** Fetches `layer` through `member`'s `/package` into `temp` from byte 0, verifying it. */
+  async layer(member: string, request: PeerRequest, mode: 'fill' | 'cached', layer: LayerRef, temp: TempFile, signal: AbortSignal): Promise<PeerResult> {
+    const query = new URLSearchParams({ digest: request.digest })
+    if (request.repository !== undefined) query.set('repository', request.repository)
+    if (request.path !== undefined) query.set('path', request.path)
+    const hash = createHash('sha256')
+    const result = await this.#get(member, `/package?${query.toString()}`, { [PEER_HEADER]: mode === 'cached' ? 'cached' : '1' }, signal, layer.size, async (chunk, offset) => {
+      hash.update(chunk)
+      await writeAll(temp, chunk, offset)
+    })
+    if (result !== 'ok') return result
+    return `sha256:${hash.digest('hex')}` === layer.digest ? 'ok' : 'mismatch'
+  }
+
+  /** Fetches the manifest `digest` from `member`'s memo, verifying it. */
+  async manifest(member: string, digest: string, signal?: AbortSignal): Promise<{ result: PeerResult; manifest?: ManifestBytes }> {
+    const chunks: Buffer[] = []
+    let mediaType = ''
+    const result = await this.#get(member, `/peers/manifests/${digest}`, { [PEER_HEADER]: 'cached' }, signal, undefined, (chunk) => {
+      chunks.push(chunk)
+      return Promise.resolve()
+    }, (res) => (mediaType = String(res.headers['content-type'] ?? '').split(';')[0]?.trim() ?? ''))
+    if (result !== 'ok') return { result }
+    const body = Buffer.concat(chunks)
+    if (`sha256:${createHash('sha256').update(body).digest('hex')}` !== digest) return { result: 'mismatch' }
+    return { result, manifest: { body, mediaType } }
+  }
+
+  /** Drops pooled connections (shutdown). */
+  close(): void {
+    this.#agent.destroy()
+  }
+
+  /**
+   * One GET within the bounds: `expected` is the exact body length (undefined: any, up to a
+   * manifest's limit). Each chunk goes to `onChunk` with its offset before the next is read.
+   */
+  async #get(
+    member: string,
+    path: string,
+    headers: Record<string, string>,
+    signal: AbortSignal | undefined,
+    expected: number | undefined,
+    onChunk: (chunk: Buffer, offset: number) => Promise<void>,
+    onHeaders?: (res: IncomingMessage) => void,
+  ): Promise<PeerResult> {
+    const url = new URL(`http://${member}`)
+    const aborter = new AbortController()
+    const onAbort = (): void => aborter.abort(signal?.reason)
+    signal?.addEventListener('abort', onAbort, { once: true })
+    let timedOut = false
+    let timer: NodeJS.Timeout | undefined
+    const arm = (ms: number): void => {
+      clearTimeout(timer)
+      timer = setTimeout(() => {
+        timedOut = true
+        aborter.abort(new Error('peer timed out'))
+      }, ms)
+    }
+    arm(this.#timeouts.firstByteMs)
+    let answered = false
+    try {
+      const res = await new Promise<IncomingMessage>((resolve, reject) => {
+        const req = httpRequest(
+          { host: url.hostname.replace(/^\[|\]$/g, ''), port: url.port, path, headers, agent: this.#agent, signal: aborter.signal },
+          resolve,
+        )
+        req.once('error', reject)
+        req.end()
+      })
+      answered = true
+      if (res.statusCode !== 200) {
+        res.resume()
+        return res.statusCode === 404 ? 'not-found' : 'refused'
+      }
+      const length = Number(res.headers['content-length'])
+      if (!Number.isSafeInteger(length) || (expected !== undefined && length !== expected) || length > (expected ?? MAX_MANIFEST_BYTES)) {
+        res.destroy()
+        return 'refused'
+      }
+      onHeaders?.(res)
+      let received = 0
+      for await (const chunk of res as AsyncIterable<Buffer>) {
+        arm(this.#timeouts.idleMs)
+        if (received + chunk.length > length) {
+          res.destroy()
+          return 'mismatch'
+        }
+        await onChunk(chunk, received)
+        received += chunk.length
+      }
+      return received === length ? 'ok' : 'error'
+    } catch {
+      if (timedOut) return 'timeout'
+      return answered ? 'error' : 'unreachable'
+    } finally {
+      clearTimeout(timer)
+      signal?.removeEventListener('abort', onAbort)
+    }
+  }
+}

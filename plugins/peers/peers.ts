@@ -1,0 +1,93 @@
+import type { TempFile } from '../packages/cache/blob-store.js'
+import type { PackageLogger } from '../packages/log.js'
+import type { LayerRef } from '../packages/manifest.js'
+import type { ManifestBytes, PeerPort, PeerRequest } from '../packages/peer-port.js'
+import { ManifestMemo } from './manifest-memo.js'
+import type { Membership } from './membership.js'
+import type { PeerClient, PeerResult } from './peer-client.js'
+import { ownerOf } from './rendezvous.js'
+
+export interface PeersOptions {
+  membership: Membership
+  client: PeerClient
+  log: PackageLogger
+  memo?: ManifestMemo
+  /** Told of every exchange with a peer, and of the bytes of each layer taken from one. */
+  onResult?: (result: PeerResult) => void
+  onFillBytes?: (bytes: number) => void
+}
+
+/** Results after which a peer is left out of owner choice for a while: it is down, or it lies. */
+const DROPPED = new Set<PeerResult>(['unreachable', 'timeout', 'mismatch'])
+
+/**
+ * Peer fill across replicas ({@link PeerPort}): each layer digest has one owner among the live
+ * members by rendezvous hashing; a replica that misses a layer it does not own asks the owner,
+ * which fills once from the registry and streams. When the registry fails, the others are
+ * asked for what they hold. Every answer is verified by the {@link PeerClient}; a peer that
+ * fails is dropped from the request at once (and from owner choice for a while).
+ */
+export class Peers implements PeerPort {
+  readonly membership: Membership
+  readonly memo: ManifestMemo
+  readonly #o: PeersOptions
+
+  constructor(o: PeersOptions) {
+    this.#o = o
+    this.membership = o.membership
+    this.memo = o.memo ?? new ManifestMemo()
+  }
+
+  /** The owner of `layerDigest` among the live members (this replica included). */
+  ownerOf(layerDigest: string): string | undefined {
+    return ownerOf(this.membership.live(), layerDigest)
+  }
+
+  async fromOwner(request: PeerRequest, layer: LayerRef, temp: TempFile, signal: AbortSignal): Promise<boolean> {
+    const owner = this.ownerOf(layer.digest)
+    if (owner === undefined || owner === this.membership.self) return false
+    return this.#layer(owner, request, 'fill', layer, temp, signal)
+  }
+
+  async fromAny(request: PeerRequest, layer: LayerRef, temp: TempFile, signal: AbortSignal): Promise<boolean> {
+    for (const member of this.membership.others()) {
+      if (signal.aborted) return false
+      if (await this.#layer(member, request, 'cached', layer, temp, signal)) return true
+    }
+    return false
+  }
+
+  async manifest(digest: string, signal?: AbortSignal): Promise<ManifestBytes | undefined> {
+    for (const member of this.membership.others()) {
+      if (signal?.aborted) return undefined
+      const { result, manifest } = await this.#o.client.manifest(member, digest, signal)
+      this.#record(member, result, signal, { manifest: digest })
+      if (manifest) {
+        this.memo.put(digest, manifest)
+        return manifest
+      }
+    }
+    return undefined
+  }
+
+  remember(digest: string, manifest: ManifestBytes): void {
+    this.memo.put(digest, manifest)
+  }
+
+  async #layer(member: string, request: PeerRequest, mode: 'fill' | 'cached', layer: LayerRef, temp: TempFile, signal: AbortSignal): Promise<boolean> {
+    const result = await this.#o.client.layer(member, request, mode, layer, temp, signal)
+    this.#record(member, result, signal, { layer: layer.digest, mode })
+    if (result !== 'ok') return false
+    this.#o.onFillBytes?.(layer.size)
+    return true
+  }
+
+  #record(member: string, result: PeerResult, signal: AbortSignal | undefined, what: Record<string, string>): void {
+    this.#o.onResult?.(result)
+    if (result === 'ok' || result === 'not-found') return
+    // Our own shutdown or deadline says nothing about the peer.
+    if (signal?.aborted) return
+    if (DROPPED.has(result)) this.membership.markDown(member)
+    this.#o.log.warn({ peer: member, result, ...what }, 'peer failed; using the next source')
+  }
+}
