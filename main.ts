@@ -1,5 +1,5 @@
 #!/usr/bin/env node
-import { pino } from 'pino'
+import { destination as logDestination, pino } from 'pino'
 import { ConfigError, parseFlags } from './config/flags.js'
 import { formatBytes } from './config/quantity.js'
 import type { CredentialsApi } from './plugins/credentials/index.js'
@@ -29,6 +29,14 @@ async function main(argv: string[]): Promise<void> {
     if (err instanceof ConfigError) fail(err.message)
     throw err
   }
+  // Log lines go out through a buffered asynchronous destination: at `info` every request writes
+  // a line, and a synchronous write(2) per line was about 30 µs of a 64 KiB hit's 75 µs. pino
+  // flushes what is buffered synchronously when the process exits, however it exits (SIGTERM
+  // below ends in process.exit; an uncaught error too), so no line is lost where Node gets to
+  // run (test/integration/process.test.ts "request logs are buffered, and none is lost").
+  const destination = logDestination({ dest: 1, sync: false, minLength: 4096 })
+  // A buffered line must not wait for the next 4 KiB on a quiet proxy: flushed every 250 ms.
+  setInterval(() => destination.flush(), 250).unref()
   const logger = pino({
     level: flags.logLevel,
     base: { name: 'registry-packages-proxy' },
@@ -37,7 +45,7 @@ async function main(argv: string[]): Promise<void> {
     serializers: { err: (e: unknown) => e },
     // Belt and braces: our code never logs these, and if a header object slips in, it is hidden.
     redact: { paths: ['*.authorization', '*.Authorization', 'headers.authorization', '*.password', '*.token'], censor: '[redacted]' },
-  })
+  }, destination)
   // Loaded only after the flags parsed, so a typo fails in milliseconds, not after a full load.
   const { createServer } = await import('./server.js')
   let proxy

@@ -352,3 +352,25 @@ void t.test('output: JSON lines on stdout, never a credential anywhere', async (
   }
   t.notOk(/authorization["']?\s*:\s*["']?(basic|bearer)\s/i.test(everything), 'no Authorization header value is printed')
 })
+
+void t.test('request logs are buffered, and none is lost: every request of a burst has its line after SIGTERM', async (t) => {
+  const dir = t.testdir({ cache: {} })
+  const registry = await FakeRegistry.start()
+  t.teardown(() => registry.close())
+  const layer = bigPackage(16 * 1024)
+  const image = registry.addImage('deckhouse/ce/pkg', [layer])
+  const config = await writeRegistryConfig(dir, { default: { address: registry.host, path: '/deckhouse/ce', scheme: 'http' } })
+  const { proc, url } = await startProxy(t, [`--cache-directory=${join(dir, 'cache')}`, `--registry-config=${config}`, '--log-level=info'])
+  const path = `/package?digest=${image.manifestDigest}&path=pkg`
+  const n = 300
+  for (let i = 0; i < n; i += 30) {
+    const replies = await Promise.all(Array.from({ length: 30 }, () => request(`${url}${path}`)))
+    t.ok(replies.every((r) => r.status === 200), `requests ${i}-${i + 29}: 200`)
+  }
+  // At once, before the periodic flush: the lines still in the buffer must come out at exit.
+  proc.child.kill('SIGTERM')
+  t.same(await proc.exited, { code: 0, signal: null }, 'exit 0')
+  const lines = proc.logs().filter((l) => l.path === '/package')
+  t.equal(lines.length, n, `${n} requests, ${lines.length} request lines`)
+  t.ok(proc.logs().some((l) => l.msg === 'stopped'), 'the last line, after them, is there too')
+})
