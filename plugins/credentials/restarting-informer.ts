@@ -20,12 +20,13 @@ export interface InformerTiming {
    */
   requestTimeoutMs: number
   /**
-   * A watch the server closes cleanly before this long without sending a single event counts
-   * as a failure, so a server (or a proxy in front of it) that ends every watch at once gets
-   * backoff instead of a tight reconnect loop.
+   * A watch that stayed open this long before it ended is healthy: a restart after it starts
+   * from the initial delay (or, after a clean close, at once). One that ends sooner, cleanly or
+   * not, with events or without, is a failure with backoff: a server (or a proxy in front of
+   * it) that ends every watch at once, after an event or a bookmark or nothing, gets backoff
+   * instead of a tight reconnect loop. Real API servers end watches after `timeoutSeconds`
+   * (minutes).
    */
-  minWatchMs: number
-  /** A watch that stayed open this long before it failed restarts from the initial delay. */
   stableWatchMs: number
   /**
    * Each watch asks the API server to end it after between this and twice this long
@@ -42,7 +43,6 @@ export const DEFAULT_INFORMER_TIMING: InformerTiming = Object.freeze({
   initialBackoffMs: 500,
   maxBackoffMs: 30_000,
   requestTimeoutMs: 30_000,
-  minWatchMs: 1_000,
   stableWatchMs: 10_000,
   watchTimeoutMs: 300_000,
   watchTimeoutGraceMs: 30_000,
@@ -285,8 +285,10 @@ export class RestartingInformer<T extends KubernetesObject> {
     try {
       const list = await this.#o.list(controller.signal)
       if (!this.#stopped) {
+        // The backoff is not reset here: an API server that answers LISTs and fails every watch
+        // (a 410 storm forces a LIST each time) must see the delay grow. A watch that stays
+        // open resets it (see #watchClosed).
         this.#listed = true
-        this.#failures = 0
         this.#lastSync = this.#now()
         // The informer stores the items only after this promise resolves: notify after that.
         this.#scheduleNotify()
@@ -304,8 +306,8 @@ export class RestartingInformer<T extends KubernetesObject> {
     this.#watching = false
     if (wasOpen && openFor >= this.#timing.stableWatchMs) this.#failures = 0
     if (err === null || err === undefined) {
-      if (wasOpen && this.#watchEvents === 0 && openFor < this.#timing.minWatchMs && !this.#stopped) {
-        return new WatchClosedEarlyError(`the API server closed the watch after ${openFor} ms without an event`)
+      if (wasOpen && openFor < this.#timing.stableWatchMs && !this.#stopped) {
+        return new WatchClosedEarlyError(`the API server closed the watch after ${openFor} ms (${this.#watchEvents} events)`)
       }
       return null
     }

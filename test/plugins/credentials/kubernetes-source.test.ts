@@ -6,7 +6,7 @@ import { DEFAULT_INFORMER_TIMING, type InformerTiming } from '../../../plugins/c
 
 const TOKEN = 'kube-token-4f9c2e'
 const PASSWORD = 'registry-pass-7d1a'
-const FAST = { initialBackoffMs: 20, maxBackoffMs: 200, requestTimeoutMs: 3000, minWatchMs: 100, stableWatchMs: 1000 }
+const FAST = { initialBackoffMs: 20, maxBackoffMs: 200, requestTimeoutMs: 3000, stableWatchMs: 1000 }
 
 const dockerCfg = (host: string, password = PASSWORD): string => JSON.stringify({ auths: { [host]: { auth: b64(`user:${password}`) } } })
 
@@ -167,9 +167,10 @@ void t.test('dropped watches are restarted from the last resourceVersion; change
   t.ok((await providerMetric(s.metrics, 'registry_packages_proxy_source_watch_restarts_total', 'modulesources'))! >= 3)
   t.ok(s.logs.find(/watch failed/).length >= 3)
 
-  // A clean end of the stream (the API server's watch timeout) is re-watched, not an error.
+  // A clean end of the stream after the watch was open a while (the API server's watch timeout)
+  // is re-watched, not an error.
   const restarts = await providerMetric(s.metrics, 'registry_packages_proxy_source_watch_restarts_total', 'secret')
-  await new Promise((resolve) => setTimeout(resolve, FAST.minWatchMs + 50))
+  await new Promise((resolve) => setTimeout(resolve, FAST.stableWatchMs + 50))
   api.dropWatches('end')
   api.putSecret(registrySecret({ address: 'after-end.example.com' }))
   await waitFor(() => s.repositories().includes('default:after-end.example.com'), 'change after a clean end')
@@ -204,16 +205,47 @@ void t.test('every watch asks for a timeout, and one that outlives it silently i
 
 void t.test('a server that ends every watch at once gets backoff, not a tight loop', async (t) => {
   const api = await startApi(t)
-  const s = await startPlugin(t, api, { ...FAST, initialBackoffMs: 100, maxBackoffMs: 400, minWatchMs: 1000 })
+  const s = await startPlugin(t, api, { ...FAST, initialBackoffMs: 100, maxBackoffMs: 400 })
   await waitFor(() => s.sources.unsynced().length === 0, 'synced')
-  const started = Date.now()
-  const watchesBefore = api.counts.watch.secrets
-  while (Date.now() - started < 1500) {
-    api.dropWatches('end')
-    await new Promise((resolve) => setTimeout(resolve, 10))
+  for (const [what, before] of [
+    ['nothing', () => undefined],
+    // Found from outside: one event (a change, a bookmark) before the end made the end look
+    // healthy, and client-node re-watched at once: hundreds of watches a second.
+    ['an event', (i: number) => api.putSecret(registrySecret({ address: `e${i}.example.com` }))],
+  ] as const) {
+    const started = Date.now()
+    const watchesBefore = api.counts.watch.secrets
+    const restarts = (await providerMetric(s.metrics, 'registry_packages_proxy_source_watch_restarts_total', 'secret')) ?? 0
+    for (let i = 0; Date.now() - started < 1500; i++) {
+      before(i)
+      api.dropWatches('end')
+      await new Promise((resolve) => setTimeout(resolve, 10))
+    }
+    const watches = api.counts.watch.secrets - watchesBefore
+    t.ok(watches >= 2 && watches <= 12, `${what} before each end: bounded re-watches in 1.5 s: ${watches}`)
+    t.ok(((await providerMetric(s.metrics, 'registry_packages_proxy_source_watch_restarts_total', 'secret')) ?? 0) > restarts, `${what}: counted as restarts`)
+    await waitFor(() => api.openWatches() === 2, `${what}: watching again`, 5000)
   }
-  const watches = api.counts.watch.secrets - watchesBefore
-  t.ok(watches >= 2 && watches <= 12, `bounded re-watches in 1.5 s: ${watches}`)
+  t.ok(s.logs.find(/watch failed/).filter((l) => /closed the watch after/.test(JSON.stringify(l))).length >= 2, 'logged, with how long the watch lasted')
+})
+
+void t.test('an ERROR storm that forces a re-list each time still backs off more and more (a LIST is no proof of health)', async (t) => {
+  const api = await startApi(t)
+  api.putModuleSource(moduleSource('keep', { repo: 'm.example.com/keep' }))
+  const s = await startPlugin(t, api, { ...FAST, initialBackoffMs: 100, maxBackoffMs: 1600 })
+  await waitFor(() => api.openWatches() === 2, 'watches open')
+  const lists = api.counts.list.modulesources
+  api.watchErrorEvent = { kind: 'Status', code: 410, reason: 'Expired', message: 'too old resource version' }
+  api.dropWatches('destroy')
+  const started = Date.now()
+  await new Promise((resolve) => setTimeout(resolve, 3000))
+  const relists = api.counts.list.modulesources - lists
+  // Growing: 100, 200, 400, 800, 1600 ms (+-20 %) fit about 5 re-lists in 3 s; a delay reset by
+  // each successful LIST would allow about 25.
+  t.ok(relists >= 2 && relists <= 7, `${relists} re-lists in ${Date.now() - started} ms`)
+  api.watchErrorEvent = undefined
+  await waitFor(() => api.openWatches() === 2, 'watching again once the errors stop', 5000)
+  t.same(s.repositories(), ['module-source:m.example.com/keep'])
 })
 
 /** Watch requests of `resource` since request number `from`, in order. */
