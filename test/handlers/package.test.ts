@@ -270,6 +270,17 @@ void t.test('504: the manifest comes later than headersMs; and the blob too', as
   t.equal(h.registry.counts.blob, 1)
 })
 
+void t.test('504: a manifest body that stalls after its headers (found from outside: no answer at all, for 300 s)', async (t) => {
+  const h = await startHarness(t, { timeouts: { idleMs: 300 } })
+  const image = h.registry.addImage(DEFAULT_PREFIX, [bytes(10)])
+  h.registry.faults = { manifestStallAfterBytes: 10 }
+  const started = Date.now()
+  assertError(t, await h.proxy.server.inject(packageUrl({ digest: image.manifestDigest })), 504)
+  t.ok(Date.now() - started < 3000, `answered after the idle timeout (${Date.now() - started} ms)`)
+  t.equal(h.registry.counts.blob, 0)
+  t.same(h.proxy.packages.service.lookups, { running: 0, queued: 0 }, 'the lookup slot is free again')
+})
+
 void t.test('200: headers exactly per the contract, body byte-exact (OCI)', async (t) => {
   const h = await startHarness(t)
   const pkg = makePackageTarGz({ install: '#!/bin/sh\necho ok\n', 'data/file.txt': bytes(3000) })

@@ -71,7 +71,9 @@ export class RegistryClient {
   async fetchManifest(source: RegistrySource, name: string, reference: string, signal?: AbortSignal): Promise<{ body: Buffer; mediaType: string }> {
     const res = await this.#retrying(source, 'manifest', name, `manifests/${reference}`, { Accept: MANIFEST_ACCEPT }, signal)
     this.#checkStatus(res, 'manifest', [200])
-    const body = await readLimited(res.data, MAX_MANIFEST_BYTES, 'manifest')
+    // Guarded like every body: a registry that sends the headers and then stalls is a 504 after
+    // the idle timeout, not a request (and a lookup slot) held for ever.
+    const body = await readLimited(guardBody(res.data, this.#timeouts.idleMs), MAX_MANIFEST_BYTES, 'manifest')
     const mediaType = String(res.headers['content-type'] ?? '').split(';')[0]?.trim() ?? ''
     return { body, mediaType }
   }
@@ -277,7 +279,7 @@ export class RegistryClient {
         if (res.status === 401 || res.status === 403) throw new UpstreamError(`registry refused access to the tag list (${res.status})`, res.status)
         throw new UpstreamError(`registry answered ${res.status} for the tag list`, res.status)
       }
-      const text = (await readLimited(res.data, MAX_MANIFEST_BYTES, 'tag list')).toString('utf8')
+      const text = (await readLimited(guardBody(res.data, this.#timeouts.idleMs), MAX_MANIFEST_BYTES, 'tag list')).toString('utf8')
       tags.push(...parseTagPage(text))
       const next = nextPageLink(headerText(res.headers.link))
       if (next === undefined) return tags
