@@ -1,7 +1,7 @@
 import http from 'node:http'
 import https from 'node:https'
 import type { Duplex } from 'node:stream'
-import { rootCertificates } from 'node:tls'
+import { checkServerIdentity, rootCertificates, type PeerCertificate } from 'node:tls'
 import { HttpsProxyAgent } from 'https-proxy-agent'
 import { TimeoutError } from '../../../errors.js'
 
@@ -36,6 +36,34 @@ function withConnectTimeout<A extends http.Agent>(agent: A, ms: number): A {
     return socket
   }
   return agent
+}
+
+/**
+ * An HTTPS agent through a CONNECT proxy that verifies the registry with the source's CA.
+ * https-proxy-agent's constructor options are for the connection to the proxy itself; the TLS
+ * session with the registry inside the tunnel takes the request's options, which carry no CA
+ * from axios. So the CA is added to those here (found from outside: a private-CA registry
+ * behind HTTPS_PROXY failed with UNABLE_TO_VERIFY_LEAF_SIGNATURE).
+ */
+class TunnelAgent extends HttpsProxyAgent<string> {
+  readonly #ca: string[] | undefined
+
+  constructor(proxy: string, ca: string[] | undefined) {
+    super(proxy, { keepAlive: true })
+    this.#ca = ca
+  }
+
+  override connect(req: http.ClientRequest, opts: Parameters<HttpsProxyAgent<string>['connect']>[1]): ReturnType<HttpsProxyAgent<string>['connect']> {
+    if (!opts.secureEndpoint) return super.connect(req, opts)
+    // The tunnel's TLS options drop `host`, so Node would check the certificate against
+    // "localhost"; check it against the registry's own host (an IP address included).
+    const host = opts.host ?? ''
+    return super.connect(req, {
+      ...opts,
+      ...(this.#ca ? { ca: this.#ca } : {}),
+      checkServerIdentity: (_name: string, cert: PeerCertificate) => checkServerIdentity(host, cert),
+    })
+  }
 }
 
 /** The axios transport options for one URL: agents, and a forward proxy for plain HTTP. */
@@ -97,8 +125,7 @@ export class Transport {
       const key = `${proxy}\n${ca ?? ''}`
       let agent = this.#proxyAgents.get(key)
       if (!agent) {
-        const caList = this.#caList(ca)
-        agent = new HttpsProxyAgent(proxy, { keepAlive: true, ...(caList ? { ca: caList } : {}) })
+        agent = new TunnelAgent(proxy, this.#caList(ca))
         this.#proxyAgents.set(key, agent)
       }
       return { httpsAgent: agent, proxy: false }

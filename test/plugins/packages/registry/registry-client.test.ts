@@ -2,7 +2,7 @@ import { execFileSync } from 'node:child_process'
 import { readFileSync } from 'node:fs'
 import { createServer as createHttpServer, type IncomingHttpHeaders } from 'node:http'
 import { createServer as createHttpsServer } from 'node:https'
-import { createServer } from 'node:net'
+import { createServer, createServer as createNetServer, connect as connectTcp } from 'node:net'
 import { join } from 'node:path'
 import t, { type Test } from 'tap'
 import { NotFoundError, TimeoutError, UpstreamError } from '../../../../errors.js'
@@ -465,4 +465,46 @@ void t.test('RegistryClient: a source replaced with new credentials gets new tok
   const two = sourceFor(registry.host, { dockerConfigJson: dockerConfig(registry.host, { username: 'a', password: 'pw-one' }) })
   await client.fetchManifest(two, DEFAULT_PREFIX, image.manifestDigest)
   t.equal(registry.counts.token, 2, 'tokens are not shared across source objects')
+})
+
+void t.test('through HTTPS_PROXY (CONNECT), a registry is verified with its source CA, end to end', async (t) => {
+  const tls = selfSigned(t)
+  if (!tls) return
+  const manifest = Buffer.from('{"schemaVersion":2}')
+  const server = createHttpsServer({ cert: tls.cert, key: tls.key }, (_req, res) => {
+    res.writeHead(200, { 'Content-Type': MEDIA_TYPES.oci.manifest, 'Content-Length': manifest.length })
+    res.end(manifest)
+  })
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
+  t.teardown(() => new Promise<void>((resolve) => server.close(() => resolve())))
+  const address = server.address()
+  if (address === null || typeof address === 'string') throw new Error('no port')
+  const host = `127.0.0.1:${address.port}`
+  // A forward proxy that only tunnels: it sees CONNECT lines, never the TLS inside.
+  const tunnels: string[] = []
+  const proxy = createNetServer((client) => {
+    client.once('data', (head: Buffer) => {
+      const target = /^CONNECT ([^ ]+) HTTP/.exec(head.toString('latin1'))?.[1] ?? ''
+      tunnels.push(target)
+      const [h, p] = target.split(':')
+      const upstream = connectTcp(Number(p), h ?? '', () => {
+        client.write('HTTP/1.1 200 Connection Established\r\n\r\n')
+        upstream.pipe(client).pipe(upstream)
+      })
+      upstream.on('error', () => client.destroy())
+      client.on('error', () => upstream.destroy())
+    })
+  })
+  await new Promise<void>((resolve) => proxy.listen(0, '127.0.0.1', resolve))
+  t.teardown(() => new Promise<void>((resolve) => proxy.close(() => resolve())))
+  const proxyPort = (proxy.address() as { port: number }).port
+  const client = new RegistryClient({ env: { HTTPS_PROXY: `http://127.0.0.1:${proxyPort}` } })
+  t.teardown(() => client.close())
+  const digest = `sha256:${'4'.repeat(64)}`
+  const got = await client.fetchManifest(sourceFor(host, { scheme: 'https', ca: tls.cert }), DEFAULT_PREFIX, digest)
+  t.ok(got.body.equals(manifest), 'served through the tunnel, the certificate verified by the source CA')
+  t.same(tunnels, [host], 'it went through the proxy')
+  // The control: without the CA the same tunnel fails verification (no trust is skipped).
+  const err = (await client.fetchManifest(sourceFor(host, { scheme: 'https' }), DEFAULT_PREFIX, digest).catch((e: unknown) => e)) as Error
+  t.type(err, UpstreamError, `without the source CA: refused (${err.message})`)
 })
