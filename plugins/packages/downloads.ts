@@ -1,4 +1,4 @@
-import { TimeoutError } from '../../errors.js'
+import { ManifestError, TimeoutError } from '../../errors.js'
 import type { RegistrySource } from '../credentials/source.js'
 import type { Lease, Reservation } from './cache/blob-cache.js'
 import type { BlobStore } from './cache/blob-store.js'
@@ -49,6 +49,8 @@ export interface Joined {
 export class Downloads {
   readonly #o: DownloadsOptions
   readonly #flights = new Map<string, Promise<Fill>>()
+  /** Layer digest -> size, for the flights in the map (known before their Fill exists). */
+  readonly #sizes = new Map<string, number>()
   readonly #finished = new WeakMap<Fill, Promise<void>>()
   readonly #running = new Set<Promise<void>>()
   #fills = 0
@@ -72,6 +74,11 @@ export class Downloads {
     return this.#fills
   }
 
+  /** The size of the layer being downloaded under `digest` now (its manifest's word), if any. */
+  sizeOf(digest: string): number | undefined {
+    return this.#sizes.get(digest)
+  }
+
   /**
    * The download of `layer` a reader of bytes from `start` can follow: the running one, or a
    * new one. Registered synchronously, before any await, so every concurrent request joins the
@@ -90,11 +97,16 @@ export class Downloads {
     const running = this.#flights.get(layer.digest)
     if (running) {
       const fill = await running.catch(() => undefined)
+      if (fill && fill.layer.size !== layer.size) {
+        throw new ManifestError(`the manifest says layer ${layer.digest} has ${layer.size} bytes; its download has ${fill.layer.size}`)
+      }
       if (fill?.canServe(start)) return { fill, started: false, finished: this.#finished.get(fill) ?? Promise.resolve() }
     }
     const ticket = this.slots.enter()
     const forget = (): void => {
-      if (this.#flights.get(layer.digest) === flight) this.#flights.delete(layer.digest)
+      if (this.#flights.get(layer.digest) !== flight) return
+      this.#flights.delete(layer.digest)
+      this.#sizes.delete(layer.digest)
     }
     const releaseSlot = (): void => ticket.release()
     const flight = (async () => {
@@ -120,6 +132,7 @@ export class Downloads {
       return this.#run({ source, name, manifestDigest, layer, request }, parts, reservation, temp, releaseSlot, forget)
     })()
     this.#flights.set(layer.digest, flight)
+    this.#sizes.set(layer.digest, layer.size)
     const fill = await flight
     return { fill, started: true, finished: this.#finished.get(fill) ?? Promise.resolve() }
   }

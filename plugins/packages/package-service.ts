@@ -161,6 +161,13 @@ export class PackageService {
       this.#resolving.set(key, pending)
     }
     const layer = await pending
+    // A digest names its bytes, and so their length: a manifest that gives a layer we hold (or
+    // are downloading) another size than it has is lying, and would have us cut the bytes short
+    // or promise more than exist (found from outside: a truncated but complete 200 from a hit).
+    const held = this.#parts?.index.blob(layer.digest)?.size ?? this.#downloads.sizeOf(layer.digest)
+    if (held !== undefined && held !== layer.size) {
+      throw new ManifestError(`the manifest says layer ${layer.digest} has ${layer.size} bytes; it has ${held}`)
+    }
     const cached = this.#parts?.cache.has(layer.digest) ?? false
     if (cached) await this.#rememberManifest(digest, layer)
     return { digest, layer, cached }

@@ -555,6 +555,39 @@ void t.test('an empty layer is served as an empty 200', async (t) => {
   t.equal(res.rawPayload.length, 0)
 })
 
+void t.test('502: a manifest that gives a layer we hold, or are downloading, another size (never a cut-short 200)', async (t) => {
+  const h = await startHarness(t)
+  const image = h.registry.addImage(DEFAULT_PREFIX, [bytes(130, 16)])
+  const config = Buffer.from('{"architecture":"amd64","os":"linux"}')
+  const configDigest = h.registry.addBlob(DEFAULT_PREFIX, config)
+  const liar = (size: number): string =>
+    h.registry.addRawManifest(
+      DEFAULT_PREFIX,
+      Buffer.from(
+        JSON.stringify({
+          schemaVersion: 2,
+          mediaType: MEDIA_TYPES.oci.manifest,
+          config: { mediaType: 'application/vnd.oci.image.config.v1+json', digest: configDigest, size: config.length },
+          layers: [{ mediaType: 'application/vnd.oci.image.layer.v1.tar+gzip', digest: image.lastLayer.digest, size }],
+        }),
+      ),
+      MEDIA_TYPES.oci.manifest,
+    )
+  // While the true layer downloads (slowly), and once it is cached.
+  h.registry.faults = { blobChunkSize: 16, blobChunkDelayMs: 30 }
+  const filling = h.proxy.server.inject(packageUrl({ digest: image.manifestDigest }))
+  await until(() => h.proxy.packages.service.activeFills === 1, 'the true layer is downloading')
+  for (const size of [5, 230]) assertError(t, await h.proxy.server.inject(packageUrl({ digest: liar(size) })), 502)
+  t.ok((await filling).rawPayload.equals(image.lastLayer.data), 'the true download is unharmed')
+  await waitCached(h, image.manifestDigest, image.lastLayer.digest)
+  for (const size of [5, 230]) {
+    const res = await h.proxy.server.inject(packageUrl({ digest: liar(size + 1) }))
+    assertError(t, res, 502)
+    t.match(res.payload, /has 130/, `size ${size + 1}: the message says what the layer has`)
+  }
+  t.ok((await h.proxy.server.inject(packageUrl({ digest: image.manifestDigest }))).rawPayload.equals(image.lastLayer.data), 'and the true manifest is still a hit')
+})
+
 void t.test('a layer the manifest calls empty must have the empty digest: anything else is a 502, never an empty 200', async (t) => {
   const h = await startHarness(t)
   // The manifest says size 0, but names a layer with content (which the registry would serve).
