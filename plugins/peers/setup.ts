@@ -98,12 +98,12 @@ export interface KubePeersContext {
 export async function kubePeers(config: KubePeersConfig, o: KubePeersContext): Promise<PeerFill | undefined> {
   const namespace = o.env.POD_NAMESPACE ?? ''
   const podIp = o.env.POD_IP ?? ''
-  const ca = readCa(config.caFile)
   const kubeConfig = await loadKubeConfig({ ...(o.kubeconfig ? { kubeconfig: o.kubeconfig } : {}), env: o.env, ...(o.serviceAccountDir ? { serviceAccountDir: o.serviceAccountDir } : {}) })
   if (!kubeConfig || namespace === '' || podIp === '') {
     o.log.warn({ kubernetes: kubeConfig !== undefined, POD_NAMESPACE: namespace || undefined, POD_IP: podIp || undefined }, 'peer fill off: it needs the Kubernetes API, POD_NAMESPACE and POD_IP')
     return undefined
   }
+  const ca = readCa(config.caFile)
   // Loaded only here: client-node is not imported outside Kubernetes.
   const { KubeMembers, memberAddress } = await import('./kube-members.js')
   const membership = new Membership({ self: memberAddress(podIp, config.port), members: [], ...(config.downMs !== undefined ? { downMs: config.downMs } : {}) })
