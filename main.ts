@@ -60,9 +60,18 @@ async function main(argv: string[]): Promise<void> {
       ...(flags.registryConfig ? { registryConfig: flags.registryConfig } : {}),
       ...(flags.kubeconfig ? { kubeconfig: flags.kubeconfig } : {}),
       ...(flags.bootstrap ? { bootstrap: flags.bootstrap } : {}),
+      // --peers wins; else, in a pod, the Deployment's ready pods (through the Kubernetes API).
       ...(flags.peers.length > 0
         ? { peers: { members: flags.peers, timeouts: { firstByteMs: flags.peerTimeoutMs, idleMs: flags.peerTimeoutMs } } }
-        : {}),
+        : flags.peerCaFile
+          ? {
+              kubePeers: {
+                caFile: flags.peerCaFile,
+                ...(flags.peerServerName ? { serverName: flags.peerServerName } : {}),
+                timeouts: { firstByteMs: flags.peerTimeoutMs, idleMs: flags.peerTimeoutMs },
+              },
+            }
+          : {}),
       logger,
     })
   } catch (err) {

@@ -19,9 +19,8 @@ import type { DownloadSlotsOptions } from './plugins/packages/download-slots.js'
 import { RegistryClient } from './plugins/packages/registry/registry-client.js'
 import type { RegistryTimeouts } from './plugins/packages/registry/transport.js'
 import { peersPlugin } from './plugins/peers/index.js'
-import { Membership } from './plugins/peers/membership.js'
-import { PEER_RESULTS, PeerClient, type PeerTimeouts } from './plugins/peers/peer-client.js'
-import { Peers } from './plugins/peers/peers.js'
+import { PEER_RESULTS } from './plugins/peers/peer-client.js'
+import { kubePeers, staticPeers, type KubePeersConfig, type StaticPeersConfig } from './plugins/peers/setup.js'
 
 export interface ServerOptions {
   host?: string
@@ -65,7 +64,13 @@ export interface ServerOptions {
    * `--peers`: every replica's `host:port` (this one may be among them) for peer fill. `self`
    * is how the others name this replica (default `host:port` of this server).
    */
-  peers?: { members: string[]; self?: string; timeouts?: Partial<PeerTimeouts>; downMs?: number }
+  peers?: StaticPeersConfig
+  /**
+   * `--peer-ca-file`: peer fill among this Deployment's ready pods, found through the Kubernetes
+   * API (in a pod, or with `kubeconfig`); needs `POD_NAMESPACE` and `POD_IP` in `env`. `peers`
+   * wins when given.
+   */
+  kubePeers?: KubePeersConfig
 }
 
 export interface ProxyServer {
@@ -119,7 +124,11 @@ export async function createServer(o: ServerOptions): Promise<ProxyServer> {
   const sources = new SourceSet()
   const metrics = new Metrics({ collectDefaults: o.collectDefaultMetrics ?? true })
   const log = o.logger
-  const peers = o.peers ? peerFill(o, metrics, log) : undefined
+  const peers = o.peers
+    ? staticPeers(o.peers, `${o.host ?? '127.0.0.1'}:${o.port ?? 0}`, metrics, log)
+    : o.kubePeers
+      ? await kubePeers(o.kubePeers, { ...(o.kubeconfig ? { kubeconfig: o.kubeconfig } : {}), env: o.env ?? process.env, metrics, log })
+      : undefined
   if (!peers) peerMetrics(metrics, PEER_RESULTS, () => 1)
 
   await server.register([
@@ -260,24 +269,4 @@ export async function createServer(o: ServerOptions): Promise<ProxyServer> {
   }
   await server.initialize()
   return { server, sources, metrics, packages }
-}
-
-/** The peers of `--peers`: their membership, client and metrics. */
-function peerFill(o: ServerOptions, metrics: Metrics, log: Logger): { peers: Peers; client: PeerClient } {
-  const config = o.peers ?? { members: [] }
-  const membership = new Membership({
-    self: config.self ?? `${o.host ?? '127.0.0.1'}:${o.port ?? 0}`,
-    members: config.members,
-    ...(config.downMs !== undefined ? { downMs: config.downMs } : {}),
-  })
-  const m = peerMetrics(metrics, PEER_RESULTS, () => membership.live().length)
-  const client = new PeerClient(config.timeouts)
-  const peers = new Peers({
-    membership,
-    client,
-    log,
-    onResult: (result) => m.requests.inc({ result }),
-    onFillBytes: (bytes) => m.fillBytes.inc(bytes),
-  })
-  return { peers, client }
 }

@@ -132,7 +132,7 @@ export class Children {
 /** Starts `dist/main.js` on `port`; resolves once `/readyz` answers 200. */
 export async function startProxy(
   children: Children,
-  o: { configPath: string; cacheDir: string; port: number; logFile: string; nodeArgs?: string[]; logLevel?: string },
+  o: { configPath: string; cacheDir: string; port: number; logFile: string; nodeArgs?: string[]; logLevel?: string; args?: string[] },
 ): Promise<ChildProcess> {
   const child = children.spawn(
     process.execPath,
@@ -144,6 +144,7 @@ export async function startProxy(
       '--cache-retention-size=2Gi',
       `--listen-address=127.0.0.1:${o.port}`,
       `--log-level=${o.logLevel ?? 'warn'}`,
+      ...(o.args ?? []),
     ],
     o.logFile,
   )

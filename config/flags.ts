@@ -1,3 +1,4 @@
+import { isIP } from 'node:net'
 import { resolve } from 'node:path'
 import { parseQuantity } from './quantity.js'
 
@@ -21,6 +22,10 @@ export interface Flags {
   peers: string[]
   /** `--peer-timeout`: first-byte and idle bound for a peer's answer, in ms. */
   peerTimeoutMs: number
+  /** `--peer-ca-file`: in a pod, peer fill among the Deployment's pods, verified against this CA. */
+  peerCaFile?: string
+  /** `--peer-server-name`: the DNS name the peers' serving certificates carry. */
+  peerServerName?: string
 }
 
 /** A flag or config problem: main prints the message on one line and exits with code 2. */
@@ -54,6 +59,8 @@ const SPECS: FlagSpec[] = [
   { name: 'peers' },
   // Peers are near: a peer that says nothing for this long is slower than the registry.
   { name: 'peer-timeout', default: '5s' },
+  { name: 'peer-ca-file' },
+  { name: 'peer-server-name' },
 ]
 
 export const FLAG_NAMES: readonly string[] = SPECS.map((s) => s.name)
@@ -162,9 +169,18 @@ export function parseFlags(argv: readonly string[], env: NodeJS.ProcessEnv = pro
   }
   const peers = parsePeers(values.get('peers') ?? '')
   const peerTimeoutMs = parseDuration('peer-timeout', values.get('peer-timeout') ?? '')
+  const peerCaFile = values.get('peer-ca-file')
+  const peerServerName = values.get('peer-server-name')
+  // SNI and the certificate check want a DNS name; a peer's IP is checked without this flag.
+  if (peerServerName !== undefined && !/^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$/i.test(peerServerName)) {
+    throw new ConfigError(`--peer-server-name: "${peerServerName}" is not a DNS name`)
+  }
+  if (peerServerName !== undefined && isIP(peerServerName)) throw new ConfigError('--peer-server-name must be a DNS name: without it the certificate must name the peer\'s IP')
   return {
     peers,
     peerTimeoutMs,
+    ...(peerCaFile ? { peerCaFile: resolve(cwd, peerCaFile) } : {}),
+    ...(peerServerName ? { peerServerName } : {}),
     listenHost: listen.host,
     listenPort: listen.port,
     cacheDirectory: resolve(cwd, cacheDirectory),

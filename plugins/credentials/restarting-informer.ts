@@ -55,6 +55,8 @@ export interface RestartingInformerOptions<T extends KubernetesObject> {
   /** The collection's API path, e.g. `/api/v1/namespaces/d8-system/secrets`. */
   path: string
   fieldSelector?: string
+  /** A label selector for the LIST and WATCH (the LIST in `list` must use the same). */
+  labelSelector?: string
   /** One LIST of the collection; must honour `signal`. */
   list: (signal: AbortSignal) => Promise<KubernetesListObject<T>>
   /**
@@ -227,7 +229,7 @@ export class RestartingInformer<T extends KubernetesObject> {
         this.#o.log.warn({ provider: this.#o.provider, timeoutSeconds }, 'Kubernetes watch outlived its timeout without closing: presumed dead, watching again')
       },
     })
-    this.#informer = new ListWatch<T>(o.path, watch, () => this.#list(), false, undefined, o.fieldSelector)
+    this.#informer = new ListWatch<T>(o.path, watch, () => this.#list(), false, o.labelSelector, o.fieldSelector)
     const changed = (): void => this.#scheduleNotify()
     this.#informer.on('add', changed)
     this.#informer.on('update', changed)

@@ -7,6 +7,8 @@ import type { PeerClient } from './peer-client.js'
 export interface PeersPluginOptions {
   peers: Peers
   client: PeerClient
+  /** The Kubernetes membership watch, started and stopped with the server. */
+  watch?: { start(): void; stop(): Promise<void> }
 }
 
 /**
@@ -28,6 +30,10 @@ export const peersPlugin: Plugin<PeersPluginOptions> = {
         return h.response(manifest.body).type(manifest.mediaType || 'application/octet-stream').header('Docker-Content-Digest', digest)
       },
     })
-    server.ext('onPostStop', () => o.client.close())
+    server.ext('onPreStart', () => o.watch?.start())
+    server.ext('onPostStop', async () => {
+      await o.watch?.stop()
+      o.client.close()
+    })
   },
 }

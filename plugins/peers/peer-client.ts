@@ -1,5 +1,6 @@
 import { createHash } from 'node:crypto'
-import { Agent, request as httpRequest, type IncomingMessage } from 'node:http'
+import { Agent, request as httpRequest, type IncomingMessage, type RequestOptions } from 'node:http'
+import { Agent as HttpsAgent, request as httpsRequest } from 'node:https'
 import type { TempFile } from '../packages/cache/blob-store.js'
 import { writeAll } from '../packages/fill.js'
 import type { LayerRef } from '../packages/manifest.js'
@@ -26,21 +27,42 @@ export interface PeerTimeouts {
 /** Peers are near (the same cluster): a peer slower than this is worse than the registry. */
 export const DEFAULT_PEER_TIMEOUTS: PeerTimeouts = { firstByteMs: 5_000, idleMs: 5_000 }
 
+/**
+ * How peers are reached in Kubernetes: HTTPS through their kube-rbac-proxy, which authorizes
+ * this pod's service-account token. The serving certificate is verified against `ca`, always.
+ */
+export interface PeerTls {
+  /** PEM of the CA that signs the proxies' serving certificates. */
+  ca: string | Buffer
+  /**
+   * The DNS name every serving certificate carries (node IPs are not known when it is made);
+   * without it, the certificate must name the peer's IP.
+   */
+  serverName?: string
+  /** The bearer token for each request (see token-file.ts); refused ones are marked stale. */
+  token: { get(): Promise<string | undefined>; stale(): void }
+}
+
 /** The header that marks a request from another replica (see handlers/package.ts). */
 const PEER_HEADER = 'X-RPP-Peer'
 
 /**
- * Plain HTTP to the other replicas' listeners. Nothing a peer sends is trusted: a layer is
+ * Plain HTTP to the other replicas' listeners (`--peers`), or HTTPS with a bearer token to
+ * their kube-rbac-proxy ({@link PeerTls}). Nothing a peer sends is trusted: a layer is
  * written to the caller's temp file while it hashes and is `ok` only if it is exactly the
  * manifest's size and hashes to its digest; a manifest likewise. Both ends of an exchange are
  * bounded (first byte, then idle), so a stalled peer costs at most those bounds.
  */
 export class PeerClient {
-  readonly #agent = new Agent({ keepAlive: true, maxSockets: 64 })
+  readonly #agent: Agent
   readonly #timeouts: PeerTimeouts
+  readonly #tls: PeerTls | undefined
 
-  constructor(timeouts: Partial<PeerTimeouts> = {}) {
+  constructor(timeouts: Partial<PeerTimeouts> = {}, tls?: PeerTls) {
     this.#timeouts = { ...DEFAULT_PEER_TIMEOUTS, ...timeouts }
+    this.#tls = tls
+    // rejectUnauthorized is https's default; said here because it must never be false.
+    this.#agent = tls ? new HttpsAgent({ keepAlive: true, maxSockets: 64, ca: tls.ca, rejectUnauthorized: true }) : new Agent({ keepAlive: true, maxSockets: 64 })
   }
 
   /** Fetches `layer` through `member`'s `/package` into `temp` from byte 0, verifying it. */
@@ -89,7 +111,7 @@ export class PeerClient {
     onChunk: (chunk: Buffer, offset: number) => Promise<void>,
     onHeaders?: (res: IncomingMessage) => void,
   ): Promise<PeerResult> {
-    const url = new URL(`http://${member}`)
+    const url = new URL(`${this.#tls ? 'https' : 'http'}://${member}`)
     const aborter = new AbortController()
     const onAbort = (): void => aborter.abort(signal?.reason)
     signal?.addEventListener('abort', onAbort, { once: true })
@@ -105,17 +127,27 @@ export class PeerClient {
     arm(this.#timeouts.firstByteMs)
     let answered = false
     try {
+      const token = this.#tls ? await this.#tls.token.get() : undefined
+      const options: RequestOptions & { servername?: string } = {
+        host: url.hostname.replace(/^\[|\]$/g, ''),
+        port: url.port,
+        path,
+        headers: token ? { ...headers, Authorization: `Bearer ${token}` } : headers,
+        agent: this.#agent,
+        signal: aborter.signal,
+        // Checked against the certificate instead of the IP (and sent as SNI).
+        ...(this.#tls?.serverName ? { servername: this.#tls.serverName } : {}),
+      }
       const res = await new Promise<IncomingMessage>((resolve, reject) => {
-        const req = httpRequest(
-          { host: url.hostname.replace(/^\[|\]$/g, ''), port: url.port, path, headers, agent: this.#agent, signal: aborter.signal },
-          resolve,
-        )
+        const req = (this.#tls ? httpsRequest : httpRequest)(options, resolve)
         req.once('error', reject)
         req.end()
       })
       answered = true
       if (res.statusCode !== 200) {
         res.resume()
+        // kube-rbac-proxy refused the token: it may have rotated since it was read.
+        if (res.statusCode === 401) this.#tls?.token.stale()
         return res.statusCode === 404 ? 'not-found' : 'refused'
       }
       const length = Number(res.headers['content-length'])

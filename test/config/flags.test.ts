@@ -71,6 +71,8 @@ void t.test('every flag from its RPP_ environment variable', (t) => {
     'RPP_CLUSTER_UUID',
     'RPP_PEERS',
     'RPP_PEER_TIMEOUT',
+    'RPP_PEER_CA_FILE',
+    'RPP_PEER_SERVER_NAME',
   ])
   const env = {
     RPP_LISTEN_ADDRESS: '[::1]:6000',
@@ -177,6 +179,20 @@ void t.test('--scrub-rate is a quantity of bytes per second; 0 turns the scrubbe
   t.equal(parseFlags(['--scrub-rate=1M'], {}, '/').scrubBytesPerSecond, 1e6)
   t.equal(parseFlags(['--scrub-rate=0'], {}, '/').scrubBytesPerSecond, 0)
   t.throws(() => parseFlags(['--scrub-rate=fast'], {}, '/'), { code: 'ECONFIG', message: /^--scrub-rate: / })
+  t.end()
+})
+
+void t.test('--peer-ca-file and --peer-server-name: off by default; the name must be a DNS name', (t) => {
+  const none = parseFlags([], {}, CWD)
+  t.equal(none.peerCaFile, undefined)
+  t.equal(none.peerServerName, undefined)
+  const set = parseFlags(['--peer-ca-file=tls/ca.crt', '--peer-server-name=registry-packages-proxy.d8-cloud-instance-manager.svc'], {}, CWD)
+  t.equal(set.peerCaFile, '/srv/rpp/tls/ca.crt', 'relative to the working directory')
+  t.equal(set.peerServerName, 'registry-packages-proxy.d8-cloud-instance-manager.svc')
+  t.equal(parseFlags([], { RPP_PEER_CA_FILE: '/ca.pem' }, CWD).peerCaFile, '/ca.pem', 'from its env var')
+  for (const bad of ['10.0.0.1', 'a b', '-x.svc', 'x/y']) {
+    t.throws(() => parseFlags([`--peer-server-name=${bad}`], {}, CWD), { name: 'ConfigError', message: /^--peer-server-name/ }, bad)
+  }
   t.end()
 })
 

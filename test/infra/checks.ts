@@ -35,6 +35,8 @@ export interface ServerRoute {
 /** The kube-rbac-proxy subresource each route is authorized as (the issue's decision). */
 export const ROUTE_SUBRESOURCES: Readonly<Record<string, string>> = {
   '/package': 'http',
+  // Peer fill: the proxies call each other with the same permission as /package.
+  '/peers/manifests/{digest}': 'http',
   '/v1/images/deckhouse-cli/tags': 'cli-binary',
   '/v1/images/deckhouse-cli/images/{version}': 'cli-binary',
   '/v1/images/deckhouse-cli/manifests/{ref}': 'cli-binary',
@@ -462,6 +464,14 @@ export function checkWiring(m: Manifests, dir?: string): string[] {
   const bound = (review: ReturnType<typeof reviewAttributes>, subject: Subject): boolean => review !== undefined && allows(grantsFor(m, subject), review)
   if (!bound(packageReview, { kind: 'Group', name: 'system:bootstrappers:d8-node-manager' })) problems.push('bootstrapping nodes may not GET /package')
   if (!bound(metricsReview, { kind: 'User', name: 'd8-monitoring:scraper' })) problems.push('the Prometheus scraper may not GET /metrics')
+  // Peer fill: each proxy calls the others' kube-rbac-proxy with its own service-account token.
+  if (argValue(container(m, PROXY_CONTAINER).args, 'peer-ca-file') !== undefined) {
+    const self: Subject = { kind: 'ServiceAccount', name: SERVICE_ACCOUNT, namespace: NAMESPACE }
+    for (const path of ['/package', samplePath('/peers/manifests/{digest}')]) {
+      const route = routeRequest(config, path)
+      if (!bound(route && reviewAttributes(route.upstream, 'GET'), self)) problems.push(`the proxies may not call each other's ${path === '/package' ? path : '/peers/'} (peer fill)`)
+    }
+  }
   for (const b of [...all<Binding>(m, 'RoleBinding'), ...all<Binding>(m, 'ClusterRoleBinding')]) {
     const kind = b.roleRef.kind
     const exists = all(m, kind).some((r) => r.metadata.name === b.roleRef.name && (kind === 'ClusterRole' || r.metadata.namespace === b.metadata.namespace))

@@ -63,8 +63,18 @@ function validate(object: K8sObject): void {
 
 const manifests = loadManifests()
 
-/** The pod's own account: it may watch sources, not fetch packages. */
-const SERVICE_ACCOUNT_WITHOUT_HTTP = 'registry-packages-proxy'
+/** The pod's own account: it may fetch packages only for peer fill, through its binding. */
+const POD_ACCOUNT = 'registry-packages-proxy'
+
+/** Removes `account` from every RoleBinding of `m` that lets it GET /package. */
+function unbindHttp(m: Manifests, account: string): void {
+  for (const o of m.objects) {
+    const b = o.object as K8sObject & { roleRef?: { name: string }; subjects?: Array<{ kind: string; name: string }> }
+    if (o.object.kind === 'RoleBinding' && b.roleRef?.name === 'access-to-registry-packages-proxy-http') {
+      b.subjects = b.subjects?.filter((s) => !(s.kind === 'ServiceAccount' && s.name === account))
+    }
+  }
+}
 
 /** The seconds main.ts waits for in-flight responses on SIGTERM. */
 function drainSeconds(): number {
@@ -84,7 +94,8 @@ function imageUser(): number {
 
 /** The server's route table, as the binary builds it. */
 async function serverRoutes(dir: string): Promise<ServerRoute[]> {
-  const proxy = await createServer({ cacheDirectory: join(dir, 'cache'), limitBytes: 2 ** 20, logger: pino({ level: 'silent' }), collectDefaultMetrics: false, env: {} })
+  // With peer fill on, as in a pod: its routes must be routed and authorized as well.
+  const proxy = await createServer({ cacheDirectory: join(dir, 'cache'), limitBytes: 2 ** 20, logger: pino({ level: 'silent' }), collectDefaultMetrics: false, env: {}, peers: { members: [] } })
   try {
     return proxy.server.table().map((r) => ({ method: r.method, path: r.path }))
   } finally {
@@ -272,9 +283,12 @@ void t.test('PDB, VPA, PodMonitor, token Secret and kustomization point at the D
   t.match(checkWiring(pdbElsewhere), [/PDB .* does not select the pods/])
   const tokenForOther = broken((m) => {
     const secret = m.objects.find((o) => o.object.kind === 'Secret')?.object
-    if (secret?.metadata.annotations) secret.metadata.annotations['kubernetes.io/service-account.name'] = SERVICE_ACCOUNT_WITHOUT_HTTP
+    if (secret?.metadata.annotations) secret.metadata.annotations['kubernetes.io/service-account.name'] = POD_ACCOUNT
+    unbindHttp(m, POD_ACCOUNT)
   })
-  t.match(checkWiring(tokenForOther), [/registry-packages-proxy may not get apps\/deployments\/http/])
+  t.match(checkWiring(tokenForOther), [/registry-packages-proxy may not get apps\/deployments\/http/, /the proxies may not call each other/])
+  const peersUnbound = broken((m) => unbindHttp(m, POD_ACCOUNT))
+  t.match(checkWiring(peersUnbound), [/the proxies may not call each other's \/package/, /the proxies may not call each other's \/peers\//])
   const unlisted = broken((m) => (m.kustomization.resources = m.kustomization.resources.filter((f) => f !== 'pdb.yaml')))
   t.match(checkWiring(unlisted).join('\n'), /kustomization resources .* differ/)
   const vpaForGhost = broken((m) => {

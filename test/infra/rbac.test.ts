@@ -1,15 +1,19 @@
 /**
- * RBAC against the code: the server runs with a kubeconfig against the fake API server, through
- * a first sync, a dropped watch and a 410 Gone re-list. Every request it made is turned into the
- * attributes the API server would authorize, and the pod's ServiceAccount must be allowed each,
- * and granted nothing more, apart from kube-rbac-proxy's TokenReviews and SubjectAccessReviews
- * (the sidecar's calls, which no test here can observe).
+ * RBAC against the code: the server runs with a kubeconfig against the fake API server, with
+ * peer fill from the pods as in a pod, through a first sync, a dropped watch and a 410 Gone
+ * re-list. Every request it made is turned into the attributes the API server would authorize,
+ * and the pod's ServiceAccount must be allowed each, and granted nothing more, apart from
+ * kube-rbac-proxy's TokenReviews and SubjectAccessReviews (the sidecar's calls, which no test
+ * here can observe) and the calls one proxy makes to the others through their kube-rbac-proxy
+ * (authorized by the config's SubjectAccessReview attributes for the paths peers call).
  */
 import { join } from 'node:path'
 import { pino } from 'pino'
 import t from 'tap'
 import { createServer } from '../../server.js'
-import { FakeKubeApi, moduleSource, registrySecret, waitFor } from '../fixtures/fake-kube-api.js'
+import { FakeKubeApi, moduleSource, proxyPod, registrySecret, waitFor } from '../fixtures/fake-kube-api.js'
+import { makeCa } from '../fixtures/peer-tls.js'
+import { rbacProxyConfig, reviewAttributes, routeRequest } from './kube-rbac-proxy.js'
 import { cloneManifests, loadManifests, NAMESPACE, SERVICE_ACCOUNT, type Manifests, type Role } from './manifests.js'
 import { allows, describe, grantsFor, requestAttributes, surplus, type Attributes } from './rbac.js'
 
@@ -30,6 +34,17 @@ const UNMASKING_GRANTS: readonly Attributes[] = [
 
 const POD_ACCOUNT = { kind: 'ServiceAccount', name: SERVICE_ACCOUNT, namespace: NAMESPACE }
 
+/** What a proxy asks of its peers' kube-rbac-proxy (plugins/peers/peer-client.ts): the layer and a manifest. */
+function peerCalls(m: Manifests): Attributes[] {
+  const config = rbacProxyConfig(m)
+  return ['/package', `/peers/manifests/sha256:${'0'.repeat(64)}`].map((path) => {
+    const route = routeRequest(config, path)
+    const review = route && reviewAttributes(route.upstream, 'GET')
+    if (!review) throw new Error(`kube-rbac-proxy does not authorize GET ${path}`)
+    return review
+  })
+}
+
 function uniqueCalls(calls: readonly Attributes[]): Attributes[] {
   const seen = new Map<string, Attributes>()
   for (const c of calls) seen.set(JSON.stringify(c), c)
@@ -47,7 +62,9 @@ void t.test("the pod's ServiceAccount may make every call the code makes, and no
   t.teardown(() => api.close())
   api.putSecret(registrySecret({ address: '127.0.0.1:5000', path: '/deckhouse/ce', scheme: 'http' }))
   api.putModuleSource(moduleSource('example', { repo: '127.0.0.1:5000/modules/example', scheme: 'http' }))
+  api.put('pods', proxyPod('self', '127.0.0.1'))
   const dir = t.testdir()
+  const ca = await makeCa(dir, 'peers-ca')
   // Initializing the server starts the informers (onPreStart); no listener is needed.
   const proxy = await createServer({
     cacheDirectory: join(dir, 'cache'),
@@ -55,23 +72,22 @@ void t.test("the pod's ServiceAccount may make every call the code makes, and no
     kubeconfig: api.writeKubeconfig(dir, 'rbac-test-token'),
     logger: pino({ level: 'silent' }),
     collectDefaultMetrics: false,
-    env: {},
+    env: { POD_NAMESPACE: NAMESPACE, POD_IP: '127.0.0.1' },
+    kubePeers: { caFile: ca.certPath, timing: { initialBackoffMs: 20 } },
   })
   t.teardown(() => proxy.server.stop())
-  await waitFor(() => api.openWatches('secrets') > 0 && api.openWatches('modulesources') > 0 && api.openWatches('packagerepositories') > 0, 'all three informers watch')
+  const allWatch = (): boolean => (['secrets', 'modulesources', 'packagerepositories', 'pods'] as const).every((r) => api.openWatches(r) > 0)
+  await waitFor(allWatch, 'all four informers watch')
   t.equal((await proxy.server.inject('/readyz')).statusCode, 200, 'ready once both synced')
 
   // The restart paths must not need more: a dropped connection (resume the watch) and 410 Gone
   // (list again).
-  // The 410 lands on whichever of the three informers watches first: count all three.
-  const relists = (): number => api.counts.list.secrets + api.counts.list.modulesources + api.counts.list.packagerepositories
+  // The 410 lands on whichever of the four informers watches first: count all four.
+  const relists = (): number => api.counts.list.secrets + api.counts.list.modulesources + api.counts.list.packagerepositories + api.counts.list.pods
   const lists = relists()
   api.goneOnNextWatch = 'http'
   api.dropWatches('destroy')
-  await waitFor(
-    () => relists() > lists && api.openWatches('secrets') > 0 && api.openWatches('modulesources') > 0 && api.openWatches('packagerepositories') > 0,
-    'all three informers watch again after a re-list',
-  )
+  await waitFor(() => relists() > lists && allWatch(), 'all four informers watch again after a re-list')
 
   const calls = uniqueCalls(api.requests.map((r) => requestAttributes(r.method, r.path, r.query)))
   t.comment(`calls made: ${calls.map(describe).join('; ')}`)
@@ -79,8 +95,11 @@ void t.test("the pod's ServiceAccount may make every call the code makes, and no
   const m = loadManifests()
   const grants = grantsFor(m, POD_ACCOUNT)
   t.ok(calls.some((c) => c.verb === 'watch' && c.resource === 'packagerepositories'), 'PackageRepositories are watched')
-  for (const call of [...calls, ...KUBE_RBAC_PROXY_CALLS, ...UNMASKING_GRANTS]) t.ok(allows(grants, call), `allowed: ${describe(call)}`)
-  t.same(surplus(grants, [...calls, ...KUBE_RBAC_PROXY_CALLS, ...UNMASKING_GRANTS]), [], 'nothing granted beyond those calls')
+  t.ok(calls.some((c) => c.verb === 'watch' && c.resource === 'pods' && c.namespace === NAMESPACE), 'the pods of its namespace are watched (peer fill)')
+  const peers = peerCalls(m)
+  t.same(peers.map(describe), [1, 2].map(() => `get apps/deployments/http in ${NAMESPACE} named registry-packages-proxy`), 'peers are called as deployments/http')
+  for (const call of [...calls, ...KUBE_RBAC_PROXY_CALLS, ...UNMASKING_GRANTS, ...peers]) t.ok(allows(grants, call), `allowed: ${describe(call)}`)
+  t.same(surplus(grants, [...calls, ...KUBE_RBAC_PROXY_CALLS, ...UNMASKING_GRANTS, ...peers]), [], 'nothing granted beyond those calls')
 
   // Each would be noticed: a verb taken away, a verb or a Secret too many, a call without the
   // field selector that lets a resourceNames Role allow it.
@@ -90,10 +109,22 @@ void t.test("the pod's ServiceAccount may make every call the code makes, and no
   t.ok(watchModuleSources && !allows(grantsFor(noWatch, POD_ACCOUNT), watchModuleSources), 'a ClusterRole without watch fails the watch')
   const withGet = cloneManifests(m)
   role(withGet, 'Role', 'registry-packages-proxy').rules.forEach((r) => r.verbs.push('get'))
-  t.match(surplus(grantsFor(withGet, POD_ACCOUNT), [...calls, ...KUBE_RBAC_PROXY_CALLS, ...UNMASKING_GRANTS]), [/grants get core\/secrets in d8-system, which nothing calls/])
+  t.match(surplus(grantsFor(withGet, POD_ACCOUNT), [...calls, ...KUBE_RBAC_PROXY_CALLS, ...UNMASKING_GRANTS, ...peers]), [/grants get core\/secrets in d8-system, which nothing calls/])
   const everySecret = cloneManifests(m)
   role(everySecret, 'Role', 'registry-packages-proxy').rules.forEach((r) => delete r.resourceNames)
-  t.match(surplus(grantsFor(everySecret, POD_ACCOUNT), [...calls, ...KUBE_RBAC_PROXY_CALLS, ...UNMASKING_GRANTS]), [/without resourceNames, but every call names deckhouse-registry/])
+  t.match(surplus(grantsFor(everySecret, POD_ACCOUNT), [...calls, ...KUBE_RBAC_PROXY_CALLS, ...UNMASKING_GRANTS, ...peers]), [/without resourceNames, but every call names deckhouse-registry/])
+  // Peer fill needs both: without the pods Role the watch fails, without the http binding a
+  // peer's kube-rbac-proxy answers 403.
+  const noPods = cloneManifests(m)
+  noPods.objects = noPods.objects.filter((o) => o.object.metadata.name !== 'registry-packages-proxy:peers')
+  const watchPods = calls.find((c) => c.verb === 'watch' && c.resource === 'pods')
+  t.ok(watchPods && !allows(grantsFor(noPods, POD_ACCOUNT), watchPods), 'without the peers Role the pods watch is refused')
+  const noHttp = cloneManifests(m)
+  for (const o of noHttp.objects) {
+    const b = o.object as unknown as { kind: string; subjects?: Array<{ name: string }> }
+    if (b.kind === 'RoleBinding' && o.object.metadata.name === 'access-to-registry-packages-proxy-http') b.subjects = b.subjects?.filter((x) => x.name !== SERVICE_ACCOUNT)
+  }
+  t.notOk(peers.every((p) => allows(grantsFor(noHttp, POD_ACCOUNT), p)), 'without the http binding peers refuse each other')
   const unfiltered = requestAttributes('GET', '/api/v1/namespaces/d8-system/secrets', {})
   t.notOk(allows(grants, unfiltered), 'a LIST of d8-system Secrets without the field selector is refused')
 })
