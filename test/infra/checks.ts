@@ -465,12 +465,12 @@ export function checkWiring(m: Manifests, dir?: string): string[] {
   if (!bound(packageReview, { kind: 'Group', name: 'system:bootstrappers:d8-node-manager' })) problems.push('bootstrapping nodes may not GET /package')
   if (!bound(metricsReview, { kind: 'User', name: 'd8-monitoring:scraper' })) problems.push('the Prometheus scraper may not GET /metrics')
   // Peer fill: each proxy calls the others' kube-rbac-proxy with its own service-account token.
-  if (argValue(container(m, PROXY_CONTAINER).args, 'peer-ca-file') !== undefined) {
-    const self: Subject = { kind: 'ServiceAccount', name: SERVICE_ACCOUNT, namespace: NAMESPACE }
-    for (const path of ['/package', samplePath('/peers/manifests/{digest}')]) {
-      const route = routeRequest(config, path)
-      if (!bound(route && reviewAttributes(route.upstream, 'GET'), self)) problems.push(`the proxies may not call each other's ${path === '/package' ? path : '/peers/'} (peer fill)`)
-    }
+  // Checked whether or not the Deployment turns it on (it needs an installer-made certificate):
+  // the grants are in place, so turning it on is only the flags and the Secret.
+  const self: Subject = { kind: 'ServiceAccount', name: SERVICE_ACCOUNT, namespace: NAMESPACE }
+  for (const path of ['/package', samplePath('/peers/manifests/{digest}')]) {
+    const route = routeRequest(config, path)
+    if (!bound(route && reviewAttributes(route.upstream, 'GET'), self)) problems.push(`the proxies may not call each other's ${path === '/package' ? path : '/peers/'} (peer fill)`)
   }
   for (const b of [...all<Binding>(m, 'RoleBinding'), ...all<Binding>(m, 'ClusterRoleBinding')]) {
     const kind = b.roleRef.kind
