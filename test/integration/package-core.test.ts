@@ -253,8 +253,9 @@ for (const mode of ['bigger than the cache', '--disable-cache'] as const) {
     const registry = await FakeRegistry.start()
     t.teardown(() => registry.close())
     const image = registry.addImage('deckhouse/ce/big', [bytes(4 * MiB, 508)])
-    // Slow enough that every client arrives while the first bytes are still in the window.
-    registry.faults = { blobChunkSize: 256 * 1024, blobChunkDelayMs: 20 }
+    // The registry answers the layer only after 1.5 s, so every client has joined before its first
+    // byte (a loaded CI machine spreads 20 connections over more than the window's 160 ms).
+    registry.faults = { blobDelayMs: 1500, blobChunkSize: 256 * 1024, blobChunkDelayMs: 20 }
     t.testdir()
     const args = mode === '--disable-cache' ? ['--disable-cache'] : []
     const p = await startProxyProcess(t, { registry, cacheDirectory: join(t.testdirName, 'cache'), retention: '1Mi', args })
