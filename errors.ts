@@ -156,3 +156,14 @@ export function toBoom(err: unknown): Boom.Boom {
   }
   return Boom.internal()
 }
+
+/**
+ * The registry sent a layer the proxy cannot read for a file inside it (502): not gzip,
+ * truncated, a broken tar header, a compression it does not support (zstd), or one that
+ * inflates past the bound on work per request. Its message says which, for the log.
+ */
+export class LayerContentError extends ProxyError {
+  constructor(message: string, options?: { cause?: unknown }) {
+    super('ELAYERCONTENT', 502, message, options)
+  }
+}

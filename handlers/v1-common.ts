@@ -37,15 +37,23 @@ export function defaultSource(sources: SourceSet): RegistrySource {
 
 /**
  * Runs `attempt` on each repository name in turn while the registry says the previous one does
- * not exist (the edition-root fallback); any other failure, or the last 404, is thrown.
+ * not exist (the edition-root fallback); any other failure, or the last 404, is thrown. A 404
+ * only moves on when `repositoryMissing` (if given) confirms that the repository itself is
+ * unknown: a tag missing from a repository that exists is that repository's 404, never a
+ * reason to serve the same tag from the edition root.
  */
-export async function firstFound<T>(names: readonly string[], attempt: (name: string) => Promise<T>): Promise<{ name: string; value: T }> {
+export async function firstFound<T>(
+  names: readonly string[],
+  attempt: (name: string) => Promise<T>,
+  repositoryMissing?: (name: string) => Promise<boolean>,
+): Promise<{ name: string; value: T }> {
   let lastError: unknown = new NotFoundError('no repository to try')
-  for (const name of names) {
+  for (const [i, name] of names.entries()) {
     try {
       return { name, value: await attempt(name) }
     } catch (err) {
       if (!(err instanceof NotFoundError)) throw err
+      if (i < names.length - 1 && repositoryMissing && !(await repositoryMissing(name))) throw err
       lastError = err
     }
   }

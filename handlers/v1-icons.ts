@@ -48,7 +48,8 @@ export function iconHandler(deps: V1IconsDeps) {
     const etag = `"${digest}"`
     const common = (response: ResponseObject): ResponseObject =>
       response.header('ETag', etag).header('Cache-Control', version ? 'public, max-age=31536000, immutable' : 'no-cache')
-    if (matchesIfNoneMatch(header(request, 'if-none-match'), etag)) {
+    // `*` matches too: the icon was found, as /package answers `*` once the digest was found.
+    if (matchesIfNoneMatch(header(request, 'if-none-match'), etag, true)) {
       deps.onResult?.(request, 'not-modified')
       return common(h.response().code(304))
     }

@@ -4,7 +4,6 @@ import type { SourceSet } from '../plugins/credentials/source-set.js'
 import type { RegistrySource } from '../plugins/credentials/source.js'
 import { allowedImage, imageNames, parsePlatform, parseReference, parseTag } from '../plugins/images/image-ref.js'
 import type { FetchedManifest, ManifestResolver } from '../plugins/images/manifest-resolver.js'
-import { isIndex, platformDigest } from '../plugins/images/platform.js'
 import type { PackageService } from '../plugins/packages/package-service.js'
 import type { RegistryClient } from '../plugins/packages/registry/registry-client.js'
 import { matchesIfNoneMatch, parseRange } from './package-request.js'
@@ -36,12 +35,34 @@ function candidates(source: RegistrySource, image: string): string[] {
   return imageNames(source.namePrefix, image)
 }
 
+/**
+ * Whether repository `name` is unknown to the registry: its tag list is a 404 (NAME_UNKNOWN).
+ * Asked only after a manifest 404, to tell "no such repository" (try the edition root) from
+ * "no such tag" (a 404): the code in a manifest 404's body is not reliable across registries
+ * (some send none, some say MANIFEST_UNKNOWN for both), the tag list of an existing repository
+ * is never a 404. Shared and briefly reused like every tag listing.
+ */
+function repositoryMissing(deps: V1ImagesDeps, source: RegistrySource) {
+  return async (name: string): Promise<boolean> => {
+    try {
+      await deps.manifests.tags(source, name)
+      return false
+    } catch (err) {
+      if (err instanceof NotFoundError) return true
+      throw err
+    }
+  }
+}
+
+/** Headers for manifest bytes served as the registry typed them: never sniffed, never run. */
+export const MANIFEST_CSP = "default-src 'none'; sandbox"
+
 /** `GET /v1/images/<image>/tags`: every tag, all pages followed. */
 export function cliTagsHandler(deps: V1ImagesDeps) {
   return async (request: Request, h: ResponseToolkit): Promise<ResponseObject> => {
     const image = imageOf(request)
     const source = defaultSource(deps.sources)
-    const { value: tags } = await firstFound(candidates(source, image), (name) => deps.client.listTags(source, name))
+    const { value: tags } = await firstFound(candidates(source, image), (name) => deps.manifests.tags(source, name))
     deps.onResult?.(request, 'tags')
     return h.response({ name: image, tags }).type('application/json').header('Cache-Control', 'no-cache')
   }
@@ -53,7 +74,7 @@ export function cliManifestHandler(deps: V1ImagesDeps) {
     const image = imageOf(request)
     const reference = parseReference((request.params as { ref: string }).ref)
     const source = defaultSource(deps.sources)
-    const { value: manifest } = await firstFound(candidates(source, image), (name) => deps.manifests.fetch(source, name, reference))
+    const { value: manifest } = await firstFound(candidates(source, image), (name) => deps.manifests.fetch(source, name, reference), repositoryMissing(deps, source))
     const etag = `"${manifest.digest}"`
     const cache = reference.startsWith('sha256:') ? 'public, max-age=31536000, immutable' : 'no-cache'
     if (matchesIfNoneMatch(header(request, 'if-none-match'), etag)) {
@@ -67,13 +88,17 @@ export function cliManifestHandler(deps: V1ImagesDeps) {
       .header('Docker-Content-Digest', manifest.digest)
       .header('ETag', etag)
       .header('Cache-Control', cache)
+      // The Content-Type is the registry's (the CONTRACT): whatever it says, a browser must
+      // neither sniff these bytes into HTML nor run anything in them.
+      .header('X-Content-Type-Options', 'nosniff')
+      .header('Content-Security-Policy', MANIFEST_CSP)
   }
 }
 
-/** The image manifest digest a tag serves for a platform: the tag's own, or its index entry's. */
-function servedDigest(manifest: FetchedManifest, request: Request): string {
+/** The image manifest digest a tag serves for a platform: the tag's own, or its index entry's (one nested index followed). */
+async function servedDigest(deps: V1ImagesDeps, source: RegistrySource, name: string, manifest: FetchedManifest, request: Request): Promise<string> {
   const platform = parsePlatform((request.query as Record<string, unknown>).platform)
-  return isIndex(manifest.body, manifest.mediaType) ? platformDigest(manifest.body, platform) : manifest.digest
+  return (await deps.manifests.image(source, name, manifest, platform)).digest
 }
 
 /**
@@ -89,25 +114,33 @@ export function cliDownloadHandler(deps: V1ImagesDeps) {
     // Checked before any connection: a malformed platform is the client's mistake.
     parsePlatform((request.query as Record<string, unknown>).platform)
     const source = defaultSource(deps.sources)
-    const found = await firstFound(candidates(source, image), (name) => deps.manifests.fetch(source, name, version))
-    const digest = servedDigest(found.value, request)
+    const found = await firstFound(candidates(source, image), (name) => deps.manifests.fetch(source, name, version), repositoryMissing(deps, source))
+    const digest = await servedDigest(deps, source, found.name, found.value, request)
     const etag = `"${digest}"`
     const common = (response: ResponseObject): ResponseObject =>
       response.header('ETag', etag).header('Docker-Content-Digest', digest).header('Cache-Control', 'no-cache').header('Accept-Ranges', 'bytes')
-    if (matchesIfNoneMatch(header(request, 'if-none-match'), etag)) {
+    const ifNoneMatch = header(request, 'if-none-match')
+    if (matchesIfNoneMatch(ifNoneMatch, etag)) {
       deps.onResult?.(request, 'not-modified')
       return common(h.response().code(304))
     }
     const pkg = await deps.packages.resolve(source, found.name, digest)
+    // `*` only now, as on /package: it means "you have it", known once the image was found.
+    if (matchesIfNoneMatch(ifNoneMatch, etag, true)) {
+      deps.onResult?.(request, 'not-modified')
+      return common(h.response().code(304))
+    }
     const size = pkg.layer.size
     const ifRange = header(request, 'if-range')
     const range = ifRange && ifRange !== etag ? undefined : parseRange(header(request, 'range'), size)
     if (range === 'unsatisfiable') {
       deps.onResult?.(request, 'unsatisfiable')
-      return common(h.response({ statusCode: 416, error: 'Range Not Satisfiable', message: `the image has ${size} bytes` }).code(416)).header(
-        'Content-Range',
-        `bytes */${size}`,
-      )
+      // An error, not the image: no ETag or digest, as /package's 416.
+      return h
+        .response({ statusCode: 416, error: 'Range Not Satisfiable', message: `the image has ${size} bytes` })
+        .code(416)
+        .header('Accept-Ranges', 'bytes')
+        .header('Content-Range', `bytes */${size}`)
     }
     const start = range?.start ?? 0
     const end = range?.end ?? size - 1

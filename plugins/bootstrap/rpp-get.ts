@@ -1,10 +1,27 @@
 import { NotFoundError } from '../../errors.js'
 import type { RegistrySource } from '../credentials/source.js'
-import { flattenedFiles } from '../icons/layer-files.js'
+import { ExtractionSlots, type ExtractionSlotsOptions } from '../icons/extraction-slots.js'
+import { flattenedBest } from '../icons/layer-files.js'
 import type { PackageService } from '../packages/package-service.js'
 
 /** The current module's limit on the rpp-get file. */
 export const MAX_RPP_GET_BYTES = 64 * 1024 * 1024
+
+/** Tar bytes one rpp-get layer may inflate to (a gzip bomb is a 502, not minutes of CPU). */
+export const MAX_RPP_GET_INFLATED_BYTES = 1024 * 1024 * 1024
+
+/**
+ * Extractions at once and waiting. Each holds at most one file of up to 64 MiB, so memory stays
+ * under `cacheBytes + max × 64 MiB` (+ stream buffers) whatever the number of nodes asking.
+ */
+export const DEFAULT_RPP_GET_SLOTS: ExtractionSlotsOptions = Object.freeze({ max: 2, maxQueued: 32 })
+
+export interface RppGetOptions {
+  /** Memory for extracted files (default 128 MiB; least recently used go first). */
+  cacheBytes?: number
+  slots?: ExtractionSlotsOptions
+  maxInflatedBytes?: number
+}
 
 /**
  * The `rpp-get` file from the last layer of `<default source>@<digest>`. The layer comes from
@@ -12,6 +29,8 @@ export const MAX_RPP_GET_BYTES = 64 * 1024 * 1024
  * is streamed through gunzip and a tar reader (hashed again on the way, like every layer read
  * for a file). Extracted files are kept in memory by manifest digest, bounded in bytes, and a
  * burst of nodes asking for one digest shares one extraction: nodes bootstrap together.
+ * Extractions of distinct digests run at most `slots.max` at once; more wait, up to
+ * `slots.maxQueued`, and beyond that are refused with a 503 and Retry-After.
  */
 export class RppGetFiles {
   readonly #packages: PackageService
@@ -19,10 +38,14 @@ export class RppGetFiles {
   readonly #cache = new Map<string, Buffer>()
   #bytes = 0
   readonly #pending = new Map<string, Promise<Buffer>>()
+  readonly #slots: ExtractionSlots
+  readonly #maxInflated: number
 
-  constructor(packages: PackageService, cacheBytes = 128 * 1024 * 1024) {
+  constructor(packages: PackageService, o: RppGetOptions = {}) {
     this.#packages = packages
-    this.#limit = cacheBytes
+    this.#limit = o.cacheBytes ?? 128 * 1024 * 1024
+    this.#slots = new ExtractionSlots(o.slots ?? DEFAULT_RPP_GET_SLOTS)
+    this.#maxInflated = o.maxInflatedBytes ?? MAX_RPP_GET_INFLATED_BYTES
   }
 
   /** The file's bytes; a NotFoundError when the layer has no regular `rpp-get` up to 64 MiB. */
@@ -36,7 +59,7 @@ export class RppGetFiles {
     }
     let pending = this.#pending.get(key)
     if (!pending) {
-      pending = this.#extract(source, digest).finally(() => this.#pending.delete(key))
+      pending = this.#slots.run(() => this.#extract(source, digest)).finally(() => this.#pending.delete(key))
       this.#pending.set(key, pending)
       pending.then(
         (data) => this.#remember(key, data),
@@ -49,13 +72,12 @@ export class RppGetFiles {
   async #extract(source: RegistrySource, digest: string): Promise<Buffer> {
     const name = source.namePrefix
     const pkg = await this.#packages.resolve(source, name, digest)
-    const files = await flattenedFiles(
+    const file = await flattenedBest(
       [pkg.layer],
       async (layer) => (await this.#packages.open(source, name, pkg, 0, layer.size - 1)).stream,
       ['rpp-get'],
-      MAX_RPP_GET_BYTES,
+      { maxFileBytes: MAX_RPP_GET_BYTES, maxInflatedBytes: this.#maxInflated },
     )
-    const file = files.get('rpp-get')
     if (!file) throw new NotFoundError('the layer has no regular file rpp-get')
     if (!file.data) throw new NotFoundError(`rpp-get in the layer is larger than ${MAX_RPP_GET_BYTES} bytes`)
     return file.data

@@ -1,10 +1,13 @@
+import { createHash } from 'node:crypto'
 import semver from 'semver'
 import { NotFoundError } from '../../errors.js'
 import type { RegistrySource } from '../credentials/source.js'
 import type { ManifestResolver } from '../images/manifest-resolver.js'
-import { imageLayers, isIndex, platformDigest } from '../images/platform.js'
+import { imageLayers } from '../images/platform.js'
+import type { LayerRef } from '../packages/manifest.js'
 import type { RegistryClient } from '../packages/registry/registry-client.js'
-import { flattenedFiles } from './layer-files.js'
+import { ExtractionSlots, type ExtractionSlotsOptions } from './extraction-slots.js'
+import { flattenedBest } from './layer-files.js'
 
 /** The icon files looked for, best first, with what they are served as. */
 export const ICON_FILES: ReadonlyArray<{ path: string; ext: string; contentType: string }> = [
@@ -17,6 +20,12 @@ export const ICON_FILES: ReadonlyArray<{ path: string; ext: string; contentType:
 /** The CONTRACT's limit: a bigger icon is not served (404). */
 export const MAX_ICON_BYTES = 4 * 1024 * 1024
 
+/** Tar bytes one icon extraction may inflate, all layers together (a gzip bomb: 502). */
+export const MAX_ICON_INFLATED_BYTES = 1024 * 1024 * 1024
+
+/** Default extraction bounds: see README ("Memory") for the formula they give. */
+export const DEFAULT_ICON_SLOTS: ExtractionSlotsOptions = Object.freeze({ max: 4, maxQueued: 64 })
+
 export interface Icon {
   data: Buffer
   ext: string
@@ -28,28 +37,37 @@ export interface IconServiceOptions {
   manifests: ManifestResolver
   /** Memory for extracted icons, by manifest digest (default 32 MiB; least recently used go first). */
   cacheBytes?: number
+  /** Extractions at once and waiting (default {@link DEFAULT_ICON_SLOTS}). */
+  slots?: ExtractionSlotsOptions
+  /** Inflated bytes per extraction (default {@link MAX_ICON_INFLATED_BYTES}). */
+  maxInflatedBytes?: number
 }
 
 /**
  * Package icons: `<repo>/<package>/version:<tag>` → the icon in the image's flattened
- * filesystem. Extracted icons (and "this image has none") are kept in memory by manifest digest,
- * which never changes meaning, bounded in bytes; concurrent requests for one digest share one
- * extraction. Memory rather than the disk cache: icons are small and the disk cache belongs to
- * the package service, whose internals this must not reach into.
+ * filesystem. Extracted icons (and "this image has none") are kept in memory by manifest digest
+ * and by the image's layer list (what the flattened filesystem depends on), bounded in bytes:
+ * versions that share their layers (only the config differs) share one extraction. Concurrent
+ * requests share one extraction, and extractions of distinct images run at most `slots.max` at
+ * once (`slots.maxQueued` wait, the rest get a 503): memory stays bounded whatever the
+ * concurrency on this unauthenticated route. Memory rather than the disk cache: icons are small
+ * and the disk cache belongs to the package service, whose internals this must not reach into.
  */
 export class IconService {
   readonly #o: IconServiceOptions
   readonly #cache = new Map<string, Icon | null>()
   #cachedBytes = 0
   readonly #extracting = new Map<string, Promise<Icon | null>>()
+  readonly #slots: ExtractionSlots
 
   constructor(o: IconServiceOptions) {
     this.#o = o
+    this.#slots = new ExtractionSlots(o.slots ?? DEFAULT_ICON_SLOTS)
   }
 
   /** The highest semantic-version tag of `<repo>/<package>/version`; 404 when there is none. */
   async latestVersion(source: RegistrySource, name: string): Promise<string> {
-    const tags = await this.#o.client.listTags(source, name)
+    const tags = await this.#o.manifests.tags(source, name)
     const versions = tags.filter((t) => semver.valid(t) !== null)
     const best = versions.sort((a, b) => semver.rcompare(a, b))[0]
     if (best === undefined) throw new NotFoundError('the package has no semantic-version tag')
@@ -60,51 +78,63 @@ export class IconService {
   async icon(source: RegistrySource, name: string, tag: string): Promise<{ digest: string; icon: Icon | null }> {
     const top = await this.#o.manifests.fetch(source, name, tag)
     const digest = top.digest
-    const cached = this.#cache.get(digest)
-    if (cached !== undefined) {
-      // Refreshes its place: Map order is the LRU order.
-      this.#cache.delete(digest)
-      this.#cache.set(digest, cached)
-      return { digest, icon: cached }
+    const cached = this.#lookup(digest)
+    if (cached !== undefined) return { digest, icon: cached }
+    const image = await this.#o.manifests.image(source, name, top, { os: 'linux', architecture: 'amd64' })
+    const layers = imageLayers(image.body)
+    const key = `layers:${createHash('sha256').update(JSON.stringify(layers.map((l) => [l.digest, l.mediaType]))).digest('hex')}`
+    let icon = this.#lookup(key)
+    if (icon === undefined) {
+      let pending = this.#extracting.get(key)
+      if (!pending) {
+        pending = this.#slots.run(() => this.#extract(source, name, layers)).finally(() => this.#extracting.delete(key))
+        this.#extracting.set(key, pending)
+        pending.then(
+          (found) => this.#remember(key, found),
+          () => undefined,
+        )
+      }
+      icon = await pending
     }
-    let pending = this.#extracting.get(digest)
-    if (!pending) {
-      pending = this.#extract(source, name, top.body, top.mediaType).finally(() => this.#extracting.delete(digest))
-      this.#extracting.set(digest, pending)
-      pending.then(
-        (icon) => this.#remember(digest, icon),
-        () => undefined,
-      )
-    }
-    return { digest, icon: await pending }
+    this.#remember(digest, icon)
+    return { digest, icon }
   }
 
-  async #extract(source: RegistrySource, name: string, body: Buffer, mediaType: string): Promise<Icon | null> {
-    let image = body
-    if (isIndex(body, mediaType)) {
-      image = (await this.#o.manifests.fetch(source, name, platformDigest(body, { os: 'linux', architecture: 'amd64' }))).body
-    }
-    const files = await flattenedFiles(
-      imageLayers(image),
+  /** Extractions running and waiting (tests). */
+  get extractions(): { running: number; queued: number } {
+    return this.#slots.state
+  }
+
+  async #extract(source: RegistrySource, name: string, layers: LayerRef[]): Promise<Icon | null> {
+    const found = await flattenedBest(
+      layers,
       async (layer) => (await this.#o.client.openBlob(source, name, layer.digest)).body,
       ICON_FILES.map((f) => f.path),
-      MAX_ICON_BYTES,
+      { maxFileBytes: MAX_ICON_BYTES, maxInflatedBytes: this.#o.maxInflatedBytes ?? MAX_ICON_INFLATED_BYTES },
     )
     // The first one present is the icon; one over the limit is not served, not skipped.
-    const choice = ICON_FILES.find((f) => files.has(f.path))
-    const data = choice ? files.get(choice.path)?.data : undefined
-    return choice && data ? { data, ext: choice.ext, contentType: choice.contentType } : null
+    const choice = ICON_FILES.find((f) => f.path === found?.path)
+    return choice && found?.data ? { data: found.data, ext: choice.ext, contentType: choice.contentType } : null
   }
 
-  #remember(digest: string, icon: Icon | null): void {
+  /** A remembered answer (refreshing its place: Map order is the LRU order), else undefined. */
+  #lookup(key: string): Icon | null | undefined {
+    const cached = this.#cache.get(key)
+    if (cached === undefined) return undefined
+    this.#cache.delete(key)
+    this.#cache.set(key, cached)
+    return cached
+  }
+
+  #remember(key: string, icon: Icon | null): void {
     const limit = this.#o.cacheBytes ?? 32 * 1024 * 1024
     const size = icon?.data.length ?? 0
-    if (size > limit || this.#cache.has(digest)) return
-    this.#cache.set(digest, icon)
+    if (size > limit || this.#cache.has(key)) return
+    this.#cache.set(key, icon)
     this.#cachedBytes += size
-    for (const [key, value] of this.#cache) {
+    for (const [k, value] of this.#cache) {
       if (this.#cachedBytes <= limit && this.#cache.size <= 4096) break
-      this.#cache.delete(key)
+      this.#cache.delete(k)
       this.#cachedBytes -= value?.data.length ?? 0
     }
   }

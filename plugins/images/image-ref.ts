@@ -5,8 +5,11 @@ import { DIGEST } from '../packages/manifest.js'
 const COMPONENT = /^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$/
 /** An OCI tag. */
 const TAG = /^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$/
-/** `<os>-<arch>[-<variant>]`, each part lowercase letters and digits, as OCI platforms spell them. */
-const PLATFORM = /^([a-z0-9]+)-([a-z0-9]+)(?:-([a-z0-9]+))?$/
+/**
+ * `<os>-<arch>[-<variant>]`, each part lowercase letters and digits, as OCI platforms spell them,
+ * at most 32 characters each (real ones are under 16): a longer one is a 400, never echoed back.
+ */
+const PLATFORM = /^([a-z0-9]{1,32})-([a-z0-9]{1,32})(?:-([a-z0-9]{1,32}))?$/
 
 /** The editions a Deckhouse registry path may end in; their parent is the edition root. */
 const EDITIONS = new Set(['ce', 'be', 'se', 'se-plus', 'ee', 'fe'])

@@ -1,6 +1,9 @@
+import { ManifestError, ProxyError, UpstreamError } from '../../errors.js'
 import type { RegistrySource } from '../credentials/source.js'
 import { sha256Digest, verifyDigest } from '../packages/manifest.js'
 import type { RegistryClient } from '../packages/registry/registry-client.js'
+import type { Platform } from './image-ref.js'
+import { isIndex, platformDigest } from './platform.js'
 
 /** A manifest (or index) as the registry stored it, with the digest of exactly these bytes. */
 export interface FetchedManifest {
@@ -31,6 +34,8 @@ export class ManifestResolver {
   readonly #client: RegistryClient
   readonly #pending = new Map<string, Promise<FetchedManifest>>()
   readonly #recent = new Map<string, { at: number; manifest: FetchedManifest }>()
+  readonly #tagLists = new Map<string, Promise<string[]>>()
+  readonly #recentTags = new Map<string, { at: number; tags: string[] }>()
   readonly #ttlMs: number
   readonly #max: number
   readonly #now: () => number
@@ -58,6 +63,64 @@ export class ManifestResolver {
       )
     }
     return pending
+  }
+
+  /**
+   * The image manifest `top` stands for on `platform`: `top` itself, or its index entry, or the
+   * entry of an index nested one level (the ETag must name the image served, not an index).
+   * Deeper nesting is refused (502) rather than followed without end.
+   */
+  async image(source: RegistrySource, name: string, top: FetchedManifest, platform: Platform): Promise<FetchedManifest> {
+    let manifest = top
+    for (let depth = 0; isIndex(manifest.body, manifest.mediaType); depth++) {
+      if (depth === 2) throw new ManifestError('the image index is nested more than one level deep')
+      manifest = await this.fetch(source, name, platformDigest(manifest.body, platform))
+    }
+    return manifest
+  }
+
+  /**
+   * Every tag of repository `name`, all pages (bounded by the client). Concurrent listings of one
+   * repository share one walk through the pages, and its answer is reused for the tag TTL: 50
+   * clients asking for a repository of 200 pages cost 200 registry requests, not 10,000.
+   */
+  async tags(source: RegistrySource, name: string): Promise<string[]> {
+    const key = `${source.scheme}://${source.registry}/${name}`
+    const recent = this.#recentTags.get(key)
+    if (recent && this.#now() - recent.at < this.#ttlMs) return recent.tags
+    let pending = this.#tagLists.get(key)
+    if (!pending) {
+      pending = this.#listTags(source, name).finally(() => this.#tagLists.delete(key))
+      this.#tagLists.set(key, pending)
+      pending.then(
+        (tags) => this.#rememberTags(key, tags),
+        () => undefined,
+      )
+    }
+    return pending
+  }
+
+  async #listTags(source: RegistrySource, name: string): Promise<string[]> {
+    try {
+      return await this.#client.listTags(source, name)
+    } catch (err) {
+      // A Link that is no URL (`<http://[::1>`) fails in the URL parser: the registry's fault, a
+      // 502 that says so, not a bare 500.
+      if (err instanceof ProxyError || !(err instanceof Error) || err.name === 'AbortError' || err.name === 'TimeoutError') throw err
+      const code = (err as NodeJS.ErrnoException).code
+      throw new UpstreamError(code === 'ERR_INVALID_URL' ? 'registry sent a tag list Link that is not a valid URL' : `registry tag list could not be read (${code ?? err.name})`, undefined, { cause: err })
+    }
+  }
+
+  #rememberTags(key: string, tags: string[]): void {
+    if (this.#ttlMs <= 0) return
+    this.#recentTags.delete(key)
+    this.#recentTags.set(key, { at: this.#now(), tags })
+    while (this.#recentTags.size > 64) {
+      const oldest = this.#recentTags.keys().next().value
+      if (oldest === undefined) break
+      this.#recentTags.delete(oldest)
+    }
   }
 
   async #fetch(source: RegistrySource, name: string, reference: string): Promise<FetchedManifest> {

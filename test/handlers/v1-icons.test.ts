@@ -81,6 +81,9 @@ void t.test('the icon of the highest semantic-version tag, with its headers; an 
   t.equal(head.statusCode, 200)
   t.equal(head.payload, '')
   t.equal((await s.proxy.server.inject({ url: URL_LATEST, headers: { 'if-none-match': `"${latest}"` } })).statusCode, 304)
+  const star = await s.proxy.server.inject({ url: URL_LATEST, headers: { 'if-none-match': '*' } })
+  t.equal(star.statusCode, 304, '`*` once the icon was found, as on /package')
+  t.equal(star.headers.etag, `"${latest}"`)
 })
 
 void t.test('png, jpg and jpeg in that order, from any layer, whiteouts honoured', async (t) => {

@@ -1,6 +1,6 @@
 import { Readable } from 'node:stream'
 import t from 'tap'
-import { flattenedFiles, normalizeName } from '../../../plugins/icons/layer-files.js'
+import { flattenedBest, normalizeName } from '../../../plugins/icons/layer-files.js'
 import type { LayerRef } from '../../../plugins/packages/manifest.js'
 import { digestOf, layerTarGz, type LayerEntry } from '../../fixtures/layers.js'
 
@@ -27,9 +27,10 @@ async function image(...layers: LayerEntry[][]): Promise<{ refs: LayerRef[]; ope
   }
 }
 
+/** The chosen file as `{ path: text }`, or `{ path: size }` when over the limit; `{}` for none. */
 async function find(img: Awaited<ReturnType<typeof image>>, paths = [ICON], max = 1024): Promise<Record<string, string | number>> {
-  const files = await flattenedFiles(img.refs, img.open, paths, max)
-  return Object.fromEntries([...files].map(([p, f]) => [p, f.data ? f.data.toString() : f.size]))
+  const f = await flattenedBest(img.refs, img.open, paths, { maxFileBytes: max, maxInflatedBytes: 2 ** 30 })
+  return f ? { [f.path]: f.data ? f.data.toString() : f.size } : {}
 }
 
 void t.test('names are normalised relative to the image root', (t) => {
@@ -75,7 +76,16 @@ void t.test('a layer whose bytes do not match its digest rejects, and nothing is
   const ref = img.refs[0]
   if (!ref) throw new Error('no layer')
   const wrong = { ...ref, digest: `sha256:${'0'.repeat(64)}` }
-  await t.rejects(flattenedFiles([wrong], () => img.open(ref), [ICON], 1024), { code: 'EDIGEST' })
-  await t.rejects(flattenedFiles([{ ...ref, size: ref.size - 1 }], () => img.open(ref), [ICON], 1024), { code: 'EMANIFEST' })
-  await t.rejects(flattenedFiles([{ ...ref, size: ref.size + 1 }], () => img.open(ref), [ICON], 1024), { code: 'EDIGEST' })
+  const limits = { maxFileBytes: 1024, maxInflatedBytes: 2 ** 30 }
+  await t.rejects(flattenedBest([wrong], () => img.open(ref), [ICON], limits), { code: 'EDIGEST' })
+  await t.rejects(flattenedBest([{ ...ref, size: ref.size - 1 }], () => img.open(ref), [ICON], limits), { code: 'EMANIFEST' })
+  await t.rejects(flattenedBest([{ ...ref, size: ref.size + 1 }], () => img.open(ref), [ICON], limits), { code: 'EDIGEST' })
+})
+
+void t.test('the best present path wins; a better one whited out later gives way to the next, read again', async (t) => {
+  const paths = ['a.svg', 'a.png', 'a.jpg']
+  t.same(await find(await image([{ name: 'a.jpg', data: 'jpg' }, { name: 'a.png', data: 'png' }, { name: 'a.svg', data: 'svg' }]), paths), { 'a.svg': 'svg' })
+  const img = await image([{ name: 'a.png', data: 'png' }, { name: 'a.svg', data: 'svg' }], [{ name: '.wh.a.svg' }])
+  t.same(await find(img, paths), { 'a.png': 'png' }, 'the png from below, though the svg was the one held')
+  t.equal(img.opened.length, 3, 'two layers, then the png layer once more for its bytes')
 })
