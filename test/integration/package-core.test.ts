@@ -274,17 +274,21 @@ void t.test('a stalled client of a shared uncached download is cut off; the othe
   const registry = await FakeRegistry.start()
   t.teardown(() => registry.close())
   const image = registry.addImage('deckhouse/ce/lag', [bytes(16 * MiB, 509)])
-  registry.faults = { blobChunkSize: 256 * 1024, blobChunkDelayMs: 5 }
+  // The layer's headers come after 1.5 s: both clients have joined the one download by then
+  // (a loaded machine must not make the second one start its own).
+  registry.faults = { blobDelayMs: 1500, blobChunkSize: 256 * 1024, blobChunkDelayMs: 5 }
   t.testdir()
   const p = await startProxyProcess(t, { registry, cacheDirectory: join(t.testdirName, 'cache'), args: ['--disable-cache'] })
   const url = packageUrl({ digest: image.manifestDigest, path: 'lag' })
-  const stalled = await stalledClient(p.port, url)
+  const began = Date.now()
+  const stalling = stalledClient(p.port, url)
+  const reading = fetchHashed(p.base, url)
+  const stalled = await stalling
   t.teardown(() => stalled.destroy())
   let received = 0
   stalled.on('data', (c: Buffer) => (received += c.length))
   const closed = new Promise<void>((resolve) => stalled.once('close', () => resolve()))
-  const began = Date.now()
-  const reader = await fetchHashed(p.base, url)
+  const reader = await reading
   t.same([reader.status, reader.complete, reader.digest], [200, true, image.lastLayer.digest], 'the reading client gets every byte')
   const ms = Date.now() - began
   t.ok(ms < 30_000, `it waited ${ms} ms for the stalled one: bounded (10 s cut-off)`)
