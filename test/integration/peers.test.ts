@@ -87,9 +87,11 @@ function imageOwnedBy(registry: FakeRegistry, members: string[], owner: string, 
 }
 
 void t.test('50 cold clients over three replicas: one registry download of the layer, every body verified, no request forwarded twice', async (t) => {
-  t.testdir()
   const registry = await FakeRegistry.start()
   t.teardown(() => registry.close())
+  // After the first teardown: tap removes the directory only once the teardowns (which stop the
+  // replicas writing into it) have run.
+  t.testdir()
   const image = registry.addImage('deckhouse/ce/pkg', [bytes(4 * MiB, 7)])
   const ports = [await freePort(), await freePort(), await freePort()]
   const members = ports.map((p) => `127.0.0.1:${p}`)
@@ -119,9 +121,11 @@ void t.test('50 cold clients over three replicas: one registry download of the l
 })
 
 void t.test('a request marked as from a peer is served from the registry, never forwarded', async (t) => {
-  t.testdir()
   const registry = await FakeRegistry.start()
   t.teardown(() => registry.close())
+  // After the first teardown: tap removes the directory only once the teardowns (which stop the
+  // replicas writing into it) have run.
+  t.testdir()
   const ports = [await freePort(), await freePort()]
   const members = ports.map((p) => `127.0.0.1:${p}`)
   const image = imageOwnedBy(registry, members, members[1] as string, 256 * 1024)
@@ -138,9 +142,11 @@ void t.test('a request marked as from a peer is served from the registry, never 
 })
 
 void t.test('the registry down and one replica with an empty cache: it serves what its peers hold', async (t) => {
-  t.testdir()
   const registry = await FakeRegistry.start()
   t.teardown(() => registry.close())
+  // After the first teardown: tap removes the directory only once the teardowns (which stop the
+  // replicas writing into it) have run.
+  t.testdir()
   const images = [1, 2, 3].map((seed) => registry.addImage('deckhouse/ce/pkg', [bytes(512 * 1024, seed)]))
   const ports = [await freePort(), await freePort(), await freePort()]
   const members = ports.map((p) => `127.0.0.1:${p}`)
@@ -162,9 +168,11 @@ void t.test('the registry down and one replica with an empty cache: it serves wh
 })
 
 void t.test('a lying peer: the client gets the right bytes from the registry and nothing wrong is cached', async (t) => {
-  t.testdir()
   const registry = await FakeRegistry.start()
   t.teardown(() => registry.close())
+  // After the first teardown: tap removes the directory only once the teardowns (which stop the
+  // replicas writing into it) have run.
+  t.testdir()
   const liar = await fakePeer(t, (req, res) => {
     // The right length, the wrong bytes: only the digest check can tell.
     res.writeHead(200, { 'Content-Type': 'application/x-gzip', 'Content-Length': String(256 * 1024) })
@@ -184,9 +192,11 @@ void t.test('a lying peer: the client gets the right bytes from the registry and
 })
 
 void t.test('a stalled peer: the request falls back to the registry within the bound', async (t) => {
-  t.testdir()
   const registry = await FakeRegistry.start()
   t.teardown(() => registry.close())
+  // After the first teardown: tap removes the directory only once the teardowns (which stop the
+  // replicas writing into it) have run.
+  t.testdir()
   // One peer never answers; the other sends headers and a few bytes, then nothing.
   const silent = await fakePeer(t, () => undefined)
   const dripping = await fakePeer(t, (_req, res) => {
