@@ -4,7 +4,7 @@ import { parseQuantity } from './quantity.js'
 
 export type LogLevel = 'debug' | 'info' | 'warn' | 'error'
 
-/** The process configuration, as CONTRACT.md's flag table defines it. */
+/** The process configuration, as README's flag table ("Running it") defines it. */
 export interface Flags {
   listenHost: string
   listenPort: number

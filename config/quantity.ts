@@ -1,8 +1,4 @@
-/**
- * Parses a Kubernetes resource quantity into a whole number of bytes: `1048576`, `512Mi`,
- * `1Gi`, `1G`, `1.5Gi`, `100k`, `1e9`. Throws on anything else so a typo in
- * `--cache-retention-size` fails at start-up instead of silently meaning zero.
- */
+/** Multipliers of the quantity suffixes: binary (`Ki`...`Ei`) and decimal (`k`...`E`). */
 const SUFFIXES: Record<string, number> = {
   '': 1,
   Ki: 2 ** 10,
@@ -21,6 +17,11 @@ const SUFFIXES: Record<string, number> = {
 
 const QUANTITY = /^([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)|[eE]([+-]?[0-9]+))?$/
 
+/**
+ * Parses a Kubernetes resource quantity into a whole number of bytes: `1048576`, `512Mi`,
+ * `1Gi`, `1G`, `1.5Gi`, `100k`, `1e9`. Throws on anything else so a typo in
+ * `--cache-retention-size` fails at start-up instead of silently meaning zero.
+ */
 export function parseQuantity(text: string): number {
   const m = QUANTITY.exec(text.trim())
   if (!m) throw new Error(`"${text}" is not a Kubernetes quantity (examples: 512Mi, 1Gi, 1G, 1048576)`)

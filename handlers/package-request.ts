@@ -17,7 +17,7 @@ function single(query: Record<string, unknown>, key: string): string | undefined
 }
 
 /**
- * Validates `digest`, `repository` and `path` against CONTRACT.md; throws a 400 naming the field.
+ * Validates `digest`, `repository` and `path` (README, "HTTP API"); throws a 400 naming the field.
  * Two forms real clients send are normalised first, as the module this proxy replaces accepts
  * them: one trailing `/` on `repository` is dropped, and so is one leading `/` on `path` (the
  * `rpp-get` client passes `path` on as it was given). Anything more (`//a`, `a//`) is still an

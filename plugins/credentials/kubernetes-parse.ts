@@ -9,7 +9,7 @@ import {
   type RegistrySource,
 } from './source.js'
 
-/** Where the default source lives in a cluster (UPSTREAM.md). RBAC grants exactly this one. */
+/** Where the default source lives in a cluster (README, "Registry sources from Kubernetes"). RBAC grants exactly this one. */
 export const REGISTRY_SECRET = Object.freeze({ namespace: 'd8-system', name: 'deckhouse-registry' })
 
 /** The cluster-scoped custom resource that names every other registry. */

@@ -17,7 +17,7 @@ export const ICON_FILES: ReadonlyArray<{ path: string; ext: string; contentType:
   { path: 'docs/icon.jpeg', ext: 'jpeg', contentType: 'image/jpeg' },
 ]
 
-/** The CONTRACT's limit: a bigger icon is not served (404). */
+/** The icon size limit (README, "Package icons"): a bigger icon is not served (404). */
 export const MAX_ICON_BYTES = 4 * 1024 * 1024
 
 /** Tar bytes one icon extraction may inflate, all layers together (a gzip bomb: 502). */

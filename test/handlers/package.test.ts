@@ -16,7 +16,7 @@ import { makePackageTarGz } from '../fixtures/tarball.js'
 const HEX = 'ab'.repeat(32)
 const VALID = `sha256:${HEX}`
 
-/** Asserts the JSON error shape of CONTRACT.md and that no secret leaked into it. */
+/** Asserts the JSON error shape (README, "HTTP API") and that no secret leaked into it. */
 function assertError(t: Test, res: ServerInjectResponse, status: number, secrets: string[] = []): void {
   t.equal(res.statusCode, status, `status ${status}: ${res.payload}`)
   t.match(String(res.headers['content-type']), /^application\/json/)
@@ -28,7 +28,7 @@ function assertError(t: Test, res: ServerInjectResponse, status: number, secrets
   for (const secret of secrets) t.notOk(res.payload.includes(secret), `the body does not contain ${secret.slice(0, 4)}…`)
 }
 
-/** Asserts every header CONTRACT.md lists for a 200 of `data` named by `digest`. */
+/** Asserts every header README's "HTTP API" lists for a 200 of `data` named by `digest`. */
 function assertPackageHeaders(t: Test, res: ServerInjectResponse, digest: string, length: number): void {
   t.equal(res.headers['content-type'], 'application/x-gzip')
   t.equal(res.headers['content-disposition'], `attachment; filename="${digest.slice('sha256:'.length)}.tar.gz"`)
@@ -137,7 +137,7 @@ void t.test('405 even when the refused request carries a body that is not JSON',
     payload: '{not json',
     headers: { 'content-type': 'application/json' },
   })
-  // CONTRACT.md: "405: any other method". hapi parses the body of the catch-all route before
+  // README, "HTTP API": "405: any method but GET and HEAD". hapi parses the body of the catch-all route before
   // its handler runs, so a malformed body turns the 405 into a 400.
   assertError(t, res, 405)
   t.equal(h.registry.counts.total, 0)

@@ -63,7 +63,7 @@ export const EXCLUDED_PATHS: readonly string[] = [
   '/v1/packages/*/*/metadata/icon/*',
 ]
 
-/** The port kube-rbac-proxy serves clients on (UPSTREAM.md: bootstrap scripts call it). */
+/** The port kube-rbac-proxy serves clients on (README, "Deployment": bootstrap scripts call it). */
 export const CLIENT_PORT = 4219
 
 /**

@@ -11,7 +11,7 @@ import { parse, parseAllDocuments } from 'yaml'
 export const ROOT = fileURLToPath(new URL('../..', import.meta.url))
 export const INFRA_DIR = join(ROOT, 'infra')
 
-/** The names the deployment is built around (UPSTREAM.md). */
+/** The names the deployment is built around (README, "Deployment"). */
 export const NAMESPACE = 'd8-cloud-instance-manager'
 export const APP = 'registry-packages-proxy'
 export const PROXY_CONTAINER = 'registry-packages-proxy'

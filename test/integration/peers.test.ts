@@ -1,5 +1,5 @@
 /**
- * Peer fill across replicas (CONTRACT.md, "Peer fill across replicas") on real binaries on
+ * Peer fill across replicas (README, "Peer fill across replicas") on real binaries on
  * loopback: three replicas that name each other with `--peers` share one registry download
  * per layer, serve what their peers hold while the registry is down, and take nothing
  * unverified from a peer that lies or stalls.

@@ -37,7 +37,7 @@ export function request(url: string, init: { method?: string; headers?: Record<s
   })
 }
 
-/** The `default` entry of a `--registry-config` file (CONTRACT.md "Registry sources"). */
+/** The `default` entry of a `--registry-config` file (README, "Registry sources"). */
 export interface DefaultSourceConfig {
   address: string
   path?: string

@@ -208,7 +208,7 @@ void t.test('any /package query: 200/400/404 only; an unknown repository reaches
       // strips trailing control characters from the whole URL).
       const parsed = new URL(`http://127.0.0.1/package?${query}`).searchParams
       const given = parsed.getAll('repository')
-      // Known: a source's repository, or the default's bare registry host (CONTRACT), with or
+      // Known: a source's repository, or the default's bare registry host (README, "HTTP API"), with or
       // without a trailing slash.
       const known = given.length === 0 || (given.length === 1 && (given[0] === '' || [...repos, host].includes((given[0] ?? '').replace(/\/+$/, ''))))
       if (!known && p.registry.counts.total !== before) return false

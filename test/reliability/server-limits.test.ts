@@ -1,11 +1,10 @@
 /**
- * Slow, stuck and flooding clients degrade service, they do not take it down. Covered
- * elsewhere: one slowloris client gets 408, oversized request lines and headers get 431
- * (test/server/limits.test.ts). Added here: crowds of them while real traffic goes on, the
- * keep-alive idle limit, a client that stops reading mid-body (the fill and the other clients
- * go on, memory stays flat, the connection is closed after the idle timeout and its cache pin
- * released), and the bounds on concurrent layer downloads and manifest lookups (503 +
- * Retry-After beyond their queues).
+ * Slow, stuck and flooding clients degrade service, they do not take it down: crowds of them
+ * while real traffic goes on, the keep-alive idle limit, a client that stops reading mid-body
+ * (the fill and the other clients go on, memory stays flat, the connection is closed after the
+ * idle timeout and its cache pin released), and the bounds on concurrent layer downloads and
+ * manifest lookups (503 + Retry-After beyond their queues). A single slowloris client (408) and
+ * oversized request lines and headers (431) are test/server/limits.test.ts.
  */
 import { createHash } from 'node:crypto'
 import { existsSync } from 'node:fs'

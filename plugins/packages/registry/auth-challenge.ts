@@ -1,13 +1,14 @@
-/**
- * Parses a `WWW-Authenticate` header as registries send it:
- * `Bearer realm="https://auth/token",service="registry",scope="repository:a/b:pull"` or
- * `Basic realm="x"`. Quoted values may contain commas and escaped quotes.
- */
+/** What a registry's 401 asks for: a bearer token from `realm`, Basic credentials, or something we do not speak. */
 export type Challenge =
   | { scheme: 'bearer'; realm: string; service?: string; scope?: string }
   | { scheme: 'basic' }
   | { scheme: 'unknown' }
 
+/**
+ * Parses a `WWW-Authenticate` header as registries send it:
+ * `Bearer realm="https://auth/token",service="registry",scope="repository:a/b:pull"` or
+ * `Basic realm="x"`. Quoted values may contain commas and escaped quotes.
+ */
 export function parseChallenge(header: string | undefined): Challenge {
   if (!header) return { scheme: 'unknown' }
   const m = /^\s*([A-Za-z]+)\s*(.*)$/s.exec(header)
