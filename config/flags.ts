@@ -1,5 +1,6 @@
 import { isIP } from 'node:net'
 import { resolve } from 'node:path'
+import { parseArgs } from 'node:util'
 import { parseQuantity } from './quantity.js'
 
 export type LogLevel = 'debug' | 'info' | 'warn' | 'error'
@@ -119,22 +120,23 @@ export function parseFlags(argv: readonly string[], env: NodeJS.ProcessEnv = pro
     if (fromEnv !== undefined && fromEnv !== '') values.set(spec.name, fromEnv)
     else if (spec.default !== undefined) values.set(spec.name, spec.default)
   }
-  for (let i = 0; i < argv.length; i++) {
-    const arg = argv[i] ?? ''
-    const m = /^--([a-z-]+)(?:=(.*))?$/s.exec(arg)
-    if (!m) throw new ConfigError(`unexpected argument "${arg}" (flags look like --name=value)`)
-    const name = m[1] ?? ''
-    const spec = SPECS.find((s) => s.name === name)
-    if (!spec) throw new ConfigError(`unknown flag --${name} (known: ${SPECS.map((s) => `--${s.name}`).join(', ')})`)
-    let value = m[2]
-    if (value === undefined) {
-      if (spec.boolean) value = 'true'
-      else {
-        value = argv[++i]
-        if (value === undefined) throw new ConfigError(`--${name} needs a value`)
-      }
-    }
-    values.set(name, value)
+  // node:util parses; what it leaves to us: the RPP_* fallback above, and one-line messages
+  // that name the flag (main exits 2 with them).
+  const { tokens } = parseArgs({
+    args: [...argv],
+    options: Object.fromEntries(SPECS.map((s) => [s.name, { type: s.boolean ? 'boolean' : 'string' }] as const)),
+    strict: false,
+    allowPositionals: true,
+    tokens: true,
+  })
+  for (const token of tokens) {
+    const arg = argv[token.index] ?? ''
+    if (token.kind !== 'option' || !/^--[a-z-]+$/.test(token.rawName)) throw new ConfigError(`unexpected argument "${arg}" (flags look like --name=value)`)
+    const spec = SPECS.find((s) => s.name === token.name)
+    if (!spec) throw new ConfigError(`unknown flag --${token.name} (known: ${SPECS.map((s) => `--${s.name}`).join(', ')})`)
+    const value = token.value ?? (spec.boolean ? 'true' : undefined)
+    if (value === undefined) throw new ConfigError(`--${token.name} needs a value`)
+    values.set(token.name, value)
   }
 
   const listen = parseListenAddress(values.get('listen-address') ?? '')

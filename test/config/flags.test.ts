@@ -110,6 +110,8 @@ void t.test('flags win over environment variables, which win over defaults', (t)
   t.equal(flags.disableCache, false)
   t.equal(flags.cacheRetentionBytes, 2 * 2 ** 30, 'the env var still applies where no flag is given')
   t.equal(parseFlags(['--log-level=warn', '--log-level=debug'], {}, CWD).logLevel, 'debug', 'the last flag wins')
+  t.equal(parseFlags(['--log-level', 'warn', '--disable-cache'], {}, CWD).logLevel, 'warn', 'a value may be the next argument')
+  t.equal(parseFlags(['--log-level', 'warn', '--disable-cache'], {}, CWD).disableCache, true, 'a boolean flag alone is true')
   t.equal(parseFlags(['--cache-retention-size=1Gi'], { RPP_CACHE_RETENTION_SIZE: 'garbage' }, CWD).cacheRetentionBytes, 2 ** 30, 'a bad env var overridden by a good flag is fine')
   t.end()
 })
@@ -131,6 +133,8 @@ void t.test('errors name the flag', (t) => {
     [['--Log-Level=info'], {}, /unexpected argument "--Log-Level=info"/],
     [['serve'], {}, /unexpected argument "serve"/],
     [['-v'], {}, /unexpected argument "-v"/],
+    [['--', '--log-level=info'], {}, /unexpected argument "--"/],
+    [['-l', 'info'], {}, /unexpected argument "-l"/],
     [['--log-level'], {}, /--log-level needs a value/],
     [['--cache-retention-size=1GB'], {}, /--cache-retention-size: "1GB" is not a Kubernetes quantity/],
     [[], { RPP_CACHE_RETENTION_SIZE: 'lots' }, /--cache-retention-size: "lots"/],
