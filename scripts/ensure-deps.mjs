@@ -23,10 +23,5 @@ if (!fresh) {
   run('npm', args)
   // npm names its own node-gyp to scripts it runs; run directly, ask npm where it is installed.
   const gyp = process.env.npm_config_node_gyp ?? join(spawnSync('npm', ['root', '-g'], { encoding: 'utf8' }).stdout.trim(), 'npm', 'node_modules', 'node-gyp', 'bin', 'node-gyp.js')
-  // Its compiler output is shown only when the build fails, as npm does for install scripts.
-  const built = spawnSync(process.execPath, [gyp, 'rebuild', ...(system ? ['--sqlite=/usr'] : [])], { cwd: 'node_modules/sqlite3', encoding: 'utf8' })
-  if (built.status !== 0) {
-    process.stderr.write(`${built.stdout}${built.stderr}ensure-deps: building sqlite3 failed\n`)
-    process.exit(built.status ?? 1)
-  }
+  run(process.execPath, [gyp, 'rebuild', ...(system ? ['--sqlite=/usr'] : [])], { cwd: 'node_modules/sqlite3' })
 }
