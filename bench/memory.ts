@@ -9,11 +9,12 @@
  */
 import { createHash } from 'node:crypto'
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs'
-import { connect, type Socket } from 'node:net'
+import type { Socket } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { FakeRegistry } from '../test/fixtures/fake-registry.js'
 import { freePort } from '../test/fixtures/net.js'
+import { stalledClient } from '../test/fixtures/proxy-process.js'
 import { Children, memoryOf, MiB, option, pseudoRandom, resetPeakRss, sleep, startProxy } from './lib.js'
 
 const children = new Children()
@@ -23,17 +24,6 @@ async function fetchWhole(url: string): Promise<string> {
   const hash = createHash('sha256')
   for await (const chunk of res.body ?? []) hash.update(chunk)
   return `sha256:${hash.digest('hex')}`
-}
-
-function stalled(port: number, path: string): Promise<Socket> {
-  return new Promise((resolve, reject) => {
-    const s = connect(port, '127.0.0.1', () => s.write(`GET ${path} HTTP/1.1\r\nHost: x\r\n\r\n`))
-    s.once('data', () => {
-      s.pause()
-      resolve(s)
-    })
-    s.once('error', reject)
-  })
 }
 
 /** A cache directory holding `data` (filled by one proxy), then a fresh proxy on it. */
@@ -80,7 +70,7 @@ async function stalledReaders(registry: FakeRegistry, round: number): Promise<{ 
   resetPeakRss(p.pid)
   const before = memoryOf(p.pid).rssKiB * 1024
   const sockets: Socket[] = []
-  for (let i = 0; i < 150; i++) sockets.push(await stalled(p.port, p.url))
+  for (let i = 0; i < 150; i++) sockets.push(await stalledClient(p.port, p.url))
   let peak = 0
   for (let i = 0; i < 20; i++) {
     peak = Math.max(peak, memoryOf(p.pid).hwmKiB * 1024)

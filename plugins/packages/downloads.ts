@@ -48,9 +48,8 @@ export interface Joined {
  */
 export class Downloads {
   readonly #o: DownloadsOptions
-  readonly #flights = new Map<string, Promise<Fill>>()
-  /** Layer digest -> size, for the flights in the map (known before their Fill exists). */
-  readonly #sizes = new Map<string, number>()
+  /** Layer digest -> the download and the size its manifest gave (known before the Fill exists). */
+  readonly #flights = new Map<string, { fill: Promise<Fill>; size: number }>()
   readonly #finished = new WeakMap<Fill, Promise<void>>()
   readonly #running = new Set<Promise<void>>()
   #fills = 0
@@ -76,7 +75,7 @@ export class Downloads {
 
   /** The size of the layer being downloaded under `digest` now (its manifest's word), if any. */
   sizeOf(digest: string): number | undefined {
-    return this.#sizes.get(digest)
+    return this.#flights.get(digest)?.size
   }
 
   /**
@@ -96,7 +95,7 @@ export class Downloads {
   ): Promise<Joined> {
     const running = this.#flights.get(layer.digest)
     if (running) {
-      const fill = await running.catch(() => undefined)
+      const fill = await running.fill.catch(() => undefined)
       if (fill && fill.layer.size !== layer.size) {
         throw new ManifestError(`the manifest says layer ${layer.digest} has ${layer.size} bytes; its download has ${fill.layer.size}`)
       }
@@ -104,9 +103,7 @@ export class Downloads {
     }
     const ticket = this.slots.enter()
     const forget = (): void => {
-      if (this.#flights.get(layer.digest) !== flight) return
-      this.#flights.delete(layer.digest)
-      this.#sizes.delete(layer.digest)
+      if (this.#flights.get(layer.digest)?.fill === flight) this.#flights.delete(layer.digest)
     }
     const releaseSlot = (): void => ticket.release()
     const flight = (async () => {
@@ -131,8 +128,7 @@ export class Downloads {
       }
       return this.#run({ source, name, manifestDigest, layer, request }, parts, reservation, temp, releaseSlot, forget)
     })()
-    this.#flights.set(layer.digest, flight)
-    this.#sizes.set(layer.digest, layer.size)
+    this.#flights.set(layer.digest, { fill: flight, size: layer.size })
     const fill = await flight
     return { fill, started: true, finished: this.#finished.get(fill) ?? Promise.resolve() }
   }
@@ -240,7 +236,7 @@ export class Downloads {
   /** Aborts running downloads (shutdown) and waits for them to settle. */
   async close(reason: Error): Promise<void> {
     this.#aborter.abort(reason)
-    await Promise.allSettled([...this.#flights.values()])
+    await Promise.allSettled([...this.#flights.values()].map((f) => f.fill))
     await this.settled()
   }
 }

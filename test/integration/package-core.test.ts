@@ -8,12 +8,12 @@
  */
 import { createHash } from 'node:crypto'
 import { readFileSync, writeFileSync } from 'node:fs'
-import { connect, type Socket } from 'node:net'
+import type { Socket } from 'node:net'
 import { join } from 'node:path'
 import t from 'tap'
 import { FakeRegistry } from '../fixtures/fake-registry.js'
 import { bytes, packageUrl, sha256 } from '../fixtures/proxy-harness.js'
-import { cacheFolderBytes, memoryOf, resetPeak, startProxyProcess, type ProxyProcess } from '../fixtures/proxy-process.js'
+import { cacheFolderBytes, memoryOf, resetPeak, stalledClient, startProxyProcess, type ProxyProcess } from '../fixtures/proxy-process.js'
 
 const MiB = 1024 * 1024
 /** Well under the Deployment's 512Mi limit: the old code reached 883 MiB and 412 MiB here. */
@@ -34,18 +34,6 @@ async function fetchHashed(base: string, path: string): Promise<{ status: number
     complete = false
   }
   return { status: res.status, digest: `sha256:${hash.digest('hex')}`, length, complete, cache: res.headers.get('x-cache') }
-}
-
-/** A client that sends a GET and reads nothing after the first bytes: its socket stays full. */
-function stalledClient(port: number, path: string): Promise<Socket> {
-  return new Promise((resolve, reject) => {
-    const socket = connect(port, '127.0.0.1', () => socket.write(`GET ${path} HTTP/1.1\r\nHost: x\r\n\r\n`))
-    socket.once('data', () => {
-      socket.pause()
-      resolve(socket)
-    })
-    socket.once('error', reject)
-  })
 }
 
 async function cacheState(p: ProxyProcess): Promise<Record<string, number>> {
