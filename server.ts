@@ -231,11 +231,15 @@ export async function createServer(o: ServerOptions): Promise<ProxyServer> {
     else if (status >= 500 || aborted) log.warn(line, 'request')
     else log.info(line, 'request')
   })
-  // Memory hits skip hapi's lifecycle (see handlers/package-fast-path.ts); everything else, and
-  // every request the fast path declines, goes to hapi's own listener unchanged.
+  // Plain GETs of cached packages skip hapi's lifecycle (see handlers/package-fast-path.ts);
+  // everything else, and every request the fast path declines, goes to hapi's listener unchanged.
   if (o.fastPath !== false) {
+    const hapiListeners = listener.listeners('request') as Array<(req: IncomingMessage, res: ServerResponse) => void>
     const fast = packageFastPath({
       sources,
+      fallback: (req, res) => {
+        for (const l of hapiListeners) l.call(listener, req, res)
+      },
       packages: packages.service,
       onServed: (info) => {
         metrics.requests.inc({ route: '/package', method: 'get', code: info.finished ? '200' : '499' })
@@ -260,12 +264,8 @@ export async function createServer(o: ServerOptions): Promise<ProxyServer> {
         )
       },
     })
-    const hapiListeners = listener.listeners('request') as Array<(req: IncomingMessage, res: ServerResponse) => void>
     listener.removeAllListeners('request')
-    listener.on('request', (req: IncomingMessage, res: ServerResponse) => {
-      if (fast(req, res)) return
-      for (const l of hapiListeners) l.call(listener, req, res)
-    })
+    listener.on('request', fast)
   }
   await server.initialize()
   return { server, sources, metrics, packages }

@@ -161,6 +161,24 @@ export async function startProxy(
 }
 
 /**
+ * One of `bench/baselines.ts`'s reference servers (`node-memory` is plain node:http answering
+ * `res.end(buffer)`) in its own process on 127.0.0.1:`port`; resolves once it answers.
+ */
+export async function startBaseline(children: Children, mode: string, port: number, file: string, logFile: string): Promise<ChildProcess> {
+  const child = children.spawn(process.execPath, [join(ROOT, 'dist/bench/baselines.js'), '--serve', mode, String(port), file], logFile)
+  for (let i = 0; i < 100; i++) {
+    if (child.exitCode !== null) throw new Error(`the ${mode} server exited with code ${child.exitCode}; see ${logFile}`)
+    try {
+      await fetchHashed(`http://127.0.0.1:${port}/`)
+      return child
+    } catch {
+      await sleep(50)
+    }
+  }
+  throw new Error(`the ${mode} server did not start listening; see ${logFile}`)
+}
+
+/**
  * A minimal nginx serving `root` on 127.0.0.1:`port`, every path inside `dir` (no /var/lib/nginx).
  * Resolves with the master process once the port answers; `workerPids` are its workers.
  */

@@ -1,9 +1,9 @@
 /**
  * Where a cache hit's time goes: runs the proxy under `node --cpu-prof`, drives cache hits of
- * one package size with wrk (the benchmark's `-t2 -c32`), stops the proxy cleanly so V8 writes
+ * one package size with wrk (the benchmark's `-t1 -c32`; the proxy at `--log-level info`), stops the proxy cleanly so V8 writes
  * its profile, and summarizes self and inclusive time by function and by package.
  *
- *   npm run build && node dist/bench/profile.js [--size 64k|4m] [--seconds 10]
+ *   npm run build && node dist/bench/profile.js [--size 64k|4m|32m] [--seconds 10]
  *
  * Prints the summary and writes it to `bench/results/profile-<size>.md`; the raw `.cpuprofile`
  * is kept in the printed scratch directory (open it in Chrome DevTools).
@@ -142,14 +142,17 @@ function summarize(profile: CpuProfile, top = 25): string {
 }
 
 async function main(): Promise<void> {
-  const size = arg('size', '64k') === '4m' ? '4m' : '64k'
+  const sizes: Record<string, number> = { '64k': 64 * KiB, '4m': 4 * MiB, '32m': 32 * MiB }
+  const size = arg('size', '64k')
+  const bytes = sizes[size]
+  if (bytes === undefined) throw new Error(`--size must be one of ${Object.keys(sizes).join(', ')}`)
   const seconds = Number(arg('seconds', '10')) || 10
   const children = new Children()
   const tmp = mkdtempSync(join(tmpdir(), 'rpp-profile-'))
   chmodSync(tmp, 0o755)
   const registry = await FakeRegistry.start()
   try {
-    const image = registry.addImage('bench/pkg/profiled', [pseudoRandom(size === '4m' ? 4 * MiB : 64 * KiB, `profile ${size}`)])
+    const image = registry.addImage('bench/pkg/profiled', [pseudoRandom(bytes, `profile ${size}`)])
     const configPath = join(tmp, 'registry-config.json')
     writeFileSync(configPath, JSON.stringify({ default: { address: registry.host, path: '/bench', scheme: 'http' } }))
     const port = await freePort()
@@ -160,13 +163,14 @@ async function main(): Promise<void> {
       port,
       logFile: join(tmp, 'proxy.log'),
       nodeArgs: ['--cpu-prof', `--cpu-prof-dir=${profDir}`],
+      logLevel: 'info', // as deployed: the request log is part of a hit's cost
     })
     const url = `http://127.0.0.1:${port}/package?digest=${image.manifestDigest}&path=pkg/profiled`
     const first = await fetchHashed(url)
     if (first.status !== 200 || first.digest !== image.lastLayer.digest) throw new Error(`warm-up: HTTP ${first.status}`)
     await waitForHit(url, image.lastLayer.digest)
-    console.log(`load average ${loadavg().map((l) => l.toFixed(2)).join(', ')}; wrk -t2 -c32 -d${seconds}s on ${size} cache hits under --cpu-prof`)
-    const r = await runWrk(children, { url, threads: 2, connections: 32, seconds, serverPids: [proxy.pid ?? -1] })
+    console.log(`load average ${loadavg().map((l) => l.toFixed(2)).join(', ')}; wrk -t1 -c32 -d${seconds}s on ${size} cache hits under --cpu-prof`)
+    const r = await runWrk(children, { url, threads: 1, connections: 32, seconds, serverPids: [proxy.pid ?? -1] })
     console.log(`${fmt(r.requestsPerSec)} req/s, ${fmt(r.transferMiBPerSec)} MiB/s, proxy CPU ${fmt(r.serverCpu * 100)}% (profiling overhead included)`)
     // A clean exit (SIGTERM, exit 0) is what makes V8 write the profile.
     await children.stop(proxy, 30_000)
@@ -176,7 +180,7 @@ async function main(): Promise<void> {
     const md = [
       `## CPU profile of ${size} cache hits (${new Date().toISOString()})`,
       '',
-      `wrk -t2 -c32 -d${seconds}s: ${fmt(r.requestsPerSec)} req/s under the profiler, proxy CPU ${fmt(r.serverCpu * 100)}% of one core. ` +
+      `wrk -t1 -c32 -d${seconds}s, proxy at --log-level info: ${fmt(r.requestsPerSec)} req/s under the profiler, proxy CPU ${fmt(r.serverCpu * 100)}% of one core. ` +
         'The profile covers the whole process lifetime (start-up and the warm-up miss are a few hundred ms of it).',
       '',
       summarize(profile),

@@ -94,3 +94,19 @@ export function matchesIfNoneMatch(header: string | undefined, etag: string, exi
     return tag === etag || (exists && tag === '*')
   })
 }
+
+/**
+ * The headers of a package's bytes, the same whichever path serves them (the hapi route or the
+ * fast path before it): the ETag is the digest asked for, and the bytes never change.
+ */
+export function packageHeaders(digest: string, length: number, cache: string): Record<string, string> {
+  return {
+    etag: `"${digest}"`,
+    'cache-control': 'public, max-age=31536000, immutable',
+    'accept-ranges': 'bytes',
+    'content-type': 'application/x-gzip',
+    'content-disposition': `attachment; filename="${digest.slice('sha256:'.length)}.tar.gz"`,
+    'content-length': String(length),
+    'x-cache': cache,
+  }
+}

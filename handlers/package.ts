@@ -3,7 +3,7 @@ import type { SourceSet } from '../plugins/credentials/source-set.js'
 import { verifyDigest } from '../plugins/packages/manifest.js'
 import type { PeerRequest } from '../plugins/packages/peer-port.js'
 import type { PackageResult, PackageService } from '../plugins/packages/package-service.js'
-import { matchesIfNoneMatch, parsePackageQuery, parseRange } from './package-request.js'
+import { matchesIfNoneMatch, packageHeaders, parsePackageQuery, parseRange } from './package-request.js'
 
 function header(request: Request, name: string): string | undefined {
   const v: unknown = request.headers[name]
@@ -43,7 +43,6 @@ export function packageHandler(deps: PackageHandlerDeps) {
     ;(request.app as { source?: string }).source = source.name
     const name = [source.namePrefix, query.path].filter(Boolean).join('/')
     const etag = `"${query.digest}"`
-    const hex = query.digest.slice('sha256:'.length)
     const common = (response: ResponseObject): ResponseObject =>
       response
         .header('ETag', etag)
@@ -81,11 +80,8 @@ export function packageHandler(deps: PackageHandlerDeps) {
     }
     const start = range?.start ?? 0
     const end = range?.end ?? size - 1
-    const withHeaders = (response: ResponseObject): ResponseObject => {
-      common(response)
-        .type('application/x-gzip')
-        .header('Content-Disposition', `attachment; filename="${hex}.tar.gz"`)
-        .header('Content-Length', String(end - start + 1))
+    const withHeaders = (response: ResponseObject, cache: string): ResponseObject => {
+      for (const [name, value] of Object.entries(packageHeaders(query.digest, end - start + 1, cache))) response.header(name, value)
       if (range) response.code(206).header('Content-Range', `bytes ${start}-${end}/${size}`)
       return response
     }
@@ -93,16 +89,14 @@ export function packageHandler(deps: PackageHandlerDeps) {
     // HEAD needs only the manifest: never start a layer download for it.
     if (request.method === 'head' || size === 0) {
       deps.onResult?.(request, 'head')
-      return withHeaders(h.response(size === 0 ? '' : undefined))
-        .code(range ? 206 : 200)
-        .header('X-Cache', pkg.cached ? 'HIT' : 'MISS')
+      return withHeaders(h.response(size === 0 ? '' : undefined), pkg.cached ? 'HIT' : 'MISS').code(range ? 206 : 200)
     }
 
     const body = await deps.packages.open(source, name, pkg, start, end, peer)
     deps.onResult?.(request, body.result)
-    if (body.buffer) return withHeaders(h.response(body.buffer)).header('X-Cache', body.result.toUpperCase())
+    if (body.buffer) return withHeaders(h.response(body.buffer), body.result.toUpperCase())
     const stream = body.stream
     stream.once('error', (err: Error) => deps.onStreamError?.(request, body.result, err))
-    return withHeaders(h.response(stream)).header('X-Cache', body.result.toUpperCase())
+    return withHeaders(h.response(stream), body.result.toUpperCase())
   }
 }

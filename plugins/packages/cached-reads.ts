@@ -1,7 +1,8 @@
 import { createHash } from 'node:crypto'
-import { open } from 'node:fs/promises'
+import { open, type FileHandle } from 'node:fs/promises'
 import type { Readable } from 'node:stream'
 import type { BlobCache } from './cache/blob-cache.js'
+import type { Lease } from './cache/ports.js'
 import { HotCache } from './cache/memory-cache.js'
 import { fileStamp, verifyEntry, type Verdict } from './cache/verify.js'
 import { READ_CHUNK } from './fill-reader.js'
@@ -14,6 +15,13 @@ export interface CachedReadsOptions {
   /** Memory for small hot layers (default 64 MiB, entries up to 8 MiB); 0 turns it off. */
   hotBytes?: number
   hotEntryBytes?: number
+}
+
+/** A cached file open for reading, under a lease that keeps it from being unlinked. */
+export interface OpenedFile {
+  handle: FileHandle
+  lease: Lease
+  size: number
 }
 
 /** A hit: bytes in memory (shared by every response, never copied), or a stream of the file. */
@@ -54,6 +62,22 @@ export class CachedReads {
       const data = await this.hot.load(digest, () => this.#readVerified(cache, digest), () => cache.has(digest))
       return data ? { buffer: data.subarray(start, end + 1) } : undefined
     }
+    lease.release()
+    const file = await this.openFile(cache, digest)
+    if (!file) return undefined
+    const stream = file.handle.createReadStream({ start, end, highWaterMark: READ_CHUNK })
+    stream.once('close', () => file.lease.release())
+    return { stream }
+  }
+
+  /**
+   * A cached file, open under a lease, checked before its first byte is served: undefined if
+   * it is not (or no longer) cached, or failed its check. The caller closes the handle and
+   * releases the lease.
+   */
+  async openFile(cache: BlobCache, digest: string): Promise<OpenedFile | undefined> {
+    const lease = cache.acquire(digest)
+    if (!lease) return undefined
     let handle
     try {
       handle = await open(lease.path, 'r')
@@ -69,7 +93,14 @@ export class CachedReads {
     // out, for all the requests that wait: a file damaged while the proxy was down or by a
     // stray hand is never served, and costs a registry download instead. Silent rot that
     // changes no times is the scrubber's to find.
-    const stamp = fileStamp(await handle.stat())
+    let stamp
+    try {
+      stamp = fileStamp(await handle.stat())
+    } catch {
+      await handle.close().catch(() => undefined)
+      lease.release()
+      return undefined
+    }
     if (lease.verified && lease.stamp === undefined) lease.markVerified(stamp)
     else if (!lease.verified || lease.stamp !== stamp) {
       const verdict = await this.#verify(cache, digest)
@@ -79,9 +110,7 @@ export class CachedReads {
         return undefined
       }
     }
-    const stream = handle.createReadStream({ start, end, highWaterMark: READ_CHUNK })
-    stream.once('close', () => lease.release())
-    return { stream }
+    return { handle, lease, size: lease.size }
   }
 
   /** Hashes a cached file once, however many requests wait for the verdict. */

@@ -2,7 +2,7 @@ import { Readable } from 'node:stream'
 import { ManifestError, NotFoundError, UpstreamError } from '../../errors.js'
 import type { RegistrySource } from '../credentials/source.js'
 import type { BlobCache, RemovalReason } from './cache/blob-cache.js'
-import { CachedReads } from './cached-reads.js'
+import { CachedReads, type OpenedFile } from './cached-reads.js'
 import { DownloadSlots, type DownloadSlotsOptions } from './download-slots.js'
 import { Downloads, type CacheParts, type FillOutcome } from './downloads.js'
 import { describe, type PackageLogger } from './log.js'
@@ -259,16 +259,32 @@ export class PackageService {
   }
 
   /**
-   * The whole package for `digest` if it is cached and in memory, counted as a hit; otherwise
-   * undefined (the caller takes the full path). Synchronous: it touches no disk and no registry.
+   * The whole package for `digest` when it is cached, for a plain GET served without hapi:
+   * its bytes if they are in memory, or a way to open its file (resolving undefined if the
+   * file is gone or fails its check: the caller then takes the full path). Undefined when it
+   * is not cached, or belongs in memory but is not loaded yet (the full path loads it).
+   * Synchronous up to the open: it touches no disk and no registry. Counted as a hit.
    */
-  memoryHit(digest: string): Buffer | undefined {
+  cachedHit(digest: string): { buffer: Buffer } | { size: number; open: () => Promise<OpenedFile | undefined> } | undefined {
     const parts = this.#parts
     const layerDigest = parts?.index.manifest(digest)?.layerDigest
     if (!parts || !layerDigest) return undefined
+    const size = parts.index.blob(layerDigest)?.size
+    if (size === undefined || !parts.cache.has(layerDigest)) return undefined
     const hot = this.#reads.inMemory(parts.cache, layerDigest)
-    if (hot) parts.index.touch(layerDigest)
-    return hot
+    if (hot) {
+      parts.index.touch(layerDigest)
+      return { buffer: hot }
+    }
+    if (this.#reads.hot.accepts(size)) return undefined
+    return {
+      size,
+      open: async () => {
+        const file = await this.#reads.openFile(parts.cache, layerDigest)
+        if (file) parts.index.touch(layerDigest)
+        return file
+      },
+    }
   }
 
   /** Resolves when every running download has committed or cleaned up and the cache's I/O is done. */

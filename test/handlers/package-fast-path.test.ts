@@ -25,7 +25,7 @@ void t.test('a memory hit answered before hapi is the same response hapi gives',
   t.ok(b.body.equals(a.body), 'same bytes both ways')
   const strip = (hd: Record<string, unknown>) => Object.fromEntries(Object.entries(hd).filter(([k]) => k !== 'date'))
   t.same(strip(a.headers), strip(b.headers), 'same headers both ways (date aside)')
-  t.equal(fast.h.proxy.packages.service.memoryHit(fast.image.manifestDigest)?.length, fast.data.length, 'it really was in memory')
+  t.equal((fast.h.proxy.packages.service.cachedHit(fast.image.manifestDigest) as { buffer?: Buffer } | undefined)?.buffer?.length, fast.data.length, 'it really was in memory')
 
   const counted = await fast.h.proxy.metrics.registry.getSingleMetricAsString('registry_packages_proxy_package_results_total')
   t.match(counted, /result="hit"} 2$/m, 'counted as a hit (one disk hit, one memory hit)')
