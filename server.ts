@@ -202,7 +202,10 @@ export async function createServer(o: ServerOptions): Promise<ProxyServer> {
     },
   })
 
-  // One JSON line per request: what was asked, how it was served, how it ended.
+  // One JSON line per request: what was asked, how it was served, how it ended. These lines are
+  // built here from known fields only (no headers, errors already made log-safe by describe()),
+  // so they skip the logger's redaction, which was half of a line's cost on a memory hit.
+  const requestLog = log.child({}, { redact: { paths: [] } })
   server.events.on('response', (request) => {
     const response = request.response
     const status = finalStatus(request)
@@ -227,9 +230,9 @@ export async function createServer(o: ServerOptions): Promise<ProxyServer> {
       ...(request.path.startsWith('/v1/') ? { route: request.route.path, result: app.result } : {}),
       ...(app.error ? { err: app.error } : {}),
     }
-    if (request.path === '/healthz' || request.path === '/readyz' || request.path === '/metrics') log.debug(line, 'request')
-    else if (status >= 500 || aborted) log.warn(line, 'request')
-    else log.info(line, 'request')
+    if (request.path === '/healthz' || request.path === '/readyz' || request.path === '/metrics') requestLog.debug(line, 'request')
+    else if (status >= 500 || aborted) requestLog.warn(line, 'request')
+    else requestLog.info(line, 'request')
   })
   // Plain GETs of cached packages skip hapi's lifecycle (see handlers/package-fast-path.ts);
   // everything else, and every request the fast path declines, goes to hapi's listener unchanged.
@@ -246,7 +249,7 @@ export async function createServer(o: ServerOptions): Promise<ProxyServer> {
         metrics.packageResults.inc({ result: 'hit' })
         packages.counts.hit++
         if (info.finished) metrics.bytesServed.inc(info.bytes)
-        log.info(
+        requestLog.info(
           {
             req: info.id,
             method: 'get',

@@ -11,7 +11,8 @@
  * round; the median round of each server is reported.
  *
  * Options (after `npm run bench --`): `--seconds N` (wrk duration, default 10),
- * `--rounds N` (default 3), `--sizes 64k,4m,32m` (which hit sizes), `--hits-only` (skip the
+ * `--rounds N` (default 3), `--sizes 64k,4m,32m` (which hit sizes), `--log-level L` (the proxy's,
+ * default `info`), `--hits-only` (skip the
  * coalescing and memory checks), `--quiet-wait N` (before each measured run, wait up to N s,
  * default 30, for other processes to use under 25% of the CPUs; `--no-quiet-wait` skips that).
  */
@@ -56,11 +57,16 @@ const QUIET_WAIT_S = process.argv.includes('--no-quiet-wait') ? 0 : option('quie
 const QUIET_BELOW = 0.25
 
 const HITS_ONLY = process.argv.includes('--hits-only')
+/** The proxy's log level: `info` as deployed; another only to see what the request log costs. */
+const LOG_LEVEL = ((): string => {
+  const i = process.argv.indexOf('--log-level')
+  return i === -1 ? 'info' : (process.argv[i + 1] ?? 'info')
+})()
 
 type Target = 'proxy' | 'nginx' | 'node'
 const TARGETS: Target[] = ['proxy', 'nginx', 'node']
 const TARGET_NAMES: Record<Target, string> = {
-  proxy: 'proxy (`--log-level info`)',
+  proxy: `proxy (\`--log-level ${LOG_LEVEL}\`)`,
   nginx: 'nginx (1 worker, sendfile)',
   node: 'plain `node:http`, `res.end(buffer)`',
 }
@@ -426,7 +432,7 @@ async function main(): Promise<void> {
     // 2. The real binary.
     const proxyPort = await freePort()
     // As deployed: `--log-level info`, so every request writes its log line.
-    const proxy = await startProxy(children, { configPath, cacheDir: join(tmp, 'cache'), port: proxyPort, logFile: join(tmp, 'proxy.log'), logLevel: 'info' })
+    const proxy = await startProxy(children, { configPath, cacheDir: join(tmp, 'cache'), port: proxyPort, logFile: join(tmp, 'proxy.log'), logLevel: LOG_LEVEL })
     const proxyPid = proxy.pid ?? -1
     const proxyBase = `http://127.0.0.1:${proxyPort}`
     const startRssMiB = memoryOf(proxyPid).rssKiB / 1024

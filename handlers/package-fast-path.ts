@@ -1,6 +1,5 @@
 import type { IncomingMessage, ServerResponse } from 'node:http'
 import type { SourceSet } from '../plugins/credentials/source-set.js'
-import type { OpenedFile } from '../plugins/packages/cached-reads.js'
 import { ReadBuffers, sendFile } from '../plugins/packages/file-sender.js'
 import type { PackageService } from '../plugins/packages/package-service.js'
 import { packageHeaders, parsePackageQuery, type PackageQuery } from './package-request.js'
@@ -54,31 +53,28 @@ export function packageFastPath(deps: FastPathDeps): Listener {
     if ('buffer' in hit) {
       res.writeHead(200, packageHeaders(query.digest, hit.buffer.length, 'HIT'))
       res.end(hit.buffer)
-      res.once('close', () => served(hit.buffer.length))
+      res.once('close', () => {
+        hit.release()
+        served(hit.buffer.length)
+      })
       return
     }
     hit.open().then(
       (file) => {
         if (!file) return deps.fallback(req, res)
         if (res.destroyed) {
-          close(file)
+          file.close()
           return served(0)
         }
         res.writeHead(200, packageHeaders(query.digest, file.size, 'HIT'))
         res.once('close', () => served(file.size))
-        sendFile(res, file.handle.fd, 0, file.size - 1, buffers, () => close(file))
+        sendFile(res, file.handle.fd, 0, file.size - 1, buffers, file.close)
       },
       () => deps.fallback(req, res),
     )
   }
 }
 
-function close(file: OpenedFile): void {
-  void file.handle
-    .close()
-    .catch(() => undefined)
-    .finally(() => file.lease.release())
-}
 
 /** The query and source of a plain whole-package GET; undefined for anything hapi must answer. */
 function parse(req: IncomingMessage, sources: SourceSet): { query: PackageQuery; source: string } | undefined {

@@ -1,3 +1,4 @@
+import type { ServerResponse } from 'node:http'
 import { BadRequestError } from '../errors.js'
 import { isRegistryHost, isRepositoryPath } from '../plugins/credentials/source.js'
 import { DIGEST } from '../plugins/packages/manifest.js'
@@ -109,4 +110,10 @@ export function packageHeaders(digest: string, length: number, cache: string): R
     'content-length': String(length),
     'x-cache': cache,
   }
+}
+
+/** Calls `fn` once the response is closed (sent or cut off): at once if it already is. */
+export function whenClosed(res: ServerResponse, fn: () => void): void {
+  if (res.closed) fn()
+  else res.once('close', fn)
 }

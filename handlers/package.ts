@@ -3,7 +3,7 @@ import type { SourceSet } from '../plugins/credentials/source-set.js'
 import { verifyDigest } from '../plugins/packages/manifest.js'
 import type { PeerRequest } from '../plugins/packages/peer-port.js'
 import type { PackageResult, PackageService } from '../plugins/packages/package-service.js'
-import { matchesIfNoneMatch, packageHeaders, parsePackageQuery, parseRange } from './package-request.js'
+import { matchesIfNoneMatch, packageHeaders, whenClosed, parsePackageQuery, parseRange } from './package-request.js'
 
 function header(request: Request, name: string): string | undefined {
   const v: unknown = request.headers[name]
@@ -94,6 +94,7 @@ export function packageHandler(deps: PackageHandlerDeps) {
 
     const body = await deps.packages.open(source, name, pkg, start, end, peer)
     deps.onResult?.(request, body.result)
+    if (body.release) whenClosed(request.raw.res, body.release)
     if (body.buffer) return withHeaders(h.response(body.buffer), body.result.toUpperCase())
     const stream = body.stream
     stream.once('error', (err: Error) => deps.onStreamError?.(request, body.result, err))

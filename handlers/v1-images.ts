@@ -6,7 +6,7 @@ import { allowedImage, imageNames, parsePlatform, parseReference, parseTag } fro
 import type { FetchedManifest, ManifestResolver } from '../plugins/images/manifest-resolver.js'
 import type { PackageService } from '../plugins/packages/package-service.js'
 import type { RegistryClient } from '../plugins/packages/registry/registry-client.js'
-import { matchesIfNoneMatch, parseRange } from './package-request.js'
+import { matchesIfNoneMatch, parseRange, whenClosed } from './package-request.js'
 import { defaultSource, firstFound, header, type V1ResultHook } from './v1-common.js'
 
 export interface V1ImagesDeps {
@@ -162,6 +162,7 @@ export function cliDownloadHandler(deps: V1ImagesDeps) {
     }
     const body = await deps.packages.open(source, found.name, pkg, start, end)
     deps.onResult?.(request, body.result)
+    if (body.release) whenClosed(request.raw.res, body.release)
     if (body.buffer) return withHeaders(h.response(body.buffer)).header('X-Cache', body.result.toUpperCase())
     body.stream.once('error', (err: Error) => deps.onStreamError?.(request, err))
     return withHeaders(h.response(body.stream)).header('X-Cache', body.result.toUpperCase())

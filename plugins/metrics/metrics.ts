@@ -10,6 +10,8 @@ export interface CacheStats {
   activeFills(): number
   /** Layer downloads and manifest lookups holding a slot, and those waiting for one. */
   downloads(): Record<'layer' | 'manifest', { running: number; queued: number }>
+  /** Package bytes in memory: live entries, and removed ones responses are still sending. */
+  memoryBytes(): { live: number; held: number }
 }
 
 /**
@@ -97,6 +99,17 @@ export class Metrics {
           this.set({ kind, state: 'running' }, d?.[kind].running ?? 0)
           this.set({ kind, state: 'queued' }, d?.[kind].queued ?? 0)
         }
+      },
+    })
+    new client.Gauge({
+      name: 'registry_packages_proxy_memory_cache_bytes',
+      help: 'Package bytes held in memory for hits: live (small packages, and large ones a herd is fetching) and held (removed from memory while responses still send them); together within the memory budget.',
+      labelNames: ['state'],
+      registers,
+      collect() {
+        const m = stats()?.memoryBytes()
+        this.set({ state: 'live' }, m?.live ?? 0)
+        this.set({ state: 'held' }, m?.held ?? 0)
       },
     })
     this.downloadsRefused = new client.Counter({

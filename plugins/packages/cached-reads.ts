@@ -3,7 +3,7 @@ import { open, type FileHandle } from 'node:fs/promises'
 import type { Readable } from 'node:stream'
 import type { BlobCache } from './cache/blob-cache.js'
 import type { Lease } from './cache/ports.js'
-import { HotCache } from './cache/memory-cache.js'
+import { HotCache, type HotUse } from './cache/memory-cache.js'
 import { fileStamp, verifyEntry, type Verdict } from './cache/verify.js'
 import { READ_CHUNK } from './fill-reader.js'
 import type { PackageLogger } from './log.js'
@@ -20,12 +20,24 @@ export interface CachedReadsOptions {
 /** A cached file open for reading, under a lease that keeps it from being unlinked. */
 export interface OpenedFile {
   handle: FileHandle
-  lease: Lease
   size: number
+  /** Closes the handle, then lets the file go (idempotent). */
+  close: () => void
+  /** Lets the file go when something else closed the handle (a read stream). Idempotent. */
+  done: () => void
 }
 
-/** A hit: bytes in memory (shared by every response, never copied), or a stream of the file. */
-export type HitBody = { buffer: Buffer } | { stream: Readable }
+/**
+ * A hit: bytes in memory (shared by every response, never copied; `release` when the response
+ * is done with them), or a stream of the file.
+ */
+export type HitBody = { buffer: Buffer; release: () => void } | { stream: Readable }
+
+/**
+ * How many responses sending one large file at once make a herd, worth holding it in memory
+ * for: a roll-out of tens of nodes gets there at once, a node or two fetching it does not.
+ */
+export const HERD = 4
 
 /**
  * Serves cache hits with bounded memory, whatever the number of clients.
@@ -45,9 +57,11 @@ export class CachedReads {
     this.hot = new HotCache(options.hotBytes ?? 64 * 1024 * 1024, options.hotEntryBytes ?? 8 * 1024 * 1024)
   }
 
-  /** The layer's bytes if they are in memory now (no I/O). */
-  inMemory(cache: BlobCache, digest: string): Buffer | undefined {
-    return cache.has(digest) ? this.hot.get(digest) : undefined
+  readonly #sending = new Map<string, number>()
+
+  /** The layer's bytes if they are in memory now (no I/O), held until released. */
+  inMemory(cache: BlobCache, digest: string): HotUse | undefined {
+    return cache.has(digest) ? this.hot.use(digest) : undefined
   }
 
   /**
@@ -60,13 +74,17 @@ export class CachedReads {
     if (this.hot.accepts(lease.size)) {
       lease.release()
       const data = await this.hot.load(digest, () => this.#readVerified(cache, digest), () => cache.has(digest))
-      return data ? { buffer: data.subarray(start, end + 1) } : undefined
+      if (!data) return undefined
+      // Held like any memory hit if it was kept; if not (the budget is taken by bytes still
+      // being sent), these bytes are this load's alone and go when its responses are done.
+      const use = this.hot.use(digest) ?? { buffer: data, release: () => undefined }
+      return { buffer: use.buffer.subarray(start, end + 1), release: use.release }
     }
     lease.release()
     const file = await this.openFile(cache, digest)
     if (!file) return undefined
     const stream = file.handle.createReadStream({ start, end, highWaterMark: READ_CHUNK })
-    stream.once('close', () => file.lease.release())
+    stream.once('close', file.done)
     return { stream }
   }
 
@@ -110,7 +128,44 @@ export class CachedReads {
         return undefined
       }
     }
-    return { handle, lease, size: lease.size }
+    return this.#sent(cache, digest, handle, lease)
+  }
+
+  /**
+   * Counts the responses sending a large file; when a herd wants one that memory may hold
+   * ({@link HotCache.admitsLarge}), it is loaded (once, hashed on the way in), and the requests
+   * after that are memory hits: a copy through user space and a thread-pool read per MiB less
+   * for each. A large package fetched by one node at a time stays on disk.
+   */
+  #sent(cache: BlobCache, digest: string, handle: FileHandle, lease: Lease): OpenedFile {
+    const sending = (this.#sending.get(digest) ?? 0) + 1
+    this.#sending.set(digest, sending)
+    // Not when the budget is taken by bytes still being sent: the load would be read, hashed
+    // and thrown away, again for every request of the herd.
+    const wanted = sending >= HERD && this.hot.admitsLarge(lease.size) && this.hot.hasRoomFor(lease.size)
+    if (wanted && !this.hot.has(digest) && !this.hot.loading(digest)) {
+      void this.hot.load(digest, () => this.#readVerified(cache, digest), () => cache.has(digest))
+    }
+    let done = false
+    const finish = (): void => {
+      if (done) return
+      done = true
+      const left = (this.#sending.get(digest) ?? 1) - 1
+      if (left > 0) this.#sending.set(digest, left)
+      else this.#sending.delete(digest)
+      lease.release()
+    }
+    return {
+      handle,
+      size: lease.size,
+      done: finish,
+      close: () => {
+        void handle
+          .close()
+          .catch(() => undefined)
+          .finally(finish)
+      },
+    }
   }
 
   /** Hashes a cached file once, however many requests wait for the verdict. */

@@ -121,6 +121,7 @@ export const packagesPlugin: Plugin<PackagesOptions> = {
       heldBytes: () => (service.cache ? service.cache.reservedBytes + service.cache.heldBytes : 0),
       activeFills: () => service.cacheFills,
       downloads: () => ({ layer: service.downloads, manifest: service.lookups }),
+      memoryBytes: () => service.memoryBytes,
     })
     const counts: ResultCounts = { hit: 0, miss: 0, coalesced: 0, bypass: 0 }
     packageRoutes(server, { sources: o.sources, metrics: m, service, counts })

@@ -2,6 +2,7 @@ import { Readable } from 'node:stream'
 import { ManifestError, NotFoundError, UpstreamError } from '../../errors.js'
 import type { RegistrySource } from '../credentials/source.js'
 import type { BlobCache, RemovalReason } from './cache/blob-cache.js'
+import type { HotUse } from './cache/memory-cache.js'
 import { CachedReads, type OpenedFile } from './cached-reads.js'
 import { DownloadSlots, type DownloadSlotsOptions } from './download-slots.js'
 import { Downloads, type CacheParts, type FillOutcome } from './downloads.js'
@@ -46,18 +47,25 @@ export interface ResolvedPackage {
 /** An open body for a response. */
 export interface PackageBody {
   stream: Readable
-  /** Set for hits served from memory: the bytes, ready for one write. */
+  /**
+   * Set for hits served from memory: the bytes, ready for one write; a caller that takes them
+   * calls `release` when the response is done with them (the stream view does that itself).
+   */
   buffer?: Buffer
+  release?: () => void
   result: PackageResult
 }
 
 /** A body of bytes already in memory; the stream view is made only if someone asks. */
-function bufferBody(buffer: Buffer, result: PackageResult): PackageBody {
+function bufferBody(buffer: Buffer, result: PackageResult, release: () => void): PackageBody {
   return {
     buffer,
+    release,
     result,
     get stream(): Readable {
-      return Readable.from([buffer], { objectMode: false })
+      const stream = Readable.from([buffer], { objectMode: false })
+      stream.once('close', release)
+      return stream
     },
   }
 }
@@ -119,6 +127,11 @@ export class PackageService {
   /** Downloads into the cache running now (the fills-in-flight gauge, `GET /cache`). */
   get cacheFills(): number {
     return this.#downloads.fills
+  }
+
+  /** Package bytes in memory for hits (see HotCache). */
+  get memoryBytes(): { live: number; held: number } {
+    return { live: this.#reads.hot.bytes, held: this.#reads.hot.held }
   }
 
   /** Layer downloads holding a slot, and those waiting for one. */
@@ -225,7 +238,7 @@ export class PackageService {
       const hit = await this.#reads.open(parts.cache, layer.digest, start, end)
       if (hit) {
         parts.index.touch(layer.digest)
-        return 'buffer' in hit ? bufferBody(hit.buffer, 'hit') : { stream: hit.stream, result: 'hit' }
+        return 'buffer' in hit ? bufferBody(hit.buffer, 'hit', hit.release) : { stream: hit.stream, result: 'hit' }
       }
     }
     if (request?.from === 'cached') throw new NotFoundError('this replica does not hold that package')
@@ -265,7 +278,7 @@ export class PackageService {
    * is not cached, or belongs in memory but is not loaded yet (the full path loads it).
    * Synchronous up to the open: it touches no disk and no registry. Counted as a hit.
    */
-  cachedHit(digest: string): { buffer: Buffer } | { size: number; open: () => Promise<OpenedFile | undefined> } | undefined {
+  cachedHit(digest: string): HotUse | { size: number; open: () => Promise<OpenedFile | undefined> } | undefined {
     const parts = this.#parts
     const layerDigest = parts?.index.manifest(digest)?.layerDigest
     if (!parts || !layerDigest) return undefined
@@ -274,7 +287,7 @@ export class PackageService {
     const hot = this.#reads.inMemory(parts.cache, layerDigest)
     if (hot) {
       parts.index.touch(layerDigest)
-      return { buffer: hot }
+      return hot
     }
     if (this.#reads.hot.accepts(size)) return undefined
     return {

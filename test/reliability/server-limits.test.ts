@@ -127,12 +127,11 @@ void t.test('a client that stops reading mid-body holds no one hostage, keeps me
   const url = `${p.proxy.server.info.uri}${path}`
   const head = `GET ${path} HTTP/1.1\r\nHost: x\r\n\r\n`
   // The server's side of each connection: when its idle timeout fired, and whether it closed.
+  // Watched per connection, since hits are answered before hapi routes them (the fast path).
   const timedOut: number[] = []
-  p.proxy.server.ext('onRequest', (request, h) => {
-    const socket = request.raw.req.socket
-    const received = Date.now()
-    socket.once('timeout', () => socket.once('close', () => timedOut.push(Date.now() - received)))
-    return h.continue
+  p.proxy.server.listener.on('connection', (socket: Socket) => {
+    const accepted = Date.now()
+    socket.once('timeout', () => socket.once('close', () => timedOut.push(Date.now() - accepted)))
   })
 
   // 1. A stuck client starts the fill (it is the miss); a reading client joins it.
@@ -151,7 +150,9 @@ void t.test('a client that stops reading mid-body holds no one hostage, keeps me
   stuck.socket.pause()
   const hits = await Promise.all(Array.from({ length: 3 }, () => fetchHashed(url)))
   t.ok(hits.every((h) => h.status === 200 && h.complete && h.digest === layerDigest), 'hits are served byte-exact beside the stuck reader')
-  const held = external() - before
+  // Four responses at once are a herd: the layer may now be in memory for them, within the
+  // memory budget and counted there; beyond that, nothing is held for the stuck reader.
+  const held = external() - before - p.proxy.packages.service.memoryBytes.live
   t.ok(held < 8 * 1024 * 1024, `buffers held for the stuck reader: ${(held / 1048576).toFixed(1)} MiB (the layer is 24 MiB)`)
 
   // 3. While it is stuck, its file is pinned: a DELETE is deferred, not done under its reader.
@@ -308,7 +309,9 @@ void t.test('a stuck reader of a memory hit (answered before hapi routes it) is 
   t.equal((await fetchHashed(`${p.proxy.server.info.uri}${path}`)).digest, image.lastLayer.digest, 'a miss')
   await eventually(() => p.proxy.packages.index?.manifest(image.manifestDigest) !== undefined, 'cached')
   t.equal((await fetchHashed(`${p.proxy.server.info.uri}${path}`)).digest, image.lastLayer.digest, 'a hit from the file, which loads it into memory')
-  t.ok(((p.proxy.packages.service.cachedHit(image.manifestDigest) ?? {}) as { buffer?: Buffer }).buffer, 'held in memory: the next GET takes the fast path')
+  const held = p.proxy.packages.service.cachedHit(image.manifestDigest)
+  t.ok(held && 'buffer' in held, 'held in memory: the next GET takes the fast path')
+  if (held && 'buffer' in held) held.release()
   const connections = (): Promise<number> =>
     new Promise((resolve, reject) => p.proxy.server.listener.getConnections((err, n) => (err ? reject(err) : resolve(n))))
   const started = Date.now()

@@ -1,41 +1,100 @@
+/** Bytes of a layer in memory, held for one response until it is released. */
+export interface HotUse {
+  buffer: Buffer
+  /** Idempotent. */
+  release: () => void
+}
+
+interface Slot {
+  data: Buffer
+  /** Responses still sending these bytes. */
+  users: number
+  /** Still an entry (not evicted or deleted). */
+  live: boolean
+}
+
 /**
- * Small cached layers kept in memory, least recently used out first.
+ * Cached layers kept in memory, least recently used out first, within one byte budget.
  *
- * A hit from disk costs an open, reads and a close on libuv's thread pool per request; for
- * the small packages most nodes fetch, that is most of the work. Keeping them as Buffers makes
- * a hit one socket write. The disk file stays the source of truth: entries are loaded from it
- * and dropped when it is removed.
+ * A hit from disk costs reads on libuv's thread pool and a copy through user space per request;
+ * from memory it is one socket write. Small layers (up to `maxEntryBytes`) are kept once read.
+ * A large one (up to half the budget) is kept only while a herd wants it ({@link admitsLarge}:
+ * the caller decides when), so one big package fetched now and then does not push out the
+ * small ones. The disk file stays the source of truth: entries are loaded from it and dropped
+ * when it is removed.
  *
- * A layer is loaded once however many requests want it at the same moment ({@link load}):
- * a herd of 100 nodes after a restart shares one read, not 100 copies of the file.
+ * The budget counts what is really in memory: an entry evicted or deleted while responses are
+ * still writing it stays counted ({@link held}) until the last of them lets go, as removed
+ * files do in the disk cache, so a churn of large entries under slow clients cannot pile
+ * buffers up beyond it. A layer is loaded once however many requests want it at the same
+ * moment ({@link load}): a herd of 100 nodes after a restart shares one read.
  */
 export class HotCache {
-  readonly #entries = new Map<string, Buffer>()
+  readonly #entries = new Map<string, Slot>()
   readonly #loading = new Map<string, Promise<Buffer | undefined>>()
   #bytes = 0
+  #held = 0
 
   constructor(
     readonly maxBytes: number,
     readonly maxEntryBytes: number,
   ) {}
 
+  /** Bytes of live entries. */
   get bytes(): number {
     return this.#bytes
   }
 
-  /** Whether a layer of `size` bytes would be kept here. */
+  /** Bytes of entries no longer live that responses are still sending. */
+  get held(): number {
+    return this.#held
+  }
+
+  /** Whether a layer of `size` bytes is kept here whenever it is read. */
   accepts(size: number): boolean {
     return size <= this.maxEntryBytes && size <= this.maxBytes
   }
 
+  /** Whether a layer of `size` bytes too large for {@link accepts} may be kept (while in demand). */
+  admitsLarge(size: number): boolean {
+    return size > this.maxEntryBytes && size <= this.maxBytes / 2
+  }
+
+  /** Whether `size` bytes could be kept now, evicting what is live (not what is still being sent). */
+  hasRoomFor(size: number): boolean {
+    return this.#held + size <= this.maxBytes
+  }
+
+  has(digest: string): boolean {
+    return this.#entries.has(digest)
+  }
+
+  /** The bytes, made the most recently used; no hold (for a caller that only looks). */
   get(digest: string): Buffer | undefined {
-    const hit = this.#entries.get(digest)
-    if (hit) {
-      // Map order is insertion order: re-inserting makes it the most recently used.
-      this.#entries.delete(digest)
-      this.#entries.set(digest, hit)
+    const slot = this.#entries.get(digest)
+    if (!slot) return undefined
+    // Map order is insertion order: re-inserting makes it the most recently used.
+    this.#entries.delete(digest)
+    this.#entries.set(digest, slot)
+    return slot.data
+  }
+
+  /** The bytes for one response, counted until it releases them. */
+  use(digest: string): HotUse | undefined {
+    const data = this.get(digest)
+    const slot = this.#entries.get(digest)
+    if (!data || !slot) return undefined
+    slot.users++
+    let released = false
+    return {
+      buffer: data,
+      release: () => {
+        if (released) return
+        released = true
+        slot.users--
+        if (!slot.live && slot.users === 0) this.#held -= slot.data.length
+      },
     }
-    return hit
   }
 
   /**
@@ -59,22 +118,34 @@ export class HotCache {
     return pending
   }
 
-  put(digest: string, data: Buffer): void {
-    if (!this.accepts(data.length)) return
+  /** Whether a load of `digest` is running. */
+  loading(digest: string): boolean {
+    return this.#loading.has(digest)
+  }
+
+  /**
+   * Keeps `data`, evicting the least recently used entries to make room; false (and nothing
+   * kept) when it is not a size kept here, or the budget is taken by bytes still being sent.
+   */
+  put(digest: string, data: Buffer): boolean {
+    if (!this.accepts(data.length) && !this.admitsLarge(data.length)) return false
     this.delete(digest)
-    while (this.#bytes + data.length > this.maxBytes) {
-      const oldest = this.#entries.keys().next()
-      if (oldest.done) break
-      this.delete(oldest.value)
+    for (const oldest of this.#entries.keys()) {
+      if (this.#bytes + this.#held + data.length <= this.maxBytes) break
+      this.delete(oldest)
     }
-    this.#entries.set(digest, data)
+    if (this.#bytes + this.#held + data.length > this.maxBytes) return false
+    this.#entries.set(digest, { data, users: 0, live: true })
     this.#bytes += data.length
+    return true
   }
 
   delete(digest: string): void {
-    const old = this.#entries.get(digest)
-    if (!old) return
+    const slot = this.#entries.get(digest)
+    if (!slot) return
     this.#entries.delete(digest)
-    this.#bytes -= old.length
+    slot.live = false
+    this.#bytes -= slot.data.length
+    if (slot.users > 0) this.#held += slot.data.length
   }
 }
