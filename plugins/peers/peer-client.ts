@@ -68,6 +68,8 @@ export class PeerClient {
     this.#timeouts = { ...DEFAULT_PEER_TIMEOUTS, ...timeouts }
     this.#tls = tls
     this.#agentCa = tls && (typeof tls.ca === 'string' || Buffer.isBuffer(tls.ca)) ? tls.ca : undefined
+    // With a CA source, the first request builds the HTTPS agent from its current CA; until
+    // then a plain agent stands in, which can make no HTTPS connection at all.
     this.#agent = this.#agentCa !== undefined ? httpsAgent(this.#agentCa) : new Agent({ keepAlive: true, maxSockets: 64 })
   }
 
