@@ -1,4 +1,5 @@
 import { createServer as createHttpServer, type IncomingMessage, type ServerResponse } from 'node:http'
+import { join } from 'node:path'
 import type { Duplex } from 'node:stream'
 import Boom from '@hapi/boom'
 import Hapi from '@hapi/hapi'
@@ -19,6 +20,7 @@ import type { DownloadSlotsOptions } from './plugins/packages/download-slots.js'
 import { RegistryClient } from './plugins/packages/registry/registry-client.js'
 import type { RegistryTimeouts } from './plugins/packages/registry/transport.js'
 import { peersPlugin } from './plugins/peers/index.js'
+import { MANIFEST_FILES_DIR } from './plugins/peers/manifest-files.js'
 import { PEER_RESULTS } from './plugins/peers/peer-client.js'
 import { kubePeers, staticPeers, type KubePeersConfig, type StaticPeersConfig } from './plugins/peers/setup.js'
 
@@ -165,7 +167,13 @@ export async function createServer(o: ServerOptions): Promise<ProxyServer> {
       },
     },
   ])
-  if (peers) await server.register({ plugin: peersPlugin, options: peers })
+  if (peers) {
+    await server.register({
+      plugin: peersPlugin,
+      // Beside the cache, which is what a restarted replica keeps; with --disable-cache, nothing is written.
+      options: { ...peers, log, ...(o.disableCache ? {} : { memoDirectory: join(o.cacheDirectory, MANIFEST_FILES_DIR) }) },
+    })
+  }
   const packages = (server.plugins as unknown as { packages: { api: PackagesApi } }).packages.api
   // The v1 endpoints list tags and read manifests and icon layers themselves; layers they serve
   // whole go through `packages.service`, the same verified, cached path as /package.

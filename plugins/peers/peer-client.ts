@@ -1,6 +1,7 @@
 import { createHash } from 'node:crypto'
 import { Agent, request as httpRequest, type IncomingMessage, type RequestOptions } from 'node:http'
 import { Agent as HttpsAgent, request as httpsRequest } from 'node:https'
+import type { Socket } from 'node:net'
 import type { TempFile } from '../packages/cache/blob-store.js'
 import { writeAll } from '../packages/fill.js'
 import type { LayerRef } from '../packages/manifest.js'
@@ -32,8 +33,11 @@ export const DEFAULT_PEER_TIMEOUTS: PeerTimeouts = { firstByteMs: 5_000, idleMs:
  * this pod's service-account token. The serving certificate is verified against `ca`, always.
  */
 export interface PeerTls {
-  /** PEM of the CA that signs the proxies' serving certificates. */
-  ca: string | Buffer
+  /**
+   * PEM of the CA that signs the proxies' serving certificates, or where to get the current one
+   * (ca-file.ts: re-read when the file changes); each new connection verifies against it.
+   */
+  ca: string | Buffer | { get(): Promise<string | Buffer> }
   /**
    * The DNS name every serving certificate carries (node IPs are not known when it is made);
    * without it, the certificate must name the peer's IP.
@@ -54,15 +58,37 @@ const PEER_HEADER = 'X-RPP-Peer'
  * bounded (first byte, then idle), so a stalled peer costs at most those bounds.
  */
 export class PeerClient {
-  readonly #agent: Agent
+  #agent: Agent
+  /** The CA `#agent` verifies with (HTTPS): another one means a new agent. */
+  #agentCa: string | Buffer | undefined
   readonly #timeouts: PeerTimeouts
   readonly #tls: PeerTls | undefined
 
   constructor(timeouts: Partial<PeerTimeouts> = {}, tls?: PeerTls) {
     this.#timeouts = { ...DEFAULT_PEER_TIMEOUTS, ...timeouts }
     this.#tls = tls
-    // rejectUnauthorized is https's default; said here because it must never be false.
-    this.#agent = tls ? new HttpsAgent({ keepAlive: true, maxSockets: 64, ca: tls.ca, rejectUnauthorized: true }) : new Agent({ keepAlive: true, maxSockets: 64 })
+    this.#agentCa = tls && (typeof tls.ca === 'string' || Buffer.isBuffer(tls.ca)) ? tls.ca : undefined
+    // With a CA source, the first request builds the HTTPS agent from its current CA; until
+    // then a plain agent stands in, which can make no HTTPS connection at all.
+    this.#agent = this.#agentCa !== undefined ? httpsAgent(this.#agentCa) : new Agent({ keepAlive: true, maxSockets: 64 })
+  }
+
+  /**
+   * The agent for a new request: when the CA changed, a new one verifying against it. The old
+   * one is retired: its idle connections (verified against the old CA) close now, those in use
+   * finish their exchange and close then, so no request after the change trusts the old CA.
+   */
+  async #agentNow(): Promise<Agent> {
+    const ca = this.#tls?.ca
+    if (ca === undefined || typeof ca === 'string' || Buffer.isBuffer(ca)) return this.#agent
+    const current = await ca.get()
+    if (current !== this.#agentCa) {
+      const old = this.#agent
+      this.#agent = httpsAgent(current)
+      this.#agentCa = current
+      retire(old)
+    }
+    return this.#agent
   }
 
   /** Fetches `layer` through `member`'s `/package` into `temp` from byte 0, verifying it. */
@@ -128,12 +154,13 @@ export class PeerClient {
     let answered = false
     try {
       const token = this.#tls ? await this.#tls.token.get() : undefined
+      const agent = await this.#agentNow()
       const options: RequestOptions & { servername?: string } = {
         host: url.hostname.replace(/^\[|\]$/g, ''),
         port: url.port,
         path,
         headers: token ? { ...headers, Authorization: `Bearer ${token}` } : headers,
-        agent: this.#agent,
+        agent,
         signal: aborter.signal,
         // Checked against the certificate instead of the IP (and sent as SNI).
         ...(this.#tls?.serverName ? { servername: this.#tls.serverName } : {}),
@@ -175,4 +202,16 @@ export class PeerClient {
       signal?.removeEventListener('abort', onAbort)
     }
   }
+}
+
+function httpsAgent(ca: string | Buffer): Agent {
+  // rejectUnauthorized is https's default; said here because it must never be false.
+  return new HttpsAgent({ keepAlive: true, maxSockets: 64, ca, rejectUnauthorized: true })
+}
+
+/** Closes an agent's idle connections now and each busy one once its exchange is done. */
+function retire(agent: Agent): void {
+  for (const sockets of Object.values(agent.freeSockets)) for (const s of sockets ?? []) s.destroy()
+  // Runs after the agent's own 'free' handler has pooled the socket; closing it unpools it.
+  agent.on('free', (socket: Socket) => socket.destroy())
 }

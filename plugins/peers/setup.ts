@@ -1,12 +1,10 @@
-import { X509Certificate } from 'node:crypto'
-import { readFileSync } from 'node:fs'
 import { join } from 'node:path'
 import type { Logger } from 'pino'
 import { loadKubeConfig, SERVICE_ACCOUNT_DIR } from '../credentials/kube-config.js'
 import type { InformerTiming } from '../credentials/restarting-informer.js'
-import { SourceError } from '../credentials/source.js'
 import type { Metrics } from '../metrics/metrics.js'
 import { peerMetrics } from '../metrics/peer-metrics.js'
+import { CaFile } from './ca-file.js'
 import { Membership } from './membership.js'
 import { PEER_RESULTS, PeerClient, type PeerTimeouts } from './peer-client.js'
 import { Peers } from './peers.js'
@@ -26,8 +24,10 @@ export interface StaticPeersConfig {
  * kube-rbac-proxy over HTTPS with this pod's service-account token.
  */
 export interface KubePeersConfig {
-  /** `--peer-ca-file`: the CA that signs the proxies' serving certificates. */
+  /** `--peer-ca-file`: the CA that signs the proxies' serving certificates (re-read when it changes). */
   caFile: string
+  /** How often the CA file is looked at (default 5 s). */
+  caCheckMs?: number
   /** `--peer-server-name`: the DNS name those certificates carry (default: the pod IP). */
   serverName?: string
   /** Default: the in-cluster service-account token. */
@@ -65,23 +65,6 @@ export function staticPeers(config: StaticPeersConfig, self: string, metrics: Me
   return { peers: build(membership, client, metrics, log), client }
 }
 
-/** The CA file's PEM; a file that is missing or holds no certificate fails start-up. */
-function readCa(path: string): string {
-  const what = `--peer-ca-file ${path}`
-  let pem: string
-  try {
-    pem = readFileSync(path, 'utf8')
-  } catch (err) {
-    throw new SourceError(`${what}: cannot read (${(err as NodeJS.ErrnoException).code ?? 'error'})`)
-  }
-  try {
-    new X509Certificate(pem)
-  } catch {
-    throw new SourceError(`${what}: not a PEM certificate`)
-  }
-  return pem
-}
-
 export interface KubePeersContext {
   kubeconfig?: string
   env: NodeJS.ProcessEnv
@@ -103,7 +86,8 @@ export async function kubePeers(config: KubePeersConfig, o: KubePeersContext): P
     o.log.warn({ kubernetes: kubeConfig !== undefined, POD_NAMESPACE: namespace || undefined, POD_IP: podIp || undefined }, 'peer fill off: it needs the Kubernetes API, POD_NAMESPACE and POD_IP')
     return undefined
   }
-  const ca = readCa(config.caFile)
+  // A missing or bad file fails start-up here; later changes are picked up as they come.
+  const ca = new CaFile({ path: config.caFile, log: o.log.child({ component: 'peers' }), ...(config.caCheckMs !== undefined ? { checkMs: config.caCheckMs } : {}) })
   // Loaded only here: client-node is not imported outside Kubernetes.
   const { KubeMembers, memberAddress } = await import('./kube-members.js')
   const membership = new Membership({ self: memberAddress(podIp, config.port), members: [], ...(config.downMs !== undefined ? { downMs: config.downMs } : {}) })

@@ -5,6 +5,7 @@
  */
 import { envName, FLAG_NAMES, parseFlags } from '../../config/flags.js'
 import { parseQuantity } from '../../config/quantity.js'
+import { DEFAULT_MEMO_BYTES } from '../../plugins/peers/manifest-memo.js'
 import { rbacProxyConfig, reviewAttributes, routeRequest } from './kube-rbac-proxy.js'
 import {
   all,
@@ -69,10 +70,12 @@ export const CLIENT_PORT = 4219
 /**
  * The cache volume's headroom rule: the retention size, plus 10% for filesystem block rounding
  * of many small files and the shard directories, plus 64 MiB for the SQLite index, its WAL and
- * shared-memory file. Fill temp files are reserved inside the retention size by design.
+ * shared-memory file, plus twice the bound of the manifests kept for peers (`peer-manifests/`,
+ * bounded apart from the cache: files of a few KiB each take up to a whole block). Fill temp
+ * files are reserved inside the retention size by design.
  */
 export function minimumCacheVolume(retentionBytes: number): number {
-  return Math.ceil(retentionBytes * 1.1) + 64 * 2 ** 20
+  return Math.ceil(retentionBytes * 1.1) + 64 * 2 ** 20 + 2 * DEFAULT_MEMO_BYTES
 }
 
 /** A concrete request path for a route pattern (`{digest}` -> a digest). */

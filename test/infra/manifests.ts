@@ -74,7 +74,7 @@ export interface Container {
   readinessProbe?: Probe
   resources?: { requests?: Record<string, string>; limits?: Record<string, string> }
   securityContext?: SecurityContext
-  volumeMounts?: Array<{ name: string; mountPath: string; readOnly?: boolean }>
+  volumeMounts?: Array<{ name: string; mountPath: string; readOnly?: boolean; subPath?: string }>
 }
 
 export interface Toleration {
@@ -99,7 +99,14 @@ export interface PodSpec {
   }
   securityContext?: SecurityContext & { fsGroup?: number }
   containers: Container[]
-  volumes?: Array<{ name: string; emptyDir?: { sizeLimit?: string }; configMap?: { name: string } }>
+  volumes?: Volume[]
+}
+
+export interface Volume {
+  name: string
+  emptyDir?: { sizeLimit?: string }
+  configMap?: { name: string }
+  secret?: { secretName: string; items?: Array<{ key: string; path: string }>; optional?: boolean; defaultMode?: number }
 }
 
 export interface Deployment extends K8sObject {

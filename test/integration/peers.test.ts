@@ -6,6 +6,7 @@
  */
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http'
 import type { Socket } from 'node:net'
+import { existsSync } from 'node:fs'
 import { join } from 'node:path'
 import t, { type Test } from 'tap'
 import { ownerOf } from '../../plugins/peers/rendezvous.js'
@@ -42,6 +43,15 @@ async function cached(proxy: ProxyProcess, layerDigest: string): Promise<void> {
     if (i > 500) throw new Error(`${layerDigest} was not cached within 5 s`)
     await new Promise((resolve) => setTimeout(resolve, 10))
   }
+}
+
+/** Whether `proxy` logs a line matching `re` within 5 s (log lines are written in batches). */
+async function logged(proxy: ProxyProcess, re: RegExp): Promise<boolean> {
+  for (let i = 0; i < 100; i++) {
+    if (proxy.log().split('\n').some((l) => re.test(l))) return true
+    await new Promise((resolve) => setTimeout(resolve, 50))
+  }
+  return false
 }
 
 /** Request log lines of `proxy` that came from a peer (`"peer":"peer"` or `"peer":"cached"`). */
@@ -165,6 +175,35 @@ void t.test('the registry down and one replica with an empty cache: it serves wh
   // Now cached on the third replica too.
   for (const image of images) await cached(c, image.lastLayer.digest)
   for (const image of images) t.match(await get(c, image), { status: 200, verified: true, cache: 'HIT' })
+})
+
+void t.test('manifests held for peers survive a kill -9: a cold replica gets the package through the restarted one while the registry is down', async (t) => {
+  const registry = await FakeRegistry.start()
+  t.teardown(() => registry.close())
+  // After the first teardown, as above.
+  t.testdir()
+  const image = registry.addImage('deckhouse/ce/pkg', [bytes(512 * 1024, 11)])
+  const ports = [await freePort(), await freePort()]
+  const members = ports.map((p) => `127.0.0.1:${p}`)
+  // B fetches the package while the registry is up; A is not running yet.
+  const [b] = (await replicas(t, registry, ports.slice(1), members)) as [ProxyProcess]
+  t.match(await get(b, image), { status: 200, verified: true })
+  await cached(b, image.lastLayer.digest)
+  const file = join(b.cacheDirectory, 'peer-manifests', image.manifestDigest.slice('sha256:'.length))
+  for (let i = 0; !existsSync(file); i++) {
+    if (i > 500) throw new Error('the manifest was not written within 5 s')
+    await new Promise((resolve) => setTimeout(resolve, 10))
+  }
+  // No drain, no flush: the process is gone at once.
+  await b.kill()
+  const [restarted] = (await replicas(t, registry, ports.slice(1), members)) as [ProxyProcess]
+  t.ok(await logged(restarted, /"manifests":1,"corrupt":0.*"msg":"peer manifests read back"/), 'B read its manifest back')
+  const gone = { host: registry.host } as FakeRegistry
+  await registry.close()
+  const [a] = (await replicas(t, gone, ports.slice(0, 1), members)) as [ProxyProcess]
+  t.match(await get(a, image), { status: 200, verified: true }, 'A, cold, serves the package with the registry down')
+  t.ok(await logged(restarted, new RegExp(`"path":"/peers/manifests/${image.manifestDigest}".*"status":200`)), "A took the manifest from B's files")
+  t.equal(await metric(a, 'registry_packages_proxy_peer_fill_bytes_total'), 512 * 1024, 'and the layer from B')
 })
 
 void t.test('a lying peer: the client gets the right bytes from the registry and nothing wrong is cached', async (t) => {
