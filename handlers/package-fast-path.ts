@@ -81,16 +81,34 @@ function parse(req: IncomingMessage, sources: SourceSet): { query: PackageQuery;
   if (req.method !== 'GET' || !req.url?.startsWith('/package?')) return undefined
   const h = req.headers
   if (h.range !== undefined || h['if-none-match'] !== undefined || h['if-range'] !== undefined) return undefined
-  const params = new URLSearchParams(req.url.slice('/package?'.length))
-  const query: Record<string, string | string[]> = {}
-  for (const key of new Set(params.keys())) {
-    const all = params.getAll(key)
-    query[key] = all.length === 1 ? (all[0] ?? '') : all
-  }
+  const query = queryOf(req.url.slice('/package?'.length))
   try {
     const parsed = parsePackageQuery(query)
     return { query: parsed, source: sources.match(parsed.repository).name }
   } catch {
     return undefined // hapi answers the 400 or 404
   }
+}
+
+/**
+ * The query's parameters, a repeated one as a list (as hapi gives them). Queries without
+ * escapes, which is what clients send, are split directly: URLSearchParams and its decoding
+ * were a tenth of a memory hit's JavaScript.
+ */
+function queryOf(search: string): Record<string, string | string[]> {
+  const query: Record<string, string | string[]> = {}
+  const add = (key: string, value: string): void => {
+    const seen = query[key]
+    query[key] = seen === undefined ? value : Array.isArray(seen) ? [...seen, value] : [seen, value]
+  }
+  if (search.includes('%') || search.includes('+')) {
+    for (const [key, value] of new URLSearchParams(search)) add(key, value)
+    return query
+  }
+  for (const part of search.split('&')) {
+    if (part === '') continue
+    const eq = part.indexOf('=')
+    add(eq === -1 ? part : part.slice(0, eq), eq === -1 ? '' : part.slice(eq + 1))
+  }
+  return query
 }
