@@ -34,8 +34,12 @@ async function main(argv: string[]): Promise<void> {
   // flushes what is buffered synchronously when the process exits, however it exits (SIGTERM
   // below ends in process.exit; an uncaught error too), so no line is lost where Node gets to
   // run (test/integration/process.test.ts "request logs are buffered, and none is lost").
-  const destination = logDestination({ dest: 1, sync: false, minLength: 4096 })
-  // A buffered line must not wait for the next 4 KiB on a quiet proxy: flushed every 250 ms.
+  // 12 KiB per write(2) (sonic-boom writes at most 16 KiB at once): each write is a hand-off to
+  // libuv's thread pool and back, which at 4 KiB (one per ~13 lines) was a tenth of a memory
+  // hit's main-thread time in a profile. Never a synchronous write: a slow log pipe must not
+  // stop the event loop.
+  const destination = logDestination({ dest: 1, sync: false, minLength: 12 * 1024 })
+  // A buffered line must not wait for the next 12 KiB on a quiet proxy: flushed every 250 ms.
   setInterval(() => destination.flush(), 250).unref()
   const logger = pino({
     level: flags.logLevel,

@@ -9,15 +9,19 @@ import type { RegistrySource } from './source.js'
  */
 export class SourceSet {
   readonly #groups = new Map<string, { sources: RegistrySource[]; synced: boolean; lastSync?: number }>()
+  /** {@link all}, kept between changes: every request matches against it. */
+  #all: RegistrySource[] | undefined
 
   /** Declares a provider before it has synced: readiness waits for it. */
   expect(provider: string): void {
     if (!this.#groups.has(provider)) this.#groups.set(provider, { sources: [], synced: false })
+    this.#all = undefined
   }
 
   /** Replaces everything `provider` contributes and marks it synced. */
   replace(provider: string, sources: RegistrySource[], now = Date.now()): void {
     this.#groups.set(provider, { sources: [...sources], synced: true, lastSync: now })
+    this.#all = undefined
   }
 
   /** Providers that have not delivered their first sync yet. */
@@ -25,8 +29,9 @@ export class SourceSet {
     return [...this.#groups].filter(([, g]) => !g.synced).map(([name]) => name)
   }
 
-  all(): RegistrySource[] {
-    return [...this.#groups.values()].flatMap((g) => g.sources)
+  all(): readonly RegistrySource[] {
+    this.#all ??= [...this.#groups.values()].flatMap((g) => g.sources)
+    return this.#all
   }
 
   /** The package repository (a `PackageRepository`, or the file's entry) called `name`, if known. */
