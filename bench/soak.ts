@@ -20,7 +20,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { bytes } from '../test/fixtures/bytes.js'
 import { FakeRegistry, type FakeImage } from '../test/fixtures/fake-registry.js'
-import { percentile, readProc, settleFds, sleep, startBinary, type Binary } from '../test/reliability/load-driver.js'
+import { percentile, readProc, settleFds, sleep, startBinary, type Binary } from '../test/fixtures/load-driver.js'
 import { MiB, option } from './lib.js'
 
 const MINUTES = option('minutes', 5)

@@ -14,10 +14,10 @@ import { join, posix, relative } from 'node:path'
 import t from 'tap'
 import { waitFor } from '../fixtures/fake-kube-api.js'
 import { freePort } from '../fixtures/net.js'
-import { env, execForm, last, parseDockerfile, runs } from './dockerfile.js'
-import { assembleRuntime, checkRuntimeImports } from './image.js'
-import { pathMatch } from './kube-rbac-proxy.js'
-import { container, loadManifests, PROXY_CONTAINER, ROOT } from './manifests.js'
+import { env, execForm, last, parseDockerfile, runs } from '../fixtures/infra/dockerfile.js'
+import { assembleRuntime, checkRuntimeImports } from '../fixtures/infra/image.js'
+import { pathMatch } from '../fixtures/infra/kube-rbac-proxy.js'
+import { container, loadManifests, PROXY_CONTAINER, ROOT } from '../fixtures/infra/manifests.js'
 
 const stages = parseDockerfile(readFileSync(join(ROOT, 'Dockerfile'), 'utf8'))
 const runtime = stages.at(-1)

@@ -13,9 +13,9 @@ import t from 'tap'
 import { createServer } from '../../server.js'
 import { FakeKubeApi, moduleSource, proxyPod, registrySecret, waitFor } from '../fixtures/fake-kube-api.js'
 import { makeCa } from '../fixtures/peer-tls.js'
-import { rbacProxyConfig, reviewAttributes, routeRequest } from './kube-rbac-proxy.js'
-import { cloneManifests, loadManifests, NAMESPACE, SERVICE_ACCOUNT, type Manifests, type Role } from './manifests.js'
-import { allows, describe, grantsFor, requestAttributes, surplus, type Attributes } from './rbac.js'
+import { rbacProxyConfig, reviewAttributes, routeRequest } from '../fixtures/infra/kube-rbac-proxy.js'
+import { cloneManifests, loadManifests, NAMESPACE, SERVICE_ACCOUNT, type Manifests, type Role } from '../fixtures/infra/manifests.js'
+import { allows, describe, grantsFor, requestAttributes, surplus, type Attributes } from '../fixtures/infra/rbac.js'
 
 /** What kube-rbac-proxy calls: authenticate a bearer token, authorize a request. */
 const KUBE_RBAC_PROXY_CALLS: readonly Attributes[] = [

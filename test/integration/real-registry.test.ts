@@ -26,7 +26,7 @@ import {
   type DefaultSourceConfig,
   type ModuleSourceConfig,
   type RawResponse,
-} from './support.js'
+} from '../fixtures/registry-config.js'
 
 const execFileAsync = promisify(execFile)
 

@@ -13,7 +13,7 @@ import { createServer, type ProxyServer } from '../../server.js'
 import { FakeKubeApi, registrySecret, waitFor } from '../fixtures/fake-kube-api.js'
 import { FakeRegistry } from '../fixtures/fake-registry.js'
 import { freePort } from '../fixtures/net.js'
-import { parseExposition, PREFIX, valueOf } from './support.js'
+import { parseExposition, PREFIX, valueOf } from '../fixtures/monitoring.js'
 
 interface Readiness {
   status: number

@@ -11,7 +11,7 @@ import {
   startHarness,
   until,
   waitCached,
-} from '../../fixtures/proxy-harness.js'
+} from '../fixtures/proxy-harness.js'
 
 function collect(stream: Readable): Promise<{ data: Buffer; error: Error | undefined }> {
   return new Promise((resolve) => {

@@ -17,7 +17,7 @@ import { MAX_RESUMES } from '../../plugins/packages/resumable-download.js'
 import { DEFAULT_TIMEOUTS } from '../../plugins/packages/registry/transport.js'
 import { DEFAULT_PREFIX, bytes, packageUrl, sha256 } from '../fixtures/proxy-harness.js'
 import { FakeRegistry } from '../fixtures/fake-registry.js'
-import { ReuseKiller, connectionsTo, eventually, fetchRaw, startProxy } from './support.js'
+import { ReuseKiller, connectionsTo, eventually, fetchRaw, startProxy } from '../fixtures/listening-proxy.js'
 
 const ROOT = join(import.meta.dirname, '../..')
 /** Time a loaded 2-core CI machine may add to a timeout before the answer is out. */

@@ -7,7 +7,7 @@
  */
 import t, { type Test } from 'tap'
 import { bytes, fetchRaw, packageUrl, startHarness, type Harness, type HarnessOptions } from '../fixtures/proxy-harness.js'
-import { parseExposition, PREFIX, seriesKey, valueOf, type Exposition } from './support.js'
+import { parseExposition, PREFIX, seriesKey, valueOf, type Exposition } from '../fixtures/monitoring.js'
 
 /** The server's exposition, read from its registry directly: no scrape request is counted. */
 async function expose(h: Harness): Promise<Exposition> {

@@ -21,7 +21,7 @@ import {
   promqlMetricNames,
   readmeMetrics,
   type Exposition,
-} from './support.js'
+} from '../fixtures/monitoring.js'
 
 /** Traffic through every path that feeds a metric; returns the exposition and what must not leak. */
 async function exercisedServer(t: Test): Promise<{ exposition: Exposition; forbidden: string[] }> {

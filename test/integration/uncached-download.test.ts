@@ -1,10 +1,10 @@
 import { Readable } from 'node:stream'
 import t, { type Test } from 'tap'
-import { DigestError, UpstreamError } from '../../../errors.js'
-import { MAX_RESUMES } from '../../../plugins/packages/resumable-download.js'
-import { Fill } from '../../../plugins/packages/fill.js'
-import type { FakeFaults } from '../../fixtures/fake-registry.js'
-import { DEFAULT_PREFIX, blobFiles, bytes, fetchRaw, injectOutcome, midLayerBreaks, packageUrl, sha256, startHarness, until, type RawReply } from '../../fixtures/proxy-harness.js'
+import { DigestError, UpstreamError } from '../../errors.js'
+import { MAX_RESUMES } from '../../plugins/packages/resumable-download.js'
+import { Fill } from '../../plugins/packages/fill.js'
+import type { FakeFaults } from '../fixtures/fake-registry.js'
+import { DEFAULT_PREFIX, blobFiles, bytes, fetchRaw, injectOutcome, midLayerBreaks, packageUrl, sha256, startHarness, until, type RawReply } from '../fixtures/proxy-harness.js'
 
 const SIZE = 48 * 1024
 

@@ -11,7 +11,7 @@ import { join } from 'node:path'
 import { PrometheusRule } from '@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1'
 import t from 'tap'
 import { parse, parseAllDocuments } from 'yaml'
-import { alertRules, balanced, dashboardPanels, dashboardQueries, loadDashboard, loadRule, ROOT, type RuleDocument } from './support.js'
+import { alertRules, balanced, dashboardPanels, dashboardQueries, loadDashboard, loadRule, ROOT, type RuleDocument } from '../fixtures/monitoring.js'
 
 const rule = loadRule()
 

@@ -1,7 +1,7 @@
 import { readdirSync } from 'node:fs'
 import { join } from 'node:path'
 import t, { type Test } from 'tap'
-import type { FakeFaults } from '../../fixtures/fake-registry.js'
+import type { FakeFaults } from '../fixtures/fake-registry.js'
 import {
   DEFAULT_PREFIX,
   blobFiles,
@@ -15,7 +15,7 @@ import {
   waitCached,
   type Harness,
   type RawReply,
-} from '../../fixtures/proxy-harness.js'
+} from '../fixtures/proxy-harness.js'
 
 const SIZE = 64 * 1024
 

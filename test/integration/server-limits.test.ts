@@ -15,7 +15,7 @@ import { runInNewContext } from 'node:vm'
 import t from 'tap'
 import { BlobStore } from '../../plugins/packages/cache/blob-store.js'
 import { DEFAULT_PREFIX, bytes, cacheTokenHeader, packageUrl } from '../fixtures/proxy-harness.js'
-import { eventually, fdCount, fetchRaw, startProxy } from './support.js'
+import { eventually, fdCount, fetchRaw, startProxy } from '../fixtures/listening-proxy.js'
 
 const SLACK_MS = 4000
 
