@@ -3,8 +3,8 @@
  * while real traffic goes on, the keep-alive idle limit, a client that stops reading mid-body
  * (the fill and the other clients go on, memory stays flat, the connection is closed after the
  * idle timeout and its cache pin released), and the bounds on concurrent layer downloads and
- * manifest lookups (503 + Retry-After beyond their queues). A single slowloris client (408) and
- * oversized request lines and headers (431) are test/server/limits.test.ts.
+ * manifest lookups (503 + Retry-After beyond their queues); and, at the end, a single slowloris
+ * client (408) and oversized request lines and headers (431).
  */
 import { createHash } from 'node:crypto'
 import { existsSync } from 'node:fs'
@@ -14,7 +14,7 @@ import { setFlagsFromString } from 'node:v8'
 import { runInNewContext } from 'node:vm'
 import t from 'tap'
 import { BlobStore } from '../../plugins/packages/cache/blob-store.js'
-import { DEFAULT_PREFIX, bytes, cacheTokenHeader, packageUrl } from '../fixtures/proxy-harness.js'
+import { DEFAULT_PREFIX, bytes, cacheTokenHeader, packageUrl, startHarness } from '../fixtures/proxy-harness.js'
 import { eventually, fdCount, fetchRaw, startProxy } from '../fixtures/listening-proxy.js'
 
 const SLACK_MS = 4000
@@ -319,4 +319,44 @@ void t.test('a stuck reader of a memory hit (answered before hapi routes it) is 
   const ms = Date.now() - started
   t.ok(ms >= socketIdleTimeoutMs - 50, `the server closed the stuck connection after ${ms} ms`)
   stuck.socket.destroy()
+})
+
+// A single client over the limits of the request head (was test/server/limits.test.ts).
+
+async function listening(t: Parameters<typeof startHarness>[0], headersTimeoutMs?: number) {
+  const h = await startHarness(t, headersTimeoutMs ? { headersTimeoutMs } : {})
+  await h.proxy.server.start()
+  return { h, port: Number(h.proxy.server.info.port) }
+}
+
+function rawExchange(port: number, write: (s: ReturnType<typeof connect>) => void): Promise<{ text: string; closedAfterMs: number }> {
+  const started = Date.now()
+  return new Promise((resolve, reject) => {
+    const socket = connect(port, '127.0.0.1', () => write(socket))
+    let text = ''
+    socket.on('data', (d: Buffer) => (text += d.toString('latin1')))
+    socket.on('close', () => resolve({ text, closedAfterMs: Date.now() - started }))
+    socket.on('error', (err: NodeJS.ErrnoException) => (err.code === 'ECONNRESET' ? undefined : reject(err)))
+  })
+}
+
+void t.test('a slowloris client that never finishes its headers is cut off', async (t) => {
+  const { h, port } = await listening(t, 500)
+  const res = await rawExchange(port, (s) => {
+    s.write('GET /healthz HTTP/1.1\r\nHost: x\r\n')
+    const drip = setInterval(() => s.writable && s.write('X-Drip: 1\r\n'), 100)
+    s.on('close', () => clearInterval(drip))
+  })
+  t.ok(res.closedAfterMs < 5_000, `closed after ${res.closedAfterMs} ms`)
+  t.match(res.text, /^HTTP\/1\.1 408/, 'told why')
+  t.equal((await h.proxy.server.inject('/healthz')).statusCode, 200, 'the server still serves')
+})
+
+void t.test('oversized request lines and headers get 431, not a crash', async (t) => {
+  const { h, port } = await listening(t)
+  const longUrl = await rawExchange(port, (s) => s.end(`GET /package?digest=${'a'.repeat(20_000)} HTTP/1.1\r\nHost: x\r\n\r\n`))
+  t.match(longUrl.text, /^HTTP\/1\.1 431/)
+  const bigHeader = await rawExchange(port, (s) => s.end(`GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: ${'b'.repeat(20_000)}\r\n\r\n`))
+  t.match(bigHeader.text, /^HTTP\/1\.1 431/)
+  t.equal((await h.proxy.server.inject('/healthz')).statusCode, 200)
 })
