@@ -1,5 +1,5 @@
 /**
- * `npm run soak`: the CI load test (test/reliability/load.test.ts), longer and mixed. The real
+ * `npm run soak`: the CI load test (test/integration/load.test.ts), longer and mixed. The real
  * binary serves a skewed mix of hot and cold packages from a cache far smaller than the set,
  * so hits, misses, coalesced fills and evictions all run at once, with Range and HEAD requests
  * among them and, now and then, a registry that cuts connections mid-layer (resumed with

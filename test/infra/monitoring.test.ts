@@ -3,7 +3,7 @@
  * part of `kubectl apply -k infra/`; every alert the issue asks for is there, with `for:`, a
  * severity, and a description that tells on-call what to check; the dashboard has the panels
  * on-call needs, on one data source variable. Which metric names they use is checked against a
- * running server in metric-names.test.ts.
+ * running server in test/integration/metric-names.test.ts.
  */
 import { spawnSync } from 'node:child_process'
 import { readdirSync, readFileSync } from 'node:fs'

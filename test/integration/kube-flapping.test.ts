@@ -3,7 +3,7 @@
  * with 410 Gone, garbage on the stream, the API server gone altogether and back, over and over.
  * Covered elsewhere, one fault at a time and without traffic: the informer's restarts, backoff
  * and re-lists (test/plugins/credentials/kubernetes-source.test.ts), one outage through the
- * server (kubernetes-server.test.ts). Here: through all of it, every package request is served
+ * server (test/integration/kubernetes-credentials.test.ts). Here: through all of it, every package request is served
  * byte-exact, /readyz never leaves 200, and a change made mid-flap still arrives.
  */
 import { join } from 'node:path'

@@ -2,10 +2,10 @@
  * Upstream faults that the per-module tests do not already cover. Covered elsewhere, not
  * repeated here (SECURITY.md indexes them):
  * - a reset or truncation mid-layer resumed with a Range request, digest verified:
- *   test/plugins/packages/fill.test.ts ("… mid-layer is resumed with a Range request …");
+ *   test/integration/cache-fill.test.ts ("… mid-layer is resumed with a Range request …");
  * - truncation, reset, stall on every attempt, a flipped bit, extra bytes: never a complete 200,
- *   nothing cached: test/plugins/packages/fill.test.ts ("cache fill with …");
- * - 429 with Retry-After, 502/503, bounded retries: test/plugins/packages/retry.test.ts;
+ *   nothing cached: test/integration/cache-fill.test.ts ("cache fill with …");
+ * - 429 with Retry-After, 502/503, bounded retries: test/integration/upstream-retry.test.ts;
  * - 5xx/403/429 for the manifest, 504 for a slow manifest or blob: test/handlers/package.test.ts.
  * Added here: the 504 paths again with the clock and the registry sockets watched (nothing
  * leaks), the documented timeouts against the code, and a token that expires mid-download.
