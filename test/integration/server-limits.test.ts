@@ -15,7 +15,8 @@ import { runInNewContext } from 'node:vm'
 import t from 'tap'
 import { BlobStore } from '../../plugins/packages/cache/blob-store.js'
 import { DEFAULT_PREFIX, bytes, cacheTokenHeader, packageUrl, startHarness } from '../fixtures/proxy-harness.js'
-import { eventually, fdCount, fetchRaw, startProxy } from '../fixtures/listening-proxy.js'
+import { fdCount, fetchRaw, startProxy } from '../fixtures/listening-proxy.js'
+import { eventually } from '../fixtures/eventually.js'
 
 const SLACK_MS = 4000
 
@@ -109,7 +110,7 @@ void t.test('crowds of silent, dripping and idle keep-alive connections are cut 
   // keepAliveTimeout is 5 s; connections are checked every second.
   const idled = await Promise.all(idle.map((c) => c.closed))
   t.ok(idled.every((c) => /^HTTP\/1\.1 200 /.test(c.text) && c.ms < 5000 + SLACK_MS), `idle keep-alive connections closed after at most ${Math.max(...idled.map((c) => c.ms))} ms`)
-  await eventually(() => fdCount() <= fdsBefore + 2, `descriptors back to ${fdsBefore} (now ${fdCount()})`, 5000)
+  await eventually(() => fdCount() <= fdsBefore + 2, `descriptors back to ${fdsBefore} (now ${fdCount()})`, { timeoutMs: 5000 })
   t.pass('descriptors back to where they were')
 })
 
@@ -142,7 +143,7 @@ void t.test('a client that stops reading mid-body holds no one hostage, keeps me
   const joined = await fetchHashed(url)
   t.equal(joined.status, 200)
   t.ok(joined.complete && joined.digest === layerDigest, 'the reading client got every byte while the first one read none')
-  await eventually(() => p.proxy.packages.index?.blob(layerDigest) !== undefined, 'the fill committed', 10_000)
+  await eventually(() => p.proxy.packages.index?.blob(layerDigest) !== undefined, 'the fill committed')
   t.pass('the fill committed while its first client was stuck')
 
   // 2. A stuck client on a hit: the others are served, memory does not hold its layer.
@@ -162,11 +163,11 @@ void t.test('a client that stops reading mid-body holds no one hostage, keeps me
   // 4. Nothing moves on the stuck connections: the server closes them after the idle timeout,
   //    which releases the pin and lets the deferred removal happen. (The paused clients cannot
   //    see the close; the server's sockets can.)
-  await eventually(() => timedOut.length >= 2, 'both stuck connections were closed by the server', socketIdleTimeoutMs + 20_000)
+  await eventually(() => timedOut.length >= 2, 'both stuck connections were closed by the server', { timeoutMs: socketIdleTimeoutMs + 20_000 })
   for (const ms of timedOut) t.ok(ms >= socketIdleTimeoutMs - 50, `a stuck reader was disconnected ${ms} ms after its request`)
   first.socket.destroy()
   stuck.socket.destroy()
-  await eventually(() => !existsSync(store.pathFor(layerDigest)), 'the deferred removal happened', 5000)
+  await eventually(() => !existsSync(store.pathFor(layerDigest)), 'the deferred removal happened', { timeoutMs: 5000 })
   t.pass('the pin was released and the file removed')
   t.equal(p.proxy.packages.service.downloads.running, 0)
 })
@@ -315,7 +316,7 @@ void t.test('a stuck reader of a memory hit (answered before hapi routes it) is 
   const stuck = stuckClient(port, `GET ${path} HTTP/1.1\r\nHost: x\r\n\r\n`)
   stuck.socket.pause()
   await eventually(async () => (await connections()) === 1, 'the stuck connection is open')
-  await eventually(async () => (await connections()) === 0, 'the server closed it', socketIdleTimeoutMs + 15_000)
+  await eventually(async () => (await connections()) === 0, 'the server closed it', { timeoutMs: socketIdleTimeoutMs + 15_000 })
   const ms = Date.now() - started
   t.ok(ms >= socketIdleTimeoutMs - 50, `the server closed the stuck connection after ${ms} ms`)
   stuck.socket.destroy()
