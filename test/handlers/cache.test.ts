@@ -1,7 +1,8 @@
 import t from 'tap'
 import { statSync } from 'node:fs'
 import { join } from 'node:path'
-import { bytes, cacheTokenHeader, packageUrl, startHarness, until } from '../fixtures/proxy-harness.js'
+import { bytes, cacheTokenHeader, packageUrl, startHarness } from '../fixtures/proxy-harness.js'
+import { eventually } from '../fixtures/eventually.js'
 
 void t.test('GET /cache reports limit, usage, counts and entries; show and delete by either digest', async (t) => {
   const h = await startHarness(t, { limitBytes: 10_000_000 })
@@ -64,7 +65,7 @@ void t.test('DELETE while a client is reading: the reader finishes, the file goe
   const chunks: Buffer[] = []
   for await (const c of body.stream) chunks.push(c as Buffer)
   t.ok(Buffer.concat(chunks).equals(layer), 'the reader got every byte')
-  await until(() => h.proxy.packages.service.cache?.usedBytes === 0, 'bytes released after the reader closed')
+  await eventually(() => h.proxy.packages.service.cache?.usedBytes === 0, 'bytes released after the reader closed', { intervalMs: 5 })
   t.pass('released')
 })
 

@@ -7,9 +7,9 @@ import {
   packageUrl,
   sha256,
   startHarness,
-  until,
   waitCached,
 } from '../fixtures/proxy-harness.js'
+import { eventually } from '../fixtures/eventually.js'
 import { MEDIA_TYPES } from '../fixtures/fake-registry.js'
 import { makePackageTarGz } from '../fixtures/tarball.js'
 
@@ -184,7 +184,7 @@ void t.test('502: the registry fails the blob before sending it', async (t) => {
     h.registry.faults = { blobStatus: status }
     const res = await h.proxy.server.inject(packageUrl({ digest: image.manifestDigest }))
     assertError(t, res, 502)
-    await until(() => h.proxy.packages.service.activeFills === 0, 'the failed fill is gone')
+    await eventually(() => h.proxy.packages.service.activeFills === 0, 'the failed fill is gone', { intervalMs: 5 })
   }
   h.registry.faults = { blobStatus: 404 }
   const gone = await h.proxy.server.inject(packageUrl({ digest: image.manifestDigest }))
@@ -576,7 +576,7 @@ void t.test('502: a manifest that gives a layer we hold, or are downloading, ano
   // While the true layer downloads (slowly), and once it is cached.
   h.registry.faults = { blobChunkSize: 16, blobChunkDelayMs: 30 }
   const filling = h.proxy.server.inject(packageUrl({ digest: image.manifestDigest }))
-  await until(() => h.proxy.packages.service.activeFills === 1, 'the true layer is downloading')
+  await eventually(() => h.proxy.packages.service.activeFills === 1, 'the true layer is downloading', { intervalMs: 5 })
   for (const size of [5, 230]) assertError(t, await h.proxy.server.inject(packageUrl({ digest: liar(size) })), 502)
   t.ok((await filling).rawPayload.equals(image.lastLayer.data), 'the true download is unharmed')
   await waitCached(h, image.manifestDigest, image.lastLayer.digest)

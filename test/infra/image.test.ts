@@ -12,12 +12,12 @@ import { request } from 'node:http'
 import { tmpdir } from 'node:os'
 import { join, posix, relative } from 'node:path'
 import t from 'tap'
-import { waitFor } from '../fixtures/fake-kube-api.js'
+import { eventually } from '../fixtures/eventually.js'
 import { freePort } from '../fixtures/net.js'
-import { env, execForm, last, parseDockerfile, runs } from './dockerfile.js'
-import { assembleRuntime, checkRuntimeImports } from './image.js'
-import { pathMatch } from './kube-rbac-proxy.js'
-import { container, loadManifests, PROXY_CONTAINER, ROOT } from './manifests.js'
+import { env, execForm, last, parseDockerfile, runs } from '../fixtures/infra/dockerfile.js'
+import { assembleRuntime, checkRuntimeImports } from '../fixtures/infra/image.js'
+import { pathMatch } from '../fixtures/infra/kube-rbac-proxy.js'
+import { container, loadManifests, PROXY_CONTAINER, ROOT } from '../fixtures/infra/manifests.js'
 
 const stages = parseDockerfile(readFileSync(join(ROOT, 'Dockerfile'), 'utf8'))
 const runtime = stages.at(-1)
@@ -178,13 +178,13 @@ void t.test('the runtime file set, assembled as the Dockerfile copies it', async
 
     const base = `http://127.0.0.1:${port}`
     const startAt = Date.now()
-    await waitFor(
+    await eventually(
       async () => {
         if (child.exitCode !== null) throw new Error(`the binary exited with ${child.exitCode}:\n${output}`)
         return (await get(`${base}/readyz`).catch(() => ({ status: 0 }))).status === 200
       },
       '/readyz answers 200',
-      60_000,
+      { timeoutMs: 60_000 },
     )
     t.comment(`ready ${Date.now() - startAt} ms after spawn, running as ${asRoot ? `uid ${uid}` : 'the current user over a read-only app folder'}`)
     const health = await get(`${base}/healthz`)

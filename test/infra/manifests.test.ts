@@ -18,9 +18,9 @@ import t from 'tap'
 import { stringify } from 'yaml'
 import { parseQuantity } from '../../config/quantity.js'
 import { createServer } from '../../server.js'
-import { checkBootstrap, checkCache, checkFlags, checkIngress, checkPlacement, checkProbes, checkRoutes, checkSecurity, checkWiring, minimumCacheVolume, type ServerRoute } from './checks.js'
-import { last, parseDockerfile } from './dockerfile.js'
-import { rbacProxyConfig, type RbacProxyConfig } from './kube-rbac-proxy.js'
+import { checkBootstrap, checkCache, checkFlags, checkIngress, checkPlacement, checkProbes, checkRoutes, checkSecurity, checkWiring, minimumCacheVolume, type ServerRoute } from '../fixtures/infra/checks.js'
+import { last, parseDockerfile } from '../fixtures/infra/dockerfile.js'
+import { rbacProxyConfig, type RbacProxyConfig } from '../fixtures/infra/kube-rbac-proxy.js'
 import {
   argValue,
   cloneManifests,
@@ -32,7 +32,7 @@ import {
   ROOT,
   type K8sObject,
   type Manifests,
-} from './manifests.js'
+} from '../fixtures/infra/manifests.js'
 
 interface Validatable {
   validate(): void

@@ -8,10 +8,10 @@ import { readFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { Deployment } from 'kubernetes-models/apps/v1'
 import t from 'tap'
-import { checkFlags, checkWiring } from './checks.js'
-import { applyOp, kubectlBuild, loadWithComponent, PEER_FILL } from './component.js'
-import { cloneManifests, container, deployment, loadManifests, PROXY_CONTAINER, RBAC_PROXY_CONTAINER, ROOT, type K8sObject, type Manifests } from './manifests.js'
-import { checkCertManagerShapes, checkPeerFillOff, checkPeerFillOn, checkSecretVolumes, TLS_SECRET, type Certificate, type Issuer } from './peer-fill.js'
+import { checkFlags, checkWiring } from '../fixtures/infra/checks.js'
+import { applyOp, kubectlBuild, loadWithComponent, PEER_FILL } from '../fixtures/infra/component.js'
+import { cloneManifests, container, deployment, loadManifests, PROXY_CONTAINER, RBAC_PROXY_CONTAINER, ROOT, type K8sObject, type Manifests } from '../fixtures/infra/manifests.js'
+import { checkCertManagerShapes, checkPeerFillOff, checkPeerFillOn, checkSecretVolumes, TLS_SECRET, type Certificate, type Issuer } from '../fixtures/infra/peer-fill.js'
 
 const base = loadManifests()
 const withPeers = loadWithComponent()

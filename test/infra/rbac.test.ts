@@ -11,11 +11,12 @@ import { join } from 'node:path'
 import { pino } from 'pino'
 import t from 'tap'
 import { createServer } from '../../server.js'
-import { FakeKubeApi, moduleSource, proxyPod, registrySecret, waitFor } from '../fixtures/fake-kube-api.js'
+import { FakeKubeApi, moduleSource, proxyPod, registrySecret } from '../fixtures/fake-kube-api.js'
+import { eventually } from '../fixtures/eventually.js'
 import { makeCa } from '../fixtures/peer-tls.js'
-import { rbacProxyConfig, reviewAttributes, routeRequest } from './kube-rbac-proxy.js'
-import { cloneManifests, loadManifests, NAMESPACE, SERVICE_ACCOUNT, type Manifests, type Role } from './manifests.js'
-import { allows, describe, grantsFor, requestAttributes, surplus, type Attributes } from './rbac.js'
+import { rbacProxyConfig, reviewAttributes, routeRequest } from '../fixtures/infra/kube-rbac-proxy.js'
+import { cloneManifests, loadManifests, NAMESPACE, SERVICE_ACCOUNT, type Manifests, type Role } from '../fixtures/infra/manifests.js'
+import { allows, describe, grantsFor, requestAttributes, surplus, type Attributes } from '../fixtures/infra/rbac.js'
 
 /** What kube-rbac-proxy calls: authenticate a bearer token, authorize a request. */
 const KUBE_RBAC_PROXY_CALLS: readonly Attributes[] = [
@@ -77,7 +78,7 @@ void t.test("the pod's ServiceAccount may make every call the code makes, and no
   })
   t.teardown(() => proxy.server.stop())
   const allWatch = (): boolean => (['secrets', 'modulesources', 'packagerepositories', 'pods'] as const).every((r) => api.openWatches(r) > 0)
-  await waitFor(allWatch, 'all four informers watch')
+  await eventually(allWatch, 'all four informers watch')
   t.equal((await proxy.server.inject('/readyz')).statusCode, 200, 'ready once both synced')
 
   // The restart paths must not need more: a dropped connection (resume the watch) and 410 Gone
@@ -87,7 +88,7 @@ void t.test("the pod's ServiceAccount may make every call the code makes, and no
   const lists = relists()
   api.goneOnNextWatch = 'http'
   api.dropWatches('destroy')
-  await waitFor(() => relists() > lists && allWatch(), 'all four informers watch again after a re-list')
+  await eventually(() => relists() > lists && allWatch(), 'all four informers watch again after a re-list')
 
   const calls = uniqueCalls(api.requests.map((r) => requestAttributes(r.method, r.path, r.query)))
   t.comment(`calls made: ${calls.map(describe).join('; ')}`)

@@ -11,6 +11,7 @@ import { readFileSync, writeFileSync } from 'node:fs'
 import type { Socket } from 'node:net'
 import { join } from 'node:path'
 import t from 'tap'
+import { eventually } from '../fixtures/eventually.js'
 import { FakeRegistry } from '../fixtures/fake-registry.js'
 import { bytes, packageUrl, sha256 } from '../fixtures/proxy-harness.js'
 import { cacheFolderBytes, memoryOf, resetPeak, stalledClient, startProxyProcess, type ProxyProcess } from '../fixtures/proxy-process.js'
@@ -40,13 +41,8 @@ async function cacheState(p: ProxyProcess): Promise<Record<string, number>> {
   return (await (await fetch(`${p.base}/cache?limit=0`)).json()) as Record<string, number>
 }
 
-async function waitFor(check: () => Promise<boolean> | boolean, what: string, ms = 15_000): Promise<void> {
-  const deadline = Date.now() + ms
-  while (!(await check())) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting until ${what}`)
-    await new Promise((r) => setTimeout(r, 50))
-  }
-}
+/** Waits on the child through its HTTP API: less often, and longer, than the default. */
+const WAIT = { timeoutMs: 15_000, intervalMs: 50 }
 
 async function cached(p: ProxyProcess, layerDigest: string): Promise<boolean> {
   return (await fetch(`${p.base}/cache/${layerDigest}`)).status === 200
@@ -61,7 +57,7 @@ void t.test('100 concurrent first hits right after a restart: one read of the fi
   t.testdir()
   const first = await startProxyProcess(t, { registry, cacheDirectory })
   t.equal((await fetchHashed(first.base, url)).digest, image.lastLayer.digest)
-  await waitFor(() => cached(first, image.lastLayer.digest), 'the layer is cached')
+  await eventually(() => cached(first, image.lastLayer.digest), 'the layer is cached', WAIT)
   await first.stop()
 
   const p = await startProxyProcess(t, { registry, cacheDirectory })
@@ -88,7 +84,7 @@ void t.test('150 clients that stop reading a cached 24 MiB package: memory stays
   const cacheDirectory = join(t.testdirName, 'cache')
   const first = await startProxyProcess(t, { registry, cacheDirectory })
   t.equal((await fetchHashed(first.base, url)).digest, image.lastLayer.digest)
-  await waitFor(() => cached(first, image.lastLayer.digest), 'the layer is cached')
+  await eventually(() => cached(first, image.lastLayer.digest), 'the layer is cached', WAIT)
   await first.stop()
   // The package is cached, as it is on a master that has run for a while.
   const p = await startProxyProcess(t, { registry, cacheDirectory })
@@ -107,7 +103,7 @@ void t.test('150 clients that stop reading a cached 24 MiB package: memory stays
   t.comment(`peak RSS with 150 stalled readers: ${(peak / MiB).toFixed(0)} MiB`)
   t.ok(peak < RSS_BOUND, `peak RSS ${(peak / MiB).toFixed(0)} MiB < ${RSS_BOUND / MiB} MiB`)
   for (const s of sockets) s.destroy()
-  await waitFor(async () => (await cacheState(p)).heldBytes === 0, 'the readers are gone')
+  await eventually(async () => (await cacheState(p)).heldBytes === 0, 'the readers are gone', WAIT)
   t.equal((await fetchHashed(p.base, url)).digest, image.lastLayer.digest, 'still served exactly')
 })
 
@@ -129,7 +125,7 @@ void t.test('eviction under a slow reader: the reader keeps its entry, the folde
   // A reads slowly, following its fill; it is still reading when the fill commits.
   const slow = await stalledClient(p.port, packageUrl({ digest: a.manifestDigest, path: 'a' }))
   t.teardown(() => slow.destroy())
-  await waitFor(() => cached(p, a.lastLayer.digest), 'A is committed while its reader is still on it')
+  await eventually(() => cached(p, a.lastLayer.digest), 'A is committed while its reader is still on it', WAIT)
   const replyB = await fetchHashed(p.base, packageUrl({ digest: b.manifestDigest, path: 'b' }))
   t.same([replyB.status, replyB.complete, replyB.digest], [200, true, b.lastLayer.digest], 'B is served exactly')
   t.equal(replyB.cache, 'BYPASS', 'without caching: the only room is held by a reader')
@@ -151,7 +147,7 @@ void t.test('DELETE during a read, then a refill: exact books, the removal count
   const cacheDirectory = join(t.testdirName, 'cache')
   const p = await startProxyProcess(t, { registry, cacheDirectory })
   t.equal((await fetchHashed(p.base, url)).digest, image.lastLayer.digest)
-  await waitFor(() => cached(p, image.lastLayer.digest), 'cached')
+  await eventually(() => cached(p, image.lastLayer.digest), 'cached', WAIT)
   const reader = await stalledClient(p.port, url)
   t.teardown(() => reader.destroy())
   const token = readFileSync(join(cacheDirectory, 'admin-token'), 'utf8').trim()
@@ -161,13 +157,13 @@ void t.test('DELETE during a read, then a refill: exact books, the removal count
   t.same([state.usedBytes, state.heldBytes, state.entries], [0, 12 * MiB, 0], 'out of service, its bytes still held for the reader')
   const again = await fetchHashed(p.base, url)
   t.same([again.status, again.digest, again.cache], [200, image.lastLayer.digest, 'MISS'], 'the refill is a miss, exact')
-  await waitFor(() => cached(p, image.lastLayer.digest), 'refilled')
+  await eventually(() => cached(p, image.lastLayer.digest), 'refilled', WAIT)
   state = await cacheState(p)
   t.same([state.usedBytes, state.heldBytes], [12 * MiB, 12 * MiB], 'both files on disk, both counted')
   const onDisk = cacheFolderBytes(p.pid, cacheDirectory)
   t.equal(onDisk.files + onDisk.deletedOpen, 24 * MiB, 'and that is what the folder holds')
   reader.destroy()
-  await waitFor(async () => (await cacheState(p)).heldBytes === 0, 'the old file is released')
+  await eventually(async () => (await cacheState(p)).heldBytes === 0, 'the old file is released', WAIT)
   state = await cacheState(p)
   t.same([state.usedBytes, state.entries], [12 * MiB, 1], 'one entry, counted once')
   const metrics = await (await fetch(`${p.base}/metrics`)).text()
@@ -187,7 +183,7 @@ void t.test('a file damaged while the proxy was down is never served whole, and 
   const first = await startProxyProcess(t, { registry, cacheDirectory })
   for (const [image, path] of [[small, 'small'], [large, 'large']] as const) {
     t.equal((await fetchHashed(first.base, packageUrl({ digest: image.manifestDigest, path }))).digest, image.lastLayer.digest)
-    await waitFor(() => cached(first, image.lastLayer.digest), `${path} cached`)
+    await eventually(() => cached(first, image.lastLayer.digest), `${path} cached`, WAIT)
   }
   await first.stop()
   // A torn write: the right size, other bytes in the middle.
@@ -206,7 +202,7 @@ void t.test('a file damaged while the proxy was down is never served whole, and 
   const l1 = await fetchHashed(p.base, packageUrl({ digest: large.manifestDigest, path: 'large' }))
   t.same([l1.status, l1.complete, l1.digest, l1.cache], [200, true, large.lastLayer.digest, 'MISS'], 'large: hashed before its first byte, found damaged, served from the registry')
   t.equal(registry.counts.blob, 1, 'one registry download replaced it')
-  await waitFor(() => cached(p, large.lastLayer.digest), 'cached again')
+  await eventually(() => cached(p, large.lastLayer.digest), 'cached again', WAIT)
   const l2 = await fetchHashed(p.base, packageUrl({ digest: large.manifestDigest, path: 'large' }))
   t.same([l2.status, l2.complete, l2.digest, l2.cache], [200, true, large.lastLayer.digest, 'HIT'], 'large, next read: an exact hit')
   const metrics = await (await fetch(`${p.base}/metrics`)).text()
@@ -222,7 +218,7 @@ void t.test('a cached file written to while the proxy runs is hashed again befor
   const cacheDirectory = join(t.testdirName, 'cache')
   const p = await startProxyProcess(t, { registry, cacheDirectory })
   t.equal((await fetchHashed(p.base, url)).digest, image.lastLayer.digest, 'a miss')
-  await waitFor(() => cached(p, image.lastLayer.digest), 'cached')
+  await eventually(() => cached(p, image.lastLayer.digest), 'cached', WAIT)
   t.same((await fetchHashed(p.base, url)).cache, 'HIT', 'a hit from the file')
   // A stray hand (or a tool) changes bytes in place: same size, same inode.
   const hex = image.lastLayer.digest.slice('sha256:'.length)

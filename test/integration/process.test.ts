@@ -16,7 +16,7 @@ import { MAIN, buildIfMissing, childEnv } from '../fixtures/main-process.js'
 import { freePort } from '../fixtures/net.js'
 import { dockerRegistryBinary, startRealRegistry } from '../fixtures/real-registry.js'
 import { makePackageTarGz } from '../fixtures/tarball.js'
-import { basicToken, dockerConfigJson, listFiles, request, writeRegistryConfig } from './support.js'
+import { basicToken, dockerConfigJson, listFiles, request, writeRegistryConfig } from '../fixtures/registry-config.js'
 
 buildIfMissing()
 

@@ -15,6 +15,7 @@ import { captureLogger, type CapturedLog } from '../fixtures/log-capture.js'
 import { haveRealRegistry, startRealRegistry } from '../fixtures/real-registry.js'
 import type { PushedImage, RealRegistry, RealRegistryAuth, RealRegistryOptions } from '../fixtures/real-registry.js'
 import { makePackageTarGz } from '../fixtures/tarball.js'
+import { eventually } from '../fixtures/eventually.js'
 import KeyvSqlite from '@keyv/sqlite'
 import { createServer } from '../../server.js'
 import {
@@ -26,7 +27,7 @@ import {
   type DefaultSourceConfig,
   type ModuleSourceConfig,
   type RawResponse,
-} from './support.js'
+} from '../fixtures/registry-config.js'
 
 const execFileAsync = promisify(execFile)
 
@@ -212,8 +213,8 @@ for (const mode of MODES) {
     t.same(await proxy.upstream(), upstreamAfterMiss, 'the hit made no upstream request at all')
     // The log line is written when hapi has finished the response, which may be just after
     // the client saw its last byte.
-    const results = await waitFor(() => (proxy.results().length >= 2 ? proxy.results() : undefined))
-    t.same(results, ['miss', 'hit'], 'logged as a miss, then a hit')
+    await eventually(() => proxy.results().length >= 2, 'both requests are logged', { timeoutMs: 5_000 })
+    t.same(proxy.results(), ['miss', 'hit'], 'logged as a miss, then a hit')
 
     await reg.stop()
     const third = await proxy.get(query)
@@ -402,13 +403,3 @@ void t.test('a GET right after a complete miss needs no registry (the fill is co
   t.equal(third.status, 200, 'after the commit: 200')
   t.ok(third.body.equals(pkg), 'after the commit: byte-exact')
 })
-
-/** Polls `check` every 20 ms until it returns a value, for at most `ms`. */
-async function waitFor<T>(check: () => T | undefined | Promise<T | undefined>, ms = 5_000): Promise<T | undefined> {
-  const deadline = Date.now() + ms
-  for (;;) {
-    const value = await check()
-    if (value !== undefined || Date.now() > deadline) return value
-    await new Promise((r) => setTimeout(r, 20))
-  }
-}

@@ -1,6 +1,7 @@
 import t, { type Test } from 'tap'
 import { providerMetric, startCredentialsPlugin, type CredentialsPlugin } from '../../fixtures/credentials-plugin.js'
-import { FakeKubeApi, b64, moduleSource, registrySecret, waitFor } from '../../fixtures/fake-kube-api.js'
+import { FakeKubeApi, b64, moduleSource, registrySecret } from '../../fixtures/fake-kube-api.js'
+import { eventually } from '../../fixtures/eventually.js'
 import { freePort } from '../../fixtures/net.js'
 import { DEFAULT_INFORMER_TIMING, type InformerTiming } from '../../../plugins/credentials/restarting-informer.js'
 
@@ -34,14 +35,14 @@ void t.test('lists, then watches from the list resourceVersion, with the kubecon
   api.putModuleSource(moduleSource('one', { repo: 'modules.example.com/one', dockerCfg: b64(dockerCfg('modules.example.com')) }))
   const listRv = api.resourceVersion
   const s = await startPlugin(t, api)
-  await waitFor(() => s.sources.unsynced().length === 0, 'both providers synced')
+  await eventually(() => s.sources.unsynced().length === 0, 'both providers synced')
   t.same(s.repositories(), ['default:registry.example.com/deckhouse/ee', 'module-source:modules.example.com/one'])
   const def = s.sources.match(undefined)
   t.equal(def.scheme, 'https')
   t.equal(def.credentials?.basicHeader(), `Basic ${b64(`user:${PASSWORD}`)}`, 'credentials from auths[address]')
   t.equal(s.sources.match('modules.example.com/one').credentials?.username, 'user')
 
-  await waitFor(() => api.openWatches() === 2, 'both watches open')
+  await eventually(() => api.openWatches() === 2, 'both watches open')
   const lists = api.requests.filter((r) => !r.watch)
   const watches = api.requests.filter((r) => r.watch)
   t.same(lists.map((r) => r.path).sort(), ['/api/v1/namespaces/d8-system/secrets', '/apis/deckhouse.io/v1alpha1/modulesources'])
@@ -62,34 +63,34 @@ void t.test('lists, then watches from the list resourceVersion, with the kubecon
 void t.test('add, modify and delete of the Secret and of ModuleSources take effect', async (t) => {
   const api = await startApi(t)
   const s = await startPlugin(t, api)
-  await waitFor(() => s.sources.unsynced().length === 0, 'synced with nothing')
+  await eventually(() => s.sources.unsynced().length === 0, 'synced with nothing')
   t.same(s.repositories(), [], 'no Secret, no ModuleSource: synced and empty')
-  await waitFor(() => api.openWatches() === 2, 'watches open')
+  await eventually(() => api.openWatches() === 2, 'watches open')
 
   api.putSecret(registrySecret({ address: 'r1.example.com', path: 'a' }))
-  await waitFor(() => s.repositories().includes('default:r1.example.com/a'), 'Secret added')
+  await eventually(() => s.repositories().includes('default:r1.example.com/a'), 'Secret added')
   api.putSecret(registrySecret({ address: 'r2.example.com', path: 'b', scheme: 'http' }))
-  await waitFor(() => s.repositories().includes('default:r2.example.com/b'), 'Secret modified')
+  await eventually(() => s.repositories().includes('default:r2.example.com/b'), 'Secret modified')
   t.equal(s.sources.match(undefined).scheme, 'http')
   t.throws(() => s.sources.match('r1.example.com/a'), { code: 'ENOSOURCE' }, 'the old default repository is gone')
 
   api.putModuleSource(moduleSource('m1', { repo: 'm.example.com/one' }))
   api.putModuleSource(moduleSource('m2', { repo: 'm.example.com/two', scheme: 'HTTP' }))
-  await waitFor(() => s.repositories().length === 3, 'two ModuleSources added')
+  await eventually(() => s.repositories().length === 3, 'two ModuleSources added')
   t.equal(s.sources.match('m.example.com/two').scheme, 'http')
   api.putModuleSource(moduleSource('m2', { repo: 'm.example.com/two', dockerCfg: b64(dockerCfg('m.example.com')) }))
-  await waitFor(() => s.sources.match('m.example.com/two').credentials !== undefined, 'ModuleSource modified')
+  await eventually(() => s.sources.match('m.example.com/two').credentials !== undefined, 'ModuleSource modified')
 
   // A changed repo retires the old repository.
   api.putModuleSource(moduleSource('m1', { repo: 'm.example.com/moved' }))
-  await waitFor(() => s.repositories().includes('module-source:m.example.com/moved'), 'repo changed')
+  await eventually(() => s.repositories().includes('module-source:m.example.com/moved'), 'repo changed')
   t.throws(() => s.sources.match('m.example.com/one'), { code: 'ENOSOURCE' }, 'the old repo is retired')
   t.match(s.logs.find(/retired/), [{ moduleSource: 'm1', retired: 'm.example.com/one' }])
 
   api.deleteModuleSource('m2')
-  await waitFor(() => !s.repositories().includes('module-source:m.example.com/two'), 'ModuleSource deleted')
+  await eventually(() => !s.repositories().includes('module-source:m.example.com/two'), 'ModuleSource deleted')
   api.deleteSecret()
-  await waitFor(() => !s.repositories().some((r) => r.startsWith('default:')), 'Secret deleted')
+  await eventually(() => !s.repositories().some((r) => r.startsWith('default:')), 'Secret deleted')
   t.same(s.repositories(), ['module-source:m.example.com/moved'])
   t.equal(api.counts.list.secrets, 1, 'no re-list: every change came through the watch')
   t.equal(api.counts.list.modulesources, 1)
@@ -101,12 +102,12 @@ void t.test('starts before the API server is reachable: unsynced, then synced', 
   t.teardown(() => api.close())
   api.putSecret(registrySecret({ address: 'late.example.com', path: 'x' }))
   const s = await startPlugin(t, api)
-  await waitFor(() => s.logs.find(/list failed/).length >= 2, 'two failed lists')
+  await eventually(() => s.logs.find(/list failed/).length >= 2, 'two failed lists')
   t.same(s.sources.unsynced().sort(), ['modulesources', 'secret'], 'not synced while the API server is down')
   t.ok((await providerMetric(s.metrics, 'registry_packages_proxy_source_watch_restarts_total', 'secret'))! >= 1)
   t.equal(await providerMetric(s.metrics, 'registry_packages_proxy_source_last_sync_timestamp_seconds', 'secret'), undefined, 'never synced: no timestamp')
   await api.listen()
-  await waitFor(() => s.sources.unsynced().length === 0, 'synced once the server is up')
+  await eventually(() => s.sources.unsynced().length === 0, 'synced once the server is up')
   t.same(s.repositories(), ['default:late.example.com/x'])
 })
 
@@ -115,9 +116,9 @@ void t.test('a slow LIST keeps the provider unsynced until it answers', async (t
   api.listDelayMs = 400
   api.putModuleSource(moduleSource('m', { repo: 'm.example.com/slow' }))
   const s = await startPlugin(t, api)
-  await waitFor(() => api.counts.list.modulesources === 1, 'list requested')
+  await eventually(() => api.counts.list.modulesources === 1, 'list requested')
   t.ok(s.sources.unsynced().includes('modulesources'), 'unsynced while the list is pending')
-  await waitFor(() => s.sources.unsynced().length === 0, 'synced after the slow list')
+  await eventually(() => s.sources.unsynced().length === 0, 'synced after the slow list')
   t.same(s.repositories(), ['module-source:m.example.com/slow'])
 })
 
@@ -125,41 +126,41 @@ void t.test('a LIST that never answers in time is aborted and retried', async (t
   const api = await startApi(t)
   api.listDelayMs = 60_000
   const s = await startPlugin(t, api, { ...FAST, requestTimeoutMs: 200 })
-  await waitFor(() => api.counts.list.secrets >= 2, 'the list was retried after its timeout')
+  await eventually(() => api.counts.list.secrets >= 2, 'the list was retried after its timeout')
   t.ok(s.sources.unsynced().includes('secret'))
   t.match(s.logs.find(/list failed/)[0], { error: /aborted/ })
   api.listDelayMs = 0
-  await waitFor(() => s.sources.unsynced().length === 0, 'synced once lists answer')
+  await eventually(() => s.sources.unsynced().length === 0, 'synced once lists answer')
 })
 
 void t.test('a WATCH that never sends its headers is aborted and retried; a quiet open watch is not', async (t) => {
   const api = await startApi(t)
   const s = await startPlugin(t, api, { ...FAST, requestTimeoutMs: 300 })
-  await waitFor(() => api.openWatches() === 2, 'watches open')
+  await eventually(() => api.openWatches() === 2, 'watches open')
   // Quiet for three timeouts: an open stream is not subject to the headers timeout.
   const quietFrom = Date.now()
-  await waitFor(() => Date.now() - quietFrom > 900, 'three timeouts of silence')
+  await eventually(() => Date.now() - quietFrom > 900, 'three timeouts of silence')
   t.equal(api.counts.watch.secrets, 1, 'the quiet watch was left alone')
   api.watchDelayMs = 60_000
   api.dropWatches('destroy')
-  await waitFor(() => api.counts.watch.secrets >= 3, 'hanging watches retried')
+  await eventually(() => api.counts.watch.secrets >= 3, 'hanging watches retried')
   t.ok(s.logs.find(/watch failed/).some((l) => /request-timeout/.test(String(l.error))), 'logged as a timeout')
   api.watchDelayMs = 0
   api.putSecret(registrySecret({ address: 'after-hang.example.com' }))
-  await waitFor(() => s.repositories().includes('default:after-hang.example.com'), 'watching again')
+  await eventually(() => s.repositories().includes('default:after-hang.example.com'), 'watching again')
 })
 
 void t.test('dropped watches are restarted from the last resourceVersion; changes meanwhile are not lost', async (t) => {
   const api = await startApi(t)
   api.putModuleSource(moduleSource('a', { repo: 'm.example.com/a' }))
   const s = await startPlugin(t, api)
-  await waitFor(() => api.openWatches() === 2, 'watches open')
+  await eventually(() => api.openWatches() === 2, 'watches open')
   for (let round = 1; round <= 3; round++) {
     t.equal(api.dropWatches('destroy'), 2, `round ${round}: both watches cut`)
     // A change while no watch is open: the restarted watch replays it from its resourceVersion.
     api.putModuleSource(moduleSource(`r${round}`, { repo: `m.example.com/r${round}` }))
-    await waitFor(() => s.repositories().includes(`module-source:m.example.com/r${round}`), `round ${round}: change seen after restart`)
-    await waitFor(() => api.openWatches() === 2, `round ${round}: watches open again`)
+    await eventually(() => s.repositories().includes(`module-source:m.example.com/r${round}`), `round ${round}: change seen after restart`)
+    await eventually(() => api.openWatches() === 2, `round ${round}: watches open again`)
   }
   t.equal(api.counts.list.modulesources, 1, 'restarts re-watch without re-listing')
   t.ok(api.counts.watch.modulesources >= 4)
@@ -173,7 +174,7 @@ void t.test('dropped watches are restarted from the last resourceVersion; change
   await new Promise((resolve) => setTimeout(resolve, FAST.stableWatchMs + 50))
   api.dropWatches('end')
   api.putSecret(registrySecret({ address: 'after-end.example.com' }))
-  await waitFor(() => s.repositories().includes('default:after-end.example.com'), 'change after a clean end')
+  await eventually(() => s.repositories().includes('default:after-end.example.com'), 'change after a clean end')
   t.equal(await providerMetric(s.metrics, 'registry_packages_proxy_source_watch_restarts_total', 'secret'), restarts, 'a clean end is no failure')
 })
 
@@ -182,7 +183,7 @@ void t.test('every watch asks for a timeout, and one that outlives it silently i
   api.putSecret(registrySecret({ address: 'before.example.com' }))
   // The API server here ignores timeoutSeconds, as one behind a dead connection would.
   const s = await startPlugin(t, api, { ...FAST, watchTimeoutMs: 1000, watchTimeoutGraceMs: 300 })
-  await waitFor(() => api.openWatches() === 2, 'both watches open')
+  await eventually(() => api.openWatches() === 2, 'both watches open')
   const asked = api.requests.filter((r) => r.watch).map((r) => Number(r.query.timeoutSeconds))
   t.ok(asked.length === 2 && asked.every((n) => n >= 1 && n <= 2), `each watch asks for timeoutSeconds between 1x and 2x the setting (${asked.join(', ')})`)
 
@@ -197,7 +198,7 @@ void t.test('every watch asks for a timeout, and one that outlives it silently i
   t.ok(s.repositories().includes('default:before.example.com'), 'the frozen watch delivers nothing')
   // Within 2 s + grace the watch is given up and resumed from its resourceVersion: the change
   // arrives from the event history, with no re-list and no failure counted.
-  await waitFor(() => s.repositories().includes('default:after.example.com'), 'the change arrives after the dead watch is replaced', 5000)
+  await eventually(() => s.repositories().includes('default:after.example.com'), 'the change arrives after the dead watch is replaced', { timeoutMs: 5000 })
   t.equal(api.counts.list.secrets, lists, 'resumed from the resourceVersion, not re-listed')
   t.equal(await providerMetric(s.metrics, 'registry_packages_proxy_source_watch_restarts_total', 'secret'), restarts, 'no failure counted')
   t.ok(s.logs.find(/presumed dead/).length >= 1, 'and it is logged')
@@ -206,7 +207,7 @@ void t.test('every watch asks for a timeout, and one that outlives it silently i
 void t.test('a server that ends every watch at once gets backoff, not a tight loop', async (t) => {
   const api = await startApi(t)
   const s = await startPlugin(t, api, { ...FAST, initialBackoffMs: 100, maxBackoffMs: 400 })
-  await waitFor(() => s.sources.unsynced().length === 0, 'synced')
+  await eventually(() => s.sources.unsynced().length === 0, 'synced')
   for (const [what, before] of [
     ['nothing', () => undefined],
     // Found from outside: one event (a change, a bookmark) before the end made the end look
@@ -224,7 +225,7 @@ void t.test('a server that ends every watch at once gets backoff, not a tight lo
     const watches = api.counts.watch.secrets - watchesBefore
     t.ok(watches >= 2 && watches <= 12, `${what} before each end: bounded re-watches in 1.5 s: ${watches}`)
     t.ok(((await providerMetric(s.metrics, 'registry_packages_proxy_source_watch_restarts_total', 'secret')) ?? 0) > restarts, `${what}: counted as restarts`)
-    await waitFor(() => api.openWatches() === 2, `${what}: watching again`, 5000)
+    await eventually(() => api.openWatches() === 2, `${what}: watching again`, { timeoutMs: 5000 })
   }
   t.ok(s.logs.find(/watch failed/).filter((l) => /closed the watch after/.test(JSON.stringify(l))).length >= 2, 'logged, with how long the watch lasted')
 })
@@ -233,7 +234,7 @@ void t.test('an ERROR storm that forces a re-list each time still backs off more
   const api = await startApi(t)
   api.putModuleSource(moduleSource('keep', { repo: 'm.example.com/keep' }))
   const s = await startPlugin(t, api, { ...FAST, initialBackoffMs: 100, maxBackoffMs: 1600 })
-  await waitFor(() => api.openWatches() === 2, 'watches open')
+  await eventually(() => api.openWatches() === 2, 'watches open')
   const lists = api.counts.list.modulesources
   api.watchErrorEvent = { kind: 'Status', code: 410, reason: 'Expired', message: 'too old resource version' }
   api.dropWatches('destroy')
@@ -244,7 +245,7 @@ void t.test('an ERROR storm that forces a re-list each time still backs off more
   // each successful LIST would allow about 25.
   t.ok(relists >= 2 && relists <= 7, `${relists} re-lists in ${Date.now() - started} ms`)
   api.watchErrorEvent = undefined
-  await waitFor(() => api.openWatches() === 2, 'watching again once the errors stop', 5000)
+  await eventually(() => api.openWatches() === 2, 'watching again once the errors stop', { timeoutMs: 5000 })
   t.same(s.repositories(), ['module-source:m.example.com/keep'])
 })
 
@@ -258,7 +259,7 @@ void t.test('watch ERROR events that are not 410: backoff, a log line, restarts 
   api.putSecret(registrySecret({ address: 'r.example.com', path: 'ee' }))
   const timing = { ...FAST, initialBackoffMs: 100, maxBackoffMs: 400 }
   const s = await startPlugin(t, api, timing)
-  await waitFor(() => api.openWatches() === 2, 'watches open')
+  await eventually(() => api.openWatches() === 2, 'watches open')
   const lists = api.counts.list.secrets
   const restarts = (await providerMetric(s.metrics, 'registry_packages_proxy_source_watch_restarts_total', 'secret')) ?? 0
   const mark = api.requests.length
@@ -268,7 +269,7 @@ void t.test('watch ERROR events that are not 410: backoff, a log line, restarts 
   api.watchErrorEvent = { kind: 'Status', apiVersion: 'v1', status: 'Failure', code: 500, reason: 'InternalError', message: 'etcd leader changed' }
   const started = Date.now()
   api.dropWatches('destroy')
-  await waitFor(() => watchesSince(api, mark, 'secrets').length >= 5, 'five watches of the Secret after the cut')
+  await eventually(() => watchesSince(api, mark, 'secrets').length >= 5, 'five watches of the Secret after the cut')
   const elapsed = Date.now() - started
   // Backoff 100, 200, 400, 400 ms (+-20 %) between the five: no tight loop (without it,
   // thousands of watches a second).
@@ -284,20 +285,20 @@ void t.test('watch ERROR events that are not 410: backoff, a log line, restarts 
   // One that sends the ERROR event and leaves the stream open is ended by the client.
   api.watchErrorKeepsOpen = true
   const open = api.requests.length
-  await waitFor(() => watchesSince(api, open, 'secrets').length >= 2, 'an ERROR event on an open stream still restarts the watch')
+  await eventually(() => watchesSince(api, open, 'secrets').length >= 2, 'an ERROR event on an open stream still restarts the watch')
 
   api.watchErrorEvent = undefined
   api.watchErrorKeepsOpen = false
-  await waitFor(() => api.openWatches() === 2, 'watching again once the errors stop', 5000)
+  await eventually(() => api.openWatches() === 2, 'watching again once the errors stop', { timeoutMs: 5000 })
   api.putSecret(registrySecret({ address: 'r.example.com', path: 'be' }))
-  await waitFor(() => s.repositories().includes('default:r.example.com/be'), 'changes arrive again')
+  await eventually(() => s.repositories().includes('default:r.example.com/be'), 'changes arrive again')
 })
 
 void t.test('an ERROR event that says the resourceVersion is unusable re-lists, after backoff: 410, Expired, "too old resource version"', async (t) => {
   const api = await startApi(t)
   api.putModuleSource(moduleSource('keep', { repo: 'm.example.com/keep' }))
   const s = await startPlugin(t, api, { ...FAST, initialBackoffMs: 100, maxBackoffMs: 400 })
-  await waitFor(() => api.openWatches() === 2, 'watches open')
+  await eventually(() => api.openWatches() === 2, 'watches open')
   const variants: Array<[string, Record<string, unknown>]> = [
     ['410 Gone', { kind: 'Status', code: 410, reason: 'Gone', message: 'gone' }],
     ['reason Expired', { kind: 'Status', code: 500, reason: 'Expired', message: 'expired' }],
@@ -306,20 +307,20 @@ void t.test('an ERROR event that says the resourceVersion is unusable re-lists, 
   for (const [name, event] of variants) {
     // A deletion that only a LIST can reveal: the history is compacted.
     api.putModuleSource(moduleSource(`lost-${name.length}`, { repo: `m.example.com/lost${name.length}` }))
-    await waitFor(() => s.repositories().includes(`module-source:m.example.com/lost${name.length}`), `${name}: seen`)
+    await eventually(() => s.repositories().includes(`module-source:m.example.com/lost${name.length}`), `${name}: seen`)
     const lists = api.counts.list.modulesources
     api.watchErrorEvent = event
     const started = Date.now()
     api.dropWatches('destroy')
     api.deleteModuleSource(`lost-${name.length}`)
     api.compact()
-    await waitFor(() => api.counts.list.modulesources >= lists + 3, `${name}: re-listed three times while the errors last`)
+    await eventually(() => api.counts.list.modulesources >= lists + 3, `${name}: re-listed three times while the errors last`)
     const elapsed = Date.now() - started
     t.ok(elapsed >= 0.8 * (100 + 200) - 50, `${name}: re-lists back off (${elapsed} ms for three)`)
     t.ok(s.logs.find(/watch failed/).some((l) => l.relist === true && String(l.error).includes('ERROR event')), `${name}: logged as a re-list`)
     api.watchErrorEvent = undefined
-    await waitFor(() => !s.repositories().includes(`module-source:m.example.com/lost${name.length}`), `${name}: the re-list shows the deletion`)
-    await waitFor(() => api.openWatches() === 2, `${name}: watching again`, 5000)
+    await eventually(() => !s.repositories().includes(`module-source:m.example.com/lost${name.length}`), `${name}: the re-list shows the deletion`)
+    await eventually(() => api.openWatches() === 2, `${name}: watching again`, { timeoutMs: 5000 })
   }
   t.same(s.repositories(), ['module-source:m.example.com/keep'])
 })
@@ -329,22 +330,22 @@ void t.test('410 Gone re-lists: as an ERROR event, as HTTP 410, and after compac
   api.putModuleSource(moduleSource('keep', { repo: 'm.example.com/keep' }))
   api.putModuleSource(moduleSource('lost', { repo: 'm.example.com/lost' }))
   const s = await startPlugin(t, api)
-  await waitFor(() => api.openWatches() === 2, 'watches open')
+  await eventually(() => api.openWatches() === 2, 'watches open')
   t.equal(s.repositories().length, 2)
 
   // ERROR event: the next watch (after a cut) gets 410; meanwhile `lost` is deleted and the
   // history compacted, so only a fresh LIST can reveal the deletion.
   api.goneOnNextWatch = 'event'
   api.dropWatches('destroy')
-  await waitFor(() => api.counts.gone === 1, '410 event sent')
-  await waitFor(() => api.counts.list.modulesources + api.counts.list.secrets === 3, 're-listed after 410')
-  await waitFor(() => api.openWatches() === 2, 'watches open again')
+  await eventually(() => api.counts.gone === 1, '410 event sent')
+  await eventually(() => api.counts.list.modulesources + api.counts.list.secrets === 3, 're-listed after 410')
+  await eventually(() => api.openWatches() === 2, 'watches open again')
 
   api.goneOnNextWatch = 'http'
   api.dropWatches('destroy')
-  await waitFor(() => api.counts.gone === 2, 'HTTP 410 sent')
-  await waitFor(() => api.counts.list.modulesources + api.counts.list.secrets === 4, 're-listed after HTTP 410')
-  await waitFor(() => api.openWatches() === 2, 'watches open again')
+  await eventually(() => api.counts.gone === 2, 'HTTP 410 sent')
+  await eventually(() => api.counts.list.modulesources + api.counts.list.secrets === 4, 're-listed after HTTP 410')
+  await eventually(() => api.openWatches() === 2, 'watches open again')
 
   // Compaction: the watch's resourceVersion is too old; the deletion is only visible by LIST.
   const lists = api.counts.list.modulesources
@@ -352,8 +353,8 @@ void t.test('410 Gone re-lists: as an ERROR event, as HTTP 410, and after compac
   api.deleteModuleSource('lost')
   api.putModuleSource(moduleSource('new', { repo: 'm.example.com/new' }))
   api.compact()
-  await waitFor(() => api.counts.list.modulesources > lists, 're-listed after compaction')
-  await waitFor(() => s.repositories().join() === 'module-source:m.example.com/keep,module-source:m.example.com/new', 'state after re-list')
+  await eventually(() => api.counts.list.modulesources > lists, 're-listed after compaction')
+  await eventually(() => s.repositories().join() === 'module-source:m.example.com/keep,module-source:m.example.com/new', 'state after re-list')
   t.same(s.sources.unsynced(), [])
 })
 
@@ -369,7 +370,7 @@ void t.test('malformed objects beside good ones: each skipped with a log line an
   api.putModuleSource(good('good2'))
   api.putSecret(registrySecret({ address: 'r.example.com', path: 'ok', dockerconfigjson: dockerCfg('r.example.com') }))
   const s = await startPlugin(t, api)
-  await waitFor(() => s.sources.unsynced().length === 0, 'synced')
+  await eventually(() => s.sources.unsynced().length === 0, 'synced')
   t.same(s.repositories(), ['default:r.example.com/ok', 'module-source:m.example.com/good1', 'module-source:m.example.com/good2'])
   t.equal(await providerMetric(s.metrics, 'registry_packages_proxy_source_errors_total', 'modulesources'), 5)
   const errors = s.logs.find(/ModuleSource is malformed/)
@@ -380,29 +381,29 @@ void t.test('malformed objects beside good ones: each skipped with a log line an
 
   // A malformed Secret keeps the last good default source.
   api.putSecret(registrySecret({ address: 'r.example.com', path: 'ok' }, { '.dockerconfigjson': b64(`{${PASSWORD}`) }))
-  await waitFor(() => s.logs.find(/registry Secret is malformed/).length === 1, 'bad Secret logged')
+  await eventually(() => s.logs.find(/registry Secret is malformed/).length === 1, 'bad Secret logged')
   t.same(s.repositories().filter((r) => r.startsWith('default:')), ['default:r.example.com/ok'])
   t.ok(s.sources.match(undefined).credentials, 'still the last good default source, credentials included')
   t.equal(await providerMetric(s.metrics, 'registry_packages_proxy_source_errors_total', 'secret'), 1)
   api.putSecret(registrySecret({ address: 'r.example.com' }, { path: '%%%not-base64' }))
-  await waitFor(() => s.logs.find(/registry Secret is malformed/).length === 2, 'second bad Secret logged')
+  await eventually(() => s.logs.find(/registry Secret is malformed/).length === 2, 'second bad Secret logged')
   t.match(s.logs.find(/registry Secret is malformed/)[1], { error: /data\.path is not valid base64/, keeping: 'r.example.com/ok' })
 
   // Unrelated changes do not re-log (or re-count) an unchanged bad object.
   api.putModuleSource(good('good3'))
-  await waitFor(() => s.repositories().includes('module-source:m.example.com/good3'), 'good3 added')
+  await eventually(() => s.repositories().includes('module-source:m.example.com/good3'), 'good3 added')
   t.equal(await providerMetric(s.metrics, 'registry_packages_proxy_source_errors_total', 'modulesources'), 5)
 
   // Fixing a bad one brings it in; a good one turning bad is dropped on its own.
   api.putModuleSource(moduleSource('bad-json', { repo: 'm.example.com/b2', dockerCfg: b64(dockerCfg('m.example.com')) }))
   api.putModuleSource(moduleSource('good1', { repo: 'm.example.com/good1', scheme: 'gopher' }))
-  await waitFor(() => s.repositories().includes('module-source:m.example.com/b2') && !s.repositories().includes('module-source:m.example.com/good1'), 'fixed and broken')
+  await eventually(() => s.repositories().includes('module-source:m.example.com/b2') && !s.repositories().includes('module-source:m.example.com/good1'), 'fixed and broken')
   t.ok(s.repositories().includes('module-source:m.example.com/good2'), 'the others keep working')
 
   // Garbage on the watch stream is skipped; the watch goes on.
   api.sendGarbage()
   api.putModuleSource(good('good4'))
-  await waitFor(() => s.repositories().includes('module-source:m.example.com/good4'), 'watch survives a garbage line')
+  await eventually(() => s.repositories().includes('module-source:m.example.com/good4'), 'watch survives a garbage line')
 
   t.notOk(s.logs.text.includes(PASSWORD), 'no secret in the logs')
   t.notOk((await s.metrics.registry.metrics()).includes(PASSWORD), 'no secret in the metrics')
@@ -412,10 +413,10 @@ void t.test('an API server outage keeps the last known sources; last sync time s
   const api = await startApi(t)
   api.putSecret(registrySecret({ address: 'r.example.com', path: 'ee' }))
   const s = await startPlugin(t, api)
-  await waitFor(() => api.openWatches() === 2, 'watches open')
+  await eventually(() => api.openWatches() === 2, 'watches open')
   const port = api.port
   await api.close()
-  await waitFor(() => s.logs.find(/watch failed|list failed/).length >= 4, 'failures while down')
+  await eventually(() => s.logs.find(/watch failed|list failed/).length >= 4, 'failures while down')
   t.same(s.sources.unsynced(), [], 'still synced')
   t.same(s.repositories(), ['default:r.example.com/ee'], 'last known sources still served')
   const frozen = await providerMetric(s.metrics, 'registry_packages_proxy_source_last_sync_timestamp_seconds', 'secret')
@@ -426,39 +427,39 @@ void t.test('an API server outage keeps the last known sources; last sync time s
   // The same server comes back (its store is intact): watches resume.
   await api.listen(port)
   api.putSecret(registrySecret({ address: 'r.example.com', path: 'be' }))
-  await waitFor(() => s.repositories().includes('default:r.example.com/be'), 'change after the outage')
-  await waitFor(async () => (await providerMetric(s.metrics, 'registry_packages_proxy_source_last_sync_timestamp_seconds', 'secret'))! > frozen!, 'last sync moves again')
+  await eventually(() => s.repositories().includes('default:r.example.com/be'), 'change after the outage')
+  await eventually(async () => (await providerMetric(s.metrics, 'registry_packages_proxy_source_last_sync_timestamp_seconds', 'secret'))! > frozen!, 'last sync moves again')
 })
 
 void t.test('API errors (403, 500) are retried and logged without secrets', async (t) => {
   const api = await startApi(t)
   api.listStatus = 403
   const s = await startPlugin(t, api)
-  await waitFor(() => api.counts.list.secrets >= 2, 'retried')
+  await eventually(() => api.counts.list.secrets >= 2, 'retried')
   t.match(s.logs.find(/list failed/)[0], { error: /HTTP 403/, provider: /secret|modulesources/ })
   api.listStatus = undefined
   // A 200 whose body is not JSON: V8's parse error would quote it, and it could be Secret data.
   api.listRawBody = `{"items": [{"data": {"password": "${PASSWORD}"}}] garbage`
   const failures = s.logs.find(/list failed/).length
-  await waitFor(() => s.logs.find(/list failed/).length >= failures + 2, 'unparsable lists logged')
+  await eventually(() => s.logs.find(/list failed/).length >= failures + 2, 'unparsable lists logged')
   t.match(s.logs.find(/list failed/).at(-1), { error: /not valid JSON/ })
   t.notOk(s.logs.text.includes(PASSWORD), 'the body is not quoted in the log')
   api.listRawBody = undefined
-  await waitFor(() => s.sources.unsynced().length === 0, 'synced after the errors stop')
+  await eventually(() => s.sources.unsynced().length === 0, 'synced after the errors stop')
   api.watchStatus = 500
   api.dropWatches('destroy')
-  await waitFor(() => s.logs.find(/watch failed/).some((l) => /HTTP 500/.test(String(l.error))), 'watch 500 logged')
+  await eventually(() => s.logs.find(/watch failed/).some((l) => /HTTP 500/.test(String(l.error))), 'watch 500 logged')
   api.watchStatus = undefined
-  await waitFor(() => api.openWatches() === 2, 'watches back')
+  await eventually(() => api.openWatches() === 2, 'watches back')
   t.notOk(s.logs.text.includes(TOKEN))
 })
 
 void t.test('stop closes every watch and retries no more', async (t) => {
   const api = await startApi(t)
   const s = await startPlugin(t, api)
-  await waitFor(() => api.openWatches() === 2, 'watches open')
+  await eventually(() => api.openWatches() === 2, 'watches open')
   await s.server.stop()
-  await waitFor(() => api.openWatches() === 0, 'watches closed by stop')
+  await eventually(() => api.openWatches() === 0, 'watches closed by stop')
   const requests = api.requests.length
   await new Promise((resolve) => setTimeout(resolve, 300))
   t.equal(api.requests.length, requests, 'no request after stop')
@@ -468,9 +469,9 @@ void t.test('stop while a watch is still connecting: that watch is closed too', 
   const api = await startApi(t)
   api.watchDelayMs = 400
   const s = await startPlugin(t, api)
-  await waitFor(() => api.counts.watch.secrets + api.counts.watch.modulesources === 2, 'both watches requested')
+  await eventually(() => api.counts.watch.secrets + api.counts.watch.modulesources === 2, 'both watches requested')
   await s.server.stop()
   const stoppedAt = Date.now()
-  await waitFor(() => Date.now() - stoppedAt > 600 && api.openWatches() === 0, 'no watch left open after the delayed answers')
+  await eventually(() => Date.now() - stoppedAt > 600 && api.openWatches() === 0, 'no watch left open after the delayed answers')
   t.equal(api.counts.watch.secrets + api.counts.watch.modulesources, 2, 'and no new watch')
 })

@@ -6,7 +6,8 @@ import { join } from 'node:path'
 import { pino } from 'pino'
 import t, { type Test } from 'tap'
 import { createServer, type ProxyServer } from '../../../server.js'
-import { FakeKubeApi, packageRepository, registrySecret, waitFor } from '../../fixtures/fake-kube-api.js'
+import { FakeKubeApi, packageRepository, registrySecret } from '../../fixtures/fake-kube-api.js'
+import { eventually } from '../../fixtures/eventually.js'
 import { FakeRegistry } from '../../fixtures/fake-registry.js'
 import { layerTarGz } from '../../fixtures/layers.js'
 
@@ -39,7 +40,7 @@ void t.test('an icon from a watched PackageRepository with login/password; 503 b
   // Every list fails at first: nothing is known yet (the informer retries with backoff).
   api.listStatus = 500
   const proxy = await start(t, api)
-  await waitFor(() => api.counts.list.packagerepositories > 0, 'the PackageRepositories were asked for')
+  await eventually(() => api.counts.list.packagerepositories > 0, 'the PackageRepositories were asked for')
   const early = await proxy.server.inject(ICON)
   t.equal(early.statusCode, 503, 'not known yet is not "unknown"')
   t.equal(early.headers['retry-after'], '5')
@@ -48,13 +49,13 @@ void t.test('an icon from a watched PackageRepository with login/password; 503 b
   api.putPackageRepository(packageRepository('main', { repo: `${registry.host}/pkgs`, scheme: 'http', login: 'reader', password: 'pw' }))
   api.putPackageRepository(packageRepository('broken', { repo: 'not a repo' }))
   api.listStatus = undefined
-  await waitFor(async () => (await proxy.server.inject(ICON)).statusCode === 200, 'the icon is served once listed', 20_000)
+  await eventually(async () => (await proxy.server.inject(ICON)).statusCode === 200, 'the icon is served once listed', { timeoutMs: 20_000 })
   const res = await proxy.server.inject(ICON)
   t.equal(res.payload, 'png')
   t.equal((await proxy.server.inject('/v1/packages/broken/fox/metadata/icon')).statusCode, 404, 'a malformed one is skipped')
 
   api.delete('packagerepositories', 'main')
-  await waitFor(async () => (await proxy.server.inject(ICON)).statusCode === 404, 'a deleted repository is gone')
+  await eventually(async () => (await proxy.server.inject(ICON)).statusCode === 404, 'a deleted repository is gone')
 })
 
 void t.test('a cluster without the PackageRepository CRD is still ready for /package', async (t) => {
@@ -63,6 +64,6 @@ void t.test('a cluster without the PackageRepository CRD is still ready for /pac
   api.putSecret(registrySecret({ address: '127.0.0.1:5000', path: '/deckhouse/ce', scheme: 'http' }))
   api.missing.add('packagerepositories')
   const proxy = await start(t, api)
-  await waitFor(async () => (await proxy.server.inject('/readyz')).statusCode === 200, 'ready without PackageRepositories')
+  await eventually(async () => (await proxy.server.inject('/readyz')).statusCode === 200, 'ready without PackageRepositories')
   t.equal((await proxy.server.inject(ICON)).statusCode, 503, 'icons wait for the watch instead')
 })

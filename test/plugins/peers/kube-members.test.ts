@@ -10,7 +10,8 @@ import { loadKubeConfig } from '../../../plugins/credentials/kube-config.js'
 import { Metrics } from '../../../plugins/metrics/metrics.js'
 import { KubeMembers, memberAddress, readyMembers } from '../../../plugins/peers/kube-members.js'
 import { Membership } from '../../../plugins/peers/membership.js'
-import { FakeKubeApi, proxyPod, waitFor } from '../../fixtures/fake-kube-api.js'
+import { FakeKubeApi, proxyPod } from '../../fixtures/fake-kube-api.js'
+import { eventually } from '../../fixtures/eventually.js'
 
 const NS = 'd8-cloud-instance-manager'
 const FAST = { initialBackoffMs: 20, maxBackoffMs: 100, minWatchMs: 0 }
@@ -48,29 +49,29 @@ void t.test('members follow the pods of the namespace with the label, through a 
   t.same(membership.all(), ['10.0.0.1:4219'], 'before the first LIST: only this replica, so no peer is asked')
   members.start()
   const is = (expected: string[]) => () => JSON.stringify([...membership.all()].sort()) === JSON.stringify(expected)
-  await waitFor(is(['10.0.0.1:4219', '10.0.0.2:4219']), 'the ready pods are members')
+  await eventually(is(['10.0.0.1:4219', '10.0.0.2:4219']), 'the ready pods are members')
   t.ok(members.synced)
   const list = api.requests.find((r) => r.resource === 'pods' && !r.watch)
   t.equal(list?.path, `/api/v1/namespaces/${NS}/pods`, 'lists in its own namespace')
   t.equal(list?.query.labelSelector, 'app=registry-packages-proxy', 'selects the proxy pods by label')
-  await waitFor(() => api.openWatches('pods') === 1, 'the pods are watched')
+  await eventually(() => api.openWatches('pods') === 1, 'the pods are watched')
 
   api.put('pods', proxyPod('three', '10.0.0.3'))
-  await waitFor(is(['10.0.0.1:4219', '10.0.0.2:4219', '10.0.0.3:4219']), 'a pod that became ready joins')
+  await eventually(is(['10.0.0.1:4219', '10.0.0.2:4219', '10.0.0.3:4219']), 'a pod that became ready joins')
   api.put('pods', proxyPod('two', '10.0.0.2', { ready: false }))
-  await waitFor(is(['10.0.0.1:4219', '10.0.0.3:4219']), 'a pod that went unready leaves')
+  await eventually(is(['10.0.0.1:4219', '10.0.0.3:4219']), 'a pod that went unready leaves')
   api.put('pods', proxyPod('three', '10.0.0.3', { deleting: true }))
-  await waitFor(is(['10.0.0.1:4219']), 'a terminating pod leaves')
+  await eventually(is(['10.0.0.1:4219']), 'a terminating pod leaves')
   api.delete('pods', 'three', NS)
   api.put('pods', proxyPod('four', '10.0.0.4'))
-  await waitFor(is(['10.0.0.1:4219', '10.0.0.4:4219']), 'a new pod joins')
+  await eventually(is(['10.0.0.1:4219', '10.0.0.4:4219']), 'a new pod joins')
 
   // client-node's informer would stop for good here; the restarting one resumes the watch.
   const watches = api.counts.watch.pods
   api.dropWatches('destroy')
   api.delete('pods', 'four', NS)
   api.put('pods', proxyPod('five', '10.0.0.5'))
-  await waitFor(is(['10.0.0.1:4219', '10.0.0.5:4219']), 'changes made while the watch was down arrive after the restart')
+  await eventually(is(['10.0.0.1:4219', '10.0.0.5:4219']), 'changes made while the watch was down arrive after the restart')
   t.ok(api.counts.watch.pods > watches, 'watched again')
   t.ok(Number((await metrics.registry.getSingleMetricAsString('registry_packages_proxy_source_watch_restarts_total')).match(/provider="pods"} (\d+)/)?.[1]) >= 1, 'the restart is counted')
 
@@ -78,8 +79,8 @@ void t.test('members follow the pods of the namespace with the label, through a 
   membership.markDown('10.0.0.5:4219')
   t.same(membership.live(), ['10.0.0.1:4219'])
   api.put('pods', proxyPod('five', '10.0.0.5', { ready: false }))
-  await waitFor(is(['10.0.0.1:4219']), 'five went unready')
+  await eventually(is(['10.0.0.1:4219']), 'five went unready')
   api.put('pods', proxyPod('five', '10.0.0.5'))
-  await waitFor(is(['10.0.0.1:4219', '10.0.0.5:4219']), 'five is back')
+  await eventually(is(['10.0.0.1:4219', '10.0.0.5:4219']), 'five is back')
   t.same(membership.live(), ['10.0.0.1:4219', '10.0.0.5:4219'], 'and live at once')
 })

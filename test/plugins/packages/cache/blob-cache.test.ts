@@ -5,7 +5,8 @@ import t, { type Test } from 'tap'
 import { BlobStore, type TempFile } from '../../../../plugins/packages/cache/blob-store.js'
 import { CacheIndex } from '../../../../plugins/packages/cache/cache-index.js'
 import { BlobCache } from '../../../../plugins/packages/cache/blob-cache.js'
-import { DEFAULT_PREFIX, blobFiles, bytes, packageUrl, sha256, startHarness, until, waitCached, type Harness } from '../../../fixtures/proxy-harness.js'
+import { DEFAULT_PREFIX, blobFiles, bytes, packageUrl, sha256, startHarness, waitCached, type Harness } from '../../../fixtures/proxy-harness.js'
+import { eventually } from '../../../fixtures/eventually.js'
 
 const silent = { info: () => undefined, warn: () => undefined, error: () => undefined }
 
@@ -30,7 +31,7 @@ async function openCache(t: Test): Promise<{ index: CacheIndex; store: BlobStore
 /** Waits for the wall clock to move, so access times of successive steps differ. */
 async function tick(): Promise<void> {
   const start = Date.now()
-  await until(() => Date.now() > start + 1, 'the clock ticked')
+  await eventually(() => Date.now() > start + 1, 'the clock ticked', { intervalMs: 5 })
 }
 
 void t.test('eviction through the server: the limit holds after every request, LRU goes first', async (t) => {
@@ -102,7 +103,7 @@ void t.test('concurrent cold fills never push the cache over its limit', async (
   t.teardown(() => clearInterval(sampler))
   const replies = await Promise.all(images.map((image) => h.proxy.server.inject(packageUrl({ digest: image.manifestDigest }))))
   replies.forEach((r, i) => t.ok(r.rawPayload.equals(images[i]?.lastLayer.data ?? Buffer.alloc(0)), `reply ${i} byte-exact`))
-  await until(() => h.proxy.packages.service.activeFills === 0, 'all fills are over')
+  await eventually(() => h.proxy.packages.service.activeFills === 0, 'all fills are over', { intervalMs: 5 })
   clearInterval(sampler)
   t.ok(peak <= limit, `used + reserved peaked at ${peak} <= ${limit}`)
   assertWithinLimit(t, h, limit)

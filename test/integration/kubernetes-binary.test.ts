@@ -8,10 +8,11 @@ import { writeFileSync } from 'node:fs'
 import { request } from 'node:http'
 import { join } from 'node:path'
 import t, { type Test } from 'tap'
-import { FakeKubeApi, b64, moduleSource, registrySecret, waitFor } from '../../fixtures/fake-kube-api.js'
-import { FakeRegistry } from '../../fixtures/fake-registry.js'
-import { MAIN, buildIfMissing, childEnv } from '../../fixtures/main-process.js'
-import { freePort } from '../../fixtures/net.js'
+import { FakeKubeApi, b64, moduleSource, registrySecret } from '../fixtures/fake-kube-api.js'
+import { eventually } from '../fixtures/eventually.js'
+import { FakeRegistry } from '../fixtures/fake-registry.js'
+import { MAIN, buildIfMissing, childEnv } from '../fixtures/main-process.js'
+import { freePort } from '../fixtures/net.js'
 
 const TOKEN = 'proc-token-0c7d'
 const PASSWORD = 'proc-pass-a41e'
@@ -90,19 +91,19 @@ void t.test('the binary: unready until the API server answers, SIGHUP reloads th
     `--registry-config=${configPath}`,
     '--log-level=debug',
   ])
-  await waitFor(() => p.out().includes('registry-packages-proxy listening') || p.child.exitCode !== null, 'listening', 30_000)
+  await eventually(() => p.out().includes('registry-packages-proxy listening') || p.child.exitCode !== null, 'listening', { timeoutMs: 30_000 })
   t.equal(p.child.exitCode, null, `the proxy runs: ${p.out()}${p.err()}`)
   const before = await get(`${url}/readyz`)
   t.equal(before.status, 503, 'not ready: the API server is not up')
   t.match(before.body, /not synced yet: .*secret/)
 
   await api.listen()
-  await waitFor(async () => (await get(`${url}/readyz`)).status === 200, 'ready', 30_000)
+  await eventually(async () => (await get(`${url}/readyz`)).status === 200, 'ready', { timeoutMs: 30_000 })
 
   // A new module source in the file; SIGHUP makes the proxy re-read it at once.
   writeFileSync(configPath, JSON.stringify({ moduleSources: [{ name: 'f', repo: `${registry.host}/from-file`, scheme: 'http', dockerCfg: b64(auth) }] }))
   p.child.kill('SIGHUP')
-  await waitFor(() => logLines(p.out()).some((l) => l.reason === 'SIGHUP'), 'the SIGHUP reload logged', 30_000)
+  await eventually(() => logLines(p.out()).some((l) => l.reason === 'SIGHUP'), 'the SIGHUP reload logged', { timeoutMs: 30_000 })
   t.equal(p.child.exitCode, null, 'SIGHUP does not stop the process')
   const pkg = await get(`${url}/package?digest=${image.manifestDigest}&repository=${encodeURIComponent(`${registry.host}/from-file`)}&path=pkg`)
   t.equal(pkg.status, 200, 'the reloaded file source serves')

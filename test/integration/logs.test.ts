@@ -13,6 +13,7 @@ import { randomBytes } from 'node:crypto'
 import { writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import t, { type Test } from 'tap'
+import { eventually } from '../fixtures/eventually.js'
 import { FakeRegistry } from '../fixtures/fake-registry.js'
 import { MAIN, buildIfMissing, childEnv } from '../fixtures/main-process.js'
 import { freePort } from '../fixtures/net.js'
@@ -144,13 +145,8 @@ void t.test('JSON lines with the request fields, and no secret anywhere in the o
   const pkg = (q: Record<string, string>): string => `/package?${new URLSearchParams(q).toString()}`
 
   /** A fill commits after its response ended: wait for it, so the next request is a hit. */
-  const cached = async (digest: string): Promise<void> => {
-    const until = Date.now() + 10_000
-    while ((await get(`/cache/${digest}`)).status !== 200) {
-      if (Date.now() > until) throw new Error(`${digest} was never cached`)
-      await new Promise((resolve) => setTimeout(resolve, 50))
-    }
-  }
+  const cached = (digest: string): Promise<void> =>
+    eventually(async () => (await get(`/cache/${digest}`)).status === 200, `${digest} is cached`, { intervalMs: 50 })
   // The default source: miss, hit, HEAD.
   const defaultQuery = pkg({ digest: defaultImage.manifestDigest, path: 'pkg' })
   t.equal((await get(defaultQuery)).status, 200, 'default source: a miss')

@@ -1,7 +1,7 @@
 /** The download semaphore behind the bound on concurrent fills (plugins/packages/download-slots.ts). */
 import t from 'tap'
-import { BusyError } from '../../errors.js'
-import { DEFAULT_DOWNLOAD_SLOTS, DEFAULT_LOOKUP_SLOTS, DownloadSlots } from '../../plugins/packages/download-slots.js'
+import { BusyError } from '../../../errors.js'
+import { DEFAULT_DOWNLOAD_SLOTS, DEFAULT_LOOKUP_SLOTS, DownloadSlots } from '../../../plugins/packages/download-slots.js'
 
 const settled = async (p: Promise<void>): Promise<'resolved' | 'pending' | Error> => {
   const pending = Symbol('pending')

@@ -3,7 +3,7 @@
  * part of `kubectl apply -k infra/`; every alert the issue asks for is there, with `for:`, a
  * severity, and a description that tells on-call what to check; the dashboard has the panels
  * on-call needs, on one data source variable. Which metric names they use is checked against a
- * running server in metric-names.test.ts.
+ * running server in test/integration/metric-names.test.ts.
  */
 import { spawnSync } from 'node:child_process'
 import { readdirSync, readFileSync } from 'node:fs'
@@ -11,7 +11,7 @@ import { join } from 'node:path'
 import { PrometheusRule } from '@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1'
 import t from 'tap'
 import { parse, parseAllDocuments } from 'yaml'
-import { alertRules, balanced, dashboardPanels, dashboardQueries, loadDashboard, loadRule, ROOT, type RuleDocument } from './support.js'
+import { alertRules, balanced, dashboardPanels, dashboardQueries, loadDashboard, loadRule, ROOT, type RuleDocument } from '../fixtures/monitoring.js'
 
 const rule = loadRule()
 

@@ -2,10 +2,10 @@
  * Upstream faults that the per-module tests do not already cover. Covered elsewhere, not
  * repeated here (SECURITY.md indexes them):
  * - a reset or truncation mid-layer resumed with a Range request, digest verified:
- *   test/plugins/packages/fill.test.ts ("… mid-layer is resumed with a Range request …");
+ *   test/integration/cache-fill.test.ts ("… mid-layer is resumed with a Range request …");
  * - truncation, reset, stall on every attempt, a flipped bit, extra bytes: never a complete 200,
- *   nothing cached: test/plugins/packages/fill.test.ts ("cache fill with …");
- * - 429 with Retry-After, 502/503, bounded retries: test/plugins/packages/retry.test.ts;
+ *   nothing cached: test/integration/cache-fill.test.ts ("cache fill with …");
+ * - 429 with Retry-After, 502/503, bounded retries: test/integration/upstream-retry.test.ts;
  * - 5xx/403/429 for the manifest, 504 for a slow manifest or blob: test/handlers/package.test.ts.
  * Added here: the 504 paths again with the clock and the registry sockets watched (nothing
  * leaks), the documented timeouts against the code, and a token that expires mid-download.
@@ -17,7 +17,8 @@ import { MAX_RESUMES } from '../../plugins/packages/resumable-download.js'
 import { DEFAULT_TIMEOUTS } from '../../plugins/packages/registry/transport.js'
 import { DEFAULT_PREFIX, bytes, packageUrl, sha256 } from '../fixtures/proxy-harness.js'
 import { FakeRegistry } from '../fixtures/fake-registry.js'
-import { ReuseKiller, connectionsTo, eventually, fetchRaw, startProxy } from './support.js'
+import { ReuseKiller, connectionsTo, fetchRaw, startProxy } from '../fixtures/listening-proxy.js'
+import { eventually } from '../fixtures/eventually.js'
 
 const ROOT = join(import.meta.dirname, '../..')
 /** Time a loaded 2-core CI machine may add to a timeout before the answer is out. */
@@ -59,7 +60,7 @@ void t.test('a registry that accepts and never answers: every request 504 within
   }
   t.equal(p.registry.counts.manifest, 20, 'each asked once: a timeout is not retried')
   // Every abandoned request destroyed its socket: nothing stays open towards the registry.
-  await eventually(() => connectionsTo(port) === 0, 'no connection to the registry is left', 3000)
+  await eventually(() => connectionsTo(port) === 0, 'no connection to the registry is left', { timeoutMs: 3000 })
   t.equal(connectionsTo(port), 0, 'no socket leaked')
 })
 
@@ -80,7 +81,7 @@ void t.test('a blob that never answers: 504 each round, and the registry sockets
     const ms = Date.now() - started
     t.same(statuses, Array(concurrency).fill(504), `round ${round}: all 504`)
     t.ok(ms < headersMs + SLACK_MS, `round ${round}: answered within ${ms} ms`)
-    await eventually(() => p.proxy.packages.service.activeFills === 0, 'the fills are over', 5000)
+    await eventually(() => p.proxy.packages.service.activeFills === 0, 'the fills are over', { timeoutMs: 5000 })
     after.push(connectionsTo(port))
   }
   t.comment(`connections to the registry after each round: ${after.join(', ')}`)
@@ -114,9 +115,9 @@ for (const disableCache of [false, true]) {
     const attempts = 1 + MAX_RESUMES
     t.ok(ms >= attempts * idleMs - 50 && ms < attempts * idleMs + SLACK_MS, `broke off after ${ms} ms (${attempts} x ${idleMs} ms)`)
     t.equal(p.registry.counts.blob, attempts, `${attempts} blob request(s)`)
-    await eventually(() => connectionsTo(port) === 0, 'the stalled sockets are destroyed', 3000)
+    await eventually(() => connectionsTo(port) === 0, 'the stalled sockets are destroyed', { timeoutMs: 3000 })
     t.equal(connectionsTo(port), 0, 'no socket leaked')
-    await eventually(() => p.proxy.packages.service.downloads.running === 0, 'the download slot is returned', 3000)
+    await eventually(() => p.proxy.packages.service.downloads.running === 0, 'the download slot is returned', { timeoutMs: 3000 })
     t.equal(p.proxy.packages.service.activeFills, 0, 'no fill left running')
   })
 }
@@ -140,7 +141,7 @@ void t.test('a bearer token that expires mid-download: the resume re-authenticat
       now += 301_000
     },
   })
-  await eventually(() => now > started + 300_000, 'the download is under way', 10_000, 5)
+  await eventually(() => now > started + 300_000, 'the download is under way', { intervalMs: 5 })
   const other = await fetchRaw(`${base}${packageUrl({ digest: b.manifestDigest, path: 'a' })}`)
   t.equal(other.status, 200, 'a new request after the expiry is served')
   t.ok(other.body.equals(b.lastLayer.data), 'byte-exact')
@@ -154,7 +155,7 @@ void t.test('a bearer token that expires mid-download: the resume re-authenticat
   t.not(ranged.at(-1)?.headers.authorization, firstToken, 'the successful resume carried a new token')
   t.ok(p.registry.counts.token >= 2, `a new token was fetched (${p.registry.counts.token} token requests)`)
   t.ok(p.registry.counts.unauthorized >= 2, 'the expired token was refused, and recovered from')
-  await eventually(() => p.proxy.packages.index?.blob(a.lastLayer.digest) !== undefined, 'the layer is cached', 5000)
+  await eventually(() => p.proxy.packages.index?.blob(a.lastLayer.digest) !== undefined, 'the layer is cached', { timeoutMs: 5000 })
   t.equal(p.proxy.packages.index?.blob(a.lastLayer.digest)?.size, data.length, 'cached after verification')
 })
 

@@ -14,7 +14,8 @@ import { parsePackageQuery } from '../../handlers/package-request.js'
 import { BlobStore } from '../../plugins/packages/cache/blob-store.js'
 import { FakeRegistry } from '../fixtures/fake-registry.js'
 import { DEFAULT_PREFIX, MODULE_PREFIX, bytes, cacheTokenHeader, packageUrl } from '../fixtures/proxy-harness.js'
-import { Canary, eventually, fuzzSeed, startProxy, tree, type Proxy } from './support.js'
+import { Canary, fuzzSeed, startProxy, tree, type Proxy } from '../fixtures/listening-proxy.js'
+import { eventually } from '../fixtures/eventually.js'
 
 const seed = fuzzSeed()
 const RUNS = Number(process.env.FC_RUNS ?? 300)

@@ -11,7 +11,8 @@ import { join } from 'node:path'
 import t, { type Test } from 'tap'
 import { runCacheCommand } from '../../cli/cache-command.js'
 import { captureLogger } from '../fixtures/log-capture.js'
-import { DEFAULT_PREFIX, bytes, packageUrl, startHarness, until, waitCached } from '../fixtures/proxy-harness.js'
+import { DEFAULT_PREFIX, bytes, packageUrl, startHarness, waitCached } from '../fixtures/proxy-harness.js'
+import { eventually } from '../fixtures/eventually.js'
 
 async function assertServesUncached(t: Test, spoil: (cacheDirectory: string) => void, code: RegExp): Promise<void> {
   const dir = t.testdir()
@@ -95,7 +96,7 @@ void t.test('once the directory can be used, caching resumes by itself, without 
   t.equal(log.lines().filter((l) => /cache directory still unusable|cannot open the cache/.test(String(l.msg))).length, 1, 'one log line for one kind of failure')
 
   rmSync(cache)
-  await until(() => log.lines().some((l) => l.msg === 'cache directory usable again: caching resumed'), 'the log says caching resumed', 5000)
+  await eventually(() => log.lines().some((l) => l.msg === 'cache directory usable again: caching resumed'), 'the log says caching resumed', { timeoutMs: 5000, intervalMs: 5 })
   t.equal((await h.proxy.server.inject('/readyz')).statusCode, 200, 'ready once the directory can be used')
   const miss = await h.proxy.server.inject(packageUrl({ digest: image.manifestDigest }))
   t.equal(miss.statusCode, 200)

@@ -3,14 +3,15 @@
  * with 410 Gone, garbage on the stream, the API server gone altogether and back, over and over.
  * Covered elsewhere, one fault at a time and without traffic: the informer's restarts, backoff
  * and re-lists (test/plugins/credentials/kubernetes-source.test.ts), one outage through the
- * server (kubernetes-server.test.ts). Here: through all of it, every package request is served
+ * server (test/integration/kubernetes-credentials.test.ts). Here: through all of it, every package request is served
  * byte-exact, /readyz never leaves 200, and a change made mid-flap still arrives.
  */
 import { join } from 'node:path'
 import { pino } from 'pino'
 import t from 'tap'
 import { createServer } from '../../server.js'
-import { FakeKubeApi, b64, moduleSource, registrySecret, waitFor } from '../fixtures/fake-kube-api.js'
+import { FakeKubeApi, b64, moduleSource, registrySecret } from '../fixtures/fake-kube-api.js'
+import { eventually } from '../fixtures/eventually.js'
 import { FakeRegistry, type FakeImage } from '../fixtures/fake-registry.js'
 import { bytes, packageUrl } from '../fixtures/proxy-harness.js'
 
@@ -46,9 +47,9 @@ void t.test('an API server that keeps flapping: packages and readiness are unaff
     flushIntervalMs: 60_000,
   })
   t.teardown(() => proxy.server.stop({ timeout: 2000 }))
-  await waitFor(async () => (await proxy.server.inject('/readyz')).statusCode === 200, 'ready', 15_000)
+  await eventually(async () => (await proxy.server.inject('/readyz')).statusCode === 200, 'ready', { timeoutMs: 15_000 })
   // The Secret, the ModuleSources and the PackageRepositories.
-  await waitFor(() => api.openWatches() === 3, 'all three watches open')
+  await eventually(() => api.openWatches() === 3, 'all three watches open')
 
   // Traffic for as long as the flapping lasts: a default-source hit, a module-source hit, a cold
   // package and a readiness probe per turn.
@@ -82,7 +83,7 @@ void t.test('an API server that keeps flapping: packages and readiness are unaff
   const started = Date.now()
   const stages: string[] = []
   const reopened = async (what: string): Promise<void> => {
-    await waitFor(() => api.openWatches() === 3, `watches open again after ${what}`, 60_000)
+    await eventually(() => api.openWatches() === 3, `watches open again after ${what}`, { timeoutMs: 60_000 })
     stages.push(`${what} ${((Date.now() - started) / 1000).toFixed(1)} s`)
   }
   api.dropWatches('destroy')
@@ -112,7 +113,7 @@ void t.test('an API server that keeps flapping: packages and readiness are unaff
   await reopened('garbage and a clean end')
   t.comment(`watches re-opened after: ${stages.join(', ')}`)
 
-  await waitFor(async () => (await proxy.server.inject(packageUrl({ digest: late.manifestDigest, repository: `${registry.host}/modules/late`, path: 'pkg' }))).statusCode === 200, 'the ModuleSource added during the outage serves', 40_000)
+  await eventually(async () => (await proxy.server.inject(packageUrl({ digest: late.manifestDigest, repository: `${registry.host}/modules/late`, path: 'pkg' }))).statusCode === 200, 'the ModuleSource added during the outage serves', { timeoutMs: 40_000 })
   stop = true
   await traffic
   t.same(failures.slice(0, 10), [], `${requests} package requests and ${probes} readiness probes during the flapping, none failed`)

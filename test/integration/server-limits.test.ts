@@ -3,8 +3,8 @@
  * while real traffic goes on, the keep-alive idle limit, a client that stops reading mid-body
  * (the fill and the other clients go on, memory stays flat, the connection is closed after the
  * idle timeout and its cache pin released), and the bounds on concurrent layer downloads and
- * manifest lookups (503 + Retry-After beyond their queues). A single slowloris client (408) and
- * oversized request lines and headers (431) are test/server/limits.test.ts.
+ * manifest lookups (503 + Retry-After beyond their queues); and, at the end, a single slowloris
+ * client (408) and oversized request lines and headers (431).
  */
 import { createHash } from 'node:crypto'
 import { existsSync } from 'node:fs'
@@ -14,8 +14,9 @@ import { setFlagsFromString } from 'node:v8'
 import { runInNewContext } from 'node:vm'
 import t from 'tap'
 import { BlobStore } from '../../plugins/packages/cache/blob-store.js'
-import { DEFAULT_PREFIX, bytes, cacheTokenHeader, packageUrl } from '../fixtures/proxy-harness.js'
-import { eventually, fdCount, fetchRaw, startProxy } from './support.js'
+import { DEFAULT_PREFIX, bytes, cacheTokenHeader, packageUrl, startHarness } from '../fixtures/proxy-harness.js'
+import { fdCount, fetchRaw, startProxy } from '../fixtures/listening-proxy.js'
+import { eventually } from '../fixtures/eventually.js'
 
 const SLACK_MS = 4000
 
@@ -109,7 +110,7 @@ void t.test('crowds of silent, dripping and idle keep-alive connections are cut 
   // keepAliveTimeout is 5 s; connections are checked every second.
   const idled = await Promise.all(idle.map((c) => c.closed))
   t.ok(idled.every((c) => /^HTTP\/1\.1 200 /.test(c.text) && c.ms < 5000 + SLACK_MS), `idle keep-alive connections closed after at most ${Math.max(...idled.map((c) => c.ms))} ms`)
-  await eventually(() => fdCount() <= fdsBefore + 2, `descriptors back to ${fdsBefore} (now ${fdCount()})`, 5000)
+  await eventually(() => fdCount() <= fdsBefore + 2, `descriptors back to ${fdsBefore} (now ${fdCount()})`, { timeoutMs: 5000 })
   t.pass('descriptors back to where they were')
 })
 
@@ -141,7 +142,7 @@ void t.test('a client that stops reading mid-body holds no one hostage, keeps me
   const joined = await fetchHashed(url)
   t.equal(joined.status, 200)
   t.ok(joined.complete && joined.digest === layerDigest, 'the reading client got every byte while the first one read none')
-  await eventually(() => p.proxy.packages.index?.blob(layerDigest) !== undefined, 'the fill committed', 10_000)
+  await eventually(() => p.proxy.packages.index?.blob(layerDigest) !== undefined, 'the fill committed')
   t.pass('the fill committed while its first client was stuck')
 
   // 2. A stuck client on a hit: the others are served, memory does not hold its layer.
@@ -163,11 +164,11 @@ void t.test('a client that stops reading mid-body holds no one hostage, keeps me
   // 4. Nothing moves on the stuck connections: the server closes them after the idle timeout,
   //    which releases the pin and lets the deferred removal happen. (The paused clients cannot
   //    see the close; the server's sockets can.)
-  await eventually(() => timedOut.length >= 2, 'both stuck connections were closed by the server', socketIdleTimeoutMs + 20_000)
+  await eventually(() => timedOut.length >= 2, 'both stuck connections were closed by the server', { timeoutMs: socketIdleTimeoutMs + 20_000 })
   for (const ms of timedOut) t.ok(ms >= socketIdleTimeoutMs - 50, `a stuck reader was disconnected ${ms} ms after its request`)
   first.socket.destroy()
   stuck.socket.destroy()
-  await eventually(() => !existsSync(store.pathFor(layerDigest)), 'the deferred removal happened', 5000)
+  await eventually(() => !existsSync(store.pathFor(layerDigest)), 'the deferred removal happened', { timeoutMs: 5000 })
   t.pass('the pin was released and the file removed')
   t.equal(p.proxy.packages.service.downloads.running, 0)
 })
@@ -318,8 +319,48 @@ void t.test('a stuck reader of a memory hit (answered before hapi routes it) is 
   const stuck = stuckClient(port, `GET ${path} HTTP/1.1\r\nHost: x\r\n\r\n`)
   stuck.socket.pause()
   await eventually(async () => (await connections()) === 1, 'the stuck connection is open')
-  await eventually(async () => (await connections()) === 0, 'the server closed it', socketIdleTimeoutMs + 15_000)
+  await eventually(async () => (await connections()) === 0, 'the server closed it', { timeoutMs: socketIdleTimeoutMs + 15_000 })
   const ms = Date.now() - started
   t.ok(ms >= socketIdleTimeoutMs - 50, `the server closed the stuck connection after ${ms} ms`)
   stuck.socket.destroy()
+})
+
+// A single client over the limits of the request head.
+
+async function listening(t: Parameters<typeof startHarness>[0], headersTimeoutMs?: number) {
+  const h = await startHarness(t, headersTimeoutMs ? { headersTimeoutMs } : {})
+  await h.proxy.server.start()
+  return { h, port: Number(h.proxy.server.info.port) }
+}
+
+function rawExchange(port: number, write: (s: ReturnType<typeof connect>) => void): Promise<{ text: string; closedAfterMs: number }> {
+  const started = Date.now()
+  return new Promise((resolve, reject) => {
+    const socket = connect(port, '127.0.0.1', () => write(socket))
+    let text = ''
+    socket.on('data', (d: Buffer) => (text += d.toString('latin1')))
+    socket.on('close', () => resolve({ text, closedAfterMs: Date.now() - started }))
+    socket.on('error', (err: NodeJS.ErrnoException) => (err.code === 'ECONNRESET' ? undefined : reject(err)))
+  })
+}
+
+void t.test('a slowloris client that never finishes its headers is cut off', async (t) => {
+  const { h, port } = await listening(t, 500)
+  const res = await rawExchange(port, (s) => {
+    s.write('GET /healthz HTTP/1.1\r\nHost: x\r\n')
+    const drip = setInterval(() => s.writable && s.write('X-Drip: 1\r\n'), 100)
+    s.on('close', () => clearInterval(drip))
+  })
+  t.ok(res.closedAfterMs < 5_000, `closed after ${res.closedAfterMs} ms`)
+  t.match(res.text, /^HTTP\/1\.1 408/, 'told why')
+  t.equal((await h.proxy.server.inject('/healthz')).statusCode, 200, 'the server still serves')
+})
+
+void t.test('oversized request lines and headers get 431, not a crash', async (t) => {
+  const { h, port } = await listening(t)
+  const longUrl = await rawExchange(port, (s) => s.end(`GET /package?digest=${'a'.repeat(20_000)} HTTP/1.1\r\nHost: x\r\n\r\n`))
+  t.match(longUrl.text, /^HTTP\/1\.1 431/)
+  const bigHeader = await rawExchange(port, (s) => s.end(`GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: ${'b'.repeat(20_000)}\r\n\r\n`))
+  t.match(bigHeader.text, /^HTTP\/1\.1 431/)
+  t.equal((await h.proxy.server.inject('/healthz')).statusCode, 200)
 })

@@ -5,7 +5,8 @@ import t, { type Test } from 'tap'
 import type { CredentialsApi } from '../../../plugins/credentials/index.js'
 import { createServer } from '../../../server.js'
 import { providerMetric, startCredentialsPlugin, type CredentialsPlugin } from '../../fixtures/credentials-plugin.js'
-import { FakeKubeApi, b64, moduleSource, registrySecret, waitFor } from '../../fixtures/fake-kube-api.js'
+import { FakeKubeApi, b64, moduleSource, registrySecret } from '../../fixtures/fake-kube-api.js'
+import { eventually } from '../../fixtures/eventually.js'
 
 const PASSWORD = 'file-secret-31f8'
 
@@ -42,12 +43,12 @@ void t.test('the file is re-read when it changes: in place, by rename-replace, a
   t.same(s.sources.unsynced(), [])
 
   writeFileSync(path, config('/b'))
-  await waitFor(() => s.repositories().join() === 'registry.example.com/b', 'in-place write picked up')
+  await eventually(() => s.repositories().join() === 'registry.example.com/b', 'in-place write picked up')
 
   // Editors write a temp file and rename it over the original (a new inode).
   writeFileSync(join(dir, '.registry.json.tmp'), config('/c', [{ name: 'm', repo: 'modules.example.com/m' }]))
   renameSync(join(dir, '.registry.json.tmp'), path)
-  await waitFor(() => s.repositories().join() === 'modules.example.com/m,registry.example.com/c', 'rename-replace picked up')
+  await eventually(() => s.repositories().join() === 'modules.example.com/m,registry.example.com/c', 'rename-replace picked up')
   t.match(s.logs.find(/registry config reloaded/).at(-1), { sources: [{ repository: 'registry.example.com/c' }, { repository: 'modules.example.com/m' }] })
   t.notOk(s.logs.text.includes(PASSWORD), 'no secret in the logs')
 })
@@ -64,7 +65,7 @@ void t.test('a ConfigMap-style symlink swap is picked up', async (t) => {
   t.same(s.repositories(), ['registry.example.com/one'])
   symlinkSync('v2', join(dir, '..data_tmp'))
   renameSync(join(dir, '..data_tmp'), join(dir, '..data'))
-  await waitFor(() => s.repositories().join() === 'registry.example.com/two', 'symlink swap picked up')
+  await eventually(() => s.repositories().join() === 'registry.example.com/two', 'symlink swap picked up')
 })
 
 void t.test('a bad new version keeps the old sources, with a log line and a metric; fixing it applies', async (t) => {
@@ -72,24 +73,24 @@ void t.test('a bad new version keeps the old sources, with a log line and a metr
   const path = join(dir, 'registry.json')
   const s = await startPlugin(t, path)
   writeFileSync(path, `{"default": {"address": "registry.example.com", "dockerConfigJson": "{${PASSWORD}"`)
-  await waitFor(() => s.logs.find(/rejected/).length === 1, 'bad JSON rejected')
+  await eventually(() => s.logs.find(/rejected/).length === 1, 'bad JSON rejected')
   t.match(s.logs.find(/rejected/)[0], { error: /not valid JSON/ })
   t.same(s.repositories(), ['registry.example.com/good'], 'old sources kept')
   writeFileSync(path, JSON.stringify({ default: { address: 'registry.example.com', ca: '-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----' } }))
-  await waitFor(() => s.logs.find(/rejected/).length === 2, 'bad PEM rejected')
+  await eventually(() => s.logs.find(/rejected/).length === 2, 'bad PEM rejected')
   t.equal(await providerMetric(s.metrics, 'registry_packages_proxy_source_errors_total', 'file'), 2)
   t.same(s.repositories(), ['registry.example.com/good'])
 
   // Wait out a few polls on the unchanged bad file, then remove it.
   const polls = Date.now()
-  await waitFor(() => Date.now() - polls > 200, 'eight poll intervals')
+  await eventually(() => Date.now() - polls > 200, 'eight poll intervals')
   t.equal(s.logs.find(/rejected/).length, 2, 'an unchanged bad file is not re-parsed every poll')
   rmSync(path)
-  await waitFor(() => s.logs.find(/cannot be read/).length === 1, 'missing file noticed')
+  await eventually(() => s.logs.find(/cannot be read/).length === 1, 'missing file noticed')
   t.equal(await providerMetric(s.metrics, 'registry_packages_proxy_source_errors_total', 'file'), 3, 'an unreadable file counts once')
   t.same(s.repositories(), ['registry.example.com/good'], 'a deleted file changes nothing')
   writeFileSync(path, config('/fixed'))
-  await waitFor(() => s.repositories().join() === 'registry.example.com/fixed', 'fixed file applied')
+  await eventually(() => s.repositories().join() === 'registry.example.com/fixed', 'fixed file applied')
   t.same(s.sources.unsynced(), [])
   t.notOk(s.logs.text.includes(PASSWORD), 'no secret in the logs, even from a JSON syntax error')
 })
@@ -129,7 +130,7 @@ void t.test('the file and Kubernetes together: readiness waits for all, each pro
   const first = await proxy.server.inject('/readyz')
   t.equal(first.statusCode, 503, 'the file alone does not make it ready')
   t.match(first.payload, /not synced yet: .*secret/)
-  await waitFor(async () => (await proxy.server.inject('/readyz')).statusCode === 200, 'ready')
+  await eventually(async () => (await proxy.server.inject('/readyz')).statusCode === 200, 'ready')
   const repos = (): string[] => proxy.sources.all().map((s) => `${s.name}:${s.repository}`).sort()
   t.same(repos(), ['default:other.example.com/x', 'default:registry.example.com/from-file', 'file-mod:modules.example.com/file', 'kube-mod:modules.example.com/kube'])
   t.equal(proxy.sources.match('modules.example.com/kube').name, 'kube-mod')
@@ -142,6 +143,6 @@ void t.test('the file and Kubernetes together: readiness waits for all, each pro
   t.equal(await reload.reloadFile('SIGHUP'), true)
   t.same(repos(), ['default:other.example.com/x', 'default:registry.example.com/from-file-2', 'kube-mod:modules.example.com/kube'])
   api.deleteModuleSource('kube-mod')
-  await waitFor(() => !repos().includes('kube-mod:modules.example.com/kube'), 'ModuleSource deleted')
+  await eventually(() => !repos().includes('kube-mod:modules.example.com/kube'), 'ModuleSource deleted')
   t.same(repos(), ['default:other.example.com/x', 'default:registry.example.com/from-file-2'])
 })

@@ -9,7 +9,8 @@ import { join } from 'node:path'
 import { pino } from 'pino'
 import t, { type Test } from 'tap'
 import { createServer } from '../../server.js'
-import { FakeKubeApi, moduleSource, registrySecret, waitFor } from '../fixtures/fake-kube-api.js'
+import { FakeKubeApi, moduleSource, registrySecret } from '../fixtures/fake-kube-api.js'
+import { eventually } from '../fixtures/eventually.js'
 import { FakeRegistry } from '../fixtures/fake-registry.js'
 import { bytes, fetchRaw, packageUrl } from '../fixtures/proxy-harness.js'
 import {
@@ -21,7 +22,7 @@ import {
   promqlMetricNames,
   readmeMetrics,
   type Exposition,
-} from './support.js'
+} from '../fixtures/monitoring.js'
 
 /** Traffic through every path that feeds a metric; returns the exposition and what must not leak. */
 async function exercisedServer(t: Test): Promise<{ exposition: Exposition; forbidden: string[] }> {
@@ -55,9 +56,9 @@ async function exercisedServer(t: Test): Promise<{ exposition: Exposition; forbi
   await proxy.server.start()
   const base = proxy.server.info.uri
 
-  await waitFor(() => api.counts.list.secrets >= 1, 'a failed list')
+  await eventually(() => api.counts.list.secrets >= 1, 'a failed list')
   api.listStatus = undefined
-  await waitFor(async () => (await proxy.server.inject('/readyz')).statusCode === 200, 'ready after the API server recovers', 30_000)
+  await eventually(async () => (await proxy.server.inject('/readyz')).statusCode === 200, 'ready after the API server recovers', { timeoutMs: 30_000 })
 
   const get = (url: string, headers: Record<string, string> = {}, method = 'GET'): ReturnType<typeof fetchRaw> => fetchRaw(`${base}${url}`, { method, headers })
   const xUrl = packageUrl({ digest: x.manifestDigest, path: 'pkg-x' })

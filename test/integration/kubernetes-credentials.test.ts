@@ -1,11 +1,12 @@
 import { join } from 'node:path'
 import { pino } from 'pino'
 import t, { type Test } from 'tap'
-import { createServer, type ProxyServer } from '../../../server.js'
-import { FakeKubeApi, LogLines, b64, moduleSource, registrySecret, waitFor } from '../../fixtures/fake-kube-api.js'
-import { FakeRegistry } from '../../fixtures/fake-registry.js'
-import { freePort } from '../../fixtures/net.js'
-import { bytes, packageUrl, sha256 } from '../../fixtures/proxy-harness.js'
+import { createServer, type ProxyServer } from '../../server.js'
+import { FakeKubeApi, LogLines, b64, moduleSource, registrySecret } from '../fixtures/fake-kube-api.js'
+import { eventually } from '../fixtures/eventually.js'
+import { FakeRegistry } from '../fixtures/fake-registry.js'
+import { freePort } from '../fixtures/net.js'
+import { bytes, packageUrl, sha256 } from '../fixtures/proxy-harness.js'
 
 const TOKEN = 'sa-token-93be01'
 const PASSWORD = 'pull-secret-55c2'
@@ -64,7 +65,7 @@ void t.test('through the server: not ready until the API server answers, then pa
   t.equal(registry.counts.total, 0, 'and no outbound connection')
 
   await api.listen()
-  await waitFor(async () => (await ready(proxy)).status === 200, '/readyz 200')
+  await eventually(async () => (await ready(proxy)).status === 200, '/readyz 200')
 
   const def = await proxy.server.inject(packageUrl({ digest: base.manifestDigest, path: 'pkg' }))
   t.equal(def.statusCode, 200, 'default source from the Secret, with its credentials')
@@ -81,7 +82,7 @@ void t.test('through the server: not ready until the API server answers, then pa
 
   // The ModuleSource moves: the old repository is retired at once.
   api.putModuleSource(moduleSource('example', { repo: `${registry.host}/modules/moved`, scheme: 'http', dockerCfg: b64(dockerCfg(registry.host)) }))
-  await waitFor(() => proxy.sources.all().some((s) => s.repository === `${registry.host}/modules/moved`), 'repo change applied')
+  await eventually(() => proxy.sources.all().some((s) => s.repository === `${registry.host}/modules/moved`), 'repo change applied')
   registry.resetCounts()
   const retired = await proxy.server.inject(packageUrl({ digest: moved.manifestDigest, repository: `${registry.host}/modules/example`, path: 'pkg' }))
   t.equal(retired.statusCode, 404, 'the retired repository: 404')
@@ -91,7 +92,7 @@ void t.test('through the server: not ready until the API server answers, then pa
 
   // Deleting the ModuleSource retires it too.
   api.deleteModuleSource('example')
-  await waitFor(() => !proxy.sources.all().some((s) => s.kind === 'module-source'), 'ModuleSource deleted')
+  await eventually(() => !proxy.sources.all().some((s) => s.kind === 'module-source'), 'ModuleSource deleted')
   registry.resetCounts()
   const gone = await proxy.server.inject(packageUrl({ digest: module.manifestDigest, repository: `${registry.host}/modules/moved`, path: 'pkg' }))
   t.equal(gone.statusCode, 404)
@@ -99,7 +100,7 @@ void t.test('through the server: not ready until the API server answers, then pa
 
   // An API-server outage: still ready, the known credentials keep serving new digests.
   await api.close()
-  await waitFor(() => logs.find(/watch failed/).length >= 2, 'the outage noticed')
+  await eventually(() => logs.find(/watch failed/).length >= 2, 'the outage noticed')
   t.equal((await ready(proxy)).status, 200, 'an outage does not make the pod unready')
   const fresh = registry.addImage('deckhouse/ce/pkg2', [bytes(512, 9)])
   const during = await proxy.server.inject(packageUrl({ digest: fresh.manifestDigest, path: 'pkg2' }))
@@ -121,10 +122,10 @@ void t.test('through the server: a Secret that appears later makes the pod serve
   const api = await FakeKubeApi.start()
   t.teardown(() => api.close())
   const { proxy } = await startProxy(t, api)
-  await waitFor(async () => (await ready(proxy)).body.reasons?.every((r) => !/not synced/.test(r)) ?? false, 'synced')
+  await eventually(async () => (await ready(proxy)).body.reasons?.every((r) => !/not synced/.test(r)) ?? false, 'synced')
   const empty = await ready(proxy)
   t.equal(empty.status, 503, 'synced, but no source at all: not ready')
   t.match(empty.body.reasons, [/no registry source is configured/])
   api.putSecret(registrySecret({ address: 'registry.example.com', path: 'deckhouse/ee' }))
-  await waitFor(async () => (await ready(proxy)).status === 200, 'ready once the Secret exists')
+  await eventually(async () => (await ready(proxy)).status === 200, 'ready once the Secret exists')
 })

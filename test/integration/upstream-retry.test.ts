@@ -1,6 +1,6 @@
 import t from 'tap'
-import { MAX_RETRY_AFTER_MS, retryDelayMs } from '../../../../plugins/packages/registry/http.js'
-import { DEFAULT_PREFIX, bytes, packageUrl, startHarness } from '../../../fixtures/proxy-harness.js'
+import { MAX_RETRY_AFTER_MS, retryDelayMs } from '../../plugins/packages/registry/http.js'
+import { DEFAULT_PREFIX, bytes, packageUrl, startHarness } from '../fixtures/proxy-harness.js'
 
 void t.test('retryDelayMs reads seconds and HTTP dates, and refuses long waits', (t) => {
   t.equal(retryDelayMs(undefined, 0), 250)

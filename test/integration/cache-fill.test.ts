@@ -1,7 +1,7 @@
 import { readdirSync } from 'node:fs'
 import { join } from 'node:path'
 import t, { type Test } from 'tap'
-import type { FakeFaults } from '../../fixtures/fake-registry.js'
+import type { FakeFaults } from '../fixtures/fake-registry.js'
 import {
   DEFAULT_PREFIX,
   blobFiles,
@@ -11,11 +11,11 @@ import {
   midLayerBreaks,
   packageUrl,
   startHarness,
-  until,
   waitCached,
   type Harness,
   type RawReply,
-} from '../../fixtures/proxy-harness.js'
+} from '../fixtures/proxy-harness.js'
+import { eventually } from '../fixtures/eventually.js'
 
 const SIZE = 64 * 1024
 
@@ -35,7 +35,7 @@ async function assertNothingCached(t: Test, h: Harness, layerDigest: string): Pr
   await h.proxy.packages.service.settled()
   t.equal(h.proxy.packages.index?.blob(layerDigest), undefined, 'no index row')
   t.same(blobFiles(h.cacheDirectory), [], 'no file under blobs/')
-  await until(() => readdirSync(join(h.cacheDirectory, 'tmp')).length === 0, 'the temp file is removed')
+  await eventually(() => readdirSync(join(h.cacheDirectory, 'tmp')).length === 0, 'the temp file is removed', { intervalMs: 5 })
   t.equal(h.proxy.packages.service.cache?.usedBytes, 0, 'no bytes accounted')
   t.equal(h.proxy.packages.service.cache?.reservedBytes, 0, 'the reservation was returned')
 }

@@ -10,10 +10,11 @@ import { join } from 'node:path'
 import { pino } from 'pino'
 import t, { type Test } from 'tap'
 import { createServer, type ProxyServer } from '../../server.js'
-import { FakeKubeApi, registrySecret, waitFor } from '../fixtures/fake-kube-api.js'
+import { FakeKubeApi, registrySecret } from '../fixtures/fake-kube-api.js'
+import { eventually } from '../fixtures/eventually.js'
 import { FakeRegistry } from '../fixtures/fake-registry.js'
 import { freePort } from '../fixtures/net.js'
-import { parseExposition, PREFIX, valueOf } from './support.js'
+import { parseExposition, PREFIX, valueOf } from '../fixtures/monitoring.js'
 
 interface Readiness {
   status: number
@@ -39,7 +40,7 @@ async function readiness(proxy: ProxyServer): Promise<Readiness> {
 
 /** Waits until `/readyz` answers `status` (the directory check runs on the flush interval). */
 async function becomes(proxy: ProxyServer, status: number, what: string): Promise<Readiness> {
-  await waitFor(async () => (await proxy.server.inject('/readyz')).statusCode === status, what, 30_000)
+  await eventually(async () => (await proxy.server.inject('/readyz')).statusCode === status, what, { timeoutMs: 30_000 })
   return readiness(proxy)
 }
 

@@ -10,8 +10,8 @@ import { join } from 'node:path'
 import t from 'tap'
 import { FakeRegistry, type FakeImage } from '../fixtures/fake-registry.js'
 import { bytes } from '../fixtures/proxy-harness.js'
-import { ProcSampler, keepAliveLoad, percentile, readProc, settleFds, settleRss, startBinary, sleep } from './load-driver.js'
-import { openFilesLimit } from './support.js'
+import { ProcSampler, keepAliveLoad, percentile, readProc, settleFds, settleRss, startBinary, sleep } from '../fixtures/load-driver.js'
+import { openFilesLimit } from '../fixtures/listening-proxy.js'
 
 const MAIN = join(import.meta.dirname, '../../dist/main.js')
 const MiB = 1024 * 1024

@@ -1,10 +1,11 @@
 import { Readable } from 'node:stream'
 import t, { type Test } from 'tap'
-import { DigestError, UpstreamError } from '../../../errors.js'
-import { MAX_RESUMES } from '../../../plugins/packages/resumable-download.js'
-import { Fill } from '../../../plugins/packages/fill.js'
-import type { FakeFaults } from '../../fixtures/fake-registry.js'
-import { DEFAULT_PREFIX, blobFiles, bytes, fetchRaw, injectOutcome, midLayerBreaks, packageUrl, sha256, startHarness, until, type RawReply } from '../../fixtures/proxy-harness.js'
+import { DigestError, UpstreamError } from '../../errors.js'
+import { MAX_RESUMES } from '../../plugins/packages/resumable-download.js'
+import { Fill } from '../../plugins/packages/fill.js'
+import type { FakeFaults } from '../fixtures/fake-registry.js'
+import { DEFAULT_PREFIX, blobFiles, bytes, fetchRaw, injectOutcome, midLayerBreaks, packageUrl, sha256, startHarness, type RawReply } from '../fixtures/proxy-harness.js'
+import { eventually } from '../fixtures/eventually.js'
 
 const SIZE = 48 * 1024
 
@@ -227,7 +228,7 @@ void t.test('an uncached download is not a cache fill: fills_in_flight stays 0 w
   const image = h.registry.addImage(DEFAULT_PREFIX, [bytes(1024 * 1024, 37)])
   h.registry.faults = { blobChunkSize: 64 * 1024, blobChunkDelayMs: 20 }
   const pending = h.proxy.server.inject(packageUrl({ digest: image.manifestDigest }))
-  await until(() => h.proxy.packages.service.activeFills === 1, 'the download runs')
+  await eventually(() => h.proxy.packages.service.activeFills === 1, 'the download runs', { intervalMs: 5 })
   t.equal(h.proxy.packages.service.cacheFills, 0, 'no fill')
   const metrics = await h.proxy.metrics.registry.getSingleMetricAsString('registry_packages_proxy_fills_in_flight')
   t.match(metrics, /registry_packages_proxy_fills_in_flight 0\b/)

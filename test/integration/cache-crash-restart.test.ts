@@ -9,6 +9,7 @@ import { existsSync, readdirSync, statSync, writeFileSync } from 'node:fs'
 import { request } from 'node:http'
 import { join } from 'node:path'
 import t from 'tap'
+import { eventually } from '../fixtures/eventually.js'
 import { FakeRegistry, type FakeImage } from '../fixtures/fake-registry.js'
 import { freePort } from '../fixtures/net.js'
 
@@ -34,13 +35,14 @@ function get(port: number, path: string): Promise<{ status: number; body: Buffer
 }
 
 async function waitReady(port: number, child: ChildProcess): Promise<void> {
-  for (let i = 0; i < 300; i++) {
-    if (child.exitCode !== null) throw new Error(`proxy exited with ${child.exitCode}`)
-    const ok = await get(port, '/readyz').then((r) => r.status === 200, () => false)
-    if (ok) return
-    await new Promise((r) => setTimeout(r, 50))
-  }
-  throw new Error('proxy not ready')
+  await eventually(
+    async () => {
+      if (child.exitCode !== null) throw new Error(`proxy exited with ${child.exitCode}`)
+      return get(port, '/readyz').then((r) => r.status === 200, () => false)
+    },
+    'the proxy is ready',
+    { timeoutMs: 15_000, intervalMs: 50 },
+  )
 }
 
 function diskBytes(dir: string): { blobs: number; temp: number; tempFiles: number } {

@@ -7,7 +7,8 @@
  */
 import t, { type Test } from 'tap'
 import { bytes, fetchRaw, packageUrl, startHarness, type Harness, type HarnessOptions } from '../fixtures/proxy-harness.js'
-import { parseExposition, PREFIX, seriesKey, valueOf, type Exposition } from './support.js'
+import { eventually } from '../fixtures/eventually.js'
+import { parseExposition, PREFIX, seriesKey, valueOf, type Exposition } from '../fixtures/monitoring.js'
 
 /** The server's exposition, read from its registry directly: no scrape request is counted. */
 async function expose(h: Harness): Promise<Exposition> {
@@ -34,15 +35,6 @@ function delta(before: Exposition, after: Exposition): Record<string, number> {
     if (change !== 0) out[key] = change
   }
   return out
-}
-
-/** Polls an async condition (a disconnect reaches the server asynchronously). */
-async function until(check: () => Promise<boolean>, what: string, timeoutMs = 10_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs
-  while (!(await check())) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting until ${what}`)
-    await new Promise((resolve) => setTimeout(resolve, 20))
-  }
 }
 
 /** `registry_packages_proxy_<name>{labels}` as {@link seriesKey} renders it. */
@@ -201,7 +193,7 @@ void t.test('a miss, a coalesced request, a hit, an eviction, an upstream error,
     await h.proxy.packages.service.settled()
     h.registry.faults = {}
     const closed = k('http_requests_total', { route: '/package', method: 'get', code: '499' })
-    await until(async () => counted(await expose(h)).has(closed), 'the server saw the client go')
+    await eventually(async () => counted(await expose(h)).has(closed), 'the server saw the client go')
     const after = await expose(h)
     t.same(delta(before, after), {
       [closed]: 1,

@@ -9,7 +9,8 @@ import { loadKubeConfig } from '../../../plugins/credentials/kube-config.js'
 import { SourceSet } from '../../../plugins/credentials/source-set.js'
 import { Metrics } from '../../../plugins/metrics/metrics.js'
 import { startCredentialsPlugin } from '../../fixtures/credentials-plugin.js'
-import { FakeKubeApi, moduleSource, registrySecret, waitFor } from '../../fixtures/fake-kube-api.js'
+import { FakeKubeApi, moduleSource, registrySecret } from '../../fixtures/fake-kube-api.js'
+import { eventually } from '../../fixtures/eventually.js'
 
 const TOKEN = 'kubeconfig-token-e2a1'
 
@@ -102,7 +103,7 @@ void t.test('in a pod: the service-account token over HTTPS to the service addre
     serviceAccountDir: sa,
     kubernetesTiming: { initialBackoffMs: 20, maxBackoffMs: 200 },
   })
-  await waitFor(() => sources.unsynced().length === 0, 'synced in-cluster')
+  await eventually(() => sources.unsynced().length === 0, 'synced in-cluster')
   t.same(sources.all().map((s) => s.repository).sort(), ['modules.example.com/m', 'registry.example.com/deckhouse/ce'])
   t.ok(api.requests.length >= 2)
   t.ok(api.requests.every((r) => r.headers.authorization === 'Bearer projected-sa-token'), 'the service-account token is sent')
@@ -116,7 +117,7 @@ void t.test('a --kubeconfig with a token user, over HTTPS with its CA', async (t
   t.teardown(() => api.close())
   api.putSecret(registrySecret({ address: 'registry.example.com' }))
   const { sources } = await startCredentialsPlugin(t, { kubeconfig: api.writeKubeconfig(dir, TOKEN), env: {} })
-  await waitFor(() => sources.unsynced().length === 0, 'synced')
+  await eventually(() => sources.unsynced().length === 0, 'synced')
   t.same(sources.all().map((s) => s.repository), ['registry.example.com'])
   t.ok(api.requests.every((r) => r.headers.authorization === `Bearer ${TOKEN}`))
 })
@@ -130,7 +131,7 @@ void t.test('a --kubeconfig with an http:// server works as kubectl treats it, i
     const kubeconfig = api.writeKubeconfig(dir, TOKEN, 'kubeconfig.yaml', skipTlsVerify)
     t.equal(readFileSync(kubeconfig, 'utf8').includes('insecure-skip-tls-verify'), skipTlsVerify, 'the kubeconfig is as kubectl proxy users write it')
     const { sources } = await startCredentialsPlugin(t, { kubeconfig, env: {}, kubernetesTiming: { initialBackoffMs: 20, maxBackoffMs: 200 } })
-    await waitFor(() => sources.unsynced().length === 0, `synced over plain http (insecure-skip-tls-verify: ${String(skipTlsVerify)})`)
+    await eventually(() => sources.unsynced().length === 0, `synced over plain http (insecure-skip-tls-verify: ${String(skipTlsVerify)})`)
     t.same(sources.all().map((s) => s.repository), [`plain-${String(skipTlsVerify)}.example.com`])
     t.ok(api.requests.every((r) => r.headers.authorization === `Bearer ${TOKEN}`), 'with its token')
   }
