@@ -11,7 +11,8 @@
  * round; the median round of each server is reported.
  *
  * Options (after `npm run bench --`): `--seconds N` (wrk duration, default 10),
- * `--rounds N` (default 3), `--sizes 64k,4m,32m` (which hit sizes), `--log-level L` (the proxy's,
+ * `--rounds N` (default 3), `--sizes 64k,4m,32m,32m1` (which hit sizes; 32m1 is 32 MiB over one
+ * connection), `--log-level L` (the proxy's,
  * default `info`), `--hits-only` (skip the
  * coalescing and memory checks), `--quiet-wait N` (before each measured run, wait up to N s,
  * default 30, for other processes to use under 25% of the CPUs; `--no-quiet-wait` skips that).
@@ -71,11 +72,13 @@ const TARGET_NAMES: Record<Target, string> = {
   node: 'plain `node:http`, `res.end(buffer)`',
 }
 
-/** Hit sizes: label, bytes, and the targets (>= req/s ratio, <= CPU-per-request ratio) vs nginx. */
+/** Hit sizes, and how many connections wrk keeps open for each. */
 const ALL_SIZES = [
-  { key: '64k', label: '64 KiB', bytes: 64 * KiB },
-  { key: '4m', label: '4 MiB', bytes: 4 * MiB },
-  { key: '32m', label: '32 MiB', bytes: 32 * MiB },
+  { key: '64k', label: '64 KiB', bytes: 64 * KiB, connections: CONNECTIONS },
+  { key: '4m', label: '4 MiB', bytes: 4 * MiB, connections: CONNECTIONS },
+  { key: '32m', label: '32 MiB', bytes: 32 * MiB, connections: CONNECTIONS },
+  // One client at a time: a large package that no herd wants is sent from its file, not memory.
+  { key: '32m1', label: '32 MiB, 1 connection', bytes: 32 * MiB, connections: 1 },
 ]
 const SIZES = ((): typeof ALL_SIZES => {
   const i = process.argv.indexOf('--sizes')
@@ -91,6 +94,7 @@ const CPU_TARGET = 1.5
 interface SizeResult {
   label: string
   bytes: number
+  connections: number
   rounds: Record<Target, WrkResult[]>
   median: Record<Target, WrkResult>
 }
@@ -177,6 +181,7 @@ async function benchSize(
   children: Children,
   label: string,
   bytes: number,
+  connections: number,
   urls: Record<Target, string>,
   pids: Record<Target, number[]>,
 ): Promise<SizeResult> {
@@ -186,11 +191,11 @@ async function benchSize(
     const order = TARGETS.map((_, i) => TARGETS[(i + round) % TARGETS.length] as Target)
     for (const target of order) {
       // A short run first, discarded: connection set-up, JIT and page cache settle.
-      await runWrk(children, { url: urls[target], threads: THREADS, connections: CONNECTIONS, seconds: WARMUP_SECONDS, serverPids: pids[target] })
+      await runWrk(children, { url: urls[target], threads: THREADS, connections, seconds: WARMUP_SECONDS, serverPids: pids[target] })
       const r = await runWrk(children, {
         url: urls[target],
         threads: THREADS,
-        connections: CONNECTIONS,
+        connections,
         seconds: SECONDS,
         serverPids: pids[target],
         ...(QUIET_WAIT_S > 0 ? { quiet: { maxMs: QUIET_WAIT_S * 1000, threshold: QUIET_BELOW } } : {}),
@@ -209,7 +214,7 @@ async function benchSize(
   }
   // The round with the median requests/s; its CPU figure comes with it, measured over the same run.
   const medianOf = (rs: WrkResult[]): WrkResult => [...rs].sort((a, b) => a.requestsPerSec - b.requestsPerSec)[Math.floor((rs.length - 1) / 2)] as WrkResult
-  return { label, bytes, rounds, median: { proxy: medianOf(rounds.proxy), nginx: medianOf(rounds.nginx), node: medianOf(rounds.node) } }
+  return { label, bytes, connections, rounds, median: { proxy: medianOf(rounds.proxy), nginx: medianOf(rounds.nginx), node: medianOf(rounds.node) } }
 }
 
 async function coldRequests(registry: FakeRegistry, proxyBase: string, image: FakeImage, path: string): Promise<ColdResult> {
@@ -309,7 +314,7 @@ function report(machine: Machine, sizes: SizeResult[], cold: ColdResult | undefi
   }
   lines.push('')
   lines.push(
-    `wrk -t${THREADS} -c${CONNECTIONS} -d${SECONDS}s --latency (the server under test has the other core); each measured run preceded by a discarded ${WARMUP_SECONDS} s run; ` +
+    `wrk -t${THREADS} -c${CONNECTIONS} (or -c1 where the size says so) -d${SECONDS}s --latency (the server under test has the other core); each measured run preceded by a discarded ${WARMUP_SECONDS} s run; ` +
       `${ROUNDS} rounds, each running every server once in a rotating order; the median round of each server is reported.`,
   )
   lines.push('')
@@ -469,7 +474,7 @@ async function main(): Promise<void> {
 
     // 5. Hits.
     const sizes: SizeResult[] = []
-    for (const { key, label, bytes, image, path } of hitImages) {
+    for (const { key, label, bytes, connections, image, path } of hitImages) {
       console.log(`wrk ${label}: ${ROUNDS} rounds of ${SECONDS} s per server (+${WARMUP_SECONDS} s warm-up each)`)
       const node = nodeServers[hitImages.findIndex((h) => h.key === key)]
       sizes.push(
@@ -477,6 +482,7 @@ async function main(): Promise<void> {
           children,
           label,
           bytes,
+          connections,
           { proxy: hitUrl(image, path), nginx: `http://127.0.0.1:${nginxPort}/${key}.bin`, node: `http://127.0.0.1:${nodePorts[key]}/` },
           { proxy: [proxyPid], nginx: [nginx.master.pid ?? -1, ...nginx.workerPids], node: [node?.pid ?? -1] },
         ),
