@@ -4,10 +4,10 @@
  * causes (hapi's request lifecycle, per-request file I/O through libuv's thread pool, copying
  * through user space instead of sendfile).
  *
- *   npm run build && node dist/bench/baselines.js [--seconds 10] [--size 64k|4m|both]
+ *   npm run build && node dist/bench/baselines.js [--seconds 10] [--size 64k|4m|32m|all]
  *
  * Each server runs in its own process (`--serve <mode> <port> <file>`) and gets the benchmark's
- * `wrk -t2 -c32`, after a discarded 2 s run. Modes:
+ * `wrk -t1 -c32` (the server has the other core to itself), after a discarded 2 s run. Modes:
  * - `node-memory`: node:http, the file held in memory, `res.end(buffer)`
  * - `hapi-memory`: hapi route answering `h.response(buffer)`
  * - `node-pread`: node:http, one fd kept open, one `fs.read` of the whole file per request
@@ -73,11 +73,12 @@ function arg(name: string, fallback: string): string {
 
 async function drive(): Promise<void> {
   const seconds = Number(arg('seconds', '10')) || 10
-  const which = arg('size', 'both')
+  const which = arg('size', 'all')
   const sizes = [
     { label: '64 KiB', bytes: 64 * KiB, key: '64k' },
     { label: '4 MiB', bytes: 4 * MiB, key: '4m' },
-  ].filter((s) => which === 'both' || which === s.key)
+    { label: '32 MiB', bytes: 32 * MiB, key: '32m' },
+  ].filter((s) => which === 'all' || which === s.key)
   const children = new Children()
   const tmp = mkdtempSync(join(tmpdir(), 'rpp-baselines-'))
   chmodSync(tmp, 0o755)
@@ -86,7 +87,7 @@ async function drive(): Promise<void> {
   const lines = [
     `## Reference servers (${new Date().toISOString()})`,
     '',
-    `wrk -t2 -c32 -d${seconds}s after a discarded 2 s run; load average before: ${loadavg().map((l) => l.toFixed(2)).join(', ')}. ` +
+    `wrk -t1 -c32 -d${seconds}s after a discarded 2 s run; load average before: ${loadavg().map((l) => l.toFixed(2)).join(', ')}. ` +
       'Server CPU: CPU seconds per second of the server process (all its threads; 100% = one core).',
     '',
     '| size | server | req/s | MiB/s | p50 | p99 | server CPU | CPU per request |',
@@ -123,8 +124,8 @@ async function drive(): Promise<void> {
             await sleep(100)
           }
         }
-        await runWrk(children, { url: t.url, threads: 2, connections: 32, seconds: 2, serverPids: t.pids() })
-        const r = await runWrk(children, { url: t.url, threads: 2, connections: 32, seconds, serverPids: t.pids(), quiet: { maxMs: 30_000, threshold: 0.25 } })
+        await runWrk(children, { url: t.url, threads: 1, connections: 32, seconds: 2, serverPids: t.pids() })
+        const r = await runWrk(children, { url: t.url, threads: 1, connections: 32, seconds, serverPids: t.pids(), quiet: { maxMs: 30_000, threshold: 0.25 } })
         const row = `| ${size.label} | ${t.name} | ${fmt(r.requestsPerSec)} | ${fmt(r.transferMiBPerSec)} | ${fmt(r.p50Ms, 2)} ms | ${fmt(r.p99Ms, 2)} ms | ${fmt(r.serverCpu * 100)}% | ${fmt((r.serverCpu / r.requestsPerSec) * 1e6)} µs |`
         console.log(row)
         lines.push(row)
