@@ -3,8 +3,9 @@ import type { Duplex } from 'node:stream'
 import Boom from '@hapi/boom'
 import Hapi from '@hapi/hapi'
 import type { Logger } from 'pino'
+import './request-state.js'
 import { packageFastPath } from './handlers/package-fast-path.js'
-import { credentialsPlugin, type CredentialsApi } from './plugins/credentials/index.js'
+import { credentialsPlugin } from './plugins/credentials/index.js'
 import { SourceSet } from './plugins/credentials/source-set.js'
 import { healthPlugin } from './plugins/health/index.js'
 import { bootstrapPlugin } from './plugins/bootstrap/index.js'
@@ -166,7 +167,7 @@ export async function createServer(o: ServerOptions): Promise<ProxyServer> {
     },
   ])
   if (peers) await server.register({ plugin: peersPlugin, options: peers })
-  const packages = (server.plugins as unknown as { packages: { api: PackagesApi } }).packages.api
+  const packages = server.plugins.packages.api
   // The v1 endpoints list tags and read manifests and icon layers themselves; layers they serve
   // whole go through `packages.service`, the same verified, cached path as /package.
   const v1Client = new RegistryClient({
@@ -179,7 +180,7 @@ export async function createServer(o: ServerOptions): Promise<ProxyServer> {
   })
   server.ext('onPostStop', () => v1Client.close())
   const manifests = new ManifestResolver(v1Client, o.tagTtlMs !== undefined ? { tagTtlMs: o.tagTtlMs } : {})
-  const credentials = (server.plugins as unknown as { credentials: { api: CredentialsApi } }).credentials.api
+  const credentials = server.plugins.credentials.api
   await server.register([
     { plugin: imagesPlugin, options: { sources, metrics, packages: packages.service, client: v1Client, manifests } },
     { plugin: iconsPlugin, options: { sources, metrics, client: v1Client, manifests, synced: () => credentials.packageRepositoriesSynced() } },
@@ -206,7 +207,7 @@ export async function createServer(o: ServerOptions): Promise<ProxyServer> {
   server.events.on('response', (request) => {
     const response = request.response
     const status = finalStatus(request)
-    const app = request.app as { result?: string; error?: unknown; source?: string; peer?: string }
+    const app = request.app
     const query = request.query as Record<string, unknown>
     const raw = request.raw.res
     // hapi swaps a response whose body broke off for a Boom error; the client saw the headers
@@ -225,7 +226,7 @@ export async function createServer(o: ServerOptions): Promise<ProxyServer> {
         ? { digest: query.digest, repository: query.repository, source: app.source, pkgPath: query.path, result: app.result, ...(app.peer ? { peer: app.peer } : {}) }
         : {}),
       ...(request.path.startsWith('/v1/') ? { route: request.route.path, result: app.result } : {}),
-      ...(app.error ? { err: app.error } : {}),
+      ...(app.err ? { err: app.err } : {}),
     }
     if (request.path === '/healthz' || request.path === '/readyz' || request.path === '/metrics') log.debug(line, 'request')
     else if (status >= 500 || aborted) log.warn(line, 'request')

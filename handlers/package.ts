@@ -40,7 +40,7 @@ export function packageHandler(deps: PackageHandlerDeps) {
   return async (request: Request, h: ResponseToolkit): Promise<ResponseObject> => {
     const query = parsePackageQuery(request.query)
     const source = deps.sources.match(query.repository)
-    ;(request.app as { source?: string }).source = source.name
+    request.app.source = source.name
     const name = [source.namePrefix, query.path].filter(Boolean).join('/')
     const etag = `"${query.digest}"`
     const hex = query.digest.slice('sha256:'.length)
@@ -58,7 +58,7 @@ export function packageHandler(deps: PackageHandlerDeps) {
     }
 
     const peer: PeerRequest = { ...query, from: peerOrigin(request) }
-    if (peer.from !== 'client') (request.app as { peer?: string }).peer = peer.from
+    if (peer.from !== 'client') request.app.peer = peer.from
     const pkg = await deps.packages.resolve(source, name, query.digest, peer)
     // `*` only now: it means "you have it", which is known once the manifest was found.
     if (matchesIfNoneMatch(ifNoneMatch, etag, true)) {

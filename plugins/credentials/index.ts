@@ -40,6 +40,13 @@ export interface CredentialsApi {
   packageRepositoriesSynced(): boolean
 }
 
+// hapi's own typing for `server.plugins.credentials.api`, as hapijs/inert's lib/index.d.ts types its plugin.
+declare module '@hapi/hapi' {
+  interface PluginProperties {
+    credentials: { api: CredentialsApi }
+  }
+}
+
 /**
  * Fills the shared {@link SourceSet} from the configured providers: the `--registry-config`
  * file (`file`), and in Kubernetes the registry Secret (`secret`) and the ModuleSources

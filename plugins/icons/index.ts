@@ -34,7 +34,7 @@ export const iconsPlugin: Plugin<IconsOptions> = {
       synced: o.synced,
       onResult: (request, result) => {
         results.inc({ route: request.route.path, result })
-        ;(request.app as { result?: string }).result = result
+        request.app.result = result
       },
     })
     const guarded = async (request: Request, h: ResponseToolkit): Promise<unknown> => {
@@ -43,7 +43,7 @@ export const iconsPlugin: Plugin<IconsOptions> = {
       } catch (err) {
         const boom = toBoom(err)
         results.inc({ route: request.route.path, result: boom.output.statusCode === 404 ? 'not-found' : 'error' })
-        ;(request.app as { error?: unknown }).error = describe(err)
+        request.app.err = describe(err)
         if (err instanceof DigestError) o.metrics.digestMismatches.inc({ what: err.what })
         throw boom
       }

@@ -38,10 +38,10 @@ export const imagesPlugin: Plugin<ImagesOptions> = {
       manifests: o.manifests,
       onResult: (request, result) => {
         results.inc({ route: request.route.path, result })
-        ;(request.app as { result?: string }).result = result
+        request.app.result = result
       },
       onStreamError: (request, err) => {
-        ;(request.app as { error?: unknown }).error = describe(err)
+        request.app.err = describe(err)
         if (err instanceof DigestError) o.metrics.digestMismatches.inc({ what: err.what })
       },
     }
@@ -52,7 +52,7 @@ export const imagesPlugin: Plugin<ImagesOptions> = {
           return await handler(request, h)
         } catch (err) {
           results.inc({ route: request.route.path, result: 'error' })
-          ;(request.app as { error?: unknown }).error = describe(err)
+          request.app.err = describe(err)
           if (err instanceof DigestError) o.metrics.digestMismatches.inc({ what: err.what })
           if (err instanceof BusyError) o.metrics.downloadsRefused.inc({ kind: err.kind })
           throw toBoom(err)

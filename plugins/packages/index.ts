@@ -49,6 +49,13 @@ export interface PackagesApi {
   counts: ResultCounts
 }
 
+// hapi's own typing for `server.plugins.packages.api`, as hapijs/inert's lib/index.d.ts types its plugin.
+declare module '@hapi/hapi' {
+  interface PluginProperties {
+    packages: { api: PackagesApi }
+  }
+}
+
 export const DEFAULT_SCRUB_BYTES_PER_SECOND = 4 * 1024 * 1024
 
 /**

@@ -15,10 +15,10 @@ export function packageRoutes(server: Server, o: { sources: SourceSet; metrics: 
   const onResult = (request: Request, result: string): void => {
     o.metrics.packageResults.inc({ result })
     if (result in o.counts) o.counts[result as keyof ResultCounts]++
-    ;(request.app as { result?: string }).result = result
+    request.app.result = result
   }
   const onStreamError = (request: Request, _result: string, err: Error): void => {
-    ;(request.app as { error?: unknown }).error = describe(err)
+    request.app.err = describe(err)
   }
   const handler = packageHandler({ sources: o.sources, packages: o.service, onResult, onStreamError })
   server.route({
@@ -31,7 +31,7 @@ export function packageRoutes(server: Server, o: { sources: SourceSet; metrics: 
       } catch (err) {
         if (err instanceof DigestError) o.metrics.digestMismatches.inc({ what: err.what })
         onResult(request, 'error')
-        ;(request.app as { error?: unknown }).error = describe(err)
+        request.app.err = describe(err)
         if (err instanceof BusyError) o.metrics.downloadsRefused.inc({ kind: err.kind })
         throw toBoom(err)
       }
@@ -45,7 +45,7 @@ export function packageRoutes(server: Server, o: { sources: SourceSet; metrics: 
     handler: () => Boom.methodNotAllowed('only GET and HEAD are allowed on /package', undefined, ['GET', 'HEAD']),
   })
   server.events.on('response', (request) => {
-    const result = (request.app as { result?: string }).result
+    const result = request.app.result
     const length = Number(request.response && 'headers' in request.response ? request.response.headers['content-length'] : 0)
     // Only bodies that went out whole: an aborted response did not deliver its length.
     if (result && SERVED.has(result) && request.raw.res.writableFinished && length > 0) o.metrics.bytesServed.inc(length)
