@@ -1,5 +1,5 @@
-import Boom from '@hapi/boom'
 import type { Request, ResponseObject, ResponseToolkit } from '@hapi/hapi'
+import { BadRequestError, ForbiddenError, NotCachedError } from '../errors.js'
 import { ADMIN_TOKEN_FILE, ADMIN_TOKEN_HEADER, adminTokenMatches } from '../plugins/packages/cache/admin-token.js'
 import type { BlobEntry, CacheIndex } from '../plugins/packages/cache/cache-index.js'
 import { DIGEST } from '../plugins/packages/manifest.js'
@@ -67,7 +67,7 @@ function view(index: CacheIndex, e: BlobEntry): CacheEntryView {
 function digestParam(request: Request): string {
   const raw: unknown = request.params.digest
   const digest = typeof raw === 'string' ? raw : ''
-  if (!DIGEST.test(digest)) throw Boom.badRequest('digest must be sha256:<64 lowercase hex>')
+  if (!DIGEST.test(digest)) throw new BadRequestError('digest must be sha256:<64 lowercase hex>')
   return digest
 }
 
@@ -84,11 +84,11 @@ export function listCacheHandler(deps: CacheHandlerDeps) {
   return (request: Request, h: ResponseToolkit): ResponseObject => {
     const q = request.query as Record<string, unknown>
     const sort = (q.sort ?? 'lastAccess') as SortKey
-    if (!SORTS.includes(sort)) throw Boom.badRequest(`sort must be one of ${SORTS.join(', ')}`)
+    if (!SORTS.includes(sort)) throw new BadRequestError(`sort must be one of ${SORTS.join(', ')}`)
     const order = q.order ?? (sort === 'digest' ? 'asc' : 'desc')
-    if (order !== 'asc' && order !== 'desc') throw Boom.badRequest('order must be asc or desc')
+    if (order !== 'asc' && order !== 'desc') throw new BadRequestError('order must be asc or desc')
     const limit = q.limit === undefined ? 100 : Number(q.limit)
-    if (!Number.isInteger(limit) || limit < 0 || limit > 100_000) throw Boom.badRequest('limit must be an integer from 0 to 100000')
+    if (!Number.isInteger(limit) || limit < 0 || limit > 100_000) throw new BadRequestError('limit must be an integer from 0 to 100000')
     const { counts } = deps
     const served = counts.hit + counts.miss + counts.coalesced + counts.bypass
     const base = {
@@ -117,7 +117,7 @@ export function showCacheEntryHandler(deps: CacheHandlerDeps) {
   return (request: Request, h: ResponseToolkit): ResponseObject => {
     const digest = digestParam(request)
     const entry = deps.index ? find(deps.index, digest) : undefined
-    if (!deps.index || !entry) throw Boom.notFound(`${digest} is not in the cache`)
+    if (!deps.index || !entry) throw new NotCachedError(digest)
     return h.response(view(deps.index, entry))
   }
 }
@@ -130,11 +130,11 @@ export function showCacheEntryHandler(deps: CacheHandlerDeps) {
 export function deleteCacheEntryHandler(deps: CacheHandlerDeps) {
   return async (request: Request, h: ResponseToolkit): Promise<ResponseObject> => {
     if (!adminTokenMatches(deps.adminToken, request.headers[ADMIN_TOKEN_HEADER])) {
-      throw Boom.forbidden(`deleting from the cache needs the X-Cache-Token header with the token in <cache directory>/${ADMIN_TOKEN_FILE} (registry-packages-proxy cache rm sends it)`)
+      throw new ForbiddenError(`deleting from the cache needs the X-Cache-Token header with the token in <cache directory>/${ADMIN_TOKEN_FILE} (registry-packages-proxy cache rm sends it)`)
     }
     const digest = digestParam(request)
     const entry = deps.index ? find(deps.index, digest) : undefined
-    if (!deps.index || !entry) throw Boom.notFound(`${digest} is not in the cache`)
+    if (!deps.index || !entry) throw new NotCachedError(digest)
     const shown = view(deps.index, entry)
     await deps.remove(entry.digest)
     return h.response({ removed: shown })

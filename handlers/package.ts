@@ -1,4 +1,5 @@
 import type { Request, ResponseObject, ResponseToolkit } from '@hapi/hapi'
+import { RangeNotSatisfiableError } from '../errors.js'
 import type { SourceSet } from '../plugins/credentials/source-set.js'
 import { verifyDigest } from '../plugins/packages/manifest.js'
 import type { PeerRequest } from '../plugins/packages/peer-port.js'
@@ -34,7 +35,7 @@ export interface PackageHandlerDeps {
 /**
  * `GET|HEAD /package`: validate, pick the source (an unknown repository is a 404 before any
  * connection), resolve the manifest, then answer 304, 416, HEAD headers, or stream the bytes.
- * Errors are thrown and mapped to JSON bodies by the plugin's error extension.
+ * Errors are thrown as errors.ts classes; the route (plugins/packages/routes.ts) maps them with toBoom.
  */
 export function packageHandler(deps: PackageHandlerDeps) {
   return async (request: Request, h: ResponseToolkit): Promise<ResponseObject> => {
@@ -71,14 +72,7 @@ export function packageHandler(deps: PackageHandlerDeps) {
     if (size === 0) verifyDigest('layer', Buffer.alloc(0), pkg.layer.digest)
     const ifRange = header(request, 'if-range')
     const range = ifRange && ifRange !== etag ? undefined : parseRange(header(request, 'range'), size)
-    if (range === 'unsatisfiable') {
-      // An error, not the package: none of the package's year-long immutable caching headers.
-      return h
-        .response({ statusCode: 416, error: 'Range Not Satisfiable', message: `the package has ${size} bytes` })
-        .code(416)
-        .header('Accept-Ranges', 'bytes')
-        .header('Content-Range', `bytes */${size}`)
-    }
+    if (range === 'unsatisfiable') throw new RangeNotSatisfiableError(size)
     const start = range?.start ?? 0
     const end = range?.end ?? size - 1
     const withHeaders = (response: ResponseObject): ResponseObject => {

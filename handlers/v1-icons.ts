@@ -1,7 +1,6 @@
-import Boom from '@hapi/boom'
 import type { Request, ResponseObject, ResponseToolkit } from '@hapi/hapi'
 import semver from 'semver'
-import { BadRequestError, NotFoundError } from '../errors.js'
+import { BadRequestError, NotFoundError, NotSyncedError } from '../errors.js'
 import type { SourceSet } from '../plugins/credentials/source-set.js'
 import type { IconService } from '../plugins/icons/icon-service.js'
 import { matchesIfNoneMatch } from './package-request.js'
@@ -34,11 +33,7 @@ export function iconHandler(deps: V1IconsDeps) {
     if (!COMPONENT.test(params.package)) throw new BadRequestError('the package name must be a lowercase OCI name component')
     const source = deps.sources.packageRepository(params.repository)
     if (!source) {
-      if (!deps.synced()) {
-        const boom = Boom.serverUnavailable('package repositories are not known yet: the PackageRepository watch has not synced')
-        boom.output.headers['Retry-After'] = '5'
-        throw boom
-      }
+      if (!deps.synced()) throw new NotSyncedError('package repositories are not known yet: the PackageRepository watch has not synced')
       throw new NotFoundError(`no PackageRepository ${params.repository}`)
     }
     const name = [source.namePrefix, params.package, 'version'].filter(Boolean).join('/')

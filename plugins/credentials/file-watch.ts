@@ -1,6 +1,7 @@
 import { readFile, stat } from 'node:fs/promises'
 import type { Logger } from 'pino'
 import type { Metrics } from '../metrics/metrics.js'
+import { describe } from '../packages/log.js'
 import { parseRegistryConfigText } from './file-source.js'
 import type { SourceSet } from './source-set.js'
 import { SourceError, type RegistrySource } from './source.js'
@@ -87,7 +88,7 @@ export class FileSourceWatcher {
    */
   reload(reason = 'reload requested'): Promise<boolean> {
     return this.#serialized(() => this.#read(reason, true)).catch((err: unknown) => {
-      this.#o.log.error({ file: this.#o.path, reason, error: (err as Error).name }, 'registry config reload failed')
+      this.#o.log.error({ file: this.#o.path, reason, err: describe(err) }, 'registry config reload failed')
       return false
     })
   }
@@ -156,7 +157,7 @@ export class FileSourceWatcher {
       if (!(err instanceof SourceError)) throw err
       this.#lastGood = false
       metrics.sourceErrors.inc({ provider: PROVIDER })
-      log.error({ file: path, reason, error: err.message }, 'registry config rejected; keeping the previous sources')
+      log.error({ file: path, reason, err: { message: err.message } }, 'registry config rejected; keeping the previous sources')
       return false
     }
     this.#apply(parsed, text, signature)
@@ -182,7 +183,7 @@ export class FileSourceWatcher {
     this.#signature = undefined
     this.#o.metrics.sourceErrors.inc({ provider: PROVIDER })
     this.#o.log.warn(
-      { file: this.#o.path, error: (err as NodeJS.ErrnoException).code ?? 'error' },
+      { file: this.#o.path, err: describe(err) },
       'registry config cannot be read; keeping the previous sources',
     )
   }

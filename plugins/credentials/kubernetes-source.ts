@@ -150,7 +150,7 @@ export class KubernetesSource {
           this.#secretParsed = { resourceVersion }
           metrics.sourceErrors.inc({ provider: 'secret' })
           log.error(
-            { secret: where, error: err.message, keeping: this.#lastGoodDefault?.repository },
+            { secret: where, err: { message: err.message }, keeping: this.#lastGoodDefault?.repository },
             this.#lastGoodDefault ? 'registry Secret is malformed; keeping the last good default source' : 'registry Secret is malformed; no default source',
           )
         }
@@ -182,7 +182,7 @@ export class KubernetesSource {
         if (!(err instanceof SourceError)) throw err
         next.set(name, { resourceVersion })
         metrics.sourceErrors.inc({ provider: 'modulesources' })
-        log.error({ moduleSource: name || undefined, error: err.message, retired: before?.source?.repository }, 'ModuleSource is malformed; skipped')
+        log.error({ moduleSource: name || undefined, err: { message: err.message }, retired: before?.source?.repository }, 'ModuleSource is malformed; skipped')
       }
     }
     for (const [name, before] of this.#parsedModuleSources) {

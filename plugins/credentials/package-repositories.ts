@@ -83,7 +83,7 @@ export class PackageRepositoryWatch {
         if (!(err instanceof SourceError)) throw err
         next.set(name, { resourceVersion })
         metrics.sourceErrors.inc({ provider: PROVIDER })
-        log.error({ packageRepository: name || undefined, error: err.message }, 'PackageRepository is malformed; skipped')
+        log.error({ packageRepository: name || undefined, err: { message: err.message } }, 'PackageRepository is malformed; skipped')
       }
     }
     for (const [name, before] of this.#parsed) {

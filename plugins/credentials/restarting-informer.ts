@@ -326,7 +326,7 @@ export class RestartingInformer<T extends KubernetesObject> {
     this.#o.metrics.sourceRestarts.inc({ provider: this.#o.provider })
     const relist = err instanceof WatchErrorEvent && err.relist ? { relist: true } : {}
     this.#o.log.warn(
-      { provider: this.#o.provider, error: describeKubeError(err), failures: this.#failures, retryInMs: jittered, synced: this.#listed, ...relist },
+      { provider: this.#o.provider, err: { message: describeKubeError(err) }, failures: this.#failures, retryInMs: jittered, synced: this.#listed, ...relist },
       this.#listed
         ? 'Kubernetes watch failed; serving the last known sources and retrying'
         : 'Kubernetes list failed; not ready until it succeeds, retrying',
@@ -345,7 +345,7 @@ export class RestartingInformer<T extends KubernetesObject> {
       try {
         this.#o.onChange(this.#informer.list())
       } catch (err) {
-        this.#o.log.error({ provider: this.#o.provider, error: describeKubeError(err) }, 'applying Kubernetes sources failed')
+        this.#o.log.error({ provider: this.#o.provider, err: { message: describeKubeError(err) } }, 'applying Kubernetes sources failed')
       }
     })
   }

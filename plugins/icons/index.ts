@@ -1,6 +1,5 @@
-import Boom from '@hapi/boom'
 import type { Plugin, Request, ResponseToolkit } from '@hapi/hapi'
-import { DigestError, toBoom } from '../../errors.js'
+import { DigestError, MethodNotAllowedError, NotFoundError, toBoom } from '../../errors.js'
 import { iconHandler } from '../../handlers/v1-icons.js'
 import type { SourceSet } from '../credentials/source-set.js'
 import type { ManifestResolver } from '../images/manifest-resolver.js'
@@ -59,8 +58,8 @@ export const iconsPlugin: Plugin<IconsOptions> = {
         options: { payload: { parse: false, output: 'stream' } },
         handler: (request) =>
           /^\/v1\/packages\/[^/]+\/[^/]+\/metadata\/icon(?:\/[^/]*)?$/.test(request.path) && request.method !== 'get' && request.method !== 'head'
-            ? Boom.methodNotAllowed('only GET and HEAD are allowed here', undefined, ['GET', 'HEAD'])
-            : Boom.notFound('not found'),
+            ? toBoom(new MethodNotAllowedError('only GET and HEAD are allowed here'))
+            : toBoom(new NotFoundError('not found')),
       },
     ])
   },

@@ -1,6 +1,5 @@
-import Boom from '@hapi/boom'
 import type { Plugin, Request, ResponseToolkit } from '@hapi/hapi'
-import { BusyError, DigestError, toBoom } from '../../errors.js'
+import { BusyError, DigestError, MethodNotAllowedError, NotFoundError, RangeNotSatisfiableError, toBoom } from '../../errors.js'
 import { cliDownloadHandler, cliManifestHandler, cliTagsHandler, type V1ImagesDeps } from '../../handlers/v1-images.js'
 import type { SourceSet } from '../credentials/source-set.js'
 import type { Metrics } from '../metrics/metrics.js'
@@ -51,6 +50,8 @@ export const imagesPlugin: Plugin<ImagesOptions> = {
         try {
           return await handler(request, h)
         } catch (err) {
+          // A Range past the end was counted as `unsatisfiable` already: not a failure.
+          if (err instanceof RangeNotSatisfiableError) throw toBoom(err)
           results.inc({ route: request.route.path, result: 'error' })
           request.app.err = describe(err)
           if (err instanceof DigestError) o.metrics.digestMismatches.inc({ what: err.what })
@@ -81,9 +82,9 @@ export const imagesPlugin: Plugin<ImagesOptions> = {
       handler: (request) => {
         const known = SHAPE.test(request.path)
         if (known && request.method !== 'get' && request.method !== 'head') {
-          return Boom.methodNotAllowed('only GET and HEAD are allowed here', undefined, ['GET', 'HEAD'])
+          return toBoom(new MethodNotAllowedError('only GET and HEAD are allowed here'))
         }
-        return Boom.notFound('no such image: only deckhouse-cli and deckhouse-cli/plugins/<name> are served')
+        return toBoom(new NotFoundError('no such image: only deckhouse-cli and deckhouse-cli/plugins/<name> are served'))
       },
     })
   },

@@ -1,6 +1,5 @@
-import Boom from '@hapi/boom'
-import type { Request, Server } from '@hapi/hapi'
-import { BusyError, DigestError, toBoom } from '../../errors.js'
+import type { Lifecycle, Request, ResponseToolkit, Server } from '@hapi/hapi'
+import { BusyError, DigestError, MethodNotAllowedError, RangeNotSatisfiableError, toBoom } from '../../errors.js'
 import { deleteCacheEntryHandler, listCacheHandler, showCacheEntryHandler, type CacheHandlerDeps, type ResultCounts } from '../../handlers/cache.js'
 import { packageHandler } from '../../handlers/package.js'
 import type { SourceSet } from '../credentials/source-set.js'
@@ -29,6 +28,8 @@ export function packageRoutes(server: Server, o: { sources: SourceSet; metrics: 
       try {
         return await handler(request, h)
       } catch (err) {
+        // A Range past the end is the client's question, not a failure to serve: no result.
+        if (err instanceof RangeNotSatisfiableError) throw toBoom(err)
         if (err instanceof DigestError) o.metrics.digestMismatches.inc({ what: err.what })
         onResult(request, 'error')
         request.app.err = describe(err)
@@ -42,7 +43,7 @@ export function packageRoutes(server: Server, o: { sources: SourceSet; metrics: 
     path: '/package',
     // Never read or parse a refused request's body: the answer is 405 whatever it holds.
     options: { payload: { parse: false, output: 'stream' } },
-    handler: () => Boom.methodNotAllowed('only GET and HEAD are allowed on /package', undefined, ['GET', 'HEAD']),
+    handler: () => toBoom(new MethodNotAllowedError('only GET and HEAD are allowed on /package')),
   })
   server.events.on('response', (request) => {
     const result = request.app.result
@@ -54,9 +55,19 @@ export function packageRoutes(server: Server, o: { sources: SourceSet; metrics: 
 
 /** `GET /cache`, `GET|DELETE /cache/{digest}`: the on-call view of the cache. */
 export function cacheRoutes(server: Server, deps: CacheHandlerDeps): void {
+  // The handlers throw errors.ts classes; toBoom gives them their status and code.
+  const mapped =
+    (handler: (request: Request, h: ResponseToolkit) => Lifecycle.ReturnValue | Promise<Lifecycle.ReturnValue>): Lifecycle.Method =>
+    async (request, h) => {
+      try {
+        return await handler(request, h)
+      } catch (err) {
+        throw toBoom(err)
+      }
+    }
   server.route([
-    { method: 'GET', path: '/cache', handler: listCacheHandler(deps) },
-    { method: 'GET', path: '/cache/{digest}', handler: showCacheEntryHandler(deps) },
-    { method: 'DELETE', path: '/cache/{digest}', handler: deleteCacheEntryHandler(deps) },
+    { method: 'GET', path: '/cache', handler: mapped(listCacheHandler(deps)) },
+    { method: 'GET', path: '/cache/{digest}', handler: mapped(showCacheEntryHandler(deps)) },
+    { method: 'DELETE', path: '/cache/{digest}', handler: mapped(deleteCacheEntryHandler(deps)) },
   ])
 }
