@@ -4,6 +4,7 @@ import Boom from '@hapi/boom'
 import Hapi from '@hapi/hapi'
 import type { Logger } from 'pino'
 import './request-state.js'
+import { logRequest } from './request-log.js'
 import { packageFastPath } from './handlers/package-fast-path.js'
 import { credentialsPlugin } from './plugins/credentials/index.js'
 import { SourceSet } from './plugins/credentials/source-set.js'
@@ -203,7 +204,6 @@ export async function createServer(o: ServerOptions): Promise<ProxyServer> {
     },
   })
 
-  // One JSON line per request: what was asked, how it was served, how it ended.
   server.events.on('response', (request) => {
     const response = request.response
     const status = finalStatus(request)
@@ -212,25 +212,22 @@ export async function createServer(o: ServerOptions): Promise<ProxyServer> {
     const raw = request.raw.res
     // hapi swaps a response whose body broke off for a Boom error; the client saw the headers
     // of a success and then a cut connection: that is an aborted response, not a clean error.
-    const aborted = Boom.isBoom(response) && raw.headersSent && raw.statusCode < 400
+    const aborted = (Boom.isBoom(response) && raw.headersSent && raw.statusCode < 400) || !raw.writableFinished
     const headers = response && !Boom.isBoom(response) && 'headers' in response ? response.headers : {}
     const ended = request.info.completed || request.info.responded
-    const line = {
-      req: request.info.id,
+    logRequest(log, {
+      id: request.info.id,
       method: request.method,
       path: request.path,
       status,
-      ...(aborted || !raw.writableFinished ? { aborted: true, sentStatus: raw.statusCode } : { bytes: Number(headers['content-length'] ?? 0) }),
+      bytes: aborted ? undefined : Number(headers['content-length'] ?? 0),
+      sentStatus: raw.statusCode,
       ms: ended ? ended - request.info.received : undefined,
-      ...(request.path === '/package'
-        ? { digest: query.digest, repository: query.repository, source: app.source, pkgPath: query.path, result: app.result, ...(app.peer ? { peer: app.peer } : {}) }
-        : {}),
-      ...(request.path.startsWith('/v1/') ? { route: request.route.path, result: app.result } : {}),
-      ...(app.err ? { err: app.err } : {}),
-    }
-    if (request.path === '/healthz' || request.path === '/readyz' || request.path === '/metrics') log.debug(line, 'request')
-    else if (status >= 500 || aborted) log.warn(line, 'request')
-    else log.info(line, 'request')
+      ...(request.path === '/package' ? { pkg: { digest: query.digest, repository: query.repository, source: app.source, path: query.path, peer: app.peer } } : {}),
+      ...(request.path.startsWith('/v1/') ? { route: request.route.path } : {}),
+      result: app.result,
+      err: app.err,
+    })
   })
   // Memory hits skip hapi's lifecycle (see handlers/package-fast-path.ts); everything else, and
   // every request the fast path declines, goes to hapi's own listener unchanged.
@@ -240,25 +237,19 @@ export async function createServer(o: ServerOptions): Promise<ProxyServer> {
       packages: packages.service,
       onServed: (info) => {
         metrics.requests.inc({ route: '/package', method: 'get', code: info.finished ? '200' : '499' })
-        metrics.packageResults.inc({ result: 'hit' })
-        packages.counts.hit++
+        packages.countResult('hit')
         if (info.finished) metrics.bytesServed.inc(info.bytes)
-        log.info(
-          {
-            req: info.id,
-            method: 'get',
-            path: '/package',
-            status: 200,
-            ...(info.finished ? { bytes: info.bytes } : { aborted: true, sentStatus: 200 }),
-            ms: info.ms,
-            digest: info.digest,
-            repository: info.repository,
-            source: info.source,
-            pkgPath: info.path,
-            result: 'hit',
-          },
-          'request',
-        )
+        logRequest(log, {
+          id: info.id,
+          method: 'get',
+          path: '/package',
+          status: 200,
+          bytes: info.finished ? info.bytes : undefined,
+          sentStatus: 200,
+          ms: info.ms,
+          pkg: { digest: info.digest, repository: info.repository, source: info.source, path: info.path },
+          result: 'hit',
+        })
       },
     })
     const hapiListeners = listener.listeners('request') as Array<(req: IncomingMessage, res: ServerResponse) => void>

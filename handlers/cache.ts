@@ -3,14 +3,10 @@ import { BadRequestError, ForbiddenError, NotCachedError } from '../errors.js'
 import { ADMIN_TOKEN_FILE, ADMIN_TOKEN_HEADER, adminTokenMatches } from '../plugins/packages/cache/admin-token.js'
 import type { BlobEntry, CacheIndex } from '../plugins/packages/cache/cache-index.js'
 import { DIGEST } from '../plugins/packages/manifest.js'
+import type { PackageResult } from '../plugins/packages/package-service.js'
 
 /** Request outcome counters since start (the numbers behind the hit ratio). */
-export interface ResultCounts {
-  hit: number
-  miss: number
-  coalesced: number
-  bypass: number
-}
+export type ResultCounts = Record<PackageResult, number>
 
 /** The cache's books as `GET /cache` shows them. */
 export interface CacheBooks {
@@ -40,7 +36,7 @@ export interface CacheHandlerDeps {
   adminToken?: string | undefined
 }
 
-/** One cache entry as the API shows it. */
+/** One cache entry as the API shows it (and `registry-packages-proxy cache show` reads it). */
 export interface CacheEntryView {
   digest: string
   manifests: string[]
@@ -48,6 +44,17 @@ export interface CacheEntryView {
   lastAccess: string
   createdAt: string
   hits: number
+}
+
+/** `GET /cache` as the API shows it (and `registry-packages-proxy cache ls` reads it). */
+export interface CacheListView extends CacheBooks, ResultCounts {
+  enabled: boolean
+  /** Why the cache is off although it was not disabled. */
+  unavailable?: string
+  limitBytes: number
+  entries: number
+  hitRatio: number
+  items: CacheEntryView[]
 }
 
 const SORTS = ['lastAccess', 'size', 'hits', 'createdAt', 'digest'] as const
@@ -90,8 +97,8 @@ export function listCacheHandler(deps: CacheHandlerDeps) {
     const limit = q.limit === undefined ? 100 : Number(q.limit)
     if (!Number.isInteger(limit) || limit < 0 || limit > 100_000) throw new BadRequestError('limit must be an integer from 0 to 100000')
     const { counts } = deps
-    const served = counts.hit + counts.miss + counts.coalesced + counts.bypass
-    const base = {
+    const served = Object.values(counts).reduce((a, b) => a + b, 0)
+    const base: Omit<CacheListView, 'items'> = {
       enabled: deps.index !== undefined,
       ...(deps.unavailable ? { unavailable: deps.unavailable } : {}),
       limitBytes: deps.index ? deps.limitBytes : 0,
@@ -101,14 +108,14 @@ export function listCacheHandler(deps: CacheHandlerDeps) {
       hitRatio: served === 0 ? 0 : Number((counts.hit / served).toFixed(4)),
     }
     const index = deps.index
-    if (!index) return h.response({ ...base, items: [] })
+    if (!index) return h.response({ ...base, items: [] } satisfies CacheListView)
     const sign = order === 'asc' ? 1 : -1
     const items = index
       .blobs()
       .sort((a, b) => sign * (sort === 'digest' ? a.digest.localeCompare(b.digest) : a[sort] - b[sort]))
       .slice(0, limit)
       .map((e) => view(index, e))
-    return h.response({ ...base, items })
+    return h.response({ ...base, items } satisfies CacheListView)
   }
 }
 

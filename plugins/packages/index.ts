@@ -9,9 +9,9 @@ import { CacheLifecycle } from './cache-lifecycle.js'
 import type { DownloadSlotsOptions } from './download-slots.js'
 import type { PackageLogger } from './log.js'
 import type { PeerPort } from './peer-port.js'
-import { PackageService } from './package-service.js'
+import { PACKAGE_RESULTS, PackageService } from './package-service.js'
 import { RegistryClient } from './registry/registry-client.js'
-import { cacheRoutes, packageRoutes } from './routes.js'
+import { cacheRoutes, packageRoutes, resultCounter } from './routes.js'
 import type { RegistryTimeouts } from './registry/transport.js'
 
 export interface PackagesOptions {
@@ -45,8 +45,10 @@ export interface PackagesApi {
   index: CacheIndex | undefined
   /** Why the cache cannot serve right now (index closed, directory not writable), or undefined. */
   notReady(): string | undefined
-  /** Request outcomes since start (GET /cache); the fast path counts its hits here too. */
+  /** Request outcomes since start (GET /cache). */
   counts: ResultCounts
+  /** Counts how a package request ended (metrics and {@link counts}); the fast path's hits too. */
+  countResult(result: string): void
 }
 
 // hapi's own typing for `server.plugins.packages.api`, as hapijs/inert's lib/index.d.ts types its plugin.
@@ -129,8 +131,9 @@ export const packagesPlugin: Plugin<PackagesOptions> = {
       activeFills: () => service.cacheFills,
       downloads: () => ({ layer: service.downloads, manifest: service.lookups }),
     })
-    const counts: ResultCounts = { hit: 0, miss: 0, coalesced: 0, bypass: 0 }
-    packageRoutes(server, { sources: o.sources, metrics: m, service, counts })
+    const counts = Object.fromEntries(PACKAGE_RESULTS.map((r) => [r, 0])) as ResultCounts
+    const countResult = resultCounter(m, counts)
+    packageRoutes(server, { sources: o.sources, metrics: m, service, countResult })
     cacheRoutes(server, {
       get index() {
         return lifecycle.index
@@ -151,6 +154,7 @@ export const packagesPlugin: Plugin<PackagesOptions> = {
       },
       notReady: () => lifecycle.notReady(),
       counts,
+      countResult,
     } satisfies PackagesApi)
     server.ext('onPostStop', async () => {
       await service.close()

@@ -13,7 +13,8 @@ import type { RegistryClient } from './registry/registry-client.js'
 export type { CacheParts, FillOutcome } from './downloads.js'
 
 /** How a request was served, for logs and metrics. */
-export type PackageResult = 'hit' | 'miss' | 'coalesced' | 'bypass'
+export const PACKAGE_RESULTS = ['hit', 'miss', 'coalesced', 'bypass'] as const
+export type PackageResult = (typeof PACKAGE_RESULTS)[number]
 
 export interface PackageServiceOptions {
   client: RegistryClient

@@ -5,15 +5,25 @@ import { packageHandler } from '../../handlers/package.js'
 import type { SourceSet } from '../credentials/source-set.js'
 import type { Metrics } from '../metrics/metrics.js'
 import { describe } from './log.js'
-import type { PackageService } from './package-service.js'
+import { PACKAGE_RESULTS, type PackageResult, type PackageService } from './package-service.js'
 
-const SERVED = new Set(['hit', 'miss', 'coalesced', 'bypass'])
+const SERVED: ReadonlySet<string> = new Set(PACKAGE_RESULTS)
+
+/**
+ * Counts one way a package request ended, in the metrics and in `GET /cache`'s counts: for the
+ * route and for the hits the fast path answers (server.ts).
+ */
+export function resultCounter(metrics: Metrics, counts: ResultCounts): (result: string) => void {
+  return (result) => {
+    metrics.packageResults.inc({ result })
+    if (SERVED.has(result)) counts[result as PackageResult]++
+  }
+}
 
 /** `GET|HEAD /package` (and 405 for other methods), with its results counted and logged. */
-export function packageRoutes(server: Server, o: { sources: SourceSet; metrics: Metrics; service: PackageService; counts: ResultCounts }): void {
+export function packageRoutes(server: Server, o: { sources: SourceSet; metrics: Metrics; service: PackageService; countResult: (result: string) => void }): void {
   const onResult = (request: Request, result: string): void => {
-    o.metrics.packageResults.inc({ result })
-    if (result in o.counts) o.counts[result as keyof ResultCounts]++
+    o.countResult(result)
     request.app.result = result
   }
   const onStreamError = (request: Request, _result: string, err: Error): void => {

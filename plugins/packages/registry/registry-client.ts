@@ -2,6 +2,7 @@ import type { Readable } from 'node:stream'
 import type { AxiosResponse } from 'axios'
 import { NotFoundError, UpstreamError } from '../../../errors.js'
 import type { RegistrySource } from '../../credentials/source.js'
+import { MEDIA_TYPES } from '../manifest.js'
 import { parseChallenge, type Challenge } from './auth-challenge.js'
 import { checkRealm, guardBody, headerText, nextPageLink, parseTagPage, parseTokenResponse, readLimited, retryDelayMs, sleep } from './http.js'
 import { sendOnce, type SendContext, type UpstreamKind, type UpstreamObserver } from './send.js'
@@ -11,12 +12,7 @@ import { DEFAULT_TIMEOUTS, Transport, type RegistryTimeouts } from './transport.
 export type { UpstreamKind, UpstreamObserver } from './send.js'
 
 /** Everything a registry may answer for a manifest digest, best first. */
-export const MANIFEST_ACCEPT = [
-  'application/vnd.oci.image.manifest.v1+json',
-  'application/vnd.oci.image.index.v1+json',
-  'application/vnd.docker.distribution.manifest.v2+json',
-  'application/vnd.docker.distribution.manifest.list.v2+json',
-].join(', ')
+export const MANIFEST_ACCEPT = [MEDIA_TYPES.ociManifest, MEDIA_TYPES.ociIndex, MEDIA_TYPES.dockerManifest, MEDIA_TYPES.dockerList].join(', ')
 
 /** Manifests are small JSON documents; anything bigger is refused rather than buffered. */
 export const MAX_MANIFEST_BYTES = 4 * 1024 * 1024
