@@ -141,13 +141,6 @@ export class TimeoutError extends ProxyError {
 
 const TIMEOUT_VERB = { connect: 'accept the connection', headers: 'answer', idle: 'send data' } as const
 
-/** The local cache failed (disk full, I/O error); the request may still be served. */
-export class CacheError extends ProxyError {
-  constructor(message: string, options?: { cause?: unknown }) {
-    super('ECACHE', 500, message, options)
-  }
-}
-
 /**
  * Too many layer downloads (or manifest lookups) are running and waiting already (503, with
  * `Retry-After`): the request was refused before anything was registered or sent upstream.

@@ -9,7 +9,7 @@ import { ADMIN_TOKEN_FILE, ADMIN_TOKEN_HEADER, readAdminToken } from '../plugins
 import { DIGEST } from '../plugins/packages/manifest.js'
 
 /** `registry-packages-proxy cache ls|show <digest>|rm <digest> [--url URL] [--json]`. */
-export const CACHE_USAGE =
+const CACHE_USAGE =
   'usage: registry-packages-proxy cache ls|show <digest>|rm <digest> [--url http://127.0.0.1:5080] [--json] [--sort lastAccess|size|hits|createdAt|digest] [--limit N]' +
   ' [--token-file <cache directory>/admin-token] [--bearer-token-file FILE] [--insecure]'
 

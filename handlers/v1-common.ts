@@ -16,7 +16,7 @@ export function header(request: Request, name: string): string | undefined {
  * 503 with `Retry-After` while some source provider has not synced yet: a source missing now
  * may be one the API server has not told us about (CONTRACT: never a 404 before the first sync).
  */
-export function notSyncedYet(sources: SourceSet, what: string): NotSyncedError | undefined {
+function notSyncedYet(sources: SourceSet, what: string): NotSyncedError | undefined {
   const pending = sources.unsynced()
   if (pending.length === 0) return undefined
   return new NotSyncedError(`${what} is not known yet: credential sources not synced (${pending.join(', ')})`)

@@ -10,7 +10,7 @@ import { header, type V1ResultHook } from './v1-common.js'
 const COMPONENT = /^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$/
 
 /** Scripts, plugins, frames and forms are all off; inline styles are what icons use. */
-export const SVG_CSP = "default-src 'none'; style-src 'unsafe-inline'; sandbox"
+const SVG_CSP = "default-src 'none'; style-src 'unsafe-inline'; sandbox"
 
 export interface V1IconsDeps {
   sources: SourceSet

@@ -55,7 +55,7 @@ function repositoryMissing(deps: V1ImagesDeps, source: RegistrySource) {
 }
 
 /** Headers for manifest bytes served as the registry typed them: never sniffed, never run. */
-export const MANIFEST_CSP = "default-src 'none'; sandbox"
+const MANIFEST_CSP = "default-src 'none'; sandbox"
 
 /** `GET /v1/images/<image>/tags`: every tag, all pages followed. */
 export function cliTagsHandler(deps: V1ImagesDeps) {

@@ -14,7 +14,6 @@ export interface FileSourceWatcherOptions {
   log: Logger
   /** How often the file is checked for a change (default 1 s). */
   intervalMs?: number
-  now?: () => number
 }
 
 const PROVIDER = 'file'
@@ -29,7 +28,6 @@ const PROVIDER = 'file'
  */
 export class FileSourceWatcher {
   readonly #o: FileSourceWatcherOptions
-  readonly #now: () => number
   #timer: NodeJS.Timeout | undefined
   #stopped = false
   /** Checks and reloads run one at a time, in order, so an older read never wins. */
@@ -43,7 +41,6 @@ export class FileSourceWatcher {
 
   constructor(o: FileSourceWatcherOptions) {
     this.#o = o
-    this.#now = o.now ?? Date.now
     o.sources.expect(PROVIDER)
     o.metrics.sourceSynced.set({ provider: PROVIDER }, 0)
     o.metrics.sourceSyncClock(PROVIDER, () => this.#lastSync)
@@ -123,7 +120,7 @@ export class FileSourceWatcher {
     }
     if (signature === this.#signature) {
       // Unchanged since the last read; in sync only if that read was good.
-      if (this.#lastGood) this.#lastSync = this.#now()
+      if (this.#lastGood) this.#lastSync = Date.now()
       return false
     }
     return this.#read('file changed', false)
@@ -146,7 +143,7 @@ export class FileSourceWatcher {
     this.#signature = signature
     if (text === this.#text) {
       this.#lastGood = true
-      this.#lastSync = this.#now()
+      this.#lastSync = Date.now()
       if (forced) log.info({ file: path, reason }, 'registry config unchanged')
       return false
     }
@@ -173,7 +170,7 @@ export class FileSourceWatcher {
     this.#text = text
     this.#signature = signature
     this.#lastGood = true
-    this.#lastSync = this.#now()
+    this.#lastSync = Date.now()
     this.#o.metrics.sourceSynced.set({ provider: PROVIDER }, 1)
   }
 

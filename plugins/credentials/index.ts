@@ -3,7 +3,6 @@ import type { Logger } from 'pino'
 import type { Metrics } from '../metrics/metrics.js'
 import { FileSourceWatcher } from './file-watch.js'
 import { loadKubeConfig } from './kube-config.js'
-import type { KubernetesSource } from './kubernetes-source.js'
 import type { InformerTiming } from './restarting-informer.js'
 import type { SourceSet } from './source-set.js'
 
@@ -34,8 +33,6 @@ export interface CredentialsOptions {
 export interface CredentialsApi {
   /** Re-reads `--registry-config` now (SIGHUP); true when new sources took effect. Never rejects. */
   reloadFile(reason?: string): Promise<boolean>
-  /** The Kubernetes provider, when running with one. */
-  readonly kubernetes: KubernetesSource | undefined
   /** False until PackageRepositories were listed once (always true without Kubernetes). */
   packageRepositoriesSynced(): boolean
 }
@@ -114,7 +111,6 @@ export const credentialsPlugin: Plugin<CredentialsOptions> = {
         }
         return file.reload(reason)
       },
-      kubernetes,
       packageRepositoriesSynced: () => packageRepositories?.synced ?? true,
     }
     server.expose('api', api)

@@ -40,7 +40,7 @@ function optionalString(value: unknown, what: string): string | undefined {
  * JSON) under the repo's host, else none (anonymous). Throws a {@link SourceError} naming the
  * key at fault, never a value.
  */
-export function packageRepositorySource(name: string, spec: PackageRepositorySpec, what: string): RegistrySource {
+function packageRepositorySource(name: string, spec: PackageRepositorySpec, what: string): RegistrySource {
   const repo = optionalString(spec.repo, `${what}.repo`)?.trim()
   if (!repo) throw new SourceError(`${what}.repo is required`)
   const { registry, namePrefix } = splitRepository(repo, `${what}.repo`)

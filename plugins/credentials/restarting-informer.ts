@@ -255,11 +255,6 @@ export class RestartingInformer<T extends KubernetesObject> {
     await this.#informer.stop()
   }
 
-  /** True while a watch stream is open: the informer is in sync with the API server. */
-  get watching(): boolean {
-    return this.#watching
-  }
-
   /** True once a LIST succeeded: {@link RestartingInformerOptions.onChange} has been called. */
   get listed(): boolean {
     return this.#listed

@@ -16,7 +16,6 @@ export interface IconsOptions {
   manifests: ManifestResolver
   /** False until PackageRepositories were listed once. */
   synced: () => boolean
-  cacheBytes?: number
 }
 
 const ICON = '/v1/packages/{repository}/{package}/metadata/icon'
@@ -26,7 +25,7 @@ export const iconsPlugin: Plugin<IconsOptions> = {
   name: 'icons',
   register(server, o) {
     const results = v1Results(o.metrics)
-    const icons = new IconService({ client: o.client, manifests: o.manifests, ...(o.cacheBytes ? { cacheBytes: o.cacheBytes } : {}) })
+    const icons = new IconService({ client: o.client, manifests: o.manifests })
     const handler = iconHandler({
       sources: o.sources,
       icons,

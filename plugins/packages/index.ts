@@ -33,8 +33,6 @@ export interface PackagesOptions {
   cacheRetryMs?: number
   /** Bytes per second the background scrubber re-hashes (default 4 MiB/s); 0 turns it off. */
   scrubBytesPerSecond?: number
-  /** How long a shared uncached download waits for its slowest reader before cutting it off. */
-  laggardMs?: number
   /** The other replicas (`--peers`): asked before and after the registry for a layer. */
   peers?: PeerPort
 }
@@ -58,7 +56,7 @@ declare module '@hapi/hapi' {
   }
 }
 
-export const DEFAULT_SCRUB_BYTES_PER_SECOND = 4 * 1024 * 1024
+const DEFAULT_SCRUB_BYTES_PER_SECOND = 4 * 1024 * 1024
 
 /**
  * Package handling: the registry client, the package service, the cache's lifecycle (opened
@@ -85,7 +83,6 @@ export const packagesPlugin: Plugin<PackagesOptions> = {
       log: o.log,
       ...(o.downloads ? { downloads: o.downloads } : {}),
       ...(o.lookups ? { lookups: o.lookups } : {}),
-      ...(o.laggardMs !== undefined ? { laggardMs: o.laggardMs } : {}),
       peers: o.peers,
       onFillDone: (outcome, seconds, error) => {
         m.fillSeconds.observe({ outcome }, seconds)

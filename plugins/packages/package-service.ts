@@ -25,14 +25,10 @@ export interface PackageServiceOptions {
   onFillDone?: (outcome: FillOutcome, seconds: number, error: Error | undefined) => void
   /** A layer download resumed a broken registry connection (a fill or a pass-through). */
   onResume?: (kind: 'fill' | 'pass-through') => void
-  /** A cached file failed its check when read and was removed (metrics). */
-  onCorrupt?: () => void
   /** Bounds on concurrent layer downloads (fills and pass-throughs) and on those waiting for one. */
   downloads?: Partial<DownloadSlotsOptions>
   /** The same for manifest lookups of cold digests. */
   lookups?: Partial<DownloadSlotsOptions>
-  /** How long a shared uncached download waits for its slowest reader before cutting it off. */
-  laggardMs?: number
   /** The other replicas (peer fill); without them every miss goes to the registry. */
   peers?: PeerPort | undefined
 }
@@ -87,13 +83,12 @@ export class PackageService {
       client: options.client,
       log: options.log,
       ...(options.downloads ? { slots: options.downloads } : {}),
-      ...(options.laggardMs !== undefined ? { laggardMs: options.laggardMs } : {}),
       ...(options.onFillDone ? { onFillDone: options.onFillDone } : {}),
       ...(options.onResume ? { onResume: options.onResume } : {}),
       peers: options.peers,
     })
     this.#lookups = new DownloadSlots(options.lookups, this.#aborter.signal, 'manifest')
-    this.#reads = new CachedReads({ log: options.log, onCorrupt: () => options.onCorrupt?.() })
+    this.#reads = new CachedReads({ log: options.log })
   }
 
   /** Starts caching with a cache that opened after start; downloads already running stay uncached. */

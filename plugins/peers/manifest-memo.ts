@@ -1,7 +1,7 @@
 import type { ManifestBytes } from '../packages/peer-port.js'
 
 /** Manifests are a few KiB; this holds thousands of them in bounded memory. */
-export const DEFAULT_MEMO_BYTES = 16 * 1024 * 1024
+const DEFAULT_MEMO_BYTES = 16 * 1024 * 1024
 
 /**
  * Verified manifests by digest, least recently used first out, so this replica can hand them
