@@ -18,9 +18,9 @@ import { existsSync, mkdtempSync, readdirSync, rmSync, statSync, writeFileSync }
 import { Agent, request } from 'node:http'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { bytes } from '../test/fixtures/bytes.js'
-import { FakeRegistry, type FakeImage } from '../test/fixtures/fake-registry.js'
-import { percentile, readProc, settleFds, sleep, startBinary, type Binary } from '../test/reliability/load-driver.js'
+import { bytes } from '../tools/bytes.js'
+import { FakeRegistry, type FakeImage } from '../tools/sample-registry.js'
+import { percentile, readProc, settleFds, sleep, startBinary, type Binary } from '../tools/load-driver.js'
 import { MiB, option } from './lib.js'
 
 const MINUTES = option('minutes', 5)
