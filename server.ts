@@ -174,10 +174,7 @@ export async function createServer(o: ServerOptions): Promise<ProxyServer> {
   const v1Client = new RegistryClient({
     ...(o.timeouts ? { timeouts: o.timeouts } : {}),
     ...(o.env ? { env: o.env } : {}),
-    observe: (kind, code, seconds) => {
-      metrics.upstreamRequests.inc({ kind, code: String(code) })
-      metrics.upstreamSeconds.observe({ kind }, seconds)
-    },
+    observe: (kind, code, seconds) => metrics.observeUpstream(kind, code, seconds),
   })
   server.ext('onPostStop', () => v1Client.close())
   const manifests = new ManifestResolver(v1Client, o.tagTtlMs !== undefined ? { tagTtlMs: o.tagTtlMs } : {})

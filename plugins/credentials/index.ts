@@ -72,27 +72,20 @@ export const credentialsPlugin: Plugin<CredentialsOptions> = {
       env: options.env ?? process.env,
       ...(options.serviceAccountDir ? { serviceAccountDir: options.serviceAccountDir } : {}),
     })
+    // What both Kubernetes watches are given, once a kubeconfig was found.
+    const watchOptions = kubeConfig && {
+      kubeConfig,
+      sources: options.sources,
+      metrics: options.metrics,
+      log,
+      ...(options.kubernetesTiming ? { timing: options.kubernetesTiming } : {}),
+    }
     // client-node loads only in Kubernetes mode (see loadKubeConfig).
-    const kubernetes = kubeConfig
-      ? new (await import('./kubernetes-source.js')).KubernetesSource({
-          kubeConfig,
-          sources: options.sources,
-          metrics: options.metrics,
-          log,
-          ...(options.kubernetesTiming ? { timing: options.kubernetesTiming } : {}),
-        })
-      : undefined
+    const kubernetes = watchOptions ? new (await import('./kubernetes-source.js')).KubernetesSource(watchOptions) : undefined
 
     // PackageRepositories (package icons) are watched beside the ModuleSources, the same way.
-    const packageRepositories = kubeConfig && options.watchPackageRepositories
-      ? new (await import('./package-repositories.js')).PackageRepositoryWatch({
-          kubeConfig,
-          sources: options.sources,
-          metrics: options.metrics,
-          log,
-          ...(options.kubernetesTiming ? { timing: options.kubernetesTiming } : {}),
-        })
-      : undefined
+    const packageRepositories =
+      watchOptions && options.watchPackageRepositories ? new (await import('./package-repositories.js')).PackageRepositoryWatch(watchOptions) : undefined
 
     server.ext('onPreStart', () => {
       file?.start()

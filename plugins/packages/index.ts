@@ -73,10 +73,7 @@ export const packagesPlugin: Plugin<PackagesOptions> = {
     const client = new RegistryClient({
       ...(o.timeouts ? { timeouts: o.timeouts } : {}),
       ...(o.env ? { env: o.env } : {}),
-      observe: (kind, code, seconds) => {
-        m.upstreamRequests.inc({ kind, code: String(code) })
-        m.upstreamSeconds.observe({ kind }, seconds)
-      },
+      observe: (kind, code, seconds) => m.observeUpstream(kind, code, seconds),
     })
     const service = new PackageService({
       client,

@@ -1,3 +1,5 @@
+import { getRecent } from './recent-map.js'
+
 /**
  * Small cached layers kept in memory, least recently used out first.
  *
@@ -29,13 +31,7 @@ export class HotCache {
   }
 
   get(digest: string): Buffer | undefined {
-    const hit = this.#entries.get(digest)
-    if (hit) {
-      // Map order is insertion order: re-inserting makes it the most recently used.
-      this.#entries.delete(digest)
-      this.#entries.set(digest, hit)
-    }
-    return hit
+    return getRecent(this.#entries, digest)
   }
 
   /**
