@@ -1,14 +1,5 @@
 import { parsePackageRepositoriesConfig } from './package-repository.js'
-import {
-  credentialsFromDockerConfig,
-  decodeBase64,
-  parseCa,
-  parseScheme,
-  registrySource,
-  SourceError,
-  splitRepository,
-  type RegistrySource,
-} from './source.js'
+import { credentialsFromDockerConfig, decodeBase64, parseCa, parseScheme, registrySource, SourceError, splitRepository, type RegistrySource } from './source.js'
 
 /**
  * Parses the text of a `--registry-config` file (README, "Registry sources"; FileSourceWatcher

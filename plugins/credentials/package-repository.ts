@@ -1,14 +1,5 @@
-import {
-  credentialsFromDockerConfig,
-  Credentials,
-  decodeBase64,
-  parseCa,
-  parseScheme,
-  registrySource,
-  SourceError,
-  splitRepository,
-  type RegistrySource,
-} from './source.js'
+import { credentialsFromDockerConfig, Credentials, decodeBase64, parseCa, parseScheme, registrySource, SourceError, splitRepository } from './source.js'
+import type { RegistrySource } from './source.js'
 
 /** The cluster-scoped custom resource that names package repositories (icons come from them). */
 export const PACKAGE_REPOSITORY = Object.freeze({ group: 'deckhouse.io', version: 'v1alpha1', plural: 'packagerepositories' })
