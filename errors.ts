@@ -31,22 +31,66 @@ export class NoSourceError extends ProxyError {
 }
 
 /**
- * `repository` matches no source *yet*: a source provider has not delivered its first sync (the
- * API server is unreachable, a master just rebooted). 503 with `Retry-After`, never a 404: the
+ * Something is not known *yet*: a source provider has not delivered its first sync (the API
+ * server is unreachable, a master just rebooted). 503 with `Retry-After`, never a 404: the
  * bootstrap clients call node IPs directly, so readiness cannot hold them off, and a 404 would
  * tell them the package does not exist.
  */
-export class SourcesNotSyncedError extends ProxyError {
-  constructor(
-    readonly repository: string,
-    readonly pending: readonly string[],
-    readonly retryAfterSeconds = 5,
-  ) {
-    super('ENOTSYNCED', 503, `repository ${repository} matches no registry source yet: source providers not synced yet (${pending.join(', ')})`)
+export class NotSyncedError extends ProxyError {
+  readonly retryAfterSeconds = 5
+  constructor(message: string) {
+    super('ENOTSYNCED', 503, message)
   }
 }
 
-/** The registry says the manifest or blob does not exist (404). */
+/** `repository` matches no source *yet* (see {@link NotSyncedError}). */
+export class SourcesNotSyncedError extends NotSyncedError {
+  constructor(
+    readonly repository: string,
+    readonly pending: readonly string[],
+  ) {
+    super(`repository ${repository} matches no registry source yet: source providers not synced yet (${pending.join(', ')})`)
+  }
+}
+
+/** `GET|DELETE /cache/{digest}`: no cache entry has that layer or manifest digest (404). */
+export class NotCachedError extends ProxyError {
+  constructor(readonly digest: string) {
+    super('ENOTCACHED', 404, `${digest} is not in the cache`)
+  }
+}
+
+/** The request lacks the credential an admin operation needs, such as the cache token (403). */
+export class ForbiddenError extends ProxyError {
+  constructor(message: string) {
+    super('EFORBIDDEN', 403, message)
+  }
+}
+
+/** A method the path does not serve (405, with `Allow`). */
+export class MethodNotAllowedError extends ProxyError {
+  constructor(
+    message: string,
+    readonly allow: readonly string[] = ['GET', 'HEAD'],
+  ) {
+    super('EMETHOD', 405, message)
+  }
+}
+
+/**
+ * A `Range` that starts past the end of an object of `size` bytes: 416 with
+ * `Content-Range: bytes *\/<size>`, as RFC 9110 asks and hapijs/inert sends.
+ */
+export class RangeNotSatisfiableError extends ProxyError {
+  constructor(
+    readonly size: number,
+    what: 'package' | 'image' = 'package',
+  ) {
+    super('ERANGE', 416, `the ${what} has ${size} bytes`)
+  }
+}
+
+/** The registry says the manifest or blob does not exist, or nothing is served at the path (404). */
 export class NotFoundError extends ProxyError {
   constructor(message: string) {
     super('ENOTFOUND', 404, message)
@@ -82,22 +126,20 @@ export class DigestError extends ProxyError {
   }
 }
 
-/** The registry did not connect, answer or keep sending within its timeout (504). */
+/**
+ * The registry did not connect, answer or keep sending within its timeout, or a whole layer
+ * download (`fill`, plugins/packages/downloads.ts) outlived its deadline (504).
+ */
 export class TimeoutError extends ProxyError {
   constructor(
     readonly phase: 'connect' | 'headers' | 'idle' | 'fill',
     readonly ms: number,
   ) {
-    super('ETIMEOUT', 504, `registry did not ${phase === 'connect' ? 'accept the connection' : phase === 'headers' ? 'answer' : 'send data'} within ${ms} ms`)
+    super('ETIMEOUT', 504, phase === 'fill' ? `the layer download did not finish within ${ms} ms` : `registry did not ${TIMEOUT_VERB[phase]} within ${ms} ms`)
   }
 }
 
-/** The local cache failed (disk full, I/O error); the request may still be served. */
-export class CacheError extends ProxyError {
-  constructor(message: string, options?: { cause?: unknown }) {
-    super('ECACHE', 500, message, options)
-  }
-}
+const TIMEOUT_VERB = { connect: 'accept the connection', headers: 'answer', idle: 'send data' } as const
 
 /**
  * Too many layer downloads (or manifest lookups) are running and waiting already (503, with
@@ -134,23 +176,39 @@ function proxyErrorIn(err: unknown): ProxyError | undefined {
   return undefined
 }
 
+/** A Boom whose JSON body carries the stable `code` beside `statusCode`, `error` and `message`. */
+function coded(message: string, statusCode: number, code: string): Boom.Boom {
+  const boom = new Boom.Boom(message, { statusCode })
+  boom.output.payload.code = code
+  return boom
+}
+
 /**
- * Maps any error to the Boom response the client sees. A timeout that is not ours is a 504 and
- * an abort a 503 with `Retry-After` (the work was cancelled, typically by a shutdown: another
- * replica or a retry will do); only errors that are none of these become a bare 500.
+ * Maps any error to the Boom response the client sees: its status, our own message and the
+ * error's stable `code` in the JSON body (README, "HTTP API"). A timeout that is not ours is a
+ * 504 and an abort a 503 with `Retry-After` (the work was cancelled, typically by a shutdown:
+ * another replica or a retry will do); only errors that are none of these become a bare 500.
  */
 export function toBoom(err: unknown): Boom.Boom {
   if (Boom.isBoom(err)) return err
   const known = proxyErrorIn(err)
   if (known) {
-    const boom = new Boom.Boom(known.message, { statusCode: known.status, data: { code: known.code } })
-    if (known instanceof BusyError || known instanceof SourcesNotSyncedError) boom.output.headers['Retry-After'] = String(known.retryAfterSeconds)
+    const boom = coded(known.message, known.status, known.code)
+    const headers = boom.output.headers
+    if (known instanceof BusyError || known instanceof NotSyncedError) headers['Retry-After'] = String(known.retryAfterSeconds)
+    if (known instanceof MethodNotAllowedError) headers.Allow = known.allow.join(', ')
+    if (known instanceof RangeNotSatisfiableError) {
+      // None of the package's caching headers or ETag: a 416 is an error, not the package.
+      Object.assign(headers, { 'Content-Range': `bytes */${known.size}`, 'Accept-Ranges': 'bytes' })
+      // RFC 9110's name, which these bodies always carried; Node's table still has RFC 2616's.
+      boom.output.payload.error = 'Range Not Satisfiable'
+    }
     return boom
   }
   const kind = abortKind(err)
-  if (kind === 'timeout') return new Boom.Boom('the operation timed out', { statusCode: 504, data: { code: 'ETIMEOUT' } })
+  if (kind === 'timeout') return coded('the operation timed out', 504, 'ETIMEOUT')
   if (kind === 'abort') {
-    const boom = new Boom.Boom('the operation was cancelled; try again', { statusCode: 503, data: { code: 'EABORTED' } })
+    const boom = coded('the operation was cancelled; try again', 503, 'EABORTED')
     boom.output.headers['Retry-After'] = '5'
     return boom
   }

@@ -2,7 +2,6 @@
 import { destination as logDestination, pino } from 'pino'
 import { ConfigError, parseFlags } from './config/flags.js'
 import { formatBytes } from './config/quantity.js'
-import type { CredentialsApi } from './plugins/credentials/index.js'
 import { SourceError } from './plugins/credentials/source.js'
 
 /** How long SIGTERM waits for in-flight responses before closing them. */
@@ -87,7 +86,7 @@ async function main(argv: string[]): Promise<void> {
     await proxy.server.start()
   } catch (err) {
     // The bootstrap listener opens first (onPreStart): name the address that failed.
-    const bootstrap = flags.bootstrap && !(proxy.server.plugins as { bootstrap?: { api: { address(): unknown } } }).bootstrap?.api.address()
+    const bootstrap = flags.bootstrap && !proxy.server.plugins.bootstrap?.api.address()
     const [flag, address] = bootstrap && flags.bootstrap ? ['--bootstrap-listen-address', `${flags.bootstrap.host}:${flags.bootstrap.port}`] : ['--listen-address', `${flags.listenHost}:${flags.listenPort}`]
     fail(`${flag} ${address}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`)
   }
@@ -120,7 +119,7 @@ async function main(argv: string[]): Promise<void> {
     )
   }
   // SIGHUP re-reads --registry-config without a restart (it is also re-read when it changes).
-  const credentials = (proxy.server.plugins as unknown as { credentials: { api: CredentialsApi } }).credentials.api
+  const credentials = proxy.server.plugins.credentials.api
   process.on('SIGHUP', () => void credentials.reloadFile('SIGHUP'))
   process.on('SIGTERM', () => stop('SIGTERM'))
   process.on('SIGINT', () => stop('SIGINT'))

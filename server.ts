@@ -4,8 +4,10 @@ import type { Duplex } from 'node:stream'
 import Boom from '@hapi/boom'
 import Hapi from '@hapi/hapi'
 import type { Logger } from 'pino'
+import './request-state.js'
+import { logRequest } from './request-log.js'
 import { packageFastPath } from './handlers/package-fast-path.js'
-import { credentialsPlugin, type CredentialsApi } from './plugins/credentials/index.js'
+import { credentialsPlugin } from './plugins/credentials/index.js'
 import { SourceSet } from './plugins/credentials/source-set.js'
 import { healthPlugin } from './plugins/health/index.js'
 import { bootstrapPlugin } from './plugins/bootstrap/index.js'
@@ -174,20 +176,17 @@ export async function createServer(o: ServerOptions): Promise<ProxyServer> {
       options: { ...peers, log, ...(o.disableCache ? {} : { memoDirectory: join(o.cacheDirectory, MANIFEST_FILES_DIR) }) },
     })
   }
-  const packages = (server.plugins as unknown as { packages: { api: PackagesApi } }).packages.api
+  const packages = server.plugins.packages.api
   // The v1 endpoints list tags and read manifests and icon layers themselves; layers they serve
   // whole go through `packages.service`, the same verified, cached path as /package.
   const v1Client = new RegistryClient({
     ...(o.timeouts ? { timeouts: o.timeouts } : {}),
     ...(o.env ? { env: o.env } : {}),
-    observe: (kind, code, seconds) => {
-      metrics.upstreamRequests.inc({ kind, code: String(code) })
-      metrics.upstreamSeconds.observe({ kind }, seconds)
-    },
+    observe: (kind, code, seconds) => metrics.observeUpstream(kind, code, seconds),
   })
   server.ext('onPostStop', () => v1Client.close())
   const manifests = new ManifestResolver(v1Client, o.tagTtlMs !== undefined ? { tagTtlMs: o.tagTtlMs } : {})
-  const credentials = (server.plugins as unknown as { credentials: { api: CredentialsApi } }).credentials.api
+  const credentials = server.plugins.credentials.api
   await server.register([
     { plugin: imagesPlugin, options: { sources, metrics, packages: packages.service, client: v1Client, manifests } },
     { plugin: iconsPlugin, options: { sources, metrics, client: v1Client, manifests, synced: () => credentials.packageRepositoriesSynced() } },
@@ -217,30 +216,27 @@ export async function createServer(o: ServerOptions): Promise<ProxyServer> {
   server.events.on('response', (request) => {
     const response = request.response
     const status = finalStatus(request)
-    const app = request.app as { result?: string; error?: unknown; source?: string; peer?: string }
+    const app = request.app
     const query = request.query as Record<string, unknown>
     const raw = request.raw.res
     // hapi swaps a response whose body broke off for a Boom error; the client saw the headers
     // of a success and then a cut connection: that is an aborted response, not a clean error.
-    const aborted = Boom.isBoom(response) && raw.headersSent && raw.statusCode < 400
+    const aborted = (Boom.isBoom(response) && raw.headersSent && raw.statusCode < 400) || !raw.writableFinished
     const headers = response && !Boom.isBoom(response) && 'headers' in response ? response.headers : {}
     const ended = request.info.completed || request.info.responded
-    const line = {
-      req: request.info.id,
+    logRequest(requestLog, {
+      id: request.info.id,
       method: request.method,
       path: request.path,
       status,
-      ...(aborted || !raw.writableFinished ? { aborted: true, sentStatus: raw.statusCode } : { bytes: Number(headers['content-length'] ?? 0) }),
+      bytes: aborted ? undefined : Number(headers['content-length'] ?? 0),
+      sentStatus: raw.statusCode,
       ms: ended ? ended - request.info.received : undefined,
-      ...(request.path === '/package'
-        ? { digest: query.digest, repository: query.repository, source: app.source, pkgPath: query.path, result: app.result, ...(app.peer ? { peer: app.peer } : {}) }
-        : {}),
-      ...(request.path.startsWith('/v1/') ? { route: request.route.path, result: app.result } : {}),
-      ...(app.error ? { err: app.error } : {}),
-    }
-    if (request.path === '/healthz' || request.path === '/readyz' || request.path === '/metrics') requestLog.debug(line, 'request')
-    else if (status >= 500 || aborted) requestLog.warn(line, 'request')
-    else requestLog.info(line, 'request')
+      ...(request.path === '/package' ? { pkg: { digest: query.digest, repository: query.repository, source: app.source, path: query.path, peer: app.peer } } : {}),
+      ...(request.path.startsWith('/v1/') ? { route: request.route.path } : {}),
+      result: app.result,
+      err: app.err,
+    })
   })
   // Plain GETs of cached packages skip hapi's lifecycle (see handlers/package-fast-path.ts);
   // everything else, and every request the fast path declines, goes to hapi's listener unchanged.
@@ -254,25 +250,19 @@ export async function createServer(o: ServerOptions): Promise<ProxyServer> {
       packages: packages.service,
       onServed: (info) => {
         metrics.requests.inc({ route: '/package', method: 'get', code: info.finished ? '200' : '499' })
-        metrics.packageResults.inc({ result: 'hit' })
-        packages.counts.hit++
+        packages.countResult('hit')
         if (info.finished) metrics.bytesServed.inc(info.bytes)
-        requestLog.info(
-          {
-            req: info.id,
-            method: 'get',
-            path: '/package',
-            status: 200,
-            ...(info.finished ? { bytes: info.bytes } : { aborted: true, sentStatus: 200 }),
-            ms: info.ms,
-            digest: info.digest,
-            repository: info.repository,
-            source: info.source,
-            pkgPath: info.path,
-            result: 'hit',
-          },
-          'request',
-        )
+        logRequest(requestLog, {
+          id: info.id,
+          method: 'get',
+          path: '/package',
+          status: 200,
+          bytes: info.finished ? info.bytes : undefined,
+          sentStatus: 200,
+          ms: info.ms,
+          pkg: { digest: info.digest, repository: info.repository, source: info.source, path: info.path },
+          result: 'hit',
+        })
       },
     })
     listener.removeAllListeners('request')

@@ -21,7 +21,7 @@ import { createServer } from 'node:http'
 import { loadavg, tmpdir } from 'node:os'
 import { join } from 'node:path'
 import Hapi from '@hapi/hapi'
-import { freePort } from '../test/fixtures/net.js'
+import { freePort } from '../tools/net.js'
 import { Children, fetchHashed, fmt, KiB, MiB, pseudoRandom, ROOT, runWrk, sha256, sleep, startNginx } from './lib.js'
 
 const MODES = ['node-memory', 'hapi-memory', 'node-pread', 'node-open-stream', 'hapi-open-stream'] as const

@@ -231,7 +231,7 @@ http {
 }
 
 /** Pids whose parent is `pid` (nginx workers), from /proc. */
-export function childPids(pid: number): number[] {
+function childPids(pid: number): number[] {
   const out: number[] = []
   for (const name of readdirSync('/proc')) {
     if (!/^\d+$/.test(name)) continue
@@ -265,7 +265,7 @@ export function resetPeakRss(pid: number): boolean {
 const CLK_TCK = Number(spawnSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).stdout.trim()) || 100
 
 /** CPU seconds (user + system) used so far by the given pids. */
-export function cpuSeconds(pids: number[]): number {
+function cpuSeconds(pids: number[]): number {
   let ticks = 0
   for (const pid of pids) {
     try {
@@ -281,7 +281,7 @@ export function cpuSeconds(pids: number[]): number {
 }
 
 /** Machine-wide busy and total jiffies from /proc/stat, for "how busy was the box". */
-export function machineCpu(): { busy: number; total: number } {
+function machineCpu(): { busy: number; total: number } {
   const line = readFileSync('/proc/stat', 'utf8').split('\n')[0] ?? ''
   const v = line.trim().split(/\s+/).slice(1).map(Number)
   const total = v.reduce((a, b) => a + b, 0)
@@ -324,7 +324,7 @@ function toMiB(value: string): number {
 }
 
 /** Parses wrk 4.x output (run with `--latency`). */
-export function parseWrk(out: string): Omit<WrkResult, 'serverCpu' | 'machineBusy' | 'backgroundBusy' | 'waitedMs'> {
+function parseWrk(out: string): Omit<WrkResult, 'serverCpu' | 'machineBusy' | 'backgroundBusy' | 'waitedMs'> {
   const rps = /^Requests\/sec:\s+([\d.]+)/m.exec(out)?.[1]
   const transfer = /^Transfer\/sec:\s+(\S+)/m.exec(out)?.[1]
   const latency = /^\s+Latency\s+(\S+)\s+(\S+)\s+(\S+)/m.exec(out)
@@ -349,7 +349,7 @@ export function parseWrk(out: string): Omit<WrkResult, 'serverCpu' | 'machineBus
  * Waits, in 1 s windows, until other processes use less than `threshold` of the machine's CPU
  * (our servers are idle meanwhile), or `maxMs` passed. Returns the last window's busy share.
  */
-export async function waitQuiet(maxMs: number, threshold: number): Promise<{ busy: number; waitedMs: number }> {
+async function waitQuiet(maxMs: number, threshold: number): Promise<{ busy: number; waitedMs: number }> {
   const t0 = performance.now()
   for (;;) {
     const b0 = machineCpu()

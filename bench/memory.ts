@@ -12,9 +12,9 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs'
 import type { Socket } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { FakeRegistry } from '../test/fixtures/fake-registry.js'
-import { freePort } from '../test/fixtures/net.js'
-import { stalledClient } from '../test/fixtures/proxy-process.js'
+import { FakeRegistry } from '../tools/sample-registry.js'
+import { freePort } from '../tools/net.js'
+import { stalledClient } from '../tools/stalled-client.js'
 import { Children, memoryOf, MiB, option, pseudoRandom, resetPeakRss, sleep, startProxy } from './lib.js'
 
 const children = new Children()

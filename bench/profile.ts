@@ -11,8 +11,8 @@
 import { chmodSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, writeFileSync } from 'node:fs'
 import { loadavg, tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { FakeRegistry } from '../test/fixtures/fake-registry.js'
-import { freePort } from '../test/fixtures/net.js'
+import { FakeRegistry } from '../tools/sample-registry.js'
+import { freePort } from '../tools/net.js'
 import { Children, fetchHashed, fmt, KiB, MiB, pseudoRandom, ROOT, runWrk, startProxy, waitForHit } from './lib.js'
 
 interface CallFrame {

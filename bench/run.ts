@@ -22,8 +22,8 @@ import { chmodSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:f
 import { Agent } from 'node:http'
 import { availableParallelism, cpus, loadavg, release, tmpdir, totalmem } from 'node:os'
 import { join } from 'node:path'
-import { FakeRegistry, type FakeImage } from '../test/fixtures/fake-registry.js'
-import { freePort } from '../test/fixtures/net.js'
+import { FakeRegistry, type FakeImage } from '../tools/sample-registry.js'
+import { freePort } from '../tools/net.js'
 import {
   Children,
   fetchHashed,

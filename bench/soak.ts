@@ -1,5 +1,5 @@
 /**
- * `npm run soak`: the CI load test (test/integration/load.test.ts), longer and mixed. The real
+ * `npm run soak`: the CI load test (test/reliability/load.test.ts), longer and mixed. The real
  * binary serves a skewed mix of hot and cold packages from a cache far smaller than the set,
  * so hits, misses, coalesced fills and evictions all run at once, with Range and HEAD requests
  * among them and, now and then, a registry that cuts connections mid-layer (resumed with
@@ -18,9 +18,9 @@ import { existsSync, mkdtempSync, readdirSync, rmSync, statSync, writeFileSync }
 import { Agent, request } from 'node:http'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { bytes } from '../test/fixtures/bytes.js'
-import { FakeRegistry, type FakeImage } from '../test/fixtures/fake-registry.js'
-import { percentile, readProc, settleFds, sleep, startBinary, type Binary } from '../test/fixtures/load-driver.js'
+import { bytes } from '../tools/bytes.js'
+import { FakeRegistry, type FakeImage } from '../tools/sample-registry.js'
+import { percentile, readProc, settleFds, sleep, startBinary, type Binary } from '../tools/load-driver.js'
 import { MiB, option } from './lib.js'
 
 const MINUTES = option('minutes', 5)

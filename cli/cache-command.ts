@@ -4,41 +4,18 @@ import { request as httpsRequest } from 'node:https'
 import { join, resolve } from 'node:path'
 import { DEFAULT_CACHE_DIRECTORY } from '../config/flags.js'
 import { formatBytes } from '../config/quantity.js'
+import type { CacheEntryView, CacheListView } from '../handlers/cache.js'
 import { ADMIN_TOKEN_FILE, ADMIN_TOKEN_HEADER, readAdminToken } from '../plugins/packages/cache/admin-token.js'
+import { DIGEST } from '../plugins/packages/manifest.js'
 
 /** `registry-packages-proxy cache ls|show <digest>|rm <digest> [--url URL] [--json]`. */
-export const CACHE_USAGE =
+const CACHE_USAGE =
   'usage: registry-packages-proxy cache ls|show <digest>|rm <digest> [--url http://127.0.0.1:5080] [--json] [--sort lastAccess|size|hits|createdAt|digest] [--limit N]' +
   ' [--token-file <cache directory>/admin-token] [--bearer-token-file FILE] [--insecure]'
 
 export interface CliIo {
   out: (text: string) => void
   err: (text: string) => void
-}
-
-interface Entry {
-  digest: string
-  manifests: string[]
-  size: number
-  lastAccess: string
-  createdAt: string
-  hits: number
-}
-
-interface State {
-  enabled: boolean
-  /** Why the cache is off although it was not disabled. */
-  unavailable?: string
-  limitBytes: number
-  usedBytes: number
-  entries: number
-  hit: number
-  miss: number
-  coalesced: number
-  bypass: number
-  hitRatio: number
-  evictions: number
-  items: Entry[]
 }
 
 /** How to reach the proxy: an `https://` URL (kube-rbac-proxy) may need a bearer token and trust. */
@@ -95,7 +72,7 @@ function table(rows: string[][]): string {
   return rows.map((r) => r.map((c, i) => c.padEnd(widths[i] ?? 0)).join('  ').trimEnd()).join('\n')
 }
 
-function entryRows(items: Entry[]): string[][] {
+function entryRows(items: CacheEntryView[]): string[][] {
   return [
     ['LAYER', 'SIZE', 'HITS', 'LAST ACCESS', 'MANIFESTS'],
     ...items.map((e) => [short(e.digest), formatBytes(e.size), String(e.hits), e.lastAccess.replace(/\.\d+Z$/, 'Z'), e.manifests.map(short).join(',') || '-']),
@@ -151,7 +128,7 @@ export async function runCacheCommand(argv: readonly string[], io: CliIo, env: N
     const qs = new URLSearchParams({ ...(sort ? { sort } : {}), ...(limit ? { limit } : {}) }).toString()
     return fetchAnd(io, target, 'GET', `/cache${qs ? `?${qs}` : ''}`, {}, (body) => {
       if (json) return JSON.stringify(body, null, 2)
-      const s = body as State
+      const s = body as CacheListView
       const head = `cache ${s.enabled ? 'enabled' : 'DISABLED'}: ${formatBytes(s.usedBytes)} of ${formatBytes(s.limitBytes)} in ${s.entries} entries; ` +
         `hits ${s.hit}, misses ${s.miss}, coalesced ${s.coalesced}, bypassed ${s.bypass}, hit ratio ${(s.hitRatio * 100).toFixed(1)}%; evictions ${s.evictions}`
       const why = s.unavailable ? `\n${s.unavailable}` : ''
@@ -159,7 +136,7 @@ export async function runCacheCommand(argv: readonly string[], io: CliIo, env: N
     })
   }
   if ((command === 'show' || command === 'rm') && digest && positional.length === 2) {
-    if (!/^sha256:[a-f0-9]{64}$/.test(digest)) {
+    if (!DIGEST.test(digest)) {
       io.err(`"${digest}" is not sha256:<64 lowercase hex>`)
       return 2
     }
@@ -176,8 +153,8 @@ export async function runCacheCommand(argv: readonly string[], io: CliIo, env: N
     }
     return fetchAnd(io, target, command === 'show' ? 'GET' : 'DELETE', `/cache/${digest}`, extra, (body) => {
       if (json) return JSON.stringify(body, null, 2)
-      if (command === 'rm') return `removed ${(body as { removed: Entry }).removed.digest}`
-      const e = body as Entry
+      if (command === 'rm') return `removed ${(body as { removed: CacheEntryView }).removed.digest}`
+      const e = body as CacheEntryView
       return table([
         ['layer', e.digest],
         ['manifests', e.manifests.join(', ') || '-'],

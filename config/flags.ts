@@ -88,7 +88,7 @@ export function parseListenAddress(text: string, flag = 'listen-address'): { hos
 }
 
 /** `--peers`: `host:port,host:port,…`, each as `--listen-address` writes it; duplicates dropped. */
-export function parsePeers(text: string): string[] {
+function parsePeers(text: string): string[] {
   const members = text
     .split(',')
     .map((p) => p.trim())
@@ -101,7 +101,7 @@ export function parsePeers(text: string): string[] {
 }
 
 /** A duration: `500ms`, `5s`. */
-export function parseDuration(flag: string, text: string): number {
+function parseDuration(flag: string, text: string): number {
   const m = /^(\d{1,7})(ms|s)$/.exec(text)
   if (!m) throw new ConfigError(`--${flag}: "${text}" is not a duration (examples: 500ms, 5s)`)
   const ms = Number(m[1]) * (m[2] === 's' ? 1000 : 1)

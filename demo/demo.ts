@@ -12,8 +12,8 @@ import { mkdirSync, writeFileSync } from 'node:fs'
 import { request } from 'node:http'
 import { join, resolve } from 'node:path'
 import { fileURLToPath } from 'node:url'
-import { FakeRegistry } from '../test/fixtures/fake-registry.js'
-import { makePackageTarGz } from '../test/fixtures/tarball.js'
+import { FakeRegistry } from '../tools/sample-registry.js'
+import { makePackageTarGz } from '../tools/tarball.js'
 
 const once = process.argv.includes('--once')
 const listen = process.env.RPP_LISTEN_ADDRESS ?? '127.0.0.1:5080'

@@ -1,6 +1,5 @@
 import type { IncomingMessage, ServerResponse } from 'node:http'
-import Boom from '@hapi/boom'
-import { BadRequestError, NotFoundError, toBoom } from '../errors.js'
+import { BadRequestError, MethodNotAllowedError, NotFoundError, toBoom } from '../errors.js'
 import type { RppGetFiles } from '../plugins/bootstrap/rpp-get.js'
 import type { SourceSet } from '../plugins/credentials/source-set.js'
 import { DIGEST } from '../plugins/packages/manifest.js'
@@ -26,7 +25,7 @@ function parse(req: IncomingMessage, clusterUuid: string): { digest: string } {
   const url = new URL(req.url ?? '/', 'http://bootstrap')
   const m = /^\/([^/]+)\/rpp-get$/.exec(url.pathname)
   if (!m || m[1] !== clusterUuid) throw new NotFoundError('not found')
-  if (req.method !== 'GET') throw Boom.methodNotAllowed('only GET is allowed', undefined, ['GET'])
+  if (req.method !== 'GET') throw new MethodNotAllowedError('only GET is allowed', ['GET'])
   const digests = url.searchParams.getAll('digest')
   const digest = digests[0]
   if (digests.length !== 1 || digest === undefined || !DIGEST.test(digest)) throw new BadRequestError('"digest" must be given once as sha256:<64 lowercase hex>')

@@ -1,16 +1,12 @@
-import Boom from '@hapi/boom'
 import type { Request, ResponseObject, ResponseToolkit } from '@hapi/hapi'
+import { BadRequestError, ForbiddenError, NotCachedError } from '../errors.js'
 import { ADMIN_TOKEN_FILE, ADMIN_TOKEN_HEADER, adminTokenMatches } from '../plugins/packages/cache/admin-token.js'
 import type { BlobEntry, CacheIndex } from '../plugins/packages/cache/cache-index.js'
 import { DIGEST } from '../plugins/packages/manifest.js'
+import type { PackageResult } from '../plugins/packages/package-service.js'
 
 /** Request outcome counters since start (the numbers behind the hit ratio). */
-export interface ResultCounts {
-  hit: number
-  miss: number
-  coalesced: number
-  bypass: number
-}
+export type ResultCounts = Record<PackageResult, number>
 
 /** The cache's books as `GET /cache` shows them. */
 export interface CacheBooks {
@@ -40,7 +36,7 @@ export interface CacheHandlerDeps {
   adminToken?: string | undefined
 }
 
-/** One cache entry as the API shows it. */
+/** One cache entry as the API shows it (and `registry-packages-proxy cache show` reads it). */
 export interface CacheEntryView {
   digest: string
   manifests: string[]
@@ -48,6 +44,17 @@ export interface CacheEntryView {
   lastAccess: string
   createdAt: string
   hits: number
+}
+
+/** `GET /cache` as the API shows it (and `registry-packages-proxy cache ls` reads it). */
+export interface CacheListView extends CacheBooks, ResultCounts {
+  enabled: boolean
+  /** Why the cache is off although it was not disabled. */
+  unavailable?: string
+  limitBytes: number
+  entries: number
+  hitRatio: number
+  items: CacheEntryView[]
 }
 
 const SORTS = ['lastAccess', 'size', 'hits', 'createdAt', 'digest'] as const
@@ -67,7 +74,7 @@ function view(index: CacheIndex, e: BlobEntry): CacheEntryView {
 function digestParam(request: Request): string {
   const raw: unknown = request.params.digest
   const digest = typeof raw === 'string' ? raw : ''
-  if (!DIGEST.test(digest)) throw Boom.badRequest('digest must be sha256:<64 lowercase hex>')
+  if (!DIGEST.test(digest)) throw new BadRequestError('digest must be sha256:<64 lowercase hex>')
   return digest
 }
 
@@ -84,14 +91,14 @@ export function listCacheHandler(deps: CacheHandlerDeps) {
   return (request: Request, h: ResponseToolkit): ResponseObject => {
     const q = request.query as Record<string, unknown>
     const sort = (q.sort ?? 'lastAccess') as SortKey
-    if (!SORTS.includes(sort)) throw Boom.badRequest(`sort must be one of ${SORTS.join(', ')}`)
+    if (!SORTS.includes(sort)) throw new BadRequestError(`sort must be one of ${SORTS.join(', ')}`)
     const order = q.order ?? (sort === 'digest' ? 'asc' : 'desc')
-    if (order !== 'asc' && order !== 'desc') throw Boom.badRequest('order must be asc or desc')
+    if (order !== 'asc' && order !== 'desc') throw new BadRequestError('order must be asc or desc')
     const limit = q.limit === undefined ? 100 : Number(q.limit)
-    if (!Number.isInteger(limit) || limit < 0 || limit > 100_000) throw Boom.badRequest('limit must be an integer from 0 to 100000')
+    if (!Number.isInteger(limit) || limit < 0 || limit > 100_000) throw new BadRequestError('limit must be an integer from 0 to 100000')
     const { counts } = deps
-    const served = counts.hit + counts.miss + counts.coalesced + counts.bypass
-    const base = {
+    const served = Object.values(counts).reduce((a, b) => a + b, 0)
+    const base: Omit<CacheListView, 'items'> = {
       enabled: deps.index !== undefined,
       ...(deps.unavailable ? { unavailable: deps.unavailable } : {}),
       limitBytes: deps.index ? deps.limitBytes : 0,
@@ -101,14 +108,14 @@ export function listCacheHandler(deps: CacheHandlerDeps) {
       hitRatio: served === 0 ? 0 : Number((counts.hit / served).toFixed(4)),
     }
     const index = deps.index
-    if (!index) return h.response({ ...base, items: [] })
+    if (!index) return h.response({ ...base, items: [] } satisfies CacheListView)
     const sign = order === 'asc' ? 1 : -1
     const items = index
       .blobs()
       .sort((a, b) => sign * (sort === 'digest' ? a.digest.localeCompare(b.digest) : a[sort] - b[sort]))
       .slice(0, limit)
       .map((e) => view(index, e))
-    return h.response({ ...base, items })
+    return h.response({ ...base, items } satisfies CacheListView)
   }
 }
 
@@ -117,7 +124,7 @@ export function showCacheEntryHandler(deps: CacheHandlerDeps) {
   return (request: Request, h: ResponseToolkit): ResponseObject => {
     const digest = digestParam(request)
     const entry = deps.index ? find(deps.index, digest) : undefined
-    if (!deps.index || !entry) throw Boom.notFound(`${digest} is not in the cache`)
+    if (!deps.index || !entry) throw new NotCachedError(digest)
     return h.response(view(deps.index, entry))
   }
 }
@@ -130,11 +137,11 @@ export function showCacheEntryHandler(deps: CacheHandlerDeps) {
 export function deleteCacheEntryHandler(deps: CacheHandlerDeps) {
   return async (request: Request, h: ResponseToolkit): Promise<ResponseObject> => {
     if (!adminTokenMatches(deps.adminToken, request.headers[ADMIN_TOKEN_HEADER])) {
-      throw Boom.forbidden(`deleting from the cache needs the X-Cache-Token header with the token in <cache directory>/${ADMIN_TOKEN_FILE} (registry-packages-proxy cache rm sends it)`)
+      throw new ForbiddenError(`deleting from the cache needs the X-Cache-Token header with the token in <cache directory>/${ADMIN_TOKEN_FILE} (registry-packages-proxy cache rm sends it)`)
     }
     const digest = digestParam(request)
     const entry = deps.index ? find(deps.index, digest) : undefined
-    if (!deps.index || !entry) throw Boom.notFound(`${digest} is not in the cache`)
+    if (!deps.index || !entry) throw new NotCachedError(digest)
     const shown = view(deps.index, entry)
     await deps.remove(entry.digest)
     return h.response({ removed: shown })

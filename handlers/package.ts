@@ -1,4 +1,5 @@
 import type { Request, ResponseObject, ResponseToolkit } from '@hapi/hapi'
+import { RangeNotSatisfiableError } from '../errors.js'
 import type { SourceSet } from '../plugins/credentials/source-set.js'
 import { verifyDigest } from '../plugins/packages/manifest.js'
 import type { PeerRequest } from '../plugins/packages/peer-port.js'
@@ -34,13 +35,13 @@ export interface PackageHandlerDeps {
 /**
  * `GET|HEAD /package`: validate, pick the source (an unknown repository is a 404 before any
  * connection), resolve the manifest, then answer 304, 416, HEAD headers, or stream the bytes.
- * Errors are thrown and mapped to JSON bodies by the plugin's error extension.
+ * Errors are thrown as errors.ts classes; the route (plugins/packages/routes.ts) maps them with toBoom.
  */
 export function packageHandler(deps: PackageHandlerDeps) {
   return async (request: Request, h: ResponseToolkit): Promise<ResponseObject> => {
     const query = parsePackageQuery(request.query)
     const source = deps.sources.match(query.repository)
-    ;(request.app as { source?: string }).source = source.name
+    request.app.source = source.name
     const name = [source.namePrefix, query.path].filter(Boolean).join('/')
     const etag = `"${query.digest}"`
     const common = (response: ResponseObject): ResponseObject =>
@@ -57,7 +58,7 @@ export function packageHandler(deps: PackageHandlerDeps) {
     }
 
     const peer: PeerRequest = { ...query, from: peerOrigin(request) }
-    if (peer.from !== 'client') (request.app as { peer?: string }).peer = peer.from
+    if (peer.from !== 'client') request.app.peer = peer.from
     const pkg = await deps.packages.resolve(source, name, query.digest, peer)
     // `*` only now: it means "you have it", which is known once the manifest was found.
     if (matchesIfNoneMatch(ifNoneMatch, etag, true)) {
@@ -70,14 +71,7 @@ export function packageHandler(deps: PackageHandlerDeps) {
     if (size === 0) verifyDigest('layer', Buffer.alloc(0), pkg.layer.digest)
     const ifRange = header(request, 'if-range')
     const range = ifRange && ifRange !== etag ? undefined : parseRange(header(request, 'range'), size)
-    if (range === 'unsatisfiable') {
-      // An error, not the package: none of the package's year-long immutable caching headers.
-      return h
-        .response({ statusCode: 416, error: 'Range Not Satisfiable', message: `the package has ${size} bytes` })
-        .code(416)
-        .header('Accept-Ranges', 'bytes')
-        .header('Content-Range', `bytes */${size}`)
-    }
+    if (range === 'unsatisfiable') throw new RangeNotSatisfiableError(size)
     const start = range?.start ?? 0
     const end = range?.end ?? size - 1
     const withHeaders = (response: ResponseObject, cache: string): ResponseObject => {

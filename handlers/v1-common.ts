@@ -1,6 +1,5 @@
-import Boom from '@hapi/boom'
 import type { Request } from '@hapi/hapi'
-import { NoSourceError, NotFoundError } from '../errors.js'
+import { NoSourceError, NotFoundError, NotSyncedError } from '../errors.js'
 import type { SourceSet } from '../plugins/credentials/source-set.js'
 import type { RegistrySource } from '../plugins/credentials/source.js'
 
@@ -17,12 +16,10 @@ export function header(request: Request, name: string): string | undefined {
  * 503 with `Retry-After` while some source provider has not synced yet: a source missing now
  * may be one the API server has not told us about (CONTRACT: never a 404 before the first sync).
  */
-export function notSyncedYet(sources: SourceSet, what: string): Boom.Boom | undefined {
+function notSyncedYet(sources: SourceSet, what: string): NotSyncedError | undefined {
   const pending = sources.unsynced()
   if (pending.length === 0) return undefined
-  const boom = Boom.serverUnavailable(`${what} is not known yet: credential sources not synced (${pending.join(', ')})`)
-  boom.output.headers['Retry-After'] = '5'
-  return boom
+  return new NotSyncedError(`${what} is not known yet: credential sources not synced (${pending.join(', ')})`)
 }
 
 /** The default source (the main registry), or 503 before the first sync, or 404. */

@@ -1,7 +1,6 @@
-import Boom from '@hapi/boom'
 import type { Request, ResponseObject, ResponseToolkit } from '@hapi/hapi'
 import semver from 'semver'
-import { BadRequestError, NotFoundError } from '../errors.js'
+import { BadRequestError, NotFoundError, NotSyncedError } from '../errors.js'
 import type { SourceSet } from '../plugins/credentials/source-set.js'
 import type { IconService } from '../plugins/icons/icon-service.js'
 import { matchesIfNoneMatch } from './package-request.js'
@@ -11,7 +10,7 @@ import { header, type V1ResultHook } from './v1-common.js'
 const COMPONENT = /^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$/
 
 /** Scripts, plugins, frames and forms are all off; inline styles are what icons use. */
-export const SVG_CSP = "default-src 'none'; style-src 'unsafe-inline'; sandbox"
+const SVG_CSP = "default-src 'none'; style-src 'unsafe-inline'; sandbox"
 
 export interface V1IconsDeps {
   sources: SourceSet
@@ -34,11 +33,7 @@ export function iconHandler(deps: V1IconsDeps) {
     if (!COMPONENT.test(params.package)) throw new BadRequestError('the package name must be a lowercase OCI name component')
     const source = deps.sources.packageRepository(params.repository)
     if (!source) {
-      if (!deps.synced()) {
-        const boom = Boom.serverUnavailable('package repositories are not known yet: the PackageRepository watch has not synced')
-        boom.output.headers['Retry-After'] = '5'
-        throw boom
-      }
+      if (!deps.synced()) throw new NotSyncedError('package repositories are not known yet: the PackageRepository watch has not synced')
       throw new NotFoundError(`no PackageRepository ${params.repository}`)
     }
     const name = [source.namePrefix, params.package, 'version'].filter(Boolean).join('/')

@@ -1,5 +1,5 @@
 import type { Request, ResponseObject, ResponseToolkit } from '@hapi/hapi'
-import { NotFoundError } from '../errors.js'
+import { NotFoundError, RangeNotSatisfiableError } from '../errors.js'
 import type { SourceSet } from '../plugins/credentials/source-set.js'
 import type { RegistrySource } from '../plugins/credentials/source.js'
 import { allowedImage, imageNames, parsePlatform, parseReference, parseTag } from '../plugins/images/image-ref.js'
@@ -55,7 +55,7 @@ function repositoryMissing(deps: V1ImagesDeps, source: RegistrySource) {
 }
 
 /** Headers for manifest bytes served as the registry typed them: never sniffed, never run. */
-export const MANIFEST_CSP = "default-src 'none'; sandbox"
+const MANIFEST_CSP = "default-src 'none'; sandbox"
 
 /** `GET /v1/images/<image>/tags`: every tag, all pages followed. */
 export function cliTagsHandler(deps: V1ImagesDeps) {
@@ -135,12 +135,7 @@ export function cliDownloadHandler(deps: V1ImagesDeps) {
     const range = ifRange && ifRange !== etag ? undefined : parseRange(header(request, 'range'), size)
     if (range === 'unsatisfiable') {
       deps.onResult?.(request, 'unsatisfiable')
-      // An error, not the image: no ETag or digest, as /package's 416.
-      return h
-        .response({ statusCode: 416, error: 'Range Not Satisfiable', message: `the image has ${size} bytes` })
-        .code(416)
-        .header('Accept-Ranges', 'bytes')
-        .header('Content-Range', `bytes */${size}`)
+      throw new RangeNotSatisfiableError(size, 'image')
     }
     const start = range?.start ?? 0
     const end = range?.end ?? size - 1

@@ -25,6 +25,13 @@ export interface BootstrapApi {
   address(): AddressInfo | undefined
 }
 
+// hapi's own typing for `server.plugins.bootstrap.api`, as hapijs/inert's lib/index.d.ts types its plugin.
+declare module '@hapi/hapi' {
+  interface PluginProperties {
+    bootstrap?: { api: BootstrapApi }
+  }
+}
+
 /**
  * `--bootstrap-listen-address`: a second plain-HTTP listener, outside hapi, that serves
  * `/<cluster UUID>/rpp-get` and nothing else, with the current module's limits: 5 s to send

@@ -5,23 +5,23 @@ import { flattenedBest } from '../icons/layer-files.js'
 import type { PackageService } from '../packages/package-service.js'
 
 /** The current module's limit on the rpp-get file. */
-export const MAX_RPP_GET_BYTES = 64 * 1024 * 1024
+const MAX_RPP_GET_BYTES = 64 * 1024 * 1024
 
 /** Tar bytes one rpp-get layer may inflate to (a gzip bomb is a 502, not minutes of CPU). */
-export const MAX_RPP_GET_INFLATED_BYTES = 1024 * 1024 * 1024
+const MAX_RPP_GET_INFLATED_BYTES = 1024 * 1024 * 1024
 
 /**
  * Extractions at once and waiting. Each holds at most one file of up to 64 MiB, so memory stays
- * under `cacheBytes + max × 64 MiB` (+ stream buffers) whatever the number of nodes asking.
+ * under `RPP_GET_CACHE_BYTES + max × 64 MiB` (+ stream buffers) whatever the number of nodes asking.
  */
-export const DEFAULT_RPP_GET_SLOTS: ExtractionSlotsOptions = Object.freeze({ max: 2, maxQueued: 32 })
+const DEFAULT_RPP_GET_SLOTS: ExtractionSlotsOptions = Object.freeze({ max: 2, maxQueued: 32 })
 
 export interface RppGetOptions {
-  /** Memory for extracted files (default 128 MiB; least recently used go first). */
-  cacheBytes?: number
   slots?: ExtractionSlotsOptions
-  maxInflatedBytes?: number
 }
+
+/** Memory for extracted files (least recently used go first). */
+const RPP_GET_CACHE_BYTES = 128 * 1024 * 1024
 
 /**
  * The `rpp-get` file from the last layer of `<default source>@<digest>`. The layer comes from
@@ -43,9 +43,9 @@ export class RppGetFiles {
 
   constructor(packages: PackageService, o: RppGetOptions = {}) {
     this.#packages = packages
-    this.#limit = o.cacheBytes ?? 128 * 1024 * 1024
+    this.#limit = RPP_GET_CACHE_BYTES
     this.#slots = new ExtractionSlots(o.slots ?? DEFAULT_RPP_GET_SLOTS)
-    this.#maxInflated = o.maxInflatedBytes ?? MAX_RPP_GET_INFLATED_BYTES
+    this.#maxInflated = MAX_RPP_GET_INFLATED_BYTES
   }
 
   /** The file's bytes; a NotFoundError when the layer has no regular `rpp-get` up to 64 MiB. */

@@ -1,32 +1,10 @@
-import { readFile } from 'node:fs/promises'
 import { parsePackageRepositoriesConfig } from './package-repository.js'
-import {
-  credentialsFromDockerConfig,
-  decodeBase64,
-  parseCa,
-  parseScheme,
-  registrySource,
-  SourceError,
-  splitRepository,
-  type RegistrySource,
-} from './source.js'
+import { credentialsFromDockerConfig, decodeBase64, parseCa, parseScheme, registrySource, SourceError, splitRepository, type RegistrySource } from './source.js'
 
 /**
- * Reads the `--registry-config` JSON file (CONTRACT.md "Registry sources") into sources.
- * Every problem is a {@link SourceError} that names the file and the key at fault.
- */
-export async function loadRegistryConfig(file: string): Promise<RegistrySource[]> {
-  let text: string
-  try {
-    text = await readFile(file, 'utf8')
-  } catch (err) {
-    throw new SourceError(`--registry-config ${file}: cannot read (${(err as NodeJS.ErrnoException).code ?? 'error'})`)
-  }
-  return parseRegistryConfigText(text, `--registry-config ${file}`)
-}
-
-/**
- * Parses the text of a `--registry-config` file. A JSON syntax error names its position only:
+ * Parses the text of a `--registry-config` file (README, "Registry sources"; FileSourceWatcher
+ * reads the file); every problem is a {@link SourceError} that names the file and the key at
+ * fault. A JSON syntax error names its position only:
  * V8's message quotes the text around it, which may be a password.
  */
 export function parseRegistryConfigText(text: string, what: string): RegistrySource[] {

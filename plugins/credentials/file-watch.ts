@@ -1,6 +1,7 @@
 import { readFile, stat } from 'node:fs/promises'
 import type { Logger } from 'pino'
 import type { Metrics } from '../metrics/metrics.js'
+import { describe } from '../packages/log.js'
 import { parseRegistryConfigText } from './file-source.js'
 import type { SourceSet } from './source-set.js'
 import { SourceError, type RegistrySource } from './source.js'
@@ -13,7 +14,6 @@ export interface FileSourceWatcherOptions {
   log: Logger
   /** How often the file is checked for a change (default 1 s). */
   intervalMs?: number
-  now?: () => number
 }
 
 const PROVIDER = 'file'
@@ -28,7 +28,6 @@ const PROVIDER = 'file'
  */
 export class FileSourceWatcher {
   readonly #o: FileSourceWatcherOptions
-  readonly #now: () => number
   #timer: NodeJS.Timeout | undefined
   #stopped = false
   /** Checks and reloads run one at a time, in order, so an older read never wins. */
@@ -42,7 +41,6 @@ export class FileSourceWatcher {
 
   constructor(o: FileSourceWatcherOptions) {
     this.#o = o
-    this.#now = o.now ?? Date.now
     o.sources.expect(PROVIDER)
     o.metrics.sourceSynced.set({ provider: PROVIDER }, 0)
     o.metrics.sourceSyncClock(PROVIDER, () => this.#lastSync)
@@ -87,7 +85,7 @@ export class FileSourceWatcher {
    */
   reload(reason = 'reload requested'): Promise<boolean> {
     return this.#serialized(() => this.#read(reason, true)).catch((err: unknown) => {
-      this.#o.log.error({ file: this.#o.path, reason, error: (err as Error).name }, 'registry config reload failed')
+      this.#o.log.error({ file: this.#o.path, reason, err: describe(err) }, 'registry config reload failed')
       return false
     })
   }
@@ -122,7 +120,7 @@ export class FileSourceWatcher {
     }
     if (signature === this.#signature) {
       // Unchanged since the last read; in sync only if that read was good.
-      if (this.#lastGood) this.#lastSync = this.#now()
+      if (this.#lastGood) this.#lastSync = Date.now()
       return false
     }
     return this.#read('file changed', false)
@@ -145,7 +143,7 @@ export class FileSourceWatcher {
     this.#signature = signature
     if (text === this.#text) {
       this.#lastGood = true
-      this.#lastSync = this.#now()
+      this.#lastSync = Date.now()
       if (forced) log.info({ file: path, reason }, 'registry config unchanged')
       return false
     }
@@ -156,7 +154,7 @@ export class FileSourceWatcher {
       if (!(err instanceof SourceError)) throw err
       this.#lastGood = false
       metrics.sourceErrors.inc({ provider: PROVIDER })
-      log.error({ file: path, reason, error: err.message }, 'registry config rejected; keeping the previous sources')
+      log.error({ file: path, reason, err: { message: err.message } }, 'registry config rejected; keeping the previous sources')
       return false
     }
     this.#apply(parsed, text, signature)
@@ -172,7 +170,7 @@ export class FileSourceWatcher {
     this.#text = text
     this.#signature = signature
     this.#lastGood = true
-    this.#lastSync = this.#now()
+    this.#lastSync = Date.now()
     this.#o.metrics.sourceSynced.set({ provider: PROVIDER }, 1)
   }
 
@@ -182,7 +180,7 @@ export class FileSourceWatcher {
     this.#signature = undefined
     this.#o.metrics.sourceErrors.inc({ provider: PROVIDER })
     this.#o.log.warn(
-      { file: this.#o.path, error: (err as NodeJS.ErrnoException).code ?? 'error' },
+      { file: this.#o.path, err: describe(err) },
       'registry config cannot be read; keeping the previous sources',
     )
   }

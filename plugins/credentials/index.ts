@@ -3,7 +3,6 @@ import type { Logger } from 'pino'
 import type { Metrics } from '../metrics/metrics.js'
 import { FileSourceWatcher } from './file-watch.js'
 import { loadKubeConfig } from './kube-config.js'
-import type { KubernetesSource } from './kubernetes-source.js'
 import type { InformerTiming } from './restarting-informer.js'
 import type { SourceSet } from './source-set.js'
 
@@ -34,10 +33,15 @@ export interface CredentialsOptions {
 export interface CredentialsApi {
   /** Re-reads `--registry-config` now (SIGHUP); true when new sources took effect. Never rejects. */
   reloadFile(reason?: string): Promise<boolean>
-  /** The Kubernetes provider, when running with one. */
-  readonly kubernetes: KubernetesSource | undefined
   /** False until PackageRepositories were listed once (always true without Kubernetes). */
   packageRepositoriesSynced(): boolean
+}
+
+// hapi's own typing for `server.plugins.credentials.api`, as hapijs/inert's lib/index.d.ts types its plugin.
+declare module '@hapi/hapi' {
+  interface PluginProperties {
+    credentials: { api: CredentialsApi }
+  }
 }
 
 /**
@@ -68,27 +72,20 @@ export const credentialsPlugin: Plugin<CredentialsOptions> = {
       env: options.env ?? process.env,
       ...(options.serviceAccountDir ? { serviceAccountDir: options.serviceAccountDir } : {}),
     })
+    // What both Kubernetes watches are given, once a kubeconfig was found.
+    const watchOptions = kubeConfig && {
+      kubeConfig,
+      sources: options.sources,
+      metrics: options.metrics,
+      log,
+      ...(options.kubernetesTiming ? { timing: options.kubernetesTiming } : {}),
+    }
     // client-node loads only in Kubernetes mode (see loadKubeConfig).
-    const kubernetes = kubeConfig
-      ? new (await import('./kubernetes-source.js')).KubernetesSource({
-          kubeConfig,
-          sources: options.sources,
-          metrics: options.metrics,
-          log,
-          ...(options.kubernetesTiming ? { timing: options.kubernetesTiming } : {}),
-        })
-      : undefined
+    const kubernetes = watchOptions ? new (await import('./kubernetes-source.js')).KubernetesSource(watchOptions) : undefined
 
     // PackageRepositories (package icons) are watched beside the ModuleSources, the same way.
-    const packageRepositories = kubeConfig && options.watchPackageRepositories
-      ? new (await import('./package-repositories.js')).PackageRepositoryWatch({
-          kubeConfig,
-          sources: options.sources,
-          metrics: options.metrics,
-          log,
-          ...(options.kubernetesTiming ? { timing: options.kubernetesTiming } : {}),
-        })
-      : undefined
+    const packageRepositories =
+      watchOptions && options.watchPackageRepositories ? new (await import('./package-repositories.js')).PackageRepositoryWatch(watchOptions) : undefined
 
     server.ext('onPreStart', () => {
       file?.start()
@@ -107,7 +104,6 @@ export const credentialsPlugin: Plugin<CredentialsOptions> = {
         }
         return file.reload(reason)
       },
-      kubernetes,
       packageRepositoriesSynced: () => packageRepositories?.synced ?? true,
     }
     server.expose('api', api)

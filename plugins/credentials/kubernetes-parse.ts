@@ -1,13 +1,4 @@
-import {
-  credentialsFromDockerConfig,
-  decodeBase64,
-  parseCa,
-  parseScheme,
-  registrySource,
-  SourceError,
-  splitRepository,
-  type RegistrySource,
-} from './source.js'
+import { credentialsFromDockerConfig, decodeBase64, parseCa, parseScheme, registrySource, SourceError, splitRepository, type RegistrySource } from './source.js'
 
 /** Where the default source lives in a cluster (README, "Registry sources from Kubernetes"). RBAC grants exactly this one. */
 export const REGISTRY_SECRET = Object.freeze({ namespace: 'd8-system', name: 'deckhouse-registry' })
@@ -90,4 +81,44 @@ export function parseModuleSource(obj: ModuleSourceObject): RegistrySource {
     ? credentialsFromDockerConfig(decodeBase64(dockerCfg, `${what}: spec.registry.dockerCfg`), registry, `${what}: spec.registry.dockerCfg`)
     : undefined
   return registrySource({ name, kind: 'module-source', registry, namePrefix, scheme, ca, credentials })
+}
+
+/** What a watch remembers of one object: the version it parsed, and its source when valid. */
+export interface ParsedObject {
+  resourceVersion: string | undefined
+  source?: RegistrySource
+}
+
+/**
+ * Parses a listed set of objects, reusing the parse of each whose resourceVersion did not
+ * change (an informer re-list sends every object again). An object that throws a SourceError is
+ * remembered without a source, so it is not parsed again until it changes; `parsed` and
+ * `rejected` are told (with what was known of it before) so the caller can log.
+ */
+export function reparse<T extends { metadata?: KubeObjectMeta }>(
+  objects: readonly T[],
+  previous: ReadonlyMap<string, ParsedObject>,
+  parse: (obj: T) => RegistrySource,
+  on: { parsed(name: string, source: RegistrySource, before: ParsedObject | undefined): void; rejected(name: string, err: SourceError, before: ParsedObject | undefined): void },
+): Map<string, ParsedObject> {
+  const next = new Map<string, ParsedObject>()
+  for (const obj of objects) {
+    const name = obj.metadata?.name ?? ''
+    const resourceVersion = obj.metadata?.resourceVersion
+    const before = previous.get(name)
+    if (before && resourceVersion !== undefined && before.resourceVersion === resourceVersion) {
+      next.set(name, before)
+      continue
+    }
+    try {
+      const source = parse(obj)
+      next.set(name, { resourceVersion, source })
+      on.parsed(name, source, before)
+    } catch (err) {
+      if (!(err instanceof SourceError)) throw err
+      next.set(name, { resourceVersion })
+      on.rejected(name, err, before)
+    }
+  }
+  return next
 }

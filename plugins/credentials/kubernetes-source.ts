@@ -18,6 +18,8 @@ import {
   REGISTRY_SECRET,
   type ModuleSourceObject,
   type SecretObject,
+  reparse,
+  type ParsedObject,
 } from './kubernetes-parse.js'
 import { RestartingInformer, type InformerTiming } from './restarting-informer.js'
 import type { SourceSet } from './source-set.js'
@@ -47,11 +49,6 @@ export interface KubernetesSourceOptions {
   timing?: Partial<InformerTiming>
 }
 
-interface Parsed {
-  resourceVersion: string | undefined
-  source?: RegistrySource
-}
-
 /**
  * The `secret` and `modulesources` providers: one informer on the `d8-system/deckhouse-registry`
  * Secret (a field selector on its name: RBAC grants that one Secret only) and one on the
@@ -68,8 +65,8 @@ export class KubernetesSource {
   readonly #secret: RestartingInformer<KubernetesObject>
   readonly #moduleSources: RestartingInformer<KubernetesObject>
   /** Parse results by ModuleSource name, reused while the resourceVersion is unchanged. */
-  #parsedModuleSources = new Map<string, Parsed>()
-  #secretParsed: Parsed | undefined
+  #parsedModuleSources = new Map<string, ParsedObject>()
+  #secretParsed: ParsedObject | undefined
   /** The last default source that parsed: kept while the Secret is malformed. */
   #lastGoodDefault: RegistrySource | undefined
   #missingReported = false
@@ -150,7 +147,7 @@ export class KubernetesSource {
           this.#secretParsed = { resourceVersion }
           metrics.sourceErrors.inc({ provider: 'secret' })
           log.error(
-            { secret: where, error: err.message, keeping: this.#lastGoodDefault?.repository },
+            { secret: where, err: { message: err.message }, keeping: this.#lastGoodDefault?.repository },
             this.#lastGoodDefault ? 'registry Secret is malformed; keeping the last good default source' : 'registry Secret is malformed; no default source',
           )
         }
@@ -162,29 +159,18 @@ export class KubernetesSource {
 
   #applyModuleSources(objects: readonly ModuleSourceObject[]): void {
     const { log, metrics, sources } = this.#o
-    const next = new Map<string, Parsed>()
-    for (const obj of objects) {
-      const name = obj.metadata?.name ?? ''
-      const resourceVersion = obj.metadata?.resourceVersion
-      const before = this.#parsedModuleSources.get(name)
-      if (before && resourceVersion !== undefined && before.resourceVersion === resourceVersion) {
-        next.set(name, before)
-        continue
-      }
-      try {
-        const source = parseModuleSource(obj)
-        next.set(name, { resourceVersion, source })
+    const next = reparse(objects, this.#parsedModuleSources, parseModuleSource, {
+      parsed: (name, source, before) => {
         const was = before?.source?.repository
         if (was === undefined) log.info({ moduleSource: name, repository: source.repository, scheme: source.scheme }, 'module source added')
         else if (was !== source.repository) log.info({ moduleSource: name, repository: source.repository, retired: was }, 'module source moved; its old repository is retired')
         else log.info({ moduleSource: name, repository: source.repository }, 'module source updated')
-      } catch (err) {
-        if (!(err instanceof SourceError)) throw err
-        next.set(name, { resourceVersion })
+      },
+      rejected: (name, err, before) => {
         metrics.sourceErrors.inc({ provider: 'modulesources' })
-        log.error({ moduleSource: name || undefined, error: err.message, retired: before?.source?.repository }, 'ModuleSource is malformed; skipped')
-      }
-    }
+        log.error({ moduleSource: name || undefined, err: { message: err.message }, retired: before?.source?.repository }, 'ModuleSource is malformed; skipped')
+      },
+    })
     for (const [name, before] of this.#parsedModuleSources) {
       if (!next.has(name) && before.source) log.info({ moduleSource: name, retired: before.source.repository }, 'module source deleted')
     }

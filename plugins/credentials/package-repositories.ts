@@ -3,9 +3,9 @@ import type { Logger } from 'pino'
 import type { Metrics } from '../metrics/metrics.js'
 import { withSignal } from './kubernetes-source.js'
 import { PACKAGE_REPOSITORY, parsePackageRepository, type PackageRepositoryObject } from './package-repository.js'
+import { reparse, type ParsedObject } from './kubernetes-parse.js'
 import { RestartingInformer, type InformerTiming } from './restarting-informer.js'
 import type { SourceSet } from './source-set.js'
-import { SourceError, type RegistrySource } from './source.js'
 
 const PROVIDER = 'packagerepositories'
 
@@ -28,7 +28,7 @@ export class PackageRepositoryWatch {
   readonly #o: PackageRepositoryWatchOptions
   readonly #informer: RestartingInformer<KubernetesObject>
   /** Parse results by name, reused while the resourceVersion is unchanged. */
-  #parsed = new Map<string, { resourceVersion: string | undefined; source?: RegistrySource }>()
+  #parsed = new Map<string, ParsedObject>()
   #synced = false
 
   constructor(o: PackageRepositoryWatchOptions) {
@@ -66,26 +66,14 @@ export class PackageRepositoryWatch {
 
   #apply(objects: readonly PackageRepositoryObject[]): void {
     const { log, metrics, sources } = this.#o
-    const next = new Map<string, { resourceVersion: string | undefined; source?: RegistrySource }>()
-    for (const obj of objects) {
-      const name = obj.metadata?.name ?? ''
-      const resourceVersion = obj.metadata?.resourceVersion
-      const before = this.#parsed.get(name)
-      if (before && resourceVersion !== undefined && before.resourceVersion === resourceVersion) {
-        next.set(name, before)
-        continue
-      }
-      try {
-        const source = parsePackageRepository(obj)
-        next.set(name, { resourceVersion, source })
-        log.info({ packageRepository: name, repository: source.repository, scheme: source.scheme }, before ? 'package repository updated' : 'package repository added')
-      } catch (err) {
-        if (!(err instanceof SourceError)) throw err
-        next.set(name, { resourceVersion })
+    const next = reparse(objects, this.#parsed, parsePackageRepository, {
+      parsed: (name, source, before) =>
+        log.info({ packageRepository: name, repository: source.repository, scheme: source.scheme }, before ? 'package repository updated' : 'package repository added'),
+      rejected: (name, err) => {
         metrics.sourceErrors.inc({ provider: PROVIDER })
-        log.error({ packageRepository: name || undefined, error: err.message }, 'PackageRepository is malformed; skipped')
-      }
-    }
+        log.error({ packageRepository: name || undefined, err: { message: err.message } }, 'PackageRepository is malformed; skipped')
+      },
+    })
     for (const [name, before] of this.#parsed) {
       if (!next.has(name) && before.source) log.info({ packageRepository: name }, 'package repository deleted')
     }

@@ -1,14 +1,5 @@
-import {
-  credentialsFromDockerConfig,
-  Credentials,
-  decodeBase64,
-  parseCa,
-  parseScheme,
-  registrySource,
-  SourceError,
-  splitRepository,
-  type RegistrySource,
-} from './source.js'
+import { credentialsFromDockerConfig, Credentials, decodeBase64, parseCa, parseScheme, registrySource, SourceError, splitRepository } from './source.js'
+import type { RegistrySource } from './source.js'
 
 /** The cluster-scoped custom resource that names package repositories (icons come from them). */
 export const PACKAGE_REPOSITORY = Object.freeze({ group: 'deckhouse.io', version: 'v1alpha1', plural: 'packagerepositories' })
@@ -40,7 +31,7 @@ function optionalString(value: unknown, what: string): string | undefined {
  * JSON) under the repo's host, else none (anonymous). Throws a {@link SourceError} naming the
  * key at fault, never a value.
  */
-export function packageRepositorySource(name: string, spec: PackageRepositorySpec, what: string): RegistrySource {
+function packageRepositorySource(name: string, spec: PackageRepositorySpec, what: string): RegistrySource {
   const repo = optionalString(spec.repo, `${what}.repo`)?.trim()
   if (!repo) throw new SourceError(`${what}.repo is required`)
   const { registry, namePrefix } = splitRepository(repo, `${what}.repo`)

@@ -255,11 +255,6 @@ export class RestartingInformer<T extends KubernetesObject> {
     await this.#informer.stop()
   }
 
-  /** True while a watch stream is open: the informer is in sync with the API server. */
-  get watching(): boolean {
-    return this.#watching
-  }
-
   /** True once a LIST succeeded: {@link RestartingInformerOptions.onChange} has been called. */
   get listed(): boolean {
     return this.#listed
@@ -326,7 +321,7 @@ export class RestartingInformer<T extends KubernetesObject> {
     this.#o.metrics.sourceRestarts.inc({ provider: this.#o.provider })
     const relist = err instanceof WatchErrorEvent && err.relist ? { relist: true } : {}
     this.#o.log.warn(
-      { provider: this.#o.provider, error: describeKubeError(err), failures: this.#failures, retryInMs: jittered, synced: this.#listed, ...relist },
+      { provider: this.#o.provider, err: { message: describeKubeError(err) }, failures: this.#failures, retryInMs: jittered, synced: this.#listed, ...relist },
       this.#listed
         ? 'Kubernetes watch failed; serving the last known sources and retrying'
         : 'Kubernetes list failed; not ready until it succeeds, retrying',
@@ -345,7 +340,7 @@ export class RestartingInformer<T extends KubernetesObject> {
       try {
         this.#o.onChange(this.#informer.list())
       } catch (err) {
-        this.#o.log.error({ provider: this.#o.provider, error: describeKubeError(err) }, 'applying Kubernetes sources failed')
+        this.#o.log.error({ provider: this.#o.provider, err: { message: describeKubeError(err) } }, 'applying Kubernetes sources failed')
       }
     })
   }

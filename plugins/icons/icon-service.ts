@@ -10,7 +10,7 @@ import { ExtractionSlots, type ExtractionSlotsOptions } from './extraction-slots
 import { flattenedBest } from './layer-files.js'
 
 /** The icon files looked for, best first, with what they are served as. */
-export const ICON_FILES: ReadonlyArray<{ path: string; ext: string; contentType: string }> = [
+const ICON_FILES: ReadonlyArray<{ path: string; ext: string; contentType: string }> = [
   { path: 'docs/icon.svg', ext: 'svg', contentType: 'image/svg+xml' },
   { path: 'docs/icon.png', ext: 'png', contentType: 'image/png' },
   { path: 'docs/icon.jpg', ext: 'jpg', contentType: 'image/jpeg' },
@@ -18,13 +18,15 @@ export const ICON_FILES: ReadonlyArray<{ path: string; ext: string; contentType:
 ]
 
 /** The icon size limit (README, "Package icons"): a bigger icon is not served (404). */
-export const MAX_ICON_BYTES = 4 * 1024 * 1024
+const MAX_ICON_BYTES = 4 * 1024 * 1024
 
 /** Tar bytes one icon extraction may inflate, all layers together (a gzip bomb: 502). */
-export const MAX_ICON_INFLATED_BYTES = 1024 * 1024 * 1024
+const MAX_ICON_INFLATED_BYTES = 1024 * 1024 * 1024
+/** Memory for extracted icons, by manifest digest (least recently used go first). */
+const ICON_CACHE_BYTES = 32 * 1024 * 1024
 
 /** Default extraction bounds: see README ("Memory") for the formula they give. */
-export const DEFAULT_ICON_SLOTS: ExtractionSlotsOptions = Object.freeze({ max: 4, maxQueued: 64 })
+const DEFAULT_ICON_SLOTS: ExtractionSlotsOptions = Object.freeze({ max: 4, maxQueued: 64 })
 
 export interface Icon {
   data: Buffer
@@ -35,12 +37,8 @@ export interface Icon {
 export interface IconServiceOptions {
   client: RegistryClient
   manifests: ManifestResolver
-  /** Memory for extracted icons, by manifest digest (default 32 MiB; least recently used go first). */
-  cacheBytes?: number
   /** Extractions at once and waiting (default {@link DEFAULT_ICON_SLOTS}). */
   slots?: ExtractionSlotsOptions
-  /** Inflated bytes per extraction (default {@link MAX_ICON_INFLATED_BYTES}). */
-  maxInflatedBytes?: number
 }
 
 /**
@@ -110,7 +108,7 @@ export class IconService {
       layers,
       async (layer) => (await this.#o.client.openBlob(source, name, layer.digest)).body,
       ICON_FILES.map((f) => f.path),
-      { maxFileBytes: MAX_ICON_BYTES, maxInflatedBytes: this.#o.maxInflatedBytes ?? MAX_ICON_INFLATED_BYTES },
+      { maxFileBytes: MAX_ICON_BYTES, maxInflatedBytes: MAX_ICON_INFLATED_BYTES },
     )
     // The first one present is the icon; one over the limit is not served, not skipped.
     const choice = ICON_FILES.find((f) => f.path === found?.path)
@@ -127,7 +125,7 @@ export class IconService {
   }
 
   #remember(key: string, icon: Icon | null): void {
-    const limit = this.#o.cacheBytes ?? 32 * 1024 * 1024
+    const limit = ICON_CACHE_BYTES
     const size = icon?.data.length ?? 0
     if (size > limit || this.#cache.has(key)) return
     this.#cache.set(key, icon)

@@ -1,6 +1,5 @@
-import Boom from '@hapi/boom'
 import type { Plugin, Request, ResponseToolkit } from '@hapi/hapi'
-import { DigestError, toBoom } from '../../errors.js'
+import { DigestError, MethodNotAllowedError, NotFoundError, toBoom } from '../../errors.js'
 import { iconHandler } from '../../handlers/v1-icons.js'
 import type { SourceSet } from '../credentials/source-set.js'
 import type { ManifestResolver } from '../images/manifest-resolver.js'
@@ -17,7 +16,6 @@ export interface IconsOptions {
   manifests: ManifestResolver
   /** False until PackageRepositories were listed once. */
   synced: () => boolean
-  cacheBytes?: number
 }
 
 const ICON = '/v1/packages/{repository}/{package}/metadata/icon'
@@ -27,14 +25,14 @@ export const iconsPlugin: Plugin<IconsOptions> = {
   name: 'icons',
   register(server, o) {
     const results = v1Results(o.metrics)
-    const icons = new IconService({ client: o.client, manifests: o.manifests, ...(o.cacheBytes ? { cacheBytes: o.cacheBytes } : {}) })
+    const icons = new IconService({ client: o.client, manifests: o.manifests })
     const handler = iconHandler({
       sources: o.sources,
       icons,
       synced: o.synced,
       onResult: (request, result) => {
         results.inc({ route: request.route.path, result })
-        ;(request.app as { result?: string }).result = result
+        request.app.result = result
       },
     })
     const guarded = async (request: Request, h: ResponseToolkit): Promise<unknown> => {
@@ -43,7 +41,7 @@ export const iconsPlugin: Plugin<IconsOptions> = {
       } catch (err) {
         const boom = toBoom(err)
         results.inc({ route: request.route.path, result: boom.output.statusCode === 404 ? 'not-found' : 'error' })
-        ;(request.app as { error?: unknown }).error = describe(err)
+        request.app.err = describe(err)
         if (err instanceof DigestError) o.metrics.digestMismatches.inc({ what: err.what })
         throw boom
       }
@@ -59,8 +57,8 @@ export const iconsPlugin: Plugin<IconsOptions> = {
         options: { payload: { parse: false, output: 'stream' } },
         handler: (request) =>
           /^\/v1\/packages\/[^/]+\/[^/]+\/metadata\/icon(?:\/[^/]*)?$/.test(request.path) && request.method !== 'get' && request.method !== 'head'
-            ? Boom.methodNotAllowed('only GET and HEAD are allowed here', undefined, ['GET', 'HEAD'])
-            : Boom.notFound('not found'),
+            ? toBoom(new MethodNotAllowedError('only GET and HEAD are allowed here'))
+            : toBoom(new NotFoundError('not found')),
       },
     ])
   },

@@ -47,9 +47,10 @@ interface LayerChanges {
  * per extraction is then one file (at most `maxFileBytes`), not one per wanted path.
  */
 interface Holder {
-  path?: string
-  layer?: number
-  data?: Buffer
+  // `| undefined`: a holder is emptied by assigning undefined, not by deleting its fields.
+  path?: string | undefined
+  layer?: number | undefined
+  data?: Buffer | undefined
 }
 
 function under(path: string, dir: string): boolean {

@@ -1,6 +1,5 @@
-import Boom from '@hapi/boom'
 import type { Plugin, Request, ResponseToolkit } from '@hapi/hapi'
-import { BusyError, DigestError, toBoom } from '../../errors.js'
+import { BusyError, DigestError, MethodNotAllowedError, NotFoundError, RangeNotSatisfiableError, toBoom } from '../../errors.js'
 import { cliDownloadHandler, cliManifestHandler, cliTagsHandler, type V1ImagesDeps } from '../../handlers/v1-images.js'
 import type { SourceSet } from '../credentials/source-set.js'
 import type { Metrics } from '../metrics/metrics.js'
@@ -38,10 +37,10 @@ export const imagesPlugin: Plugin<ImagesOptions> = {
       manifests: o.manifests,
       onResult: (request, result) => {
         results.inc({ route: request.route.path, result })
-        ;(request.app as { result?: string }).result = result
+        request.app.result = result
       },
       onStreamError: (request, err) => {
-        ;(request.app as { error?: unknown }).error = describe(err)
+        request.app.err = describe(err)
         if (err instanceof DigestError) o.metrics.digestMismatches.inc({ what: err.what })
       },
     }
@@ -51,8 +50,10 @@ export const imagesPlugin: Plugin<ImagesOptions> = {
         try {
           return await handler(request, h)
         } catch (err) {
+          // A Range past the end was counted as `unsatisfiable` already: not a failure.
+          if (err instanceof RangeNotSatisfiableError) throw toBoom(err)
           results.inc({ route: request.route.path, result: 'error' })
-          ;(request.app as { error?: unknown }).error = describe(err)
+          request.app.err = describe(err)
           if (err instanceof DigestError) o.metrics.digestMismatches.inc({ what: err.what })
           if (err instanceof BusyError) o.metrics.downloadsRefused.inc({ kind: err.kind })
           throw toBoom(err)
@@ -81,9 +82,9 @@ export const imagesPlugin: Plugin<ImagesOptions> = {
       handler: (request) => {
         const known = SHAPE.test(request.path)
         if (known && request.method !== 'get' && request.method !== 'head') {
-          return Boom.methodNotAllowed('only GET and HEAD are allowed here', undefined, ['GET', 'HEAD'])
+          return toBoom(new MethodNotAllowedError('only GET and HEAD are allowed here'))
         }
-        return Boom.notFound('no such image: only deckhouse-cli and deckhouse-cli/plugins/<name> are served')
+        return toBoom(new NotFoundError('no such image: only deckhouse-cli and deckhouse-cli/plugins/<name> are served'))
       },
     })
   },

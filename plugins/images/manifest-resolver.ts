@@ -19,10 +19,10 @@ export interface ManifestResolverOptions {
    * on every node), which the current module asks once per request.
    */
   tagTtlMs?: number
-  /** Remembered answers at most (oldest dropped first). */
-  maxEntries?: number
-  now?: () => number
 }
+
+/** Remembered answers at most (oldest dropped first). */
+const MAX_ENTRIES = 256
 
 /**
  * Resolves manifest references (tags or digests) to the bytes the registry holds. Concurrent
@@ -37,21 +37,17 @@ export class ManifestResolver {
   readonly #tagLists = new Map<string, Promise<string[]>>()
   readonly #recentTags = new Map<string, { at: number; tags: string[] }>()
   readonly #ttlMs: number
-  readonly #max: number
-  readonly #now: () => number
 
   constructor(client: RegistryClient, o: ManifestResolverOptions = {}) {
     this.#client = client
     this.#ttlMs = o.tagTtlMs ?? 5_000
-    this.#max = o.maxEntries ?? 256
-    this.#now = o.now ?? Date.now
   }
 
   /** The manifest `reference` names in repository `name` of `source`. */
   async fetch(source: RegistrySource, name: string, reference: string): Promise<FetchedManifest> {
     const key = `${source.scheme}://${source.registry}/${name}\n${reference}`
     const recent = this.#recent.get(key)
-    if (recent && this.#now() - recent.at < this.#ttlMs) return recent.manifest
+    if (recent && Date.now() - recent.at < this.#ttlMs) return recent.manifest
     let pending = this.#pending.get(key)
     if (!pending) {
       pending = this.#fetch(source, name, reference).finally(() => this.#pending.delete(key))
@@ -87,7 +83,7 @@ export class ManifestResolver {
   async tags(source: RegistrySource, name: string): Promise<string[]> {
     const key = `${source.scheme}://${source.registry}/${name}`
     const recent = this.#recentTags.get(key)
-    if (recent && this.#now() - recent.at < this.#ttlMs) return recent.tags
+    if (recent && Date.now() - recent.at < this.#ttlMs) return recent.tags
     let pending = this.#tagLists.get(key)
     if (!pending) {
       pending = this.#listTags(source, name).finally(() => this.#tagLists.delete(key))
@@ -115,7 +111,7 @@ export class ManifestResolver {
   #rememberTags(key: string, tags: string[]): void {
     if (this.#ttlMs <= 0) return
     this.#recentTags.delete(key)
-    this.#recentTags.set(key, { at: this.#now(), tags })
+    this.#recentTags.set(key, { at: Date.now(), tags })
     while (this.#recentTags.size > 64) {
       const oldest = this.#recentTags.keys().next().value
       if (oldest === undefined) break
@@ -132,9 +128,9 @@ export class ManifestResolver {
   #remember(key: string, manifest: FetchedManifest): void {
     if (this.#ttlMs <= 0) return
     this.#recent.delete(key)
-    this.#recent.set(key, { at: this.#now(), manifest })
+    this.#recent.set(key, { at: Date.now(), manifest })
     // Map order is insertion order: the first key is the oldest answer.
-    while (this.#recent.size > this.#max) {
+    while (this.#recent.size > MAX_ENTRIES) {
       const oldest = this.#recent.keys().next().value
       if (oldest === undefined) break
       this.#recent.delete(oldest)

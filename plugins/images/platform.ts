@@ -1,9 +1,7 @@
 import { ManifestError, NotFoundError } from '../../errors.js'
-import { DIGEST } from '../packages/manifest.js'
+import { DIGEST, IMAGE_TYPES, INDEX_TYPES } from '../packages/manifest.js'
 import type { Platform } from './image-ref.js'
 
-const INDEX_TYPES = new Set(['application/vnd.oci.image.index.v1+json', 'application/vnd.docker.distribution.manifest.list.v2+json'])
-const IMAGE_TYPES = new Set(['application/vnd.oci.image.manifest.v1+json', 'application/vnd.docker.distribution.manifest.v2+json'])
 
 interface IndexEntry {
   digest?: unknown

@@ -232,6 +232,15 @@ export class Metrics {
     })
   }
 
+  /**
+   * Counts and times one registry exchange: the registry clients of the packages plugin and of
+   * the v1 endpoints report here (their `observe` option).
+   */
+  observeUpstream(kind: string, code: number | 'error', seconds: number): void {
+    this.upstreamRequests.inc({ kind, code: String(code) })
+    this.upstreamSeconds.observe({ kind }, seconds)
+  }
+
   /** Reports a provider's last successful sync (ms since epoch, or undefined) at every scrape. */
   sourceSyncClock(provider: string, clock: () => number | undefined): void {
     this.#syncClocks.set(provider, clock)

@@ -16,13 +16,12 @@ export type { CacheParts } from './cache/open-cache.js'
 /** How a download ended: cached, failed upstream or on verification, served uncached. */
 export type FillOutcome = 'committed' | 'failed' | 'disk-error' | 'commit-error' | 'uncached'
 
+/** Upper bound for one download, whoever is waiting for it. */
+const DEADLINE_MS = 30 * 60_000
+
 export interface DownloadsOptions {
   client: RegistryClient
   log: PackageLogger
-  /** Upper bound for one download, whoever is waiting for it. */
-  deadlineMs?: number
-  /** How long a full memory window may wait for its slowest reader before cutting it off. */
-  laggardMs?: number
   slots?: Partial<DownloadSlotsOptions>
   onFillDone?: (outcome: FillOutcome, seconds: number, error: Error | undefined) => void
   onResume?: (kind: 'fill' | 'pass-through') => void
@@ -142,7 +141,7 @@ export class Downloads {
     forget: () => void,
   ): Fill {
     const { source, name, manifestDigest, layer } = what
-    const fill = new Fill(layer, temp, this.#o.laggardMs)
+    const fill = new Fill(layer, temp)
     const kind = temp ? 'fill' : 'pass-through'
     if (temp) this.#fills++
     // A failed download leaves the map the moment it fails, so a request arriving during its
@@ -170,9 +169,8 @@ export class Downloads {
     this.#open.add(closed)
     // Past the deadline the download is a 504 (a TimeoutError as the abort reason), not an
     // anonymous abort that would surface as a bare 500.
-    const deadlineMs = this.#o.deadlineMs ?? 30 * 60_000
     const deadline = new AbortController()
-    const timer = setTimeout(() => deadline.abort(new TimeoutError('fill', deadlineMs)), deadlineMs)
+    const timer = setTimeout(() => deadline.abort(new TimeoutError('fill', DEADLINE_MS)), DEADLINE_MS)
     timer.unref()
     const signal = AbortSignal.any([deadline.signal, this.#aborter.signal])
     const began = process.hrtime.bigint()

@@ -11,13 +11,13 @@ import { openLayer, resumableDownload } from './resumable-download.js'
 export type { TempFile } from './cache/blob-store.js'
 
 /** Bytes a download may keep in memory ahead of its slowest reader (memory mode only). */
-export const MEMORY_WINDOW = 2 * 1024 * 1024
+const MEMORY_WINDOW = 2 * 1024 * 1024
 
 /** How long a full memory window may hold up readers that wait for more, before the laggard is cut off. */
-export const DEFAULT_LAGGARD_MS = 10_000
+const DEFAULT_LAGGARD_MS = 10_000
 
 /** A reader was cut off because it held up the others of a shared download too long. */
-export class LaggardError extends Error {
+class LaggardError extends Error {
   readonly code = 'ELAGGARD'
   constructor() {
     super('client read too slowly for a shared download and was cut off')

@@ -9,9 +9,9 @@ import { CacheLifecycle } from './cache-lifecycle.js'
 import type { DownloadSlotsOptions } from './download-slots.js'
 import type { PackageLogger } from './log.js'
 import type { PeerPort } from './peer-port.js'
-import { PackageService } from './package-service.js'
+import { PACKAGE_RESULTS, PackageService } from './package-service.js'
 import { RegistryClient } from './registry/registry-client.js'
-import { cacheRoutes, packageRoutes } from './routes.js'
+import { cacheRoutes, packageRoutes, resultCounter } from './routes.js'
 import type { RegistryTimeouts } from './registry/transport.js'
 
 export interface PackagesOptions {
@@ -33,8 +33,6 @@ export interface PackagesOptions {
   cacheRetryMs?: number
   /** Bytes per second the background scrubber re-hashes (default 4 MiB/s); 0 turns it off. */
   scrubBytesPerSecond?: number
-  /** How long a shared uncached download waits for its slowest reader before cutting it off. */
-  laggardMs?: number
   /** The other replicas (`--peers`): asked before and after the registry for a layer. */
   peers?: PeerPort
 }
@@ -45,11 +43,20 @@ export interface PackagesApi {
   index: CacheIndex | undefined
   /** Why the cache cannot serve right now (index closed, directory not writable), or undefined. */
   notReady(): string | undefined
-  /** Request outcomes since start (GET /cache); the fast path counts its hits here too. */
+  /** Request outcomes since start (GET /cache). */
   counts: ResultCounts
+  /** Counts how a package request ended (metrics and {@link counts}); the fast path's hits too. */
+  countResult(result: string): void
 }
 
-export const DEFAULT_SCRUB_BYTES_PER_SECOND = 4 * 1024 * 1024
+// hapi's own typing for `server.plugins.packages.api`, as hapijs/inert's lib/index.d.ts types its plugin.
+declare module '@hapi/hapi' {
+  interface PluginProperties {
+    packages: { api: PackagesApi }
+  }
+}
+
+const DEFAULT_SCRUB_BYTES_PER_SECOND = 4 * 1024 * 1024
 
 /**
  * Package handling: the registry client, the package service, the cache's lifecycle (opened
@@ -66,17 +73,13 @@ export const packagesPlugin: Plugin<PackagesOptions> = {
     const client = new RegistryClient({
       ...(o.timeouts ? { timeouts: o.timeouts } : {}),
       ...(o.env ? { env: o.env } : {}),
-      observe: (kind, code, seconds) => {
-        m.upstreamRequests.inc({ kind, code: String(code) })
-        m.upstreamSeconds.observe({ kind }, seconds)
-      },
+      observe: (kind, code, seconds) => m.observeUpstream(kind, code, seconds),
     })
     const service = new PackageService({
       client,
       log: o.log,
       ...(o.downloads ? { downloads: o.downloads } : {}),
       ...(o.lookups ? { lookups: o.lookups } : {}),
-      ...(o.laggardMs !== undefined ? { laggardMs: o.laggardMs } : {}),
       peers: o.peers,
       onFillDone: (outcome, seconds, error) => {
         m.fillSeconds.observe({ outcome }, seconds)
@@ -123,8 +126,9 @@ export const packagesPlugin: Plugin<PackagesOptions> = {
       downloads: () => ({ layer: service.downloads, manifest: service.lookups }),
       memoryBytes: () => service.memoryBytes,
     })
-    const counts: ResultCounts = { hit: 0, miss: 0, coalesced: 0, bypass: 0 }
-    packageRoutes(server, { sources: o.sources, metrics: m, service, counts })
+    const counts = Object.fromEntries(PACKAGE_RESULTS.map((r) => [r, 0])) as ResultCounts
+    const countResult = resultCounter(m, counts)
+    packageRoutes(server, { sources: o.sources, metrics: m, service, countResult })
     cacheRoutes(server, {
       get index() {
         return lifecycle.index
@@ -145,6 +149,7 @@ export const packagesPlugin: Plugin<PackagesOptions> = {
       },
       notReady: () => lifecycle.notReady(),
       counts,
+      countResult,
     } satisfies PackagesApi)
     server.ext('onPostStop', async () => {
       await service.close()

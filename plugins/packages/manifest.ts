@@ -8,8 +8,18 @@ export interface LayerRef {
   mediaType: string
 }
 
-const IMAGE_TYPES = new Set(['application/vnd.oci.image.manifest.v1+json', 'application/vnd.docker.distribution.manifest.v2+json'])
-const INDEX_TYPES = new Set(['application/vnd.oci.image.index.v1+json', 'application/vnd.docker.distribution.manifest.list.v2+json'])
+/** The manifest media types a registry may answer with, OCI and Docker schema 2. */
+export const MEDIA_TYPES = {
+  ociManifest: 'application/vnd.oci.image.manifest.v1+json',
+  ociIndex: 'application/vnd.oci.image.index.v1+json',
+  dockerManifest: 'application/vnd.docker.distribution.manifest.v2+json',
+  dockerList: 'application/vnd.docker.distribution.manifest.list.v2+json',
+} as const
+/** Media types of one image's manifest. */
+export const IMAGE_TYPES: ReadonlySet<string> = new Set([MEDIA_TYPES.ociManifest, MEDIA_TYPES.dockerManifest])
+/** Media types of an image index (a list of per-platform manifests). */
+export const INDEX_TYPES: ReadonlySet<string> = new Set([MEDIA_TYPES.ociIndex, MEDIA_TYPES.dockerList])
+/** A content digest as the API accepts it: sha256 only, lowercase hex. */
 export const DIGEST = /^sha256:[a-f0-9]{64}$/
 
 export function sha256Digest(bytes: Buffer): string {

@@ -14,7 +14,8 @@ import type { RegistryClient } from './registry/registry-client.js'
 export type { CacheParts, FillOutcome } from './downloads.js'
 
 /** How a request was served, for logs and metrics. */
-export type PackageResult = 'hit' | 'miss' | 'coalesced' | 'bypass'
+export const PACKAGE_RESULTS = ['hit', 'miss', 'coalesced', 'bypass'] as const
+export type PackageResult = (typeof PACKAGE_RESULTS)[number]
 
 export interface PackageServiceOptions {
   client: RegistryClient
@@ -25,14 +26,10 @@ export interface PackageServiceOptions {
   onFillDone?: (outcome: FillOutcome, seconds: number, error: Error | undefined) => void
   /** A layer download resumed a broken registry connection (a fill or a pass-through). */
   onResume?: (kind: 'fill' | 'pass-through') => void
-  /** A cached file failed its check when read and was removed (metrics). */
-  onCorrupt?: () => void
   /** Bounds on concurrent layer downloads (fills and pass-throughs) and on those waiting for one. */
   downloads?: Partial<DownloadSlotsOptions>
   /** The same for manifest lookups of cold digests. */
   lookups?: Partial<DownloadSlotsOptions>
-  /** How long a shared uncached download waits for its slowest reader before cutting it off. */
-  laggardMs?: number
   /** The other replicas (peer fill); without them every miss goes to the registry. */
   peers?: PeerPort | undefined
 }
@@ -94,13 +91,12 @@ export class PackageService {
       client: options.client,
       log: options.log,
       ...(options.downloads ? { slots: options.downloads } : {}),
-      ...(options.laggardMs !== undefined ? { laggardMs: options.laggardMs } : {}),
       ...(options.onFillDone ? { onFillDone: options.onFillDone } : {}),
       ...(options.onResume ? { onResume: options.onResume } : {}),
       peers: options.peers,
     })
     this.#lookups = new DownloadSlots(options.lookups, this.#aborter.signal, 'manifest')
-    this.#reads = new CachedReads({ log: options.log, onCorrupt: () => options.onCorrupt?.() })
+    this.#reads = new CachedReads({ log: options.log })
   }
 
   /** Starts caching with a cache that opened after start; downloads already running stay uncached. */

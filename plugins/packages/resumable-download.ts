@@ -5,7 +5,7 @@ import type { BlobResponse } from './registry/registry-client.js'
 export const MAX_RESUMES = 3
 
 /** A broken or stalled connection can be resumed; a refusal, bad size or bad digest cannot. */
-export function isResumable(err: unknown): boolean {
+function isResumable(err: unknown): boolean {
   if (err instanceof TimeoutError) return err.phase === 'idle'
   return err instanceof UpstreamError && err.upstreamStatus === undefined && /mid-body|ended the layer early/.test(err.message)
 }

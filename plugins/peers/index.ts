@@ -1,5 +1,5 @@
 import type { Plugin } from '@hapi/hapi'
-import Boom from '@hapi/boom'
+import { BadRequestError, NotFoundError, toBoom } from '../../errors.js'
 import { describe, type PackageLogger } from '../packages/log.js'
 import { DIGEST } from '../packages/manifest.js'
 import { ManifestFiles } from './manifest-files.js'
@@ -33,9 +33,9 @@ export const peersPlugin: Plugin<PeersPluginOptions> = {
       path: '/peers/manifests/{digest}',
       handler: (request, h) => {
         const digest = String(request.params.digest)
-        if (!DIGEST.test(digest)) throw Boom.badRequest('the digest must be sha256:<64 lowercase hex>')
+        if (!DIGEST.test(digest)) throw toBoom(new BadRequestError('the digest must be sha256:<64 lowercase hex>'))
         const manifest = o.peers.memo.get(digest)
-        if (!manifest) throw Boom.notFound('this replica holds no such manifest')
+        if (!manifest) throw toBoom(new NotFoundError('this replica holds no such manifest'))
         return h.response(manifest.body).type(manifest.mediaType || 'application/octet-stream').header('Docker-Content-Digest', digest)
       },
     })

@@ -7,10 +7,10 @@ import type { Metrics } from '../metrics/metrics.js'
 import type { Membership } from './membership.js'
 
 /** The label every proxy pod carries (infra/deployment.yaml). */
-export const PEER_LABEL_SELECTOR = 'app=registry-packages-proxy'
+const PEER_LABEL_SELECTOR = 'app=registry-packages-proxy'
 
 /** kube-rbac-proxy's port on every pod: peers are reached through it, never on loopback 5080. */
-export const PEER_PORT = 4219
+const PEER_PORT = 4219
 
 /** `ip:port`, with brackets around an IPv6 address, as the rest of the peer code names members. */
 export function memberAddress(ip: string, port = PEER_PORT): string {

@@ -1,4 +1,5 @@
 import type { ManifestBytes } from '../packages/peer-port.js'
+import { getRecent } from '../packages/cache/recent-map.js'
 import type { LoadedManifests, ManifestFiles } from './manifest-files.js'
 
 /** Manifests are a few KiB; this holds thousands of them in bounded memory (and as many on disk). */
@@ -38,13 +39,7 @@ export class ManifestMemo {
   }
 
   get(digest: string): ManifestBytes | undefined {
-    const m = this.#entries.get(digest)
-    if (m) {
-      // Re-insert: Map keeps insertion order, so the first key is the least recently used.
-      this.#entries.delete(digest)
-      this.#entries.set(digest, m)
-    }
-    return m
+    return getRecent(this.#entries, digest)
   }
 
   put(digest: string, m: ManifestBytes): void {

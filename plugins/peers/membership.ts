@@ -1,5 +1,5 @@
 /** How long a peer that failed (refused a connection, stalled, lied) is left out of owner choice. */
-export const DEFAULT_DOWN_MS = 30_000
+const DEFAULT_DOWN_MS = 30_000
 
 export interface MembershipOptions {
   /** This replica, as the others name it (its `--listen-address`). */

@@ -26,7 +26,7 @@ export interface PeerTimeouts {
 }
 
 /** Peers are near (the same cluster): a peer slower than this is worse than the registry. */
-export const DEFAULT_PEER_TIMEOUTS: PeerTimeouts = { firstByteMs: 5_000, idleMs: 5_000 }
+const DEFAULT_PEER_TIMEOUTS: PeerTimeouts = { firstByteMs: 5_000, idleMs: 5_000 }
 
 /**
  * How peers are reached in Kubernetes: HTTPS through their kube-rbac-proxy, which authorizes

@@ -1,7 +1,7 @@
 import { readFile } from 'node:fs/promises'
 
 /** How long a token read from the file is reused: projected tokens rotate well before an hour. */
-export const DEFAULT_TOKEN_REFRESH_MS = 60_000
+const DEFAULT_TOKEN_REFRESH_MS = 60_000
 
 export interface TokenFileOptions {
   /** The pod's service-account token (`/var/run/secrets/kubernetes.io/serviceaccount/token`). */

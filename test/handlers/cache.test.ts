@@ -39,7 +39,9 @@ void t.test('GET /cache reports limit, usage, counts and entries; show and delet
   t.equal(byManifest.statusCode, 200)
   t.same(byManifest.result, byLayer.result, 'manifest and layer digest name the same entry')
   t.equal((await inject('/cache/sha256:nope')).statusCode, 400)
-  t.equal((await inject(`/cache/sha256:${'0'.repeat(64)}`)).statusCode, 404)
+  const absent = await inject(`/cache/sha256:${'0'.repeat(64)}`)
+  t.match(JSON.parse(absent.payload), { statusCode: 404, code: 'ENOTCACHED' }, 'the stable code is in the body')
+  t.match(JSON.parse((await inject('/cache?sort=bogus')).payload), { statusCode: 400, code: 'EBADREQUEST' })
 
   const del = await inject(`/cache/${b.manifestDigest}`, 'DELETE')
   t.equal(del.statusCode, 200)
@@ -87,7 +89,7 @@ void t.test('DELETE needs the admin token from the cache directory: anything on 
   ] as Array<[string, Record<string, string>]>) {
     const res = await h.proxy.server.inject({ method: 'DELETE', url: `/cache/${img.manifestDigest}`, headers })
     t.equal(res.statusCode, 403, `${what}: 403`)
-    t.match(JSON.parse(res.payload), { statusCode: 403, message: /X-Cache-Token .*admin-token/ })
+    t.match(JSON.parse(res.payload), { statusCode: 403, code: 'EFORBIDDEN', message: /X-Cache-Token .*admin-token/ })
     t.notOk(res.payload.includes(token), `${what}: the token is not in the answer`)
   }
   t.equal((await h.proxy.server.inject({ method: 'DELETE', url: '/cache/sha256:nope' })).statusCode, 403, 'checked before anything else')

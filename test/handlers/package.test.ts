@@ -21,8 +21,9 @@ function assertError(t: Test, res: ServerInjectResponse, status: number, secrets
   t.equal(res.statusCode, status, `status ${status}: ${res.payload}`)
   t.match(String(res.headers['content-type']), /^application\/json/)
   const body = JSON.parse(res.payload) as Record<string, unknown>
-  t.same(Object.keys(body).sort(), ['error', 'message', 'statusCode'])
+  t.same(Object.keys(body).sort(), ['code', 'error', 'message', 'statusCode'])
   t.equal(body.statusCode, status)
+  t.match(body.code, /^E[A-Z]+$/, 'the stable code')
   t.type(body.error, 'string')
   t.type(body.message, 'string')
   for (const secret of secrets) t.notOk(res.payload.includes(secret), `the body does not contain ${secret.slice(0, 4)}…`)
@@ -507,6 +508,8 @@ void t.test('416 on a miss fetches no layer', async (t) => {
   // An error must not be cached for a year like the package itself.
   t.notMatch(String(res.headers['cache-control']), /immutable|max-age=31536000/, `416 Cache-Control: ${String(res.headers['cache-control'])}`)
   t.notOk(res.headers.etag, 'and carries no ETag of the package')
+  t.same(JSON.parse(res.payload), { statusCode: 416, error: 'Range Not Satisfiable', message: 'the package has 100 bytes', code: 'ERANGE' })
+  t.equal(res.headers['accept-ranges'], 'bytes')
 })
 
 void t.test('If-None-Match with the ETag: 304 without any registry request', async (t) => {

@@ -71,7 +71,7 @@ function unbindHttp(m: Manifests, account: string): void {
   for (const o of m.objects) {
     const b = o.object as K8sObject & { roleRef?: { name: string }; subjects?: Array<{ kind: string; name: string }> }
     if (o.object.kind === 'RoleBinding' && b.roleRef?.name === 'access-to-registry-packages-proxy-http') {
-      b.subjects = b.subjects?.filter((s) => !(s.kind === 'ServiceAccount' && s.name === account))
+      b.subjects = (b.subjects ?? []).filter((s) => !(s.kind === 'ServiceAccount' && s.name === account))
     }
   }
 }
@@ -151,7 +151,7 @@ void t.test('the proxy container passes only flags the binary accepts', (t) => {
   t.match(checkFlags(kubeconfig), [/in-cluster/])
   const exposed = broken((m) => {
     const c = container(m, PROXY_CONTAINER)
-    c.args = c.args?.map((a) => (a.startsWith('--listen-address=') ? '--listen-address=0.0.0.0:5080' : a))
+    c.args = (c.args ?? []).map((a) => (a.startsWith('--listen-address=') ? '--listen-address=0.0.0.0:5080' : a))
   })
   t.match(checkFlags(exposed), [/bypasses kube-rbac-proxy/])
   t.end()
@@ -173,12 +173,12 @@ void t.test('the cache emptyDir limit sits above the retention size plus oversho
   t.match(checkCache(upstream), [/sizeLimit 1G .* below --cache-retention-size 1Gi/])
   const grown = broken((m) => {
     const pc = container(m, PROXY_CONTAINER)
-    pc.args = pc.args?.map((a) => (a.startsWith('--cache-retention-size=') ? '--cache-retention-size=1200Mi' : a))
+    pc.args = (pc.args ?? []).map((a) => (a.startsWith('--cache-retention-size=') ? '--cache-retention-size=1200Mi' : a))
   })
   t.match(checkCache(grown), [/below --cache-retention-size 1200Mi/])
   const moved = broken((m) => {
     const pc = container(m, PROXY_CONTAINER)
-    pc.args = pc.args?.map((a) => (a.startsWith('--cache-directory=') ? '--cache-directory=/var/cache/rpp' : a))
+    pc.args = (pc.args ?? []).map((a) => (a.startsWith('--cache-directory=') ? '--cache-directory=/var/cache/rpp' : a))
   })
   t.match(checkCache(moved), [/no volume is mounted at the cache directory/])
   t.end()
@@ -218,7 +218,7 @@ void t.test('probes reach real endpoints', async (t) => {
   t.same(checkProbes(manifests, routes), [])
   const podIp = broken((m) => delete container(m, PROXY_CONTAINER).livenessProbe?.httpGet?.host)
   t.match(checkProbes(podIp, routes), [/probes the pod IP on 5080/])
-  const notExcluded = broken((m) => editRbacProxyConfig(m, (c) => (c.excludePaths = c.excludePaths?.filter((p) => p !== '/readyz'))))
+  const notExcluded = broken((m) => editRbacProxyConfig(m, (c) => (c.excludePaths = (c.excludePaths ?? []).filter((p) => p !== '/readyz'))))
   t.match(checkProbes(notExcluded, routes), [/kube-rbac-proxy readinessProbe: \/readyz is not excluded/])
   const livenessOnReadiness = broken((m) => {
     const get = container(m, PROXY_CONTAINER).livenessProbe?.httpGet
@@ -237,7 +237,7 @@ void t.test('the pod runs on every master, in the host network, before the pod n
   t.same(checkPlacement(manifests, drain), [])
   const pod = (m: Manifests): ReturnType<typeof deployment>['spec']['template']['spec'] => deployment(m).spec.template.spec
   t.match(checkPlacement(broken((m) => (pod(m).hostNetwork = false)), drain), [/hostNetwork/])
-  t.match(checkPlacement(broken((m) => (pod(m).tolerations = pod(m).tolerations?.filter((x) => x.key !== 'node.kubernetes.io/not-ready'))), drain), [/not-ready/])
+  t.match(checkPlacement(broken((m) => (pod(m).tolerations = (pod(m).tolerations ?? []).filter((x) => x.key !== 'node.kubernetes.io/not-ready'))), drain), [/not-ready/])
   t.match(
     checkPlacement(
       broken((m) => {

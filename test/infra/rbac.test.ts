@@ -123,7 +123,7 @@ void t.test("the pod's ServiceAccount may make every call the code makes, and no
   const noHttp = cloneManifests(m)
   for (const o of noHttp.objects) {
     const b = o.object as unknown as { kind: string; subjects?: Array<{ name: string }> }
-    if (b.kind === 'RoleBinding' && o.object.metadata.name === 'access-to-registry-packages-proxy-http') b.subjects = b.subjects?.filter((x) => x.name !== SERVICE_ACCOUNT)
+    if (b.kind === 'RoleBinding' && o.object.metadata.name === 'access-to-registry-packages-proxy-http') b.subjects = (b.subjects ?? []).filter((x) => x.name !== SERVICE_ACCOUNT)
   }
   t.notOk(peers.every((p) => allows(grantsFor(noHttp, POD_ACCOUNT), p)), 'without the http binding peers refuse each other')
   const unfiltered = requestAttributes('GET', '/api/v1/namespaces/d8-system/secrets', {})

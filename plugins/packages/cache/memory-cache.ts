@@ -1,3 +1,5 @@
+import { getRecent } from './recent-map.js'
+
 /** Bytes of a layer in memory, held for one response until it is released. */
 export interface HotUse {
   buffer: Buffer
@@ -71,12 +73,7 @@ export class HotCache {
 
   /** The bytes, made the most recently used; no hold (for a caller that only looks). */
   get(digest: string): Buffer | undefined {
-    const slot = this.#entries.get(digest)
-    if (!slot) return undefined
-    // Map order is insertion order: re-inserting makes it the most recently used.
-    this.#entries.delete(digest)
-    this.#entries.set(digest, slot)
-    return slot.data
+    return getRecent(this.#entries, digest)?.data
   }
 
   /** The bytes for one response, counted until it releases them. */

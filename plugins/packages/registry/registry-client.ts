@@ -2,6 +2,7 @@ import type { Readable } from 'node:stream'
 import type { AxiosResponse } from 'axios'
 import { NotFoundError, UpstreamError } from '../../../errors.js'
 import type { RegistrySource } from '../../credentials/source.js'
+import { MEDIA_TYPES } from '../manifest.js'
 import { parseChallenge, type Challenge } from './auth-challenge.js'
 import { checkRealm, guardBody, headerText, nextPageLink, parseTagPage, parseTokenResponse, readLimited, retryDelayMs, sleep } from './http.js'
 import { sendOnce, type SendContext, type UpstreamKind, type UpstreamObserver } from './send.js'
@@ -11,12 +12,17 @@ import { DEFAULT_TIMEOUTS, Transport, type RegistryTimeouts } from './transport.
 export type { UpstreamKind, UpstreamObserver } from './send.js'
 
 /** Everything a registry may answer for a manifest digest, best first. */
-export const MANIFEST_ACCEPT = [
-  'application/vnd.oci.image.manifest.v1+json',
-  'application/vnd.oci.image.index.v1+json',
-  'application/vnd.docker.distribution.manifest.v2+json',
-  'application/vnd.docker.distribution.manifest.list.v2+json',
-].join(', ')
+export const MANIFEST_ACCEPT = [MEDIA_TYPES.ociManifest, MEDIA_TYPES.ociIndex, MEDIA_TYPES.dockerManifest, MEDIA_TYPES.dockerList].join(', ')
+
+/** One registry request: `path` under `/v2/<name>/` of the source's registry. */
+interface Exchange {
+  source: RegistrySource
+  kind: 'manifest' | 'blob'
+  name: string
+  path: string
+  headers: Record<string, string>
+  signal: AbortSignal | undefined
+}
 
 /** Manifests are small JSON documents; anything bigger is refused rather than buffered. */
 export const MAX_MANIFEST_BYTES = 4 * 1024 * 1024
@@ -69,7 +75,7 @@ export class RegistryClient {
 
   /** Fetches a manifest (or index) by digest; the caller verifies the bytes. */
   async fetchManifest(source: RegistrySource, name: string, reference: string, signal?: AbortSignal): Promise<{ body: Buffer; mediaType: string }> {
-    const res = await this.#retrying(source, 'manifest', name, `manifests/${reference}`, { Accept: MANIFEST_ACCEPT }, signal)
+    const res = await this.#retrying({ source, kind: 'manifest', name, path: `manifests/${reference}`, headers: { Accept: MANIFEST_ACCEPT }, signal })
     this.#checkStatus(res, 'manifest', [200])
     // Guarded like every body: a registry that sends the headers and then stalls is a 504 after
     // the idle timeout, not a request (and a lookup slot) held for ever.
@@ -86,7 +92,7 @@ export class RegistryClient {
   async openBlob(source: RegistrySource, name: string, digest: string, options: { offset?: number; signal?: AbortSignal } = {}): Promise<BlobResponse> {
     const offset = options.offset ?? 0
     const headers: Record<string, string> = offset > 0 ? { Range: `bytes=${offset}-` } : {}
-    const res = await this.#retrying(source, 'blob', name, `blobs/${digest}`, headers, options.signal)
+    const res = await this.#retrying({ source, kind: 'blob', name, path: `blobs/${digest}`, headers, signal: options.signal })
     // A resume may be answered 206 from the offset, or 200 from byte 0 by a registry that
     // ignores Range; the caller skips what it has in the second case.
     this.#checkStatus(res, 'blob', offset > 0 ? [206, 200] : [200])
@@ -137,21 +143,14 @@ export class RegistryClient {
    * `Retry-After` up to 10 s (`MAX_RETRY_AFTER_MS`); a registry that wants a longer pause gets
    * its error passed on at once (the bootstrap scripts retry on their own schedule).
    */
-  async #retrying(
-    source: RegistrySource,
-    kind: 'manifest' | 'blob',
-    name: string,
-    path: string,
-    headers: Record<string, string>,
-    signal: AbortSignal | undefined,
-  ): Promise<AxiosResponse<Readable>> {
+  async #retrying(request: Exchange): Promise<AxiosResponse<Readable>> {
     for (let attempt = 0; ; attempt++) {
-      const res = await this.#exchange(source, kind, name, path, headers, signal)
+      const res = await this.#exchange(request)
       if (!RETRYABLE.has(res.status) || attempt >= MAX_RETRIES) return res
       const delay = retryDelayMs(headerText(res.headers['retry-after']), attempt)
       if (delay === undefined) return res
       res.data.resume()
-      await sleep(delay, signal)
+      await sleep(delay, request.signal)
     }
   }
 
@@ -163,14 +162,7 @@ export class RegistryClient {
    * led to (blob storage, a CDN) fails the request instead: that host did not get credentials
    * and must not be able to name a realm they would be sent to.
    */
-  async #exchange(
-    source: RegistrySource,
-    kind: 'manifest' | 'blob',
-    name: string,
-    path: string,
-    headers: Record<string, string>,
-    signal: AbortSignal | undefined,
-  ): Promise<AxiosResponse<Readable>> {
+  async #exchange({ source, kind, name, path, headers, signal }: Exchange): Promise<AxiosResponse<Readable>> {
     const url = `${source.scheme}://${source.registry}/v2/${name}/${path}`
     const scope = `repository:${name}:pull`
     for (let attempt = 0; ; attempt++) {
@@ -272,7 +264,7 @@ export class RegistryClient {
     const base = `${source.scheme}://${source.registry}/v2/${name}/tags/list`
     let query = ''
     for (let page = 0; page < MAX_TAG_PAGES; page++) {
-      const res = await this.#retrying(source, 'manifest', name, `tags/list${query}`, { Accept: 'application/json' }, signal)
+      const res = await this.#retrying({ source, kind: 'manifest', name, path: `tags/list${query}`, headers: { Accept: 'application/json' }, signal })
       if (res.status !== 200) {
         res.data.resume()
         if (res.status === 404) throw new NotFoundError('registry has no such repository')

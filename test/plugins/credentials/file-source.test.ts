@@ -4,7 +4,10 @@ import { rootCertificates } from 'node:tls'
 import { inspect } from 'node:util'
 import t from 'tap'
 import { pino } from 'pino'
-import { loadRegistryConfig, parseRegistryConfig } from '../../../plugins/credentials/file-source.js'
+import { parseRegistryConfig } from '../../../plugins/credentials/file-source.js'
+import { FileSourceWatcher } from '../../../plugins/credentials/file-watch.js'
+import { SourceSet } from '../../../plugins/credentials/source-set.js'
+import { Metrics } from '../../../plugins/metrics/metrics.js'
 import { SourceError } from '../../../plugins/credentials/source.js'
 import { createServer } from '../../../server.js'
 
@@ -24,7 +27,9 @@ function errorOf(doc: unknown): SourceError {
   throw new Error('expected a SourceError')
 }
 
-void t.test('loadRegistryConfig: file problems name the file', async (t) => {
+void t.test('loading --registry-config (FileSourceWatcher.load): file problems name the file', async (t) => {
+  const metrics = new Metrics({ collectDefaults: false })
+  const loadRegistryConfig = (path: string) => new FileSourceWatcher({ path, sources: new SourceSet(), metrics, log: pino({ level: 'silent' }) }).load()
   const dir = t.testdir({ 'bad.json': '{ "default": ', 'ok.json': JSON.stringify({ default: { address: 'r.io:5000', path: '/a/b/' } }) })
   const missing = join(dir, 'missing.json')
   await t.rejects(loadRegistryConfig(missing), { code: 'ESOURCE', message: new RegExp(`--registry-config ${missing}: cannot read \\(ENOENT\\)`) })

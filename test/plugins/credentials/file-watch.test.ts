@@ -74,7 +74,7 @@ void t.test('a bad new version keeps the old sources, with a log line and a metr
   const s = await startPlugin(t, path)
   writeFileSync(path, `{"default": {"address": "registry.example.com", "dockerConfigJson": "{${PASSWORD}"`)
   await eventually(() => s.logs.find(/rejected/).length === 1, 'bad JSON rejected')
-  t.match(s.logs.find(/rejected/)[0], { error: /not valid JSON/ })
+  t.match(s.logs.find(/rejected/)[0], { err: { message: /not valid JSON/ } })
   t.same(s.repositories(), ['registry.example.com/good'], 'old sources kept')
   writeFileSync(path, JSON.stringify({ default: { address: 'registry.example.com', ca: '-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----' } }))
   await eventually(() => s.logs.find(/rejected/).length === 2, 'bad PEM rejected')

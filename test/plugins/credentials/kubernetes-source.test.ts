@@ -128,7 +128,7 @@ void t.test('a LIST that never answers in time is aborted and retried', async (t
   const s = await startPlugin(t, api, { ...FAST, requestTimeoutMs: 200 })
   await eventually(() => api.counts.list.secrets >= 2, 'the list was retried after its timeout')
   t.ok(s.sources.unsynced().includes('secret'))
-  t.match(s.logs.find(/list failed/)[0], { error: /aborted/ })
+  t.match(s.logs.find(/list failed/)[0], { err: { message: /aborted/ } })
   api.listDelayMs = 0
   await eventually(() => s.sources.unsynced().length === 0, 'synced once lists answer')
 })
@@ -144,7 +144,7 @@ void t.test('a WATCH that never sends its headers is aborted and retried; a quie
   api.watchDelayMs = 60_000
   api.dropWatches('destroy')
   await eventually(() => api.counts.watch.secrets >= 3, 'hanging watches retried')
-  t.ok(s.logs.find(/watch failed/).some((l) => /request-timeout/.test(String(l.error))), 'logged as a timeout')
+  t.ok(s.logs.find(/watch failed/).some((l) => /request-timeout/.test(JSON.stringify(l.err))), 'logged as a timeout')
   api.watchDelayMs = 0
   api.putSecret(registrySecret({ address: 'after-hang.example.com' }))
   await eventually(() => s.repositories().includes('default:after-hang.example.com'), 'watching again')
@@ -276,7 +276,7 @@ void t.test('watch ERROR events that are not 410: backoff, a log line, restarts 
   t.ok(elapsed >= 0.8 * (100 + 200 + 400 + 400) - 50, `five watches took ${elapsed} ms`)
   t.same(watchesSince(api, mark, 'secrets').map((w) => w.resourceVersion), Array(watchesSince(api, mark, 'secrets').length).fill(rv), 'each resumed from the same resourceVersion')
   t.equal(api.counts.list.secrets, lists, 'a 500 says nothing about the resourceVersion: no re-list')
-  const logged = s.logs.find(/watch failed/).filter((l) => /ERROR event: HTTP 500: InternalError: etcd leader changed/.test(String(l.error)))
+  const logged = s.logs.find(/watch failed/).filter((l) => /ERROR event: HTTP 500: InternalError: etcd leader changed/.test(JSON.stringify(l.err)))
   t.ok(logged.length >= 3, `a log line per failure (${logged.length})`)
   t.notOk(logged.some((l) => l.relist), 'not marked as a re-list')
   t.ok(((await providerMetric(s.metrics, 'registry_packages_proxy_source_watch_restarts_total', 'secret')) ?? 0) - restarts >= 4, 'source_watch_restarts_total moves')
@@ -317,7 +317,7 @@ void t.test('an ERROR event that says the resourceVersion is unusable re-lists, 
     await eventually(() => api.counts.list.modulesources >= lists + 3, `${name}: re-listed three times while the errors last`)
     const elapsed = Date.now() - started
     t.ok(elapsed >= 0.8 * (100 + 200) - 50, `${name}: re-lists back off (${elapsed} ms for three)`)
-    t.ok(s.logs.find(/watch failed/).some((l) => l.relist === true && String(l.error).includes('ERROR event')), `${name}: logged as a re-list`)
+    t.ok(s.logs.find(/watch failed/).some((l) => l.relist === true && JSON.stringify(l.err).includes('ERROR event')), `${name}: logged as a re-list`)
     api.watchErrorEvent = undefined
     await eventually(() => !s.repositories().includes(`module-source:m.example.com/lost${name.length}`), `${name}: the re-list shows the deletion`)
     await eventually(() => api.openWatches() === 2, `${name}: watching again`, { timeoutMs: 5000 })
@@ -375,9 +375,9 @@ void t.test('malformed objects beside good ones: each skipped with a log line an
   t.equal(await providerMetric(s.metrics, 'registry_packages_proxy_source_errors_total', 'modulesources'), 5)
   const errors = s.logs.find(/ModuleSource is malformed/)
   t.same(errors.map((e) => e.moduleSource).sort(), ['bad-base64', 'bad-json', 'bad-pem', 'bad-repo', 'no-spec'])
-  t.match(errors.find((e) => e.moduleSource === 'bad-base64'), { error: /spec\.registry\.dockerCfg is not valid base64/ })
-  t.match(errors.find((e) => e.moduleSource === 'bad-json'), { error: /docker config is not valid JSON/ })
-  t.match(errors.find((e) => e.moduleSource === 'bad-pem'), { error: /ca holds a certificate that does not parse/ })
+  t.match(errors.find((e) => e.moduleSource === 'bad-base64'), { err: { message: /spec\.registry\.dockerCfg is not valid base64/ } })
+  t.match(errors.find((e) => e.moduleSource === 'bad-json'), { err: { message: /docker config is not valid JSON/ } })
+  t.match(errors.find((e) => e.moduleSource === 'bad-pem'), { err: { message: /ca holds a certificate that does not parse/ } })
 
   // A malformed Secret keeps the last good default source.
   api.putSecret(registrySecret({ address: 'r.example.com', path: 'ok' }, { '.dockerconfigjson': b64(`{${PASSWORD}`) }))
@@ -387,7 +387,7 @@ void t.test('malformed objects beside good ones: each skipped with a log line an
   t.equal(await providerMetric(s.metrics, 'registry_packages_proxy_source_errors_total', 'secret'), 1)
   api.putSecret(registrySecret({ address: 'r.example.com' }, { path: '%%%not-base64' }))
   await eventually(() => s.logs.find(/registry Secret is malformed/).length === 2, 'second bad Secret logged')
-  t.match(s.logs.find(/registry Secret is malformed/)[1], { error: /data\.path is not valid base64/, keeping: 'r.example.com/ok' })
+  t.match(s.logs.find(/registry Secret is malformed/)[1], { err: { message: /data\.path is not valid base64/ }, keeping: 'r.example.com/ok' })
 
   // Unrelated changes do not re-log (or re-count) an unchanged bad object.
   api.putModuleSource(good('good3'))
@@ -436,19 +436,19 @@ void t.test('API errors (403, 500) are retried and logged without secrets', asyn
   api.listStatus = 403
   const s = await startPlugin(t, api)
   await eventually(() => api.counts.list.secrets >= 2, 'retried')
-  t.match(s.logs.find(/list failed/)[0], { error: /HTTP 403/, provider: /secret|modulesources/ })
+  t.match(s.logs.find(/list failed/)[0], { err: { message: /HTTP 403/ }, provider: /secret|modulesources/ })
   api.listStatus = undefined
   // A 200 whose body is not JSON: V8's parse error would quote it, and it could be Secret data.
   api.listRawBody = `{"items": [{"data": {"password": "${PASSWORD}"}}] garbage`
   const failures = s.logs.find(/list failed/).length
   await eventually(() => s.logs.find(/list failed/).length >= failures + 2, 'unparsable lists logged')
-  t.match(s.logs.find(/list failed/).at(-1), { error: /not valid JSON/ })
+  t.match(s.logs.find(/list failed/).at(-1), { err: { message: /not valid JSON/ } })
   t.notOk(s.logs.text.includes(PASSWORD), 'the body is not quoted in the log')
   api.listRawBody = undefined
   await eventually(() => s.sources.unsynced().length === 0, 'synced after the errors stop')
   api.watchStatus = 500
   api.dropWatches('destroy')
-  await eventually(() => s.logs.find(/watch failed/).some((l) => /HTTP 500/.test(String(l.error))), 'watch 500 logged')
+  await eventually(() => s.logs.find(/watch failed/).some((l) => /HTTP 500/.test(JSON.stringify(l.err))), 'watch 500 logged')
   api.watchStatus = undefined
   await eventually(() => api.openWatches() === 2, 'watches back')
   t.notOk(s.logs.text.includes(TOKEN))
