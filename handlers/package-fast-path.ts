@@ -2,7 +2,7 @@ import type { IncomingMessage, ServerResponse } from 'node:http'
 import type { SourceSet } from '../plugins/credentials/source-set.js'
 import { ReadBuffers, sendFile } from '../plugins/packages/file-sender.js'
 import type { PackageService } from '../plugins/packages/package-service.js'
-import { packageHeaders, parsePackageQuery, type PackageQuery } from './package-request.js'
+import { packageHeaders, parsePackageQuery, whenClosed, type PackageQuery } from './package-request.js'
 
 type Listener = (req: IncomingMessage, res: ServerResponse) => void
 
@@ -29,11 +29,31 @@ export interface FastPathDeps {
  * goes to the hapi route, which stays the one definition of the API: the headers are
  * {@link packageHeaders} both ways, and a test compares the two byte for byte.
  */
-export function packageFastPath(deps: FastPathDeps): Listener {
+export function packageFastPath(deps: FastPathDeps): { listener: Listener; drain: (timeoutMs: number) => Promise<void> } {
   let counter = 0
   const buffers = deps.buffers ?? new ReadBuffers()
-  return (req, res) => {
-    const asked = parse(req, deps.sources)
+  // Sends from files in flight. hapi's stop ends every connection it has no request of its own
+  // on, which would cut these short: the server drains them first (see drain), and from then
+  // on leaves new requests to hapi, whose stop waits for its own.
+  let sending = 0
+  let stopping = false
+  let idle: (() => void) | undefined
+  const sent = (): void => {
+    sending--
+    if (sending === 0) idle?.()
+  }
+  const drain = async (timeoutMs: number): Promise<void> => {
+    stopping = true
+    if (sending === 0) return
+    let timer: NodeJS.Timeout | undefined
+    await new Promise<void>((resolve) => {
+      idle = resolve
+      timer = setTimeout(resolve, timeoutMs)
+    })
+    clearTimeout(timer)
+  }
+  const listener: Listener = (req, res) => {
+    const asked = stopping ? undefined : parse(req, deps.sources)
     const hit = asked && deps.packages.cachedHit(asked.query.digest)
     if (!asked || !hit) return deps.fallback(req, res)
     const { query, source } = asked
@@ -53,32 +73,51 @@ export function packageFastPath(deps: FastPathDeps): Listener {
     if ('buffer' in hit) {
       res.writeHead(200, packageHeaders(query.digest, hit.buffer.length, 'HIT'))
       res.end(hit.buffer)
-      res.once('close', () => {
+      whenClosed(req, res, () => {
         hit.release()
         served(hit.buffer.length)
       })
       return
     }
+    // Counted from before the open: a drain that starts meanwhile waits for this send too.
+    sending++
+    let counted = true
+    const uncount = (): void => {
+      if (!counted) return
+      counted = false
+      sent()
+    }
     hit.open().then(
       (file) => {
-        if (!file) return deps.fallback(req, res)
-        if (res.destroyed) {
+        if (!file) {
+          uncount()
+          return deps.fallback(req, res)
+        }
+        if (res.destroyed || req.socket.destroyed) {
           file.close()
+          uncount()
           return served(0)
         }
         res.writeHead(200, packageHeaders(query.digest, file.size, 'HIT'))
-        res.once('close', () => served(file.size))
-        sendFile(res, file.handle.fd, 0, file.size - 1, buffers, file.close)
+        whenClosed(req, res, () => {
+          uncount()
+          served(file.size)
+        })
+        sendFile(res, (f) => whenClosed(req, res, f), file.handle.fd, 0, file.size - 1, buffers, file.close)
       },
-      () => deps.fallback(req, res),
+      () => {
+        uncount()
+        deps.fallback(req, res)
+      },
     )
   }
+  return { listener, drain }
 }
-
 
 /** The query and source of a plain whole-package GET; undefined for anything hapi must answer. */
 function parse(req: IncomingMessage, sources: SourceSet): { query: PackageQuery; source: string } | undefined {
-  if (req.method !== 'GET' || !req.url?.startsWith('/package?')) return undefined
+  // A fragment is not part of the query; hapi drops it, so such a request is hapi's to answer.
+  if (req.method !== 'GET' || !req.url?.startsWith('/package?') || req.url.includes('#')) return undefined
   const h = req.headers
   if (h.range !== undefined || h['if-none-match'] !== undefined || h['if-range'] !== undefined) return undefined
   const query = queryOf(req.url.slice('/package?'.length))

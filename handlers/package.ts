@@ -88,7 +88,7 @@ export function packageHandler(deps: PackageHandlerDeps) {
 
     const body = await deps.packages.open(source, name, pkg, start, end, peer)
     deps.onResult?.(request, body.result)
-    if (body.release) whenClosed(request.raw.res, body.release)
+    if (body.release) whenClosed(request.raw.req, request.raw.res, body.release)
     if (body.buffer) return withHeaders(h.response(body.buffer), body.result.toUpperCase())
     const stream = body.stream
     stream.once('error', (err: Error) => deps.onStreamError?.(request, body.result, err))

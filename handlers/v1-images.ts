@@ -157,7 +157,7 @@ export function cliDownloadHandler(deps: V1ImagesDeps) {
     }
     const body = await deps.packages.open(source, found.name, pkg, start, end)
     deps.onResult?.(request, body.result)
-    if (body.release) whenClosed(request.raw.res, body.release)
+    if (body.release) whenClosed(request.raw.req, request.raw.res, body.release)
     if (body.buffer) return withHeaders(h.response(body.buffer)).header('X-Cache', body.result.toUpperCase())
     body.stream.once('error', (err: Error) => deps.onStreamError?.(request, err))
     return withHeaders(h.response(body.stream)).header('X-Cache', body.result.toUpperCase())

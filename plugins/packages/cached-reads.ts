@@ -4,7 +4,8 @@ import type { Readable } from 'node:stream'
 import type { BlobCache } from './cache/blob-cache.js'
 import type { Lease } from './cache/ports.js'
 import { HotCache, type HotUse } from './cache/memory-cache.js'
-import { fileStamp, verifyEntry, type Verdict } from './cache/verify.js'
+import { fileStamp } from './cache/blob-store.js'
+import { verifyEntry, type Verdict } from './cache/verify.js'
 import { READ_CHUNK } from './fill-reader.js'
 import type { PackageLogger } from './log.js'
 
@@ -71,16 +72,17 @@ export class CachedReads {
   async open(cache: BlobCache, digest: string, start: number, end: number): Promise<HitBody | undefined> {
     const lease = cache.acquire(digest)
     if (!lease) return undefined
-    if (this.hot.accepts(lease.size)) {
-      lease.release()
-      const data = await this.hot.load(digest, () => this.#readVerified(cache, digest), () => cache.has(digest))
-      if (!data) return undefined
-      // Held like any memory hit if it was kept; if not (the budget is taken by bytes still
-      // being sent), these bytes are this load's alone and go when its responses are done.
-      const use = this.hot.use(digest) ?? { buffer: data, release: () => undefined }
-      return { buffer: use.buffer.subarray(start, end + 1), release: use.release }
-    }
+    const size = lease.size
     lease.release()
+    if (this.hot.accepts(size)) {
+      // From memory, loaded once if need be. When memory has no room (its budget is held by
+      // bytes still being sent), or the load was not kept, the file is served instead: bytes
+      // in memory are only ever the budget's.
+      const data = await this.hot.load(digest, size, () => this.#readVerified(cache, digest), () => cache.has(digest))
+      const use = data && this.hot.use(digest)
+      if (use) return { buffer: use.buffer.subarray(start, end + 1), release: use.release }
+      if (data === undefined && !cache.has(digest)) return undefined
+    }
     const file = await this.openFile(cache, digest)
     if (!file) return undefined
     const stream = file.handle.createReadStream({ start, end, highWaterMark: READ_CHUNK })
@@ -119,8 +121,7 @@ export class CachedReads {
       lease.release()
       return undefined
     }
-    if (lease.verified && lease.stamp === undefined) lease.markVerified(stamp)
-    else if (!lease.verified || lease.stamp !== stamp) {
+    if (!lease.verified || lease.stamp !== stamp) {
       const verdict = await this.#verify(cache, digest)
       if (verdict !== 'intact') {
         await handle.close().catch(() => undefined)
@@ -144,7 +145,7 @@ export class CachedReads {
     // and thrown away, again for every request of the herd.
     const wanted = sending >= HERD && this.hot.admitsLarge(lease.size) && this.hot.hasRoomFor(lease.size)
     if (wanted && !this.hot.has(digest) && !this.hot.loading(digest)) {
-      void this.hot.load(digest, () => this.#readVerified(cache, digest), () => cache.has(digest))
+      void this.hot.load(digest, lease.size, () => this.#readVerified(cache, digest), () => cache.has(digest))
     }
     let done = false
     const finish = (): void => {

@@ -54,9 +54,19 @@ export class ReadBuffers {
  * kernel (its callback), so the buffer is never written to while the socket still needs it,
  * and a client that stops reading stops the reads. `done` is called once, when the file is no
  * longer read (the last write queued, an error, or `out` closed); the caller then closes `fd`.
+ * `onClosed` registers a callback for when `out` is done with (closed, or its connection gone:
+ * a pipelined response queued behind another may never close by itself).
  * A file shorter than its range is an error: `out` is destroyed, never ended short.
  */
-export function sendFile(out: Writable, fd: number, start: number, end: number, buffers: ReadBuffers, done: (err?: Error) => void): void {
+export function sendFile(
+  out: Writable,
+  onClosed: (fn: () => void) => void,
+  fd: number,
+  start: number,
+  end: number,
+  buffers: ReadBuffers,
+  done: (err?: Error) => void,
+): void {
   let position = start
   let finished = false
   /** The large buffer this response owns now (in a read, or in a write not yet done). */
@@ -82,13 +92,11 @@ export function sendFile(out: Writable, fd: number, start: number, end: number, 
     large = undefined
     finish(position > end ? undefined : new Error('the client went away'))
   }
-  out.once('close', onClose)
+  onClosed(onClose)
   const written = (err?: Error | null): void => {
     state = 'idle'
     if (large) buffers.give(large)
     large = undefined
-    // The last write has drained: the close listener has nothing left to look after.
-    if (position > end) out.off('close', onClose)
     if (finished) return
     if (err) finish(err)
     else step()

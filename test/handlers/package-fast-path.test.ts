@@ -1,4 +1,8 @@
+import { closeSync, existsSync, openSync, statSync, utimesSync, writeSync } from 'node:fs'
+import { connect } from 'node:net'
 import t from 'tap'
+import { BlobStore } from '../../plugins/packages/cache/blob-store.js'
+import { eventually } from '../fixtures/eventually.js'
 import { DEFAULT_PREFIX, bytes, cacheTokenHeader, fetchRaw, packageUrl, startHarness } from '../fixtures/proxy-harness.js'
 
 async function cachedServer(t: Parameters<typeof startHarness>[0], fastPath: boolean, size = 20_000) {
@@ -101,4 +105,86 @@ void t.test('a large package that a herd wants is then served from memory, and i
   t.equal(again.headers['x-cache'], 'MISS')
   t.ok(again.body.equals(data))
   t.equal(h.registry.counts.blob, before + 1, 'from the registry, not a stale memory copy')
+})
+
+// Found from outside: a file changed after its fill (bytes overwritten, its mtime put back)
+// was served as a complete 200 with the wrong bytes at its first hit from disk.
+void t.test('a file changed after its fill is hashed again before it is served, not served as it is', async (t) => {
+  const h = await startHarness(t, {})
+  const data = bytes(LARGE, 52)
+  const image = h.registry.addImage(`${DEFAULT_PREFIX}/changed`, [data])
+  await h.proxy.server.start()
+  const url = `${h.proxy.server.info.uri}${packageUrl({ digest: image.manifestDigest, path: 'changed' })}`
+  // The fill only: the first hit from disk comes after the change.
+  t.ok((await fetchRaw(url)).body.equals(data), 'the miss')
+  await h.proxy.packages.service.settled()
+  const file = new BlobStore(h.cacheDirectory).pathFor(image.lastLayer.digest)
+  const st = statSync(file)
+  const fd = openSync(file, 'r+')
+  writeSync(fd, Buffer.from('not the layer you asked for'), 0, undefined, 4096)
+  closeSync(fd)
+  utimesSync(file, st.atime, st.mtime)
+  const before = h.registry.counts.blob
+  const r = await fetchRaw(url)
+  t.equal(r.status, 200)
+  t.ok(r.complete && r.body.equals(data), 'the client gets the layer, byte-exact')
+  t.equal(h.registry.counts.blob, before + 1, 'from the registry: the changed file failed its check')
+})
+
+// Found from outside: pipelined GETs on a connection that dropped before their turn never saw
+// their response close, so their log lines, counts, leases and read buffers were lost for good.
+void t.test('pipelined hits on a connection that drops are each logged and counted, and let their file go', async (t) => {
+  const { h, data, image, url } = await cachedServer(t, true, LARGE)
+  const { port, pathname, search } = new URL(url)
+  const socket = connect(Number(port), '127.0.0.1')
+  await new Promise((r) => socket.once('connect', r))
+  socket.write(`GET ${pathname}${search} HTTP/1.1\r\nHost: x\r\n\r\n`.repeat(3))
+  await new Promise((r) => socket.once('data', r))
+  socket.destroy()
+  const requests = async (): Promise<number> => {
+    const text = await h.proxy.metrics.registry.getSingleMetricAsString('registry_packages_proxy_http_requests_total')
+    return [...text.matchAll(/route="\/package",method="get",code="\d+"} (\d+)/g)].reduce((n, m) => n + Number(m[1]), 0)
+  }
+  // Two requests came before (the miss and the first hit); three were pipelined.
+  await eventually(async () => (await requests()) === 5, 'every pipelined request counted')
+  const del = await fetchRaw(`${h.proxy.server.info.uri}/cache/${image.manifestDigest}`, { method: 'DELETE', headers: cacheTokenHeader(h.cacheDirectory) })
+  t.equal(del.status, 200)
+  const file = new BlobStore(h.cacheDirectory).pathFor(image.lastLayer.digest)
+  await eventually(() => !existsSync(file), 'no lease is left: the file goes')
+  t.equal(h.proxy.packages.service.cache?.heldBytes ?? 0, 0, 'nothing held')
+  const again = await fetchRaw(url)
+  t.ok(again.complete && again.body.equals(data))
+})
+
+void t.test('a stop lets hits sent from files finish', async (t) => {
+  const { h, data, url } = await cachedServer(t, true, LARGE)
+  const { port, pathname, search } = new URL(url)
+  const socket = connect(Number(port), '127.0.0.1')
+  await new Promise((r) => socket.once('connect', r))
+  const chunks: Buffer[] = []
+  socket.on('data', (c: Buffer) => chunks.push(c))
+  socket.write(`GET ${pathname}${search} HTTP/1.1\r\nHost: x\r\n\r\n`)
+  await new Promise((r) => socket.once('data', r))
+  // A slow reader: stop reading while the server stops, then read on.
+  socket.pause()
+  const stopped = h.proxy.server.stop({ timeout: 10_000 })
+  await new Promise((r) => setTimeout(r, 300))
+  socket.resume()
+  await new Promise((r) => socket.once('close', r))
+  await stopped
+  const raw = Buffer.concat(chunks)
+  const body = raw.subarray(raw.indexOf('\r\n\r\n') + 4)
+  t.equal(body.length, data.length, 'the whole body')
+  t.ok(body.equals(data), 'byte-exact')
+})
+
+void t.test('a fragment in the request target is answered as hapi answers it', async (t) => {
+  const { h, image } = await cachedServer(t, true, LARGE)
+  // Raw: an HTTP client would drop the fragment itself.
+  const socket = connect(Number(h.proxy.server.info.port), '127.0.0.1')
+  await new Promise((r) => socket.once('connect', r))
+  socket.write(`GET /package?#&digest=${image.manifestDigest} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`)
+  const head = await new Promise<string>((r) => socket.once('data', (c: Buffer) => r(c.subarray(0, 12).toString())))
+  socket.destroy()
+  t.equal(head, 'HTTP/1.1 400', 'the query before the fragment is empty: no digest')
 })

@@ -1,5 +1,6 @@
+import { stat } from 'node:fs/promises'
 import type { PackageLogger } from '../log.js'
-import type { TempFile } from './blob-store.js'
+import { fileStamp, type TempFile } from './blob-store.js'
 import type { IndexPort, Lease, RemovalReason, StorePort } from './ports.js'
 import { Reservations, type Reservation } from './reservations.js'
 
@@ -186,11 +187,16 @@ export class BlobCache {
    */
   async commit(reservation: Reservation, temp: { path: string; handle: TempFile }, digest: string): Promise<Lease> {
     if (this.#live.has(digest)) throw new Error(`${digest} is cached already`)
+    let stamp: string | undefined
     await this.#serial(digest, async () => {
       await this.#o.store.commit(temp, digest)
       // A removed entry of the same digest still open by readers lost its name to this file:
       // its bytes are freed by the kernel when its readers close, not by an unlink of ours.
       for (const d of this.#doomed) if (d.digest === digest) d.ownsPath = false
+      // The file as it is now, verified: whatever changes it later (a write, a replacement,
+      // even with its mtime put back) changes this, and it is hashed again before it is served.
+      // Without it the file would be hashed at its first hit from disk.
+      stamp = await stat(this.#o.store.pathFor(digest)).then(fileStamp, () => undefined)
     })
     const now = Date.now()
     try {
@@ -202,7 +208,7 @@ export class BlobCache {
     // Synchronously, in one step: the reserved bytes become used bytes of a live entry. A
     // reservation released meanwhile (shutdown) is a bug in the caller, not a second entry.
     if (!this.#reservations.consume(reservation)) throw new Error('reservation is not granted')
-    const entry: Entry = { digest, size: reservation.size, pins: 0, state: 'live', ownsPath: true, verified: true }
+    const entry: Entry = { digest, size: reservation.size, pins: 0, state: 'live', ownsPath: true, verified: true, ...(stamp !== undefined ? { stamp } : {}) }
     this.#live.set(digest, entry)
     this.#used += entry.size
     return this.#lease(entry)

@@ -3,6 +3,11 @@ import { mkdir, open, readdir, readFile, rename, rm } from 'node:fs/promises'
 import { dirname, join } from 'node:path'
 import { DIGEST } from '../manifest.js'
 
+/** A file's identity for a lease's `stamp`: any write or replacement changes it (ctime too). */
+export function fileStamp(st: { ino: number; size: number; mtimeMs: number; ctimeMs: number }): string {
+  return `${st.ino}:${st.size}:${st.mtimeMs}:${st.ctimeMs}`
+}
+
 /** The part of a file handle a fill uses; tests substitute one that fails like a full disk. */
 export interface TempFile {
   write(buffer: Buffer, offset: number, length: number, position: number): Promise<{ bytesWritten: number }>

@@ -36,6 +36,7 @@ export class HotCache {
   readonly #loading = new Map<string, Promise<Buffer | undefined>>()
   #bytes = 0
   #held = 0
+  #reserved = 0
 
   constructor(
     readonly maxBytes: number,
@@ -62,9 +63,19 @@ export class HotCache {
     return size > this.maxEntryBytes && size <= this.maxBytes / 2
   }
 
-  /** Whether `size` bytes could be kept now, evicting what is live (not what is still being sent). */
+  /**
+   * Whether `size` bytes could be kept now, evicting entries no response is sending (bytes
+   * being sent or loaded cannot be made room from).
+   */
   hasRoomFor(size: number): boolean {
-    return this.#held + size <= this.maxBytes
+    let freeable = 0
+    for (const slot of this.#entries.values()) if (slot.users === 0) freeable += slot.data.length
+    return this.#bytes - freeable + this.#held + this.#reserved + size <= this.maxBytes
+  }
+
+  /** Bytes of loads under way: read into memory, not yet entries. */
+  get reserved(): number {
+    return this.#reserved
   }
 
   has(digest: string): boolean {
@@ -97,17 +108,27 @@ export class HotCache {
   /**
    * The layer's bytes from memory, or from `read` (once for all concurrent callers), kept if
    * `keep` still says so when the read ends (the entry may have been removed meanwhile).
-   * Undefined when the read gives nothing (the file vanished, or failed its check).
+   * Undefined when the read gives nothing (the file vanished, or failed its check), or when
+   * there is no room for `size` bytes now ({@link hasRoomFor}): nothing is read then, and the
+   * caller serves the file instead. A load's bytes count against the budget while it reads
+   * (least recently used entries make room first), so loads at once never overshoot it.
    */
-  load(digest: string, read: () => Promise<Buffer | undefined>, keep: () => boolean): Promise<Buffer | undefined> {
+  load(digest: string, size: number, read: () => Promise<Buffer | undefined>, keep: () => boolean): Promise<Buffer | undefined> {
     const hit = this.get(digest)
     if (hit) return Promise.resolve(hit)
     let pending = this.#loading.get(digest)
     if (!pending) {
+      if (!this.#makeRoom(size)) return Promise.resolve(undefined)
+      this.#reserved += size
       pending = read()
         .then((data) => {
+          this.#reserved -= size
           if (data && keep()) this.put(digest, data)
           return data
+        })
+        .catch((err: unknown) => {
+          this.#reserved -= size
+          throw err
         })
         .finally(() => this.#loading.delete(digest))
       this.#loading.set(digest, pending)
@@ -122,18 +143,29 @@ export class HotCache {
 
   /**
    * Keeps `data`, evicting the least recently used entries to make room; false (and nothing
-   * kept) when it is not a size kept here, or the budget is taken by bytes still being sent.
+   * kept) when it is not a size kept here, or the budget is taken by bytes still being sent or
+   * loaded.
    */
   put(digest: string, data: Buffer): boolean {
     if (!this.accepts(data.length) && !this.admitsLarge(data.length)) return false
     this.delete(digest)
-    for (const oldest of this.#entries.keys()) {
-      if (this.#bytes + this.#held + data.length <= this.maxBytes) break
-      this.delete(oldest)
-    }
-    if (this.#bytes + this.#held + data.length > this.maxBytes) return false
+    if (!this.#makeRoom(data.length)) return false
     this.#entries.set(digest, { data, users: 0, live: true })
     this.#bytes += data.length
+    return true
+  }
+
+  /**
+   * Evicts least recently used entries until `size` more bytes fit; false, evicting nothing,
+   * when they cannot. Entries responses are still sending are passed over: evicting them would
+   * free no memory (their bytes stay held until the responses are done).
+   */
+  #makeRoom(size: number): boolean {
+    if (!this.hasRoomFor(size)) return false
+    for (const [digest, slot] of this.#entries) {
+      if (this.#bytes + this.#held + this.#reserved + size <= this.maxBytes) break
+      if (slot.users === 0) this.delete(digest)
+    }
     return true
   }
 

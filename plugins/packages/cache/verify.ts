@@ -3,6 +3,7 @@ import { open } from 'node:fs/promises'
 import { setTimeout as sleep } from 'node:timers/promises'
 import type { PackageLogger } from '../log.js'
 import type { BlobCache } from './blob-cache.js'
+import { fileStamp } from './blob-store.js'
 
 const CHUNK = 1024 * 1024
 
@@ -71,9 +72,4 @@ async function corrupt(cache: BlobCache, digest: string, size: number, release: 
   release()
   await removing
   return { verdict: 'corrupt', bytes: size }
-}
-
-/** A file's identity for a lease's `stamp`: any write or replacement changes it. */
-export function fileStamp(st: { ino: number; size: number; mtimeMs: number; ctimeMs: number }): string {
-  return `${st.ino}:${st.size}:${st.mtimeMs}:${st.ctimeMs}`
 }

@@ -20,7 +20,7 @@ async function serve(t: { teardown: (fn: () => unknown) => void }, file: string,
   const server: Server = createServer((_req, res) => {
     const fd = openSync(file, 'r')
     res.writeHead(200, { 'content-length': String(declared) })
-    sendFile(res, fd, start, end, buffers, (err) => {
+    sendFile(res, (f) => res.once('close', f), fd, start, end, buffers, (err) => {
       ends.push(err)
       closeSync(fd)
     })

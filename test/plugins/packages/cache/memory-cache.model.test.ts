@@ -58,12 +58,20 @@ class Put implements fc.Command<Model, Real> {
     const admissible = (this.size <= ENTRY && this.size <= MAX) || (this.size > ENTRY && this.size <= MAX / 2)
     const kept = r.hot.put(this.digest, Buffer.alloc(this.size))
     if (admissible) {
-      const old = m.lru.find((s) => s.digest === this.digest)
-      if (old) kill(m, old)
       const heldBytes = (): number => m.slots.filter((s) => !s.live && s.users > 0).reduce((n, s) => n + s.size, 0)
       const liveBytes = (): number => m.lru.reduce((n, s) => n + s.size, 0)
-      while (m.lru.length > 0 && liveBytes() + heldBytes() + this.size > MAX) kill(m, m.lru[0] as Slot)
-      const fits = liveBytes() + heldBytes() + this.size <= MAX
+      const old = m.lru.find((s) => s.digest === this.digest)
+      if (old) kill(m, old)
+      // Only entries no response is sending free memory when evicted; nothing is evicted for
+      // an entry that would not fit even then.
+      const freeable = m.lru.filter((s) => s.users === 0).reduce((n, s) => n + s.size, 0)
+      const fits = liveBytes() - freeable + heldBytes() + this.size <= MAX
+      if (fits) {
+        for (const s of [...m.lru]) {
+          if (liveBytes() + heldBytes() + this.size <= MAX) break
+          if (s.users === 0) kill(m, s)
+        }
+      }
       if (kept !== fits) throw new Error(`put ${this.digest}/${this.size}: kept ${kept}, model ${fits}`)
       if (fits) {
         const slot = { digest: this.digest, size: this.size, live: true, users: 0 }

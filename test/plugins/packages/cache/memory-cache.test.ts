@@ -49,3 +49,42 @@ void t.test('hits from memory: exact bytes, ranges, and nothing stale after evic
   t.equal(again.headers['x-cache'], 'MISS', 'not served from a stale memory copy')
   t.equal(h.registry.counts.blob, before + 1)
 })
+
+// Found from outside: with the budget held by bytes still being sent, every hit loaded a new
+// uncounted Buffer; and loads of several large layers at once were not counted at all.
+void t.test('loads count against the budget while they read, and none starts without room', async (t) => {
+  const hot = new HotCache(100, 60)
+  let reads = 0
+  const deferred = (): { promise: Promise<Buffer | undefined>; resolve: (b: Buffer) => void } => {
+    let resolve: (b: Buffer) => void = () => undefined
+    const promise = new Promise<Buffer | undefined>((r) => (resolve = r))
+    return { promise, resolve }
+  }
+  const a = deferred()
+  const loadingA = hot.load('a', 50, () => (reads++, a.promise), () => true)
+  t.equal(hot.reserved, 50, 'a load reserves its size while it reads')
+  const b = deferred()
+  const loadingB = hot.load('b', 50, () => (reads++, b.promise), () => true)
+  t.equal(hot.reserved, 100)
+  t.equal(await hot.load('c', 10, () => (reads++, Promise.resolve(Buffer.alloc(10))), () => true), undefined, 'no room for a third: not read at all')
+  t.equal(reads, 2)
+  a.resolve(Buffer.alloc(50))
+  b.resolve(Buffer.alloc(50))
+  await Promise.all([loadingA, loadingB])
+  t.equal(hot.reserved, 0)
+  t.equal(hot.bytes, 100, 'both kept')
+  // Both held by responses, then removed: the budget is all held bytes until they are done.
+  const ua = hot.use('a')
+  const ub = hot.use('b')
+  hot.delete('a')
+  hot.delete('b')
+  t.equal(hot.held, 100)
+  t.equal(await hot.load('d', 10, () => (reads++, Promise.resolve(Buffer.alloc(10))), () => true), undefined, 'held bytes leave no room: nothing is read')
+  t.equal(reads, 2)
+  t.notOk(hot.put('e', Buffer.alloc(10)), 'nor put')
+  ua?.release()
+  ub?.release()
+  t.equal(hot.held, 0)
+  t.ok(await hot.load('d', 10, () => (reads++, Promise.resolve(Buffer.alloc(10))), () => true), 'room again once they are done')
+  t.equal(hot.bytes, 10)
+})
