@@ -197,7 +197,9 @@ export class PackageService {
       return m
     } catch (err) {
       if (!peers || request?.from !== 'client' || err instanceof NotFoundError) throw err
-      const m = await peers.manifest(reference)
+      // Bounded by the peer client (first byte, idle, in all), and ended by shutdown: a peer
+      // that trickles must not hold this lookup, its slot and everyone joined to it.
+      const m = await peers.manifest(reference, this.#aborter.signal)
       if (!m) throw err
       verifyDigest('manifest', m.body, reference)
       return m

@@ -10,7 +10,8 @@ import { MAX_MANIFEST_BYTES } from '../packages/registry/registry-client.js'
 /**
  * How one exchange with a peer ended: `ok` (verified whole), `not-found` (404), `refused`
  * (another status, or a length other than the manifest's), `unreachable` (no answer: refused
- * connection, reset), `timeout` (no first byte, or a stall, within the bound), `mismatch`
+ * connection, reset), `timeout` (no first byte, a stall, or a transfer
+ * slower than the minimum rate, within the bounds), `mismatch`
  * (bytes that did not hash to their digest, or too many), `error` (broke off mid-body).
  */
 export type PeerResult = 'ok' | 'not-found' | 'refused' | 'unreachable' | 'timeout' | 'mismatch' | 'error'
@@ -22,10 +23,27 @@ export interface PeerTimeouts {
   firstByteMs: number
   /** Between body bytes. */
   idleMs: number
+  /**
+   * The slowest rate a whole transfer may average: an exchange ends, as a `timeout`, once it
+   * ran `firstByteMs + idleMs + length / minBytesPerSecond`, so a peer that trickles (a byte
+   * now and then, never idle for `idleMs`) is given up like one that stalls.
+   */
+  minBytesPerSecond: number
+  /**
+   * No exchange runs longer than this, however large the body: a non-owner's clients see no
+   * byte of a peer's layer until it verified whole, and must not wait so long that the proxy's
+   * own socket idle timeout (300 s) cuts them; past it the registry streams to them instead.
+   */
+  maxTransferMs: number
 }
 
 /** Peers are near (the same cluster): a peer slower than this is worse than the registry. */
-export const DEFAULT_PEER_TIMEOUTS: PeerTimeouts = { firstByteMs: 5_000, idleMs: 5_000 }
+export const DEFAULT_PEER_TIMEOUTS: PeerTimeouts = { firstByteMs: 5_000, idleMs: 5_000, minBytesPerSecond: 1024 * 1024, maxTransferMs: 120_000 }
+
+/** The longest an exchange with a body of `length` bytes may take in all. */
+export function transferDeadlineMs(timeouts: PeerTimeouts, length: number): number {
+  return Math.min(timeouts.maxTransferMs, timeouts.firstByteMs + timeouts.idleMs + Math.ceil((length * 1000) / timeouts.minBytesPerSecond))
+}
 
 /**
  * How peers are reached in Kubernetes: HTTPS through their kube-rbac-proxy, which authorizes
@@ -50,8 +68,9 @@ const PEER_HEADER = 'X-RPP-Peer'
  * Plain HTTP to the other replicas' listeners (`--peers`), or HTTPS with a bearer token to
  * their kube-rbac-proxy ({@link PeerTls}). Nothing a peer sends is trusted: a layer is
  * written to the caller's temp file while it hashes and is `ok` only if it is exactly the
- * manifest's size and hashes to its digest; a manifest likewise. Both ends of an exchange are
- * bounded (first byte, then idle), so a stalled peer costs at most those bounds.
+ * manifest's size and hashes to its digest; a manifest likewise. Every exchange is bounded
+ * (first byte, idle, and in all: {@link transferDeadlineMs}), so a stalled or trickling peer
+ * costs at most those bounds.
  */
 export class PeerClient {
   readonly #agent: Agent
@@ -111,7 +130,6 @@ export class PeerClient {
     onChunk: (chunk: Buffer, offset: number) => Promise<void>,
     onHeaders?: (res: IncomingMessage) => void,
   ): Promise<PeerResult> {
-    const url = new URL(`${this.#tls ? 'https' : 'http'}://${member}`)
     const aborter = new AbortController()
     const onAbort = (): void => aborter.abort(signal?.reason)
     signal?.addEventListener('abort', onAbort, { once: true })
@@ -124,9 +142,22 @@ export class PeerClient {
         aborter.abort(new Error('peer timed out'))
       }, ms)
     }
+    // The whole exchange, whatever the gaps: until the length is known, what the two bounds allow.
+    let deadline: NodeJS.Timeout | undefined
+    const began = Date.now()
+    const overall = (ms: number): void => {
+      clearTimeout(deadline)
+      deadline = setTimeout(() => {
+        timedOut = true
+        aborter.abort(new Error('peer transfer too slow'))
+      }, Math.max(0, began + ms - Date.now()))
+    }
     arm(this.#timeouts.firstByteMs)
+    overall(Math.min(this.#timeouts.maxTransferMs, this.#timeouts.firstByteMs + this.#timeouts.idleMs))
     let answered = false
     try {
+      // Inside the try: a member that is no URL (a bad list) is a peer that failed, not a throw.
+      const url = new URL(`${this.#tls ? 'https' : 'http'}://${member}`)
       const token = this.#tls ? await this.#tls.token.get() : undefined
       const options: RequestOptions & { servername?: string } = {
         host: url.hostname.replace(/^\[|\]$/g, ''),
@@ -155,6 +186,7 @@ export class PeerClient {
         res.destroy()
         return 'refused'
       }
+      overall(transferDeadlineMs(this.#timeouts, length))
       onHeaders?.(res)
       let received = 0
       for await (const chunk of res as AsyncIterable<Buffer>) {
@@ -172,6 +204,7 @@ export class PeerClient {
       return answered ? 'error' : 'unreachable'
     } finally {
       clearTimeout(timer)
+      clearTimeout(deadline)
       signal?.removeEventListener('abort', onAbort)
     }
   }

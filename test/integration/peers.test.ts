@@ -197,13 +197,19 @@ void t.test('a stalled peer: the request falls back to the registry within the b
   // After the first teardown: tap removes the directory only once the teardowns (which stop the
   // replicas writing into it) have run.
   t.testdir()
-  // One peer never answers; the other sends headers and a few bytes, then nothing.
+  // One peer never answers; one sends headers and a few bytes, then nothing; one trickles a
+  // byte every 50 ms, never idle for the bound, never done either.
   const silent = await fakePeer(t, () => undefined)
   const dripping = await fakePeer(t, (_req, res) => {
     res.writeHead(200, { 'Content-Length': String(256 * 1024) })
     res.write(Buffer.alloc(1000))
   })
-  for (const stalled of [silent, dripping]) {
+  const trickling = await fakePeer(t, (_req, res) => {
+    res.writeHead(200, { 'Content-Length': String(256 * 1024) })
+    const timer = setInterval(() => res.write(Buffer.alloc(1)), 50)
+    res.once('close', () => clearInterval(timer))
+  })
+  for (const stalled of [silent, dripping, trickling]) {
     const port = await freePort()
     const members = [`127.0.0.1:${port}`, stalled.address]
     const image = imageOwnedBy(registry, members, stalled.address, 256 * 1024)
