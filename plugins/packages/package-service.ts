@@ -176,24 +176,27 @@ export class PackageService {
   async #fetchLayerRef(source: RegistrySource, name: string, digest: string, request: PeerRequest | undefined): Promise<LayerRef> {
     const first = await this.#manifest(source, name, digest, request)
     const parsed = parseManifest(first.body, first.mediaType)
+    // Peers are told only of manifests that verified and parsed as they are labelled.
+    this.#o.peers?.remember(digest, first)
     if (parsed.kind === 'image') return parsed.layer
     const second = await this.#manifest(source, name, parsed.platformDigest, request)
     const image = parseManifest(second.body, second.mediaType)
     if (image.kind !== 'image') throw new ManifestError('linux/amd64 entry of the index is itself an index')
+    this.#o.peers?.remember(parsed.platformDigest, second)
     return image.layer
   }
 
   /**
    * A manifest verified against `reference`: from the registry, or, when the registry fails
-   * (anything but its 404) for a client's request, from a peer, verified here again. Peers
-   * are told of every verified manifest, so they can serve it while the registry is down.
+   * (anything but its 404) for a client's request, from a peer, verified here again (and parsed by
+   * {@link #fetchLayerRef}, which then tells peers of it, so they can serve it while the
+   * registry is down).
    */
   async #manifest(source: RegistrySource, name: string, reference: string, request: PeerRequest | undefined): Promise<ManifestBytes> {
     const peers = this.#o.peers
     try {
       const m = await this.#o.client.fetchManifest(source, name, reference)
       verifyDigest('manifest', m.body, reference)
-      peers?.remember(reference, m)
       return m
     } catch (err) {
       if (!peers || request?.from !== 'client' || err instanceof NotFoundError) throw err

@@ -1,6 +1,6 @@
 import type { TempFile } from '../packages/cache/blob-store.js'
 import type { PackageLogger } from '../packages/log.js'
-import type { LayerRef } from '../packages/manifest.js'
+import { parseManifest, type LayerRef } from '../packages/manifest.js'
 import type { ManifestBytes, PeerPort, PeerRequest } from '../packages/peer-port.js'
 import { ManifestMemo } from './manifest-memo.js'
 import type { Membership } from './membership.js'
@@ -60,7 +60,14 @@ export class Peers implements PeerPort {
   async manifest(digest: string, signal?: AbortSignal): Promise<ManifestBytes | undefined> {
     for (const member of this.membership.others()) {
       if (signal?.aborted) return undefined
-      const { result, manifest } = await this.#o.client.manifest(member, digest, signal)
+      let { result, manifest } = await this.#o.client.manifest(member, digest, signal).catch(() => ({ result: 'error' as const, manifest: undefined }))
+      // The digest proves the body, not the Content-Type it came with: a manifest that does not
+      // parse as labelled (an image called an index) would fail the client, and the next peer
+      // would never be asked. Such a peer lied; what is held for others is only what parsed.
+      if (manifest && !parses(manifest)) {
+        result = 'mismatch'
+        manifest = undefined
+      }
       this.#record(member, result, signal, { manifest: digest })
       if (manifest) {
         this.memo.put(digest, manifest)
@@ -75,7 +82,8 @@ export class Peers implements PeerPort {
   }
 
   async #layer(member: string, request: PeerRequest, mode: 'fill' | 'cached', layer: LayerRef, temp: TempFile, signal: AbortSignal): Promise<boolean> {
-    const result = await this.#o.client.layer(member, request, mode, layer, temp, signal)
+    // Whatever goes wrong in the client is this peer failing: the core falls back, never throws.
+    const result = await this.#o.client.layer(member, request, mode, layer, temp, signal).catch((): PeerResult => 'error')
     this.#record(member, result, signal, { layer: layer.digest, mode })
     if (result !== 'ok') return false
     this.#o.onFillBytes?.(layer.size)
@@ -89,5 +97,15 @@ export class Peers implements PeerPort {
     if (signal?.aborted) return
     if (DROPPED.has(result)) this.membership.markDown(member)
     this.#o.log.warn({ peer: member, result, ...what }, 'peer failed; using the next source')
+  }
+}
+
+/** Whether `m` reads as a manifest the package core can use (an image or an index). */
+function parses(m: ManifestBytes): boolean {
+  try {
+    parseManifest(m.body, m.mediaType)
+    return true
+  } catch {
+    return false
   }
 }
