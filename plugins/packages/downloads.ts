@@ -36,6 +36,8 @@ export interface Joined {
   started: boolean
   /** Settles once the download has committed (or been discarded). */
   finished: Promise<void>
+  /** Whether the download asks peers (a client started it), or the registry alone. */
+  asksPeers: boolean
 }
 
 /**
@@ -49,7 +51,7 @@ export interface Joined {
 export class Downloads {
   readonly #o: DownloadsOptions
   /** Layer digest -> the download and the size its manifest gave (known before the Fill exists). */
-  readonly #flights = new Map<string, { fill: Promise<Fill>; size: number }>()
+  readonly #flights = new Map<string, { fill: Promise<Fill>; size: number; asksPeers: boolean }>()
   readonly #finished = new WeakMap<Fill, Promise<void>>()
   readonly #running = new Set<Promise<void>>()
   #fills = 0
@@ -82,7 +84,9 @@ export class Downloads {
    * The download of `layer` a reader of bytes from `start` can follow: the running one, or a
    * new one. Registered synchronously, before any await, so every concurrent request joins the
    * same download (and its place in the queue). Throws a BusyError when the queue is full.
-   * `request` says who asked first (a client, or a peer: whose download never asks peers).
+   * `request` says who asked first (a client, or a peer: whose download never asks peers);
+   * `fresh` (a client whose joined download failed without asking peers) first waits for a
+   * running download that does not ask peers to start, and starts one that does if it failed.
    */
   async join(
     source: RegistrySource,
@@ -92,15 +96,23 @@ export class Downloads {
     start: number,
     parts: CacheParts | undefined,
     request?: PeerRequest,
+    fresh = false,
   ): Promise<Joined> {
-    const running = this.#flights.get(layer.digest)
+    let running = this.#flights.get(layer.digest)
+    if (fresh && running && !running.asksPeers) {
+      // Never two downloads of one layer at once (both would commit): wait for that one to
+      // start. Failed, it has left the map and a new one starts; started, it serves.
+      await running.fill.then((f) => f.started).catch(() => undefined)
+      running = this.#flights.get(layer.digest)
+    }
     if (running) {
       const fill = await running.fill.catch(() => undefined)
       if (fill && fill.layer.size !== layer.size) {
         throw new ManifestError(`the manifest says layer ${layer.digest} has ${layer.size} bytes; its download has ${fill.layer.size}`)
       }
-      if (fill?.canServe(start)) return { fill, started: false, finished: this.#finished.get(fill) ?? Promise.resolve() }
+      if (fill?.canServe(start)) return { fill, started: false, finished: this.#finished.get(fill) ?? Promise.resolve(), asksPeers: running.asksPeers }
     }
+    const asksPeers = request?.from === 'client'
     const ticket = this.slots.enter()
     const forget = (): void => {
       if (this.#flights.get(layer.digest)?.fill === flight) this.#flights.delete(layer.digest)
@@ -128,9 +140,9 @@ export class Downloads {
       }
       return this.#run({ source, name, manifestDigest, layer, request }, parts, reservation, temp, releaseSlot, forget)
     })()
-    this.#flights.set(layer.digest, { fill: flight, size: layer.size })
+    this.#flights.set(layer.digest, { fill: flight, size: layer.size, asksPeers })
     const fill = await flight
-    return { fill, started: true, finished: this.#finished.get(fill) ?? Promise.resolve() }
+    return { fill, started: true, finished: this.#finished.get(fill) ?? Promise.resolve(), asksPeers }
   }
 
   #run(
