@@ -57,12 +57,16 @@ export class Downloads {
   #fills = 0
   /** Downloads whose file is still open by readers (their space is still held). */
   readonly #open = new Set<Promise<void>>()
+  /** Downloads from the registry (and those about to go there). */
   readonly slots: DownloadSlots
+  /** Cache fills of a client's request while they ask a peer, before any registry request. */
+  readonly peerSlots: DownloadSlots
   readonly #aborter = new AbortController()
 
   constructor(options: DownloadsOptions) {
     this.#o = options
     this.slots = new DownloadSlots(options.slots, this.#aborter.signal)
+    this.peerSlots = new DownloadSlots(options.slots, this.#aborter.signal)
   }
 
   /** Downloads running or cleaning up, cached or not. */
@@ -113,11 +117,26 @@ export class Downloads {
       if (fill?.canServe(start)) return { fill, started: false, finished: this.#finished.get(fill) ?? Promise.resolve(), asksPeers: running.asksPeers }
     }
     const asksPeers = request?.from === 'client'
-    const ticket = this.slots.enter()
+    // A download that may ask a peer first waits on it in a slot of the peer pool, and takes a
+    // registry slot only when it goes to the registry (see #registrySlot). The peer requests
+    // this replica serves use registry slots alone: a replica full of fills waiting on another
+    // never holds the slots that other one's requests need here, so two cannot wait on each
+    // other until their peer timeouts.
+    const viaPeers = asksPeers && this.#o.peers !== undefined && parts !== undefined
+    let ticket = (viaPeers ? this.peerSlots : this.slots).enter()
     const forget = (): void => {
       if (this.#flights.get(layer.digest)?.fill === flight) this.#flights.delete(layer.digest)
     }
     const releaseSlot = (): void => ticket.release()
+    let registrySlot: Promise<void> | undefined
+    const toRegistry = (): Promise<void> => {
+      if (!viaPeers) return Promise.resolve()
+      return (registrySlot ??= (async () => {
+        ticket.release()
+        ticket = this.slots.enter()
+        await ticket.ready
+      })())
+    }
     const flight = (async () => {
       try {
         await ticket.ready
@@ -136,9 +155,9 @@ export class Downloads {
       } catch (err) {
         reservation?.release()
         this.#o.log.warn({ err: describe(err), layer: layer.digest }, 'cannot start a cache fill; serving uncached')
-        return this.#run({ source, name, manifestDigest, layer, request }, parts, undefined, undefined, releaseSlot, forget)
+        return this.#run({ source, name, manifestDigest, layer, request }, parts, undefined, undefined, releaseSlot, forget, toRegistry)
       }
-      return this.#run({ source, name, manifestDigest, layer, request }, parts, reservation, temp, releaseSlot, forget)
+      return this.#run({ source, name, manifestDigest, layer, request }, parts, reservation, temp, releaseSlot, forget, toRegistry)
     })()
     this.#flights.set(layer.digest, { fill: flight, size: layer.size, asksPeers })
     const fill = await flight
@@ -152,6 +171,7 @@ export class Downloads {
     temp: Awaited<ReturnType<BlobStore['createTemp']>> | undefined,
     releaseSlot: () => void,
     forget: () => void,
+    toRegistry: () => Promise<void>,
   ): Fill {
     const { source, name, manifestDigest, layer } = what
     const fill = new Fill(layer, temp, this.#o.laggardMs)
@@ -188,7 +208,10 @@ export class Downloads {
     timer.unref()
     const signal = AbortSignal.any([deadline.signal, this.#aborter.signal])
     const began = process.hrtime.bigint()
-    const registry = (offset: number): ReturnType<RegistryClient['openBlob']> => this.#o.client.openBlob(source, name, layer.digest, { offset, signal })
+    const registry = async (offset: number): ReturnType<RegistryClient['openBlob']> => {
+      await toRegistry()
+      return this.#o.client.openBlob(source, name, layer.digest, { offset, signal })
+    }
     const settled = runFromSources(fill, { registry, peers: this.#o.peers, request: what.request, signal })
       .then(async () => {
         const result = await this.#finish(fill, manifestDigest, parts, reservation)

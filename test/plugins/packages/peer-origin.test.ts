@@ -79,3 +79,37 @@ void t.test('a client joining a download a peer-marked request started gets the 
   t.equal(sha256(client.rawPayload), image.lastLayer.digest)
   t.ok(peer.asked.includes('cached /package'), 'asked the peer for what it holds')
 })
+
+void t.test("two replicas whose download slots are all held by fills waiting on each other: no deadlock, one registry download per layer", async (t) => {
+  const ports = [await freePort(), await freePort()]
+  const members = ports.map((p) => `127.0.0.1:${p}`) as [string, string]
+  const peerTimeouts = { firstByteMs: 1500, idleMs: 1500 }
+  const downloads = { max: 2, maxQueued: 64, queueTimeoutMs: 10_000 }
+  const a = await startHarness(t, { listenPort: ports[0], downloads, peers: { members, self: members[0], timeouts: peerTimeouts } })
+  const b = await startHarness(t, { registry: a.registry, listenPort: ports[1], downloads, peers: { members, self: members[1], timeouts: peerTimeouts } })
+  // A slow registry, so that every fill overlaps the others.
+  a.registry.faults = { blobChunkSize: 8 * 1024, blobChunkDelayMs: 20 }
+  const owned = (owner: string, n: number): FakeImage[] => {
+    const out: FakeImage[] = []
+    for (let seed = 1000 * (owner === members[0] ? 1 : 2); out.length < n; seed++) {
+      const data = bytes(64 * 1024, seed)
+      if (ownerOf(members, sha256(data)) === owner) out.push(a.registry.addImage(DEFAULT_PREFIX, [data]))
+    }
+    return out
+  }
+  // Each replica is asked for layers the other owns: more than its slots.
+  const viaA = owned(members[1], 4)
+  const viaB = owned(members[0], 4)
+  const began = Date.now()
+  const replies = await Promise.all([
+    ...viaA.map(async (image) => ({ image, res: await a.proxy.server.inject(packageUrl({ digest: image.manifestDigest })) })),
+    ...viaB.map(async (image) => ({ image, res: await b.proxy.server.inject(packageUrl({ digest: image.manifestDigest })) })),
+  ])
+  t.same(
+    replies.filter(({ image, res }) => res.statusCode !== 200 || sha256(res.rawPayload) !== image.lastLayer.digest).map(({ res }) => res.statusCode),
+    [],
+    'every body is 200 and verified',
+  )
+  t.equal(a.registry.counts.blob, 8, 'one registry download per layer: no peer exchange timed out')
+  t.ok(Date.now() - began < 6000, `in ${Date.now() - began} ms`)
+})
