@@ -14,6 +14,12 @@ export interface PeerRequest {
   from: 'client' | 'peer' | 'cached'
 }
 
+/**
+ * How often a replica answering a peer request tells the requester it is still working on it
+ * (`102 Processing`) while its own registry is slow; the requester allows a few of these gaps.
+ */
+export const PEER_WORKING_INTERVAL_MS = 1_000
+
 /** A verified manifest's bytes, as a peer holds them. */
 export interface ManifestBytes {
   body: Buffer

@@ -4,19 +4,20 @@ import { Agent as HttpsAgent, request as httpsRequest } from 'node:https'
 import type { TempFile } from '../packages/cache/blob-store.js'
 import { writeAll } from '../packages/fill.js'
 import type { LayerRef } from '../packages/manifest.js'
-import type { ManifestBytes, PeerRequest } from '../packages/peer-port.js'
+import { PEER_WORKING_INTERVAL_MS, type ManifestBytes, type PeerRequest } from '../packages/peer-port.js'
 import { MAX_MANIFEST_BYTES } from '../packages/registry/registry-client.js'
 
 /**
  * How one exchange with a peer ended: `ok` (verified whole), `not-found` (404), `refused`
  * (another status, or a length other than the manifest's), `unreachable` (no answer: refused
  * connection, reset), `timeout` (no first byte, a stall, or a transfer
- * slower than the minimum rate, within the bounds), `mismatch`
+ * slower than the minimum rate, within the bounds), `busy` (it said it was working, waiting on
+ * its own registry, and did not answer within `workingMs`: not held against it), `mismatch`
  * (bytes that did not hash to their digest, or too many), `error` (broke off mid-body).
  */
-export type PeerResult = 'ok' | 'not-found' | 'refused' | 'unreachable' | 'timeout' | 'mismatch' | 'error'
+export type PeerResult = 'ok' | 'not-found' | 'refused' | 'unreachable' | 'timeout' | 'busy' | 'mismatch' | 'error'
 
-export const PEER_RESULTS: readonly PeerResult[] = ['ok', 'not-found', 'refused', 'unreachable', 'timeout', 'mismatch', 'error']
+export const PEER_RESULTS: readonly PeerResult[] = ['ok', 'not-found', 'refused', 'unreachable', 'timeout', 'busy', 'mismatch', 'error']
 
 export interface PeerTimeouts {
   /** From the request to the first body byte. */
@@ -35,10 +36,16 @@ export interface PeerTimeouts {
    * own socket idle timeout (300 s) cuts them; past it the registry streams to them instead.
    */
   maxTransferMs: number
+  /**
+   * How long a peer that said it is working (`102 Processing`: it waits on its own registry,
+   * for the manifest or the layer's first answer) may take to send its answer's headers. Its
+   * registry's own bounds (10 s to connect, 30 s for headers) end that wait first.
+   */
+  workingMs: number
 }
 
 /** Peers are near (the same cluster): a peer slower than this is worse than the registry. */
-export const DEFAULT_PEER_TIMEOUTS: PeerTimeouts = { firstByteMs: 5_000, idleMs: 5_000, minBytesPerSecond: 1024 * 1024, maxTransferMs: 120_000 }
+export const DEFAULT_PEER_TIMEOUTS: PeerTimeouts = { firstByteMs: 5_000, idleMs: 5_000, minBytesPerSecond: 1024 * 1024, maxTransferMs: 120_000, workingMs: 45_000 }
 
 /** The longest an exchange with a body of `length` bytes may take in all. */
 export function transferDeadlineMs(timeouts: PeerTimeouts, length: number): number {
@@ -145,13 +152,18 @@ export class PeerClient {
     // The whole exchange, whatever the gaps: until the length is known, what the two bounds allow.
     let deadline: NodeJS.Timeout | undefined
     const began = Date.now()
-    const overall = (ms: number): void => {
+    const overall = (ms: number, from = began): void => {
       clearTimeout(deadline)
-      deadline = setTimeout(() => {
-        timedOut = true
-        aborter.abort(new Error('peer transfer too slow'))
-      }, Math.max(0, began + ms - Date.now()))
+      deadline = setTimeout(
+        () => {
+          timedOut = true
+          aborter.abort(new Error('peer transfer too slow'))
+        },
+        Math.max(0, Math.min(began + this.#timeouts.maxTransferMs, from + ms) - Date.now()),
+      )
     }
+    // Set once the peer said it is working on the answer (102): its registry is slow, not it.
+    let working = false
     arm(this.#timeouts.firstByteMs)
     overall(Math.min(this.#timeouts.maxTransferMs, this.#timeouts.firstByteMs + this.#timeouts.idleMs))
     let answered = false
@@ -172,6 +184,13 @@ export class PeerClient {
       const res = await new Promise<IncomingMessage>((resolve, reject) => {
         const req = (this.#tls ? httpsRequest : httpRequest)(options, resolve)
         req.once('error', reject)
+        req.on('information', (info: { statusCode: number }) => {
+          if (info.statusCode !== 102) return
+          if (!working) overall(this.#timeouts.workingMs)
+          working = true
+          // It repeats this every PEER_WORKING_INTERVAL_MS: a few missed ones, and it is gone.
+          arm(Math.max(this.#timeouts.firstByteMs, 3 * PEER_WORKING_INTERVAL_MS))
+        })
         req.end()
       })
       answered = true
@@ -186,7 +205,8 @@ export class PeerClient {
         res.destroy()
         return 'refused'
       }
-      overall(transferDeadlineMs(this.#timeouts, length))
+      // The body's own budget, from now: a wait on the peer's registry is not the transfer.
+      overall(transferDeadlineMs(this.#timeouts, length), working ? Date.now() : began)
       onHeaders?.(res)
       let received = 0
       for await (const chunk of res as AsyncIterable<Buffer>) {
@@ -200,7 +220,7 @@ export class PeerClient {
       }
       return received === length ? 'ok' : 'error'
     } catch {
-      if (timedOut) return 'timeout'
+      if (timedOut) return working && !answered ? 'busy' : 'timeout'
       return answered ? 'error' : 'unreachable'
     } finally {
       clearTimeout(timer)

@@ -113,3 +113,34 @@ void t.test("two replicas whose download slots are all held by fills waiting on 
   t.equal(a.registry.counts.blob, 8, 'one registry download per layer: no peer exchange timed out')
   t.ok(Date.now() - began < 6000, `in ${Date.now() - began} ms`)
 })
+
+void t.test('an owner whose registry is slower than --peer-timeout: it says it is working, so the requester waits for it, one download, and keeps it as owner', async (t) => {
+  const ports = [await freePort(), await freePort()]
+  const members = ports.map((p) => `127.0.0.1:${p}`) as [string, string]
+  const peerTimeouts = { firstByteMs: 500, idleMs: 500 }
+  const a = await startHarness(t, { listenPort: ports[0], peers: { members, self: members[0], timeouts: peerTimeouts } })
+  await startHarness(t, { registry: a.registry, listenPort: ports[1], peers: { members, self: members[1], timeouts: peerTimeouts } })
+  const owned = (n: number): FakeImage[] => {
+    const out: FakeImage[] = []
+    for (let seed = 3000; out.length < n; seed++) {
+      const data = bytes(64 * 1024, seed)
+      if (ownerOf(members, sha256(data)) === members[1]) out.push(a.registry.addImage(DEFAULT_PREFIX, [data]))
+    }
+    return out
+  }
+  const [first, second] = owned(2) as [FakeImage, FakeImage]
+  // The registry answers a layer after 1.2 s: more than the requester's first-byte bound.
+  a.registry.faults = { blobDelayMs: 1200 }
+  const res = await a.proxy.server.inject(packageUrl({ digest: first.manifestDigest }))
+  t.equal(res.statusCode, 200)
+  t.equal(sha256(res.rawPayload), first.lastLayer.digest)
+  t.equal(a.registry.counts.blob, 1, 'one registry download: the requester waited for the owner')
+  const metrics = await a.proxy.metrics.registry.getSingleMetricAsString('registry_packages_proxy_peer_requests_total')
+  t.match(metrics, /result="ok"} 1/, 'the layer came from the owner')
+  t.match(metrics, /result="timeout"} 0/)
+  a.registry.faults = {}
+  a.registry.resetCounts()
+  const next = await a.proxy.server.inject(packageUrl({ digest: second.manifestDigest }))
+  t.equal(next.statusCode, 200)
+  t.match(await a.proxy.metrics.registry.getSingleMetricAsString('registry_packages_proxy_peer_requests_total'), /result="ok"} 2/, 'the owner was not marked down: asked again')
+})
