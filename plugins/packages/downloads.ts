@@ -51,7 +51,7 @@ export interface Joined {
 export class Downloads {
   readonly #o: DownloadsOptions
   /** Layer digest -> the download and the size its manifest gave (known before the Fill exists). */
-  readonly #flights = new Map<string, { fill: Promise<Fill>; size: number; asksPeers: boolean }>()
+  readonly #flights = new Map<string, { fill: Promise<Fill>; size: number; asksPeers: boolean; leavePeers: AbortController }>()
   readonly #finished = new WeakMap<Fill, Promise<void>>()
   readonly #running = new Set<Promise<void>>()
   #fills = 0
@@ -110,6 +110,9 @@ export class Downloads {
       running = this.#flights.get(layer.digest)
     }
     if (running) {
+      // Another replica asks us for a layer we are asking a peer for: it takes us for the
+      // owner. Waiting on each other would end only at a peer bound; the registry it is.
+      if (request?.from === 'peer') running.leavePeers.abort(new Error('a peer asked for this layer'))
       const fill = await running.fill.catch(() => undefined)
       if (fill && fill.layer.size !== layer.size) {
         throw new ManifestError(`the manifest says layer ${layer.digest} has ${layer.size} bytes; its download has ${fill.layer.size}`)
@@ -123,6 +126,7 @@ export class Downloads {
     // never holds the slots that other one's requests need here, so two cannot wait on each
     // other until their peer timeouts.
     const viaPeers = asksPeers && this.#o.peers !== undefined && parts !== undefined
+    const leavePeers = new AbortController()
     let ticket = (viaPeers ? this.peerSlots : this.slots).enter()
     const forget = (): void => {
       if (this.#flights.get(layer.digest)?.fill === flight) this.#flights.delete(layer.digest)
@@ -155,11 +159,11 @@ export class Downloads {
       } catch (err) {
         reservation?.release()
         this.#o.log.warn({ err: describe(err), layer: layer.digest }, 'cannot start a cache fill; serving uncached')
-        return this.#run({ source, name, manifestDigest, layer, request }, parts, undefined, undefined, releaseSlot, forget, toRegistry)
+        return this.#run({ source, name, manifestDigest, layer, request }, parts, undefined, undefined, releaseSlot, forget, toRegistry, leavePeers.signal)
       }
-      return this.#run({ source, name, manifestDigest, layer, request }, parts, reservation, temp, releaseSlot, forget, toRegistry)
+      return this.#run({ source, name, manifestDigest, layer, request }, parts, reservation, temp, releaseSlot, forget, toRegistry, leavePeers.signal)
     })()
-    this.#flights.set(layer.digest, { fill: flight, size: layer.size, asksPeers })
+    this.#flights.set(layer.digest, { fill: flight, size: layer.size, asksPeers, leavePeers })
     const fill = await flight
     return { fill, started: true, finished: this.#finished.get(fill) ?? Promise.resolve(), asksPeers }
   }
@@ -172,6 +176,7 @@ export class Downloads {
     releaseSlot: () => void,
     forget: () => void,
     toRegistry: () => Promise<void>,
+    leavePeers: AbortSignal,
   ): Fill {
     const { source, name, manifestDigest, layer } = what
     const fill = new Fill(layer, temp, this.#o.laggardMs)
@@ -212,7 +217,7 @@ export class Downloads {
       await toRegistry()
       return this.#o.client.openBlob(source, name, layer.digest, { offset, signal })
     }
-    const settled = runFromSources(fill, { registry, peers: this.#o.peers, request: what.request, signal })
+    const settled = runFromSources(fill, { registry, peers: this.#o.peers, request: what.request, signal, peerSignal: AbortSignal.any([signal, leavePeers]) })
       .then(async () => {
         const result = await this.#finish(fill, manifestDigest, parts, reservation)
         lease = result.lease

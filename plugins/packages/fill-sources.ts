@@ -11,6 +11,8 @@ export interface FillSources {
   /** The request that started the download; without one the registry alone is asked. */
   request?: PeerRequest | undefined
   signal: AbortSignal
+  /** Ends the wait on the owner (and only that): default `signal`. */
+  peerSignal?: AbortSignal
 }
 
 /**
@@ -34,7 +36,7 @@ export async function runFromSources(fill: Fill, o: FillSources): Promise<void> 
   const { peers, request, signal } = o
   if (!peers || !request || request.from !== 'client' || !temp) return fill.run(o.registry, signal)
   // The port promises a plain answer; a throw from it is a peer that failed, not a failed download.
-  if (await peers.fromOwner(request, fill.layer, temp.handle, signal).catch(() => false)) return fill.adoptVerified()
+  if (await peers.fromOwner(request, fill.layer, temp.handle, o.peerSignal ?? signal).catch(() => false)) return fill.adoptVerified()
   let first: BlobResponse
   try {
     first = await openLayer(o.registry, fill.layer.size)

@@ -228,3 +228,33 @@ void t.test('a stalled peer: the request falls back to the registry within the b
     t.equal(stalled.requests, 1)
   }
 })
+
+void t.test('a replica listening on 0.0.0.0 finds itself among --peers by its interfaces: it never asks itself', async (t) => {
+  const registry = await FakeRegistry.start()
+  t.teardown(() => registry.close())
+  t.testdir()
+  const ports = [await freePort(), await freePort()]
+  const members = ports.map((p) => `127.0.0.1:${p}`) as [string, string]
+  // Owned by the 0.0.0.0 replica under its real name, also when its listen address is counted
+  // as a member of its own (what it did before: it then asked itself and waited on itself).
+  let image: FakeImage | undefined
+  for (let seed = 1; !image; seed++) {
+    const data = bytes(128 * 1024, seed)
+    const digest = sha256(data)
+    if (ownerOf(members, digest) === members[0] && ownerOf([`0.0.0.0:${ports[0]}`, ...members], digest) === members[0]) image = registry.addImage('deckhouse/ce/pkg', [data])
+  }
+  const any = await startProxyProcess(t, {
+    registry,
+    port: ports[0] as number,
+    cacheDirectory: join(t.testdirName, 'cache-any'),
+    args: [`--peers=${members.join(',')}`, `--listen-address=0.0.0.0:${ports[0]}`, '--peer-timeout=1s'],
+  })
+  await startProxyProcess(t, { registry, port: ports[1] as number, cacheDirectory: join(t.testdirName, 'cache-other'), args: [`--peers=${members.join(',')}`, '--peer-timeout=1s'] })
+  const began = Date.now()
+  t.match(await get(any, image), { status: 200, verified: true })
+  t.ok(Date.now() - began < 900, `served without waiting on a peer (${Date.now() - began} ms)`)
+  t.equal(peerRequestsTo(any), 0, 'it did not ask itself')
+  t.equal(await metric(any, 'registry_packages_proxy_peer_members'), 2, 'two members, not three')
+  t.equal(await metric(any, 'registry_packages_proxy_peer_requests_total{result="timeout"}'), 0)
+  t.equal(registry.counts.blob, 1)
+})

@@ -144,3 +144,36 @@ void t.test('an owner whose registry is slower than --peer-timeout: it says it i
   t.equal(next.statusCode, 200)
   t.match(await a.proxy.metrics.registry.getSingleMetricAsString('registry_packages_proxy_peer_requests_total'), /result="ok"} 2/, 'the owner was not marked down: asked again')
 })
+
+void t.test('a peer request for a layer whose download here waits on a peer: the download goes to the registry at once, no wait on each other', async (t) => {
+  // A peer that never answers: before, both requests waited for its first-byte bound.
+  const port = await freePort()
+  const sockets = new Set<Socket>()
+  const silent = createServer(() => undefined)
+  silent.on('connection', (s: Socket) => {
+    sockets.add(s)
+    s.once('close', () => sockets.delete(s))
+  })
+  await new Promise<void>((resolve) => silent.listen(port, '127.0.0.1', resolve))
+  t.teardown(async () => {
+    for (const s of sockets) s.destroy()
+    await new Promise<void>((resolve) => silent.close(() => resolve()))
+  })
+  const members = [SELF, `127.0.0.1:${port}`]
+  const h = await startHarness(t, { peers: { members, self: SELF, timeouts: { firstByteMs: 3000, idleMs: 3000 } } })
+  let image: FakeImage | undefined
+  for (let seed = 5000; !image; seed++) {
+    const data = bytes(32 * 1024, seed)
+    if (ownerOf(members, sha256(data)) === members[1]) image = h.registry.addImage(DEFAULT_PREFIX, [data])
+  }
+  const url = packageUrl({ digest: image.manifestDigest })
+  const began = Date.now()
+  const client = h.proxy.server.inject(url)
+  await new Promise((resolve) => setTimeout(resolve, 200))
+  const fromPeer = await h.proxy.server.inject({ url, headers: { 'x-rpp-peer': '1' } })
+  t.equal(fromPeer.statusCode, 200)
+  t.equal((await client).statusCode, 200)
+  t.ok(Date.now() - began < 2000, `both served in ${Date.now() - began} ms, not after the 3 s bound`)
+  t.equal(h.registry.counts.blob, 1, 'one download')
+  t.match(await h.proxy.metrics.registry.getSingleMetricAsString('registry_packages_proxy_peer_requests_total'), /result="timeout"} 0/)
+})
