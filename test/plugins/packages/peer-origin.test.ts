@@ -9,7 +9,7 @@ import { createServer, type Server } from 'node:http'
 import type { Socket } from 'node:net'
 import t, { type Test } from 'tap'
 import { ownerOf } from '../../../plugins/peers/rendezvous.js'
-import { DEFAULT_PREFIX, bytes, packageUrl, sha256, startHarness } from '../../fixtures/proxy-harness.js'
+import { DEFAULT_PREFIX, bytes, fetchRaw, packageUrl, sha256, startHarness } from '../../fixtures/proxy-harness.js'
 import type { FakeImage } from '../../fixtures/fake-registry.js'
 import { freePort } from '../../fixtures/net.js'
 
@@ -176,4 +176,69 @@ void t.test('a peer request for a layer whose download here waits on a peer: the
   t.ok(Date.now() - began < 2000, `both served in ${Date.now() - began} ms, not after the 3 s bound`)
   t.equal(h.registry.counts.blob, 1, 'one download')
   t.match(await h.proxy.metrics.registry.getSingleMetricAsString('registry_packages_proxy_peer_requests_total'), /result="timeout"} 0/)
+})
+
+void t.test("a peer that sends a layer steadily but slowly: the client, who sees nothing until it verifies, is served by the registry before the proxy's socket idle timeout cuts it", async (t) => {
+  const port = await freePort()
+  const sockets = new Set<Socket>()
+  // 2 KiB every 100 ms (20 KiB/s): never idle, 13 s for the layer.
+  const slow = createServer((_req, res) => {
+    res.writeHead(200, { 'Content-Length': String(256 * 1024) })
+    const timer = setInterval(() => res.write(Buffer.alloc(2048)), 100)
+    res.once('close', () => clearInterval(timer))
+  })
+  slow.on('connection', (s: Socket) => {
+    sockets.add(s)
+    s.once('close', () => sockets.delete(s))
+  })
+  await new Promise<void>((resolve) => slow.listen(port, '127.0.0.1', resolve))
+  t.teardown(async () => {
+    for (const s of sockets) s.destroy()
+    await new Promise<void>((resolve) => slow.close(() => resolve()))
+  })
+  const members = [SELF, `127.0.0.1:${port}`]
+  const h = await startHarness(t, { listenPort: 0, socketIdleTimeoutMs: 2500, peers: { members, self: SELF, timeouts: { firstByteMs: 500, idleMs: 500 } } })
+  let image: FakeImage | undefined
+  for (let seed = 7000; !image; seed++) {
+    const data = bytes(256 * 1024, seed)
+    if (ownerOf(members, sha256(data)) === members[1]) image = h.registry.addImage(DEFAULT_PREFIX, [data])
+  }
+  const address = h.proxy.server.info.port
+  const res = await fetchRaw(`http://127.0.0.1:${address}${packageUrl({ digest: image.manifestDigest })}`)
+  t.equal(res.status, 200)
+  t.ok(res.complete, 'the response was not cut')
+  t.equal(sha256(res.body), image.lastLayer.digest)
+  t.equal(h.registry.counts.blob, 1, 'from the registry, after the peer ran past its deadline')
+})
+
+void t.test('a peer that trickles a manifest while the registry fails: the lookup ends within the peer bounds, and the digest works once the registry is back', async (t) => {
+  const port = await freePort()
+  const sockets = new Set<Socket>()
+  const trickling = createServer((_req, res) => {
+    res.writeHead(200, { 'Content-Type': 'application/vnd.oci.image.manifest.v1+json', 'Content-Length': '4096' })
+    const timer = setInterval(() => res.write('{'), 50)
+    res.once('close', () => clearInterval(timer))
+  })
+  trickling.on('connection', (s: Socket) => {
+    sockets.add(s)
+    s.once('close', () => sockets.delete(s))
+  })
+  await new Promise<void>((resolve) => trickling.listen(port, '127.0.0.1', resolve))
+  t.teardown(async () => {
+    for (const s of sockets) s.destroy()
+    await new Promise<void>((resolve) => trickling.close(() => resolve()))
+  })
+  const h = await startHarness(t, { peers: { members: [SELF, `127.0.0.1:${port}`], self: SELF, timeouts: { firstByteMs: 300, idleMs: 300 } } })
+  const image = h.registry.addImage(DEFAULT_PREFIX, [bytes(8 * 1024, 9)])
+  const url = packageUrl({ digest: image.manifestDigest })
+  h.registry.faults = { manifestStatus: 500 }
+  const began = Date.now()
+  const failed = await Promise.race([h.proxy.server.inject(url), new Promise<'hung'>((resolve) => setTimeout(() => resolve('hung'), 5000))])
+  t.not(failed, 'hung', 'the lookup ended')
+  t.equal(failed === 'hung' ? 0 : failed.statusCode, 502, 'the registry error, after the peer failed')
+  t.ok(Date.now() - began < 3000, `in ${Date.now() - began} ms`)
+  h.registry.faults = {}
+  const ok = await Promise.race([h.proxy.server.inject(url), new Promise<'hung'>((resolve) => setTimeout(() => resolve('hung'), 5000))])
+  t.equal(ok === 'hung' ? 0 : ok.statusCode, 200, 'the registry recovered: the digest is not stuck')
+  t.equal(h.proxy.packages.service.lookups.running, 0, 'no lookup slot held')
 })
