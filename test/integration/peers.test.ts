@@ -245,11 +245,11 @@ void t.test('a replica listening on 0.0.0.0 finds itself among --peers by its in
   }
   const any = await startProxyProcess(t, {
     registry,
-    port: ports[0] as number,
+    port: ports[0],
     cacheDirectory: join(t.testdirName, 'cache-any'),
     args: [`--peers=${members.join(',')}`, `--listen-address=0.0.0.0:${ports[0]}`, '--peer-timeout=1s'],
   })
-  await startProxyProcess(t, { registry, port: ports[1] as number, cacheDirectory: join(t.testdirName, 'cache-other'), args: [`--peers=${members.join(',')}`, '--peer-timeout=1s'] })
+  await startProxyProcess(t, { registry, port: ports[1], cacheDirectory: join(t.testdirName, 'cache-other'), args: [`--peers=${members.join(',')}`, '--peer-timeout=1s'] })
   const began = Date.now()
   t.match(await get(any, image), { status: 200, verified: true })
   t.ok(Date.now() - began < 900, `served without waiting on a peer (${Date.now() - began} ms)`)

@@ -44,10 +44,10 @@ async function holdingPeer(t: Test, image: () => FakeImage): Promise<{ address: 
 }
 
 void t.test('a client joining a lookup a peer-marked request started gets the manifest from a peer when the registry fails', async (t) => {
-  let image: FakeImage | undefined
-  const peer = await holdingPeer(t, () => image as FakeImage)
+  const held: { image?: FakeImage } = {}
+  const peer = await holdingPeer(t, () => held.image as FakeImage)
   const h = await startHarness(t, { peers: { members: [SELF, peer.address], self: SELF, timeouts: { firstByteMs: 1000, idleMs: 1000 } } })
-  image = h.registry.addImage(DEFAULT_PREFIX, [bytes(20_000, 3)])
+  const image = (held.image = h.registry.addImage(DEFAULT_PREFIX, [bytes(20_000, 3)]))
   h.registry.faults = { manifestDelayMs: 300, manifestStatus: 500 }
   const url = packageUrl({ digest: image.manifestDigest })
   const marked = h.proxy.server.inject({ url, headers: { 'x-rpp-peer': '1' } })
