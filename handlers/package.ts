@@ -56,7 +56,9 @@ export function packageHandler(deps: PackageHandlerDeps) {
       return common(h.response().code(304))
     }
 
-    const peer: PeerRequest = { ...query, from: peerOrigin(request) }
+    const from = peerOrigin(request)
+    const via = { member: header(request, 'x-rpp-from'), instance: header(request, 'x-rpp-instance') }
+    const peer: PeerRequest = { ...query, from, ...(from === 'peer' ? { via } : {}) }
     if (peer.from !== 'client') (request.app as { peer?: string }).peer = peer.from
     // The requester bounds its wait for our answer by --peer-timeout; while our own registry
     // is slow (the lookup, the fill's first answer) we tell it we are working, so that its

@@ -110,9 +110,11 @@ export class Downloads {
       running = this.#flights.get(layer.digest)
     }
     if (running) {
-      // Another replica asks us for a layer we are asking a peer for: it takes us for the
-      // owner. Waiting on each other would end only at a peer bound; the registry it is.
-      if (request?.from === 'peer') running.leavePeers.abort(new Error('a peer asked for this layer'))
+      // A peer request that closes a loop (from this very process under another name, or from
+      // the peer this download is asking): waiting on each other would end only at a peer
+      // bound, so the download leaves its peer for the registry. Any other peer request takes
+      // us for the owner rightly (owners only climb) and follows the download as it is.
+      if (request?.from === 'peer' && this.#o.peers?.loops?.(request, layer.digest) === true) running.leavePeers.abort(new Error('a peer request closed a loop'))
       const fill = await running.fill.catch(() => undefined)
       if (fill && fill.layer.size !== layer.size) {
         throw new ManifestError(`the manifest says layer ${layer.digest} has ${layer.size} bytes; its download has ${fill.layer.size}`)

@@ -92,12 +92,12 @@ export class PeerClient {
   }
 
   /** Fetches `layer` through `member`'s `/package` into `temp` from byte 0, verifying it. */
-  async layer(member: string, request: PeerRequest, mode: 'fill' | 'cached', layer: LayerRef, temp: TempFile, signal: AbortSignal): Promise<PeerResult> {
+  async layer(member: string, request: PeerRequest, mode: 'fill' | 'cached', layer: LayerRef, temp: TempFile, signal: AbortSignal, via: Record<string, string> = {}): Promise<PeerResult> {
     const query = new URLSearchParams({ digest: request.digest })
     if (request.repository !== undefined) query.set('repository', request.repository)
     if (request.path !== undefined) query.set('path', request.path)
     const hash = createHash('sha256')
-    const result = await this.#get(member, `/package?${query.toString()}`, { [PEER_HEADER]: mode === 'cached' ? 'cached' : '1' }, signal, layer.size, async (chunk, offset) => {
+    const result = await this.#get(member, `/package?${query.toString()}`, { ...via, [PEER_HEADER]: mode === 'cached' ? 'cached' : '1' }, signal, layer.size, async (chunk, offset) => {
       hash.update(chunk)
       await writeAll(temp, chunk, offset)
     })

@@ -1,3 +1,4 @@
+import { randomUUID } from 'node:crypto'
 import type { TempFile } from '../packages/cache/blob-store.js'
 import type { PackageLogger } from '../packages/log.js'
 import { parseManifest, type LayerRef } from '../packages/manifest.js'
@@ -30,7 +31,11 @@ const DROPPED = new Set<PeerResult>(['unreachable', 'timeout', 'mismatch'])
 export class Peers implements PeerPort {
   readonly membership: Membership
   readonly memo: ManifestMemo
+  /** This process, told apart from another one under any name (sent as `X-RPP-Instance`). */
+  readonly instance = randomUUID()
   readonly #o: PeersOptions
+  /** Layer digest -> the owner this replica is asking for it now. */
+  readonly #asking = new Map<string, string>()
 
   constructor(o: PeersOptions) {
     this.#o = o
@@ -46,7 +51,19 @@ export class Peers implements PeerPort {
   async fromOwner(request: PeerRequest, layer: LayerRef, temp: TempFile, signal: AbortSignal): Promise<boolean> {
     const owner = this.ownerOf(layer.digest)
     if (owner === undefined || owner === this.membership.self) return false
-    return this.#layer(owner, request, 'fill', layer, temp, signal)
+    this.#asking.set(layer.digest, owner)
+    try {
+      return await this.#layer(owner, request, 'fill', layer, temp, signal)
+    } finally {
+      if (this.#asking.get(layer.digest) === owner) this.#asking.delete(layer.digest)
+    }
+  }
+
+  loops(request: PeerRequest, layerDigest: string): boolean {
+    const via = request.via
+    if (!via) return false
+    if (via.instance === this.instance) return true
+    return via.member !== undefined && this.#asking.get(layerDigest) === via.member
   }
 
   async fromAny(request: PeerRequest, layer: LayerRef, temp: TempFile, signal: AbortSignal): Promise<boolean> {
@@ -83,7 +100,8 @@ export class Peers implements PeerPort {
 
   async #layer(member: string, request: PeerRequest, mode: 'fill' | 'cached', layer: LayerRef, temp: TempFile, signal: AbortSignal): Promise<boolean> {
     // Whatever goes wrong in the client is this peer failing: the core falls back, never throws.
-    const result = await this.#o.client.layer(member, request, mode, layer, temp, signal).catch((): PeerResult => 'error')
+    const via = { 'X-RPP-From': this.membership.self, 'X-RPP-Instance': this.instance }
+    const result = await this.#o.client.layer(member, request, mode, layer, temp, signal, via).catch((): PeerResult => 'error')
     this.#record(member, result, signal, { layer: layer.digest, mode })
     if (result !== 'ok') return false
     this.#o.onFillBytes?.(layer.size)

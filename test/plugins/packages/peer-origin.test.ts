@@ -145,7 +145,7 @@ void t.test('an owner whose registry is slower than --peer-timeout: it says it i
   t.match(await a.proxy.metrics.registry.getSingleMetricAsString('registry_packages_proxy_peer_requests_total'), /result="ok"} 2/, 'the owner was not marked down: asked again')
 })
 
-void t.test('a peer request for a layer whose download here waits on a peer: the download goes to the registry at once, no wait on each other', async (t) => {
+void t.test('a peer request from the very peer a download here waits on: the download goes to the registry at once, no wait on each other', async (t) => {
   // A peer that never answers: before, both requests waited for its first-byte bound.
   const port = await freePort()
   const sockets = new Set<Socket>()
@@ -170,7 +170,14 @@ void t.test('a peer request for a layer whose download here waits on a peer: the
   const began = Date.now()
   const client = h.proxy.server.inject(url)
   await new Promise((resolve) => setTimeout(resolve, 200))
-  const fromPeer = await h.proxy.server.inject({ url, headers: { 'x-rpp-peer': '1' } })
+  // A peer request from another replica (it takes us for the owner, rightly: owners climb) is
+  // served by the download as it is, which still waits on its peer.
+  const other = h.proxy.server.inject({ url, headers: { 'x-rpp-peer': '1', 'x-rpp-from': '127.0.0.1:9' } })
+  await new Promise((resolve) => setTimeout(resolve, 300))
+  t.equal(h.registry.counts.blob, 0, 'a peer request from a third replica leaves the download waiting on its peer')
+  // The peer the download waits on asks us: a loop. The registry it is, for both.
+  const fromPeer = await h.proxy.server.inject({ url, headers: { 'x-rpp-peer': '1', 'x-rpp-from': members[1] as string } })
+  t.equal((await other).statusCode, 200)
   t.equal(fromPeer.statusCode, 200)
   t.equal((await client).statusCode, 200)
   t.ok(Date.now() - began < 2000, `both served in ${Date.now() - began} ms, not after the 3 s bound`)
@@ -241,4 +248,21 @@ void t.test('a peer that trickles a manifest while the registry fails: the looku
   const ok = await Promise.race([h.proxy.server.inject(url), new Promise<'hung'>((resolve) => setTimeout(() => resolve('hung'), 5000))])
   t.equal(ok === 'hung' ? 0 : ok.statusCode, 200, 'the registry recovered: the digest is not stuck')
   t.equal(h.proxy.packages.service.lookups.running, 0, 'no lookup slot held')
+})
+
+void t.test('a replica that asks itself under another name (a list it could not find itself in) does not wait on itself', async (t) => {
+  const port = await freePort()
+  const alias = `127.0.0.1:${port}`
+  const members = [SELF, alias]
+  const h = await startHarness(t, { listenPort: port, peers: { members, self: SELF, timeouts: { firstByteMs: 1000, idleMs: 1000 } } })
+  let image: FakeImage | undefined
+  for (let seed = 9000; !image; seed++) {
+    const data = bytes(32 * 1024, seed)
+    if (ownerOf(members, sha256(data)) === alias) image = h.registry.addImage(DEFAULT_PREFIX, [data])
+  }
+  const began = Date.now()
+  const res = await Promise.race([h.proxy.server.inject(packageUrl({ digest: image.manifestDigest })), new Promise<'hung'>((resolve) => setTimeout(() => resolve('hung'), 5000))])
+  t.equal(res === 'hung' ? 0 : res.statusCode, 200)
+  t.ok(Date.now() - began < 1000, `served in ${Date.now() - began} ms`)
+  t.equal(h.registry.counts.blob, 1, 'one download')
 })
