@@ -87,6 +87,25 @@ export function parseListenAddress(text: string, flag = 'listen-address'): { hos
   return { host: m[1] ?? (m[2] || '0.0.0.0'), port }
 }
 
+const DNS_NAME = /^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$/i
+
+/**
+ * An IP address (IPv6 in brackets) or a DNS name whose last label is not all digits (such a
+ * name is an IPv4 address to a URL parser: `10.0.0.256` and `1.2.3.4.5` are no address at
+ * all), and one a URL accepts: the peer client builds one from it for every request.
+ */
+function isPeerHost(host: string, bracketed: boolean): boolean {
+  const ip = isIP(host)
+  if (bracketed ? ip !== 6 : ip === 6) return false
+  if (ip === 0 && (!DNS_NAME.test(host) || /(^|\.)\d+$/.test(host))) return false
+  try {
+    new URL(`http://${bracketed ? `[${host}]` : host}:1`)
+    return true
+  } catch {
+    return false
+  }
+}
+
 /** `--peers`: `host:port,host:port,…`, each as `--listen-address` writes it; duplicates dropped. */
 function parsePeers(text: string): string[] {
   const members = text
@@ -95,7 +114,8 @@ function parsePeers(text: string): string[] {
     .filter((p) => p !== '')
   for (const m of members) {
     const { host, port } = parseListenAddress(m, 'peers')
-    if (host === '0.0.0.0' || port === 0) throw new ConfigError(`--peers: "${m}" is not an address another replica can reach`)
+    if (host === '0.0.0.0' || host === '::' || port === 0) throw new ConfigError(`--peers: "${m}" is not an address another replica can reach`)
+    if (!isPeerHost(host, m.startsWith('['))) throw new ConfigError(`--peers: "${m}" is not host:port with an IP address or DNS name as host`)
   }
   return [...new Set(members)]
 }

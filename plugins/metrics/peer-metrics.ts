@@ -17,7 +17,7 @@ export function peerMetrics(metrics: Metrics, results: readonly string[], member
   const registers = [metrics.registry]
   const requests = new client.Counter({
     name: 'registry_packages_proxy_peer_requests_total',
-    help: 'Requests to other replicas (peer fill) by result: ok, not-found, refused, unreachable, timeout, mismatch, error.',
+    help: 'Requests to other replicas (peer fill) by result: ok, not-found, refused, unreachable, timeout, busy, mismatch, error.',
     labelNames: ['result'],
     registers,
   })

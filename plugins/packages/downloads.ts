@@ -35,6 +35,8 @@ export interface Joined {
   started: boolean
   /** Settles once the download has committed (or been discarded). */
   finished: Promise<void>
+  /** Whether the download asks peers (a client started it), or the registry alone. */
+  asksPeers: boolean
 }
 
 /**
@@ -48,18 +50,22 @@ export interface Joined {
 export class Downloads {
   readonly #o: DownloadsOptions
   /** Layer digest -> the download and the size its manifest gave (known before the Fill exists). */
-  readonly #flights = new Map<string, { fill: Promise<Fill>; size: number }>()
+  readonly #flights = new Map<string, { fill: Promise<Fill>; size: number; asksPeers: boolean; leavePeers: AbortController }>()
   readonly #finished = new WeakMap<Fill, Promise<void>>()
   readonly #running = new Set<Promise<void>>()
   #fills = 0
   /** Downloads whose file is still open by readers (their space is still held). */
   readonly #open = new Set<Promise<void>>()
+  /** Downloads from the registry (and those about to go there). */
   readonly slots: DownloadSlots
+  /** Cache fills of a client's request while they ask a peer, before any registry request. */
+  readonly peerSlots: DownloadSlots
   readonly #aborter = new AbortController()
 
   constructor(options: DownloadsOptions) {
     this.#o = options
     this.slots = new DownloadSlots(options.slots, this.#aborter.signal)
+    this.peerSlots = new DownloadSlots(options.slots, this.#aborter.signal)
   }
 
   /** Downloads running or cleaning up, cached or not. */
@@ -81,7 +87,9 @@ export class Downloads {
    * The download of `layer` a reader of bytes from `start` can follow: the running one, or a
    * new one. Registered synchronously, before any await, so every concurrent request joins the
    * same download (and its place in the queue). Throws a BusyError when the queue is full.
-   * `request` says who asked first (a client, or a peer: whose download never asks peers).
+   * `request` says who asked first (a client, or a peer: whose download never asks peers);
+   * `fresh` (a client whose joined download failed without asking peers) first waits for a
+   * running download that does not ask peers to start, and starts one that does if it failed.
    */
   async join(
     source: RegistrySource,
@@ -91,20 +99,49 @@ export class Downloads {
     start: number,
     parts: CacheParts | undefined,
     request?: PeerRequest,
+    fresh = false,
   ): Promise<Joined> {
-    const running = this.#flights.get(layer.digest)
+    let running = this.#flights.get(layer.digest)
+    if (fresh && running && !running.asksPeers) {
+      // Never two downloads of one layer at once (both would commit): wait for that one to
+      // start. Failed, it has left the map and a new one starts; started, it serves.
+      await running.fill.then((f) => f.started).catch(() => undefined)
+      running = this.#flights.get(layer.digest)
+    }
     if (running) {
+      // A peer request that closes a loop (from this very process under another name, or from
+      // the peer this download is asking): waiting on each other would end only at a peer
+      // bound, so the download leaves its peer for the registry. Any other peer request takes
+      // us for the owner rightly (owners only climb) and follows the download as it is.
+      if (request?.from === 'peer' && this.#o.peers?.loops?.(request, layer.digest) === true) running.leavePeers.abort(new Error('a peer request closed a loop'))
       const fill = await running.fill.catch(() => undefined)
       if (fill && fill.layer.size !== layer.size) {
         throw new ManifestError(`the manifest says layer ${layer.digest} has ${layer.size} bytes; its download has ${fill.layer.size}`)
       }
-      if (fill?.canServe(start)) return { fill, started: false, finished: this.#finished.get(fill) ?? Promise.resolve() }
+      if (fill?.canServe(start)) return { fill, started: false, finished: this.#finished.get(fill) ?? Promise.resolve(), asksPeers: running.asksPeers }
     }
-    const ticket = this.slots.enter()
+    const asksPeers = request?.from === 'client'
+    // A download that may ask a peer first waits on it in a slot of the peer pool, and takes a
+    // registry slot only when it goes to the registry (see #registrySlot). The peer requests
+    // this replica serves use registry slots alone: a replica full of fills waiting on another
+    // never holds the slots that other one's requests need here, so two cannot wait on each
+    // other until their peer timeouts.
+    const viaPeers = asksPeers && this.#o.peers !== undefined && parts !== undefined
+    const leavePeers = new AbortController()
+    let ticket = (viaPeers ? this.peerSlots : this.slots).enter()
     const forget = (): void => {
       if (this.#flights.get(layer.digest)?.fill === flight) this.#flights.delete(layer.digest)
     }
     const releaseSlot = (): void => ticket.release()
+    let registrySlot: Promise<void> | undefined
+    const toRegistry = (): Promise<void> => {
+      if (!viaPeers) return Promise.resolve()
+      return (registrySlot ??= (async () => {
+        ticket.release()
+        ticket = this.slots.enter()
+        await ticket.ready
+      })())
+    }
     const flight = (async () => {
       try {
         await ticket.ready
@@ -123,13 +160,13 @@ export class Downloads {
       } catch (err) {
         reservation?.release()
         this.#o.log.warn({ err: describe(err), layer: layer.digest }, 'cannot start a cache fill; serving uncached')
-        return this.#run({ source, name, manifestDigest, layer, request }, parts, undefined, undefined, releaseSlot, forget)
+        return this.#run({ source, name, manifestDigest, layer, request }, parts, undefined, undefined, releaseSlot, forget, toRegistry, leavePeers.signal)
       }
-      return this.#run({ source, name, manifestDigest, layer, request }, parts, reservation, temp, releaseSlot, forget)
+      return this.#run({ source, name, manifestDigest, layer, request }, parts, reservation, temp, releaseSlot, forget, toRegistry, leavePeers.signal)
     })()
-    this.#flights.set(layer.digest, { fill: flight, size: layer.size })
+    this.#flights.set(layer.digest, { fill: flight, size: layer.size, asksPeers, leavePeers })
     const fill = await flight
-    return { fill, started: true, finished: this.#finished.get(fill) ?? Promise.resolve() }
+    return { fill, started: true, finished: this.#finished.get(fill) ?? Promise.resolve(), asksPeers }
   }
 
   #run(
@@ -139,6 +176,8 @@ export class Downloads {
     temp: Awaited<ReturnType<BlobStore['createTemp']>> | undefined,
     releaseSlot: () => void,
     forget: () => void,
+    toRegistry: () => Promise<void>,
+    leavePeers: AbortSignal,
   ): Fill {
     const { source, name, manifestDigest, layer } = what
     const fill = new Fill(layer, temp)
@@ -174,8 +213,11 @@ export class Downloads {
     timer.unref()
     const signal = AbortSignal.any([deadline.signal, this.#aborter.signal])
     const began = process.hrtime.bigint()
-    const registry = (offset: number): ReturnType<RegistryClient['openBlob']> => this.#o.client.openBlob(source, name, layer.digest, { offset, signal })
-    const settled = runFromSources(fill, { registry, peers: this.#o.peers, request: what.request, signal })
+    const registry = async (offset: number): ReturnType<RegistryClient['openBlob']> => {
+      await toRegistry()
+      return this.#o.client.openBlob(source, name, layer.digest, { offset, signal })
+    }
+    const settled = runFromSources(fill, { registry, peers: this.#o.peers, request: what.request, signal, peerSignal: AbortSignal.any([signal, leavePeers]) })
       .then(async () => {
         const result = await this.#finish(fill, manifestDigest, parts, reservation)
         lease = result.lease

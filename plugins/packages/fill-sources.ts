@@ -11,6 +11,8 @@ export interface FillSources {
   /** The request that started the download; without one the registry alone is asked. */
   request?: PeerRequest | undefined
   signal: AbortSignal
+  /** Ends the wait on the owner (and only that): default `signal`. */
+  peerSignal?: AbortSignal
 }
 
 /**
@@ -33,14 +35,15 @@ export async function runFromSources(fill: Fill, o: FillSources): Promise<void> 
   const temp = fill.temp
   const { peers, request, signal } = o
   if (!peers || !request || request.from !== 'client' || !temp) return fill.run(o.registry, signal)
-  if (await peers.fromOwner(request, fill.layer, temp.handle, signal)) return fill.adoptVerified()
+  // The port promises a plain answer; a throw from it is a peer that failed, not a failed download.
+  if (await peers.fromOwner(request, fill.layer, temp.handle, o.peerSignal ?? signal).catch(() => false)) return fill.adoptVerified()
   let first: BlobResponse
   try {
     first = await openLayer(o.registry, fill.layer.size)
   } catch (err) {
     // A 404 is the registry's answer, not its failure; a shutdown or deadline is ours.
     const failed = !(err instanceof NotFoundError) && !signal.aborted
-    if (failed && (await peers.fromAny(request, fill.layer, temp.handle, signal))) return fill.adoptVerified()
+    if (failed && (await peers.fromAny(request, fill.layer, temp.handle, signal).catch(() => false))) return fill.adoptVerified()
     return fill.run(() => Promise.reject(err instanceof Error ? err : new Error(String(err))), signal)
   }
   let taken = false

@@ -1,5 +1,5 @@
 import { Readable } from 'node:stream'
-import { ManifestError, NotFoundError, UpstreamError } from '../../errors.js'
+import { BusyError, ManifestError, NotFoundError, UpstreamError } from '../../errors.js'
 import type { RegistrySource } from '../credentials/source.js'
 import type { BlobCache, RemovalReason } from './cache/blob-cache.js'
 import type { HotUse } from './cache/memory-cache.js'
@@ -53,6 +53,22 @@ export interface PackageBody {
   result: PackageResult
 }
 
+/** A manifest lookup shared by every concurrent request for one digest. */
+interface Lookup {
+  pending: Promise<LayerRef>
+  /** Whether it asks peers when the registry fails: only work a client started does. */
+  asksPeers: boolean
+}
+
+/**
+ * Whether a client that joined shared work which does not ask peers (a request marked as from
+ * a peer started it) tries again with work that does: when it failed, not with a 404 (the
+ * registry's answer) or a refusal for lack of a slot.
+ */
+function retriesWithPeers(peers: PeerPort | undefined, request: PeerRequest | undefined, asksPeers: boolean, err: unknown): boolean {
+  return peers !== undefined && request?.from === 'client' && !asksPeers && !(err instanceof NotFoundError) && !(err instanceof BusyError)
+}
+
 /** A body of bytes already in memory; the stream view is made only if someone asks. */
 function bufferBody(buffer: Buffer, result: PackageResult, release: () => void): PackageBody {
   return {
@@ -76,7 +92,7 @@ function bufferBody(buffer: Buffer, result: PackageResult, release: () => void):
 export class PackageService {
   readonly #o: PackageServiceOptions
   #parts: CacheParts | undefined
-  readonly #resolving = new Map<string, Promise<LayerRef>>()
+  readonly #resolving = new Map<string, Lookup>()
   /** Manifest digest -> layer for fills not yet committed, so a request in between needs no registry. */
   readonly #inflightLayers = new Map<string, LayerRef>()
   readonly #downloads: Downloads
@@ -157,19 +173,16 @@ export class PackageService {
     const inflight = this.#inflightLayers.get(digest)
     if (inflight) return { digest, layer: inflight, cached: parts?.cache.has(inflight.digest) ?? false }
     const key = `${source.repository}\n${name}\n${digest}`
-    let pending = this.#resolving.get(key)
-    if (!pending) {
-      // A full queue refuses here (503), before anything is registered or sent upstream.
-      const ticket = this.#lookups.enter()
-      pending = ticket.ready
-        .then(() => this.#fetchLayerRef(source, name, digest, request))
-        .finally(() => {
-          ticket.release()
-          this.#resolving.delete(key)
-        })
-      this.#resolving.set(key, pending)
+    const shared = this.#lookup(key, source, name, digest, request, false)
+    let layer: LayerRef
+    try {
+      layer = await shared.pending
+    } catch (err) {
+      // A client that joined a lookup started by a request marked as from a peer (which anyone
+      // may send, and which never asks peers) gets the peer fallback all the same.
+      if (!retriesWithPeers(this.#o.peers, request, shared.asksPeers, err)) throw err
+      layer = await this.#lookup(key, source, name, digest, request, true).pending
     }
-    const layer = await pending
     // A digest names its bytes, and so their length: a manifest that gives a layer we hold (or
     // are downloading) another size than it has is lying, and would have us cut the bytes short
     // or promise more than exist (found from outside: a truncated but complete 200 from a hit).
@@ -182,31 +195,58 @@ export class PackageService {
     return { digest, layer, cached }
   }
 
+  /**
+   * The shared lookup of `digest`: the running one, or a new one. `fresh` starts a new one in
+   * place of a running one that does not ask peers, for a client that needs them.
+   */
+  #lookup(key: string, source: RegistrySource, name: string, digest: string, request: PeerRequest | undefined, fresh: boolean): Lookup {
+    const running = this.#resolving.get(key)
+    if (running && !(fresh && !running.asksPeers)) return running
+    // A full queue refuses here (503), before anything is registered or sent upstream.
+    const ticket = this.#lookups.enter()
+    const entry: Lookup = {
+      asksPeers: request?.from === 'client',
+      pending: ticket.ready
+        .then(() => this.#fetchLayerRef(source, name, digest, request))
+        .finally(() => {
+          ticket.release()
+          if (this.#resolving.get(key) === entry) this.#resolving.delete(key)
+        }),
+    }
+    this.#resolving.set(key, entry)
+    return entry
+  }
+
   async #fetchLayerRef(source: RegistrySource, name: string, digest: string, request: PeerRequest | undefined): Promise<LayerRef> {
     const first = await this.#manifest(source, name, digest, request)
     const parsed = parseManifest(first.body, first.mediaType)
+    // Peers are told only of manifests that verified and parsed as they are labelled.
+    this.#o.peers?.remember(digest, first)
     if (parsed.kind === 'image') return parsed.layer
     const second = await this.#manifest(source, name, parsed.platformDigest, request)
     const image = parseManifest(second.body, second.mediaType)
     if (image.kind !== 'image') throw new ManifestError('linux/amd64 entry of the index is itself an index')
+    this.#o.peers?.remember(parsed.platformDigest, second)
     return image.layer
   }
 
   /**
    * A manifest verified against `reference`: from the registry, or, when the registry fails
-   * (anything but its 404) for a client's request, from a peer, verified here again. Peers
-   * are told of every verified manifest, so they can serve it while the registry is down.
+   * (anything but its 404) for a client's request, from a peer, verified here again (and parsed by
+   * {@link #fetchLayerRef}, which then tells peers of it, so they can serve it while the
+   * registry is down).
    */
   async #manifest(source: RegistrySource, name: string, reference: string, request: PeerRequest | undefined): Promise<ManifestBytes> {
     const peers = this.#o.peers
     try {
       const m = await this.#o.client.fetchManifest(source, name, reference)
       verifyDigest('manifest', m.body, reference)
-      peers?.remember(reference, m)
       return m
     } catch (err) {
       if (!peers || request?.from !== 'client' || err instanceof NotFoundError) throw err
-      const m = await peers.manifest(reference)
+      // Bounded by the peer client (first byte, idle, in all), and ended by shutdown: a peer
+      // that trickles must not hold this lookup, its slot and everyone joined to it.
+      const m = await peers.manifest(reference, this.#aborter.signal)
       if (!m) throw err
       verifyDigest('manifest', m.body, reference)
       return m
@@ -245,13 +285,21 @@ export class PackageService {
     let joined
     try {
       joined = await this.#downloads.join(source, name, pkg.digest, layer, start, parts, request)
+      try {
+        await joined.fill.started
+      } catch (err) {
+        // As for lookups: a client that joined a download that never asks peers, and that
+        // failed from the registry, starts one that does.
+        if (!retriesWithPeers(this.#o.peers, request, joined.asksPeers, err)) throw err
+        joined = await this.#downloads.join(source, name, pkg.digest, layer, start, parts, request, true)
+        await joined.fill.started
+      }
     } catch (err) {
       forgetLayer()
       throw err
     }
     const { fill, started, finished } = joined
     void finished.then(forgetLayer)
-    await fill.started
     const result: PackageResult = !started ? 'coalesced' : fill.temp ? 'miss' : 'bypass'
     return { stream: fill.reader(start, end), result }
   }

@@ -12,7 +12,18 @@ export interface PeerRequest {
   repository?: string
   path?: string
   from: 'client' | 'peer' | 'cached'
+  /**
+   * Who sent a peer request, as it says (`X-RPP-From`, `X-RPP-Instance`): its member name and
+   * its process's random id. Only used to tell a loop (see {@link PeerPort.loops}).
+   */
+  via?: { member?: string; instance?: string }
 }
+
+/**
+ * How often a replica answering a peer request tells the requester it is still working on it
+ * (`102 Processing`) while its own registry is slow; the requester allows a few of these gaps.
+ */
+export const PEER_WORKING_INTERVAL_MS = 1_000
 
 /** A verified manifest's bytes, as a peer holds them. */
 export interface ManifestBytes {
@@ -38,4 +49,11 @@ export interface PeerPort {
   manifest(digest: string, signal?: AbortSignal): Promise<ManifestBytes | undefined>
   /** Told of every manifest verified against its digest, so peers can ask for it later. */
   remember(digest: string, manifest: ManifestBytes): void
+  /**
+   * Whether the peer request `request` closes a loop for `layerDigest`: it comes from this very
+   * process (under another name), or from the member this replica is asking for that layer
+   * now. Waiting on each other would end only at a peer bound; the download here should leave
+   * its peer for the registry instead.
+   */
+  loops?(request: PeerRequest, layerDigest: string): boolean
 }

@@ -5,28 +5,53 @@ import type { Socket } from 'node:net'
 import type { TempFile } from '../packages/cache/blob-store.js'
 import { writeAll } from '../packages/fill.js'
 import type { LayerRef } from '../packages/manifest.js'
-import type { ManifestBytes, PeerRequest } from '../packages/peer-port.js'
+import { PEER_WORKING_INTERVAL_MS, type ManifestBytes, type PeerRequest } from '../packages/peer-port.js'
 import { MAX_MANIFEST_BYTES } from '../packages/registry/registry-client.js'
 
 /**
  * How one exchange with a peer ended: `ok` (verified whole), `not-found` (404), `refused`
  * (another status, or a length other than the manifest's), `unreachable` (no answer: refused
- * connection, reset), `timeout` (no first byte, or a stall, within the bound), `mismatch`
+ * connection, reset), `timeout` (no first byte, a stall, or a transfer
+ * slower than the minimum rate, within the bounds), `busy` (it said it was working, waiting on
+ * its own registry, and did not answer within `workingMs`: not held against it), `mismatch`
  * (bytes that did not hash to their digest, or too many), `error` (broke off mid-body).
  */
-export type PeerResult = 'ok' | 'not-found' | 'refused' | 'unreachable' | 'timeout' | 'mismatch' | 'error'
+export type PeerResult = 'ok' | 'not-found' | 'refused' | 'unreachable' | 'timeout' | 'busy' | 'mismatch' | 'error'
 
-export const PEER_RESULTS: readonly PeerResult[] = ['ok', 'not-found', 'refused', 'unreachable', 'timeout', 'mismatch', 'error']
+export const PEER_RESULTS: readonly PeerResult[] = ['ok', 'not-found', 'refused', 'unreachable', 'timeout', 'busy', 'mismatch', 'error']
 
 export interface PeerTimeouts {
   /** From the request to the first body byte. */
   firstByteMs: number
   /** Between body bytes. */
   idleMs: number
+  /**
+   * The slowest rate a whole transfer may average: an exchange ends, as a `timeout`, once it
+   * ran `firstByteMs + idleMs + length / minBytesPerSecond`, so a peer that trickles (a byte
+   * now and then, never idle for `idleMs`) is given up like one that stalls.
+   */
+  minBytesPerSecond: number
+  /**
+   * No exchange runs longer than this, however large the body: a non-owner's clients see no
+   * byte of a peer's layer until it verified whole, and must not wait so long that the proxy's
+   * own socket idle timeout (300 s) cuts them; past it the registry streams to them instead.
+   */
+  maxTransferMs: number
+  /**
+   * How long a peer that said it is working (`102 Processing`: it waits on its own registry,
+   * for the manifest or the layer's first answer) may take to send its answer's headers. Its
+   * registry's own bounds (10 s to connect, 30 s for headers) end that wait first.
+   */
+  workingMs: number
 }
 
 /** Peers are near (the same cluster): a peer slower than this is worse than the registry. */
-const DEFAULT_PEER_TIMEOUTS: PeerTimeouts = { firstByteMs: 5_000, idleMs: 5_000 }
+export const DEFAULT_PEER_TIMEOUTS: PeerTimeouts = { firstByteMs: 5_000, idleMs: 5_000, minBytesPerSecond: 1024 * 1024, maxTransferMs: 120_000, workingMs: 45_000 }
+
+/** The longest an exchange with a body of `length` bytes may take in all. */
+export function transferDeadlineMs(timeouts: PeerTimeouts, length: number): number {
+  return Math.min(timeouts.maxTransferMs, timeouts.firstByteMs + timeouts.idleMs + Math.ceil((length * 1000) / timeouts.minBytesPerSecond))
+}
 
 /**
  * How peers are reached in Kubernetes: HTTPS through their kube-rbac-proxy, which authorizes
@@ -54,8 +79,9 @@ const PEER_HEADER = 'X-RPP-Peer'
  * Plain HTTP to the other replicas' listeners (`--peers`), or HTTPS with a bearer token to
  * their kube-rbac-proxy ({@link PeerTls}). Nothing a peer sends is trusted: a layer is
  * written to the caller's temp file while it hashes and is `ok` only if it is exactly the
- * manifest's size and hashes to its digest; a manifest likewise. Both ends of an exchange are
- * bounded (first byte, then idle), so a stalled peer costs at most those bounds.
+ * manifest's size and hashes to its digest; a manifest likewise. Every exchange is bounded
+ * (first byte, idle, and in all: {@link transferDeadlineMs}), so a stalled or trickling peer
+ * costs at most those bounds.
  */
 export class PeerClient {
   #agent: Agent
@@ -92,12 +118,12 @@ export class PeerClient {
   }
 
   /** Fetches `layer` through `member`'s `/package` into `temp` from byte 0, verifying it. */
-  async layer(member: string, request: PeerRequest, mode: 'fill' | 'cached', layer: LayerRef, temp: TempFile, signal: AbortSignal): Promise<PeerResult> {
+  async layer(member: string, request: PeerRequest, mode: 'fill' | 'cached', layer: LayerRef, temp: TempFile, signal: AbortSignal, via: Record<string, string> = {}): Promise<PeerResult> {
     const query = new URLSearchParams({ digest: request.digest })
     if (request.repository !== undefined) query.set('repository', request.repository)
     if (request.path !== undefined) query.set('path', request.path)
     const hash = createHash('sha256')
-    const result = await this.#get(member, `/package?${query.toString()}`, { [PEER_HEADER]: mode === 'cached' ? 'cached' : '1' }, signal, layer.size, async (chunk, offset) => {
+    const result = await this.#get(member, `/package?${query.toString()}`, { ...via, [PEER_HEADER]: mode === 'cached' ? 'cached' : '1' }, signal, layer.size, async (chunk, offset) => {
       hash.update(chunk)
       await writeAll(temp, chunk, offset)
     })
@@ -137,7 +163,6 @@ export class PeerClient {
     onChunk: (chunk: Buffer, offset: number) => Promise<void>,
     onHeaders?: (res: IncomingMessage) => void,
   ): Promise<PeerResult> {
-    const url = new URL(`${this.#tls ? 'https' : 'http'}://${member}`)
     const aborter = new AbortController()
     const onAbort = (): void => aborter.abort(signal?.reason)
     signal?.addEventListener('abort', onAbort, { once: true })
@@ -150,9 +175,27 @@ export class PeerClient {
         aborter.abort(new Error('peer timed out'))
       }, ms)
     }
+    // The whole exchange, whatever the gaps: until the length is known, what the two bounds allow.
+    let deadline: NodeJS.Timeout | undefined
+    const began = Date.now()
+    const overall = (ms: number, from = began): void => {
+      clearTimeout(deadline)
+      deadline = setTimeout(
+        () => {
+          timedOut = true
+          aborter.abort(new Error('peer transfer too slow'))
+        },
+        Math.max(0, Math.min(began + this.#timeouts.maxTransferMs, from + ms) - Date.now()),
+      )
+    }
+    // Set once the peer said it is working on the answer (102): its registry is slow, not it.
+    let working = false
     arm(this.#timeouts.firstByteMs)
+    overall(Math.min(this.#timeouts.maxTransferMs, this.#timeouts.firstByteMs + this.#timeouts.idleMs))
     let answered = false
     try {
+      // Inside the try: a member that is no URL (a bad list) is a peer that failed, not a throw.
+      const url = new URL(`${this.#tls ? 'https' : 'http'}://${member}`)
       const token = this.#tls ? await this.#tls.token.get() : undefined
       const agent = await this.#agentNow()
       const options: RequestOptions & { servername?: string } = {
@@ -168,6 +211,13 @@ export class PeerClient {
       const res = await new Promise<IncomingMessage>((resolve, reject) => {
         const req = (this.#tls ? httpsRequest : httpRequest)(options, resolve)
         req.once('error', reject)
+        req.on('information', (info: { statusCode: number }) => {
+          if (info.statusCode !== 102) return
+          if (!working) overall(this.#timeouts.workingMs)
+          working = true
+          // It repeats this every PEER_WORKING_INTERVAL_MS: a few missed ones, and it is gone.
+          arm(Math.max(this.#timeouts.firstByteMs, 3 * PEER_WORKING_INTERVAL_MS))
+        })
         req.end()
       })
       answered = true
@@ -182,6 +232,8 @@ export class PeerClient {
         res.destroy()
         return 'refused'
       }
+      // The body's own budget, from now: a wait on the peer's registry is not the transfer.
+      overall(transferDeadlineMs(this.#timeouts, length), working ? Date.now() : began)
       onHeaders?.(res)
       let received = 0
       for await (const chunk of res as AsyncIterable<Buffer>) {
@@ -195,10 +247,11 @@ export class PeerClient {
       }
       return received === length ? 'ok' : 'error'
     } catch {
-      if (timedOut) return 'timeout'
+      if (timedOut) return working && !answered ? 'busy' : 'timeout'
       return answered ? 'error' : 'unreachable'
     } finally {
       clearTimeout(timer)
+      clearTimeout(deadline)
       signal?.removeEventListener('abort', onAbort)
     }
   }

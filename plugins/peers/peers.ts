@@ -1,6 +1,7 @@
+import { randomUUID } from 'node:crypto'
 import type { TempFile } from '../packages/cache/blob-store.js'
 import type { PackageLogger } from '../packages/log.js'
-import type { LayerRef } from '../packages/manifest.js'
+import { parseManifest, type LayerRef } from '../packages/manifest.js'
 import type { ManifestBytes, PeerPort, PeerRequest } from '../packages/peer-port.js'
 import { ManifestMemo } from './manifest-memo.js'
 import type { Membership } from './membership.js'
@@ -30,7 +31,11 @@ const DROPPED = new Set<PeerResult>(['unreachable', 'timeout', 'mismatch'])
 export class Peers implements PeerPort {
   readonly membership: Membership
   readonly memo: ManifestMemo
+  /** This process, told apart from another one under any name (sent as `X-RPP-Instance`). */
+  readonly instance = randomUUID()
   readonly #o: PeersOptions
+  /** Layer digest -> the owner this replica is asking for it now. */
+  readonly #asking = new Map<string, string>()
 
   constructor(o: PeersOptions) {
     this.#o = o
@@ -46,7 +51,19 @@ export class Peers implements PeerPort {
   async fromOwner(request: PeerRequest, layer: LayerRef, temp: TempFile, signal: AbortSignal): Promise<boolean> {
     const owner = this.ownerOf(layer.digest)
     if (owner === undefined || owner === this.membership.self) return false
-    return this.#layer(owner, request, 'fill', layer, temp, signal)
+    this.#asking.set(layer.digest, owner)
+    try {
+      return await this.#layer(owner, request, 'fill', layer, temp, signal)
+    } finally {
+      if (this.#asking.get(layer.digest) === owner) this.#asking.delete(layer.digest)
+    }
+  }
+
+  loops(request: PeerRequest, layerDigest: string): boolean {
+    const via = request.via
+    if (!via) return false
+    if (via.instance === this.instance) return true
+    return via.member !== undefined && this.#asking.get(layerDigest) === via.member
   }
 
   async fromAny(request: PeerRequest, layer: LayerRef, temp: TempFile, signal: AbortSignal): Promise<boolean> {
@@ -60,7 +77,14 @@ export class Peers implements PeerPort {
   async manifest(digest: string, signal?: AbortSignal): Promise<ManifestBytes | undefined> {
     for (const member of this.membership.others()) {
       if (signal?.aborted) return undefined
-      const { result, manifest } = await this.#o.client.manifest(member, digest, signal)
+      let { result, manifest } = await this.#o.client.manifest(member, digest, signal).catch(() => ({ result: 'error' as const, manifest: undefined }))
+      // The digest proves the body, not the Content-Type it came with: a manifest that does not
+      // parse as labelled (an image called an index) would fail the client, and the next peer
+      // would never be asked. Such a peer lied; what is held for others is only what parsed.
+      if (manifest && !parses(manifest)) {
+        result = 'mismatch'
+        manifest = undefined
+      }
       this.#record(member, result, signal, { manifest: digest })
       if (manifest) {
         this.memo.put(digest, manifest)
@@ -75,7 +99,9 @@ export class Peers implements PeerPort {
   }
 
   async #layer(member: string, request: PeerRequest, mode: 'fill' | 'cached', layer: LayerRef, temp: TempFile, signal: AbortSignal): Promise<boolean> {
-    const result = await this.#o.client.layer(member, request, mode, layer, temp, signal)
+    // Whatever goes wrong in the client is this peer failing: the core falls back, never throws.
+    const via = { 'X-RPP-From': this.membership.self, 'X-RPP-Instance': this.instance }
+    const result = await this.#o.client.layer(member, request, mode, layer, temp, signal, via).catch((): PeerResult => 'error')
     this.#record(member, result, signal, { layer: layer.digest, mode })
     if (result !== 'ok') return false
     this.#o.onFillBytes?.(layer.size)
@@ -89,5 +115,15 @@ export class Peers implements PeerPort {
     if (signal?.aborted) return
     if (DROPPED.has(result)) this.membership.markDown(member)
     this.#o.log.warn({ peer: member, result, ...what }, 'peer failed; using the next source')
+  }
+}
+
+/** Whether `m` reads as a manifest the package core can use (an image or an index). */
+function parses(m: ManifestBytes): boolean {
+  try {
+    parseManifest(m.body, m.mediaType)
+    return true
+  } catch {
+    return false
   }
 }

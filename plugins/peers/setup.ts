@@ -1,3 +1,4 @@
+import { networkInterfaces, type NetworkInterfaceInfo } from 'node:os'
 import { join } from 'node:path'
 import type { Logger } from 'pino'
 import { loadKubeConfig, SERVICE_ACCOUNT_DIR } from '../credentials/kube-config.js'
@@ -58,9 +59,42 @@ function build(membership: Membership, client: PeerClient, metrics: Metrics, log
   })
 }
 
-/** Peer fill among the replicas of `--peers`. */
-export function staticPeers(config: StaticPeersConfig, self: string, metrics: Metrics, log: Logger): PeerFill {
-  const membership = new Membership({ self: config.self ?? self, members: config.members, ...(config.downMs !== undefined ? { downMs: config.downMs } : {}) })
+/** `host` without the brackets of an IPv6 address. */
+function hostOf(member: string): { host: string; port: number } {
+  const colon = member.lastIndexOf(':')
+  return { host: member.slice(0, colon).replace(/^\[|\]$/g, ''), port: Number(member.slice(colon + 1)) }
+}
+
+/**
+ * This replica among `members`, listening on `host:port`. A named host is itself. On every
+ * interface (0.0.0.0, ::) the others name it by one of its addresses: the first member with
+ * this port and an address of `interfaces` is itself, and any other such member is the same
+ * replica under another name and is dropped (else it would be a peer that is this replica,
+ * asked and waited on). With none, the listen address stands for it, as before.
+ */
+export function selfAmong(
+  members: readonly string[],
+  host: string,
+  port: number,
+  interfaces: NodeJS.Dict<NetworkInterfaceInfo[]> = networkInterfaces(),
+): { self: string; members: string[] } {
+  const listen = host.includes(':') ? `[${host}]:${port}` : `${host}:${port}`
+  if (host !== '0.0.0.0' && host !== '::') return { self: listen, members: [...members] }
+  const local = new Set(Object.values(interfaces).flatMap((list) => (list ?? []).map((i) => i.address)))
+  const aliases = members.filter((m) => {
+    const a = hostOf(m)
+    return a.port === port && local.has(a.host)
+  })
+  const self = aliases[0]
+  if (self === undefined) return { self: listen, members: [...members] }
+  return { self, members: members.filter((m) => m === self || !aliases.includes(m)) }
+}
+
+/** Peer fill among the replicas of `--peers`; `listen` is this server's `host:port`. */
+export function staticPeers(config: StaticPeersConfig, listen: string, metrics: Metrics, log: Logger): PeerFill {
+  const { host, port } = hostOf(listen)
+  const found = config.self !== undefined ? { self: config.self, members: config.members } : selfAmong(config.members, host, port)
+  const membership = new Membership({ self: found.self, members: found.members, ...(config.downMs !== undefined ? { downMs: config.downMs } : {}) })
   const client = new PeerClient(config.timeouts)
   return { peers: build(membership, client, metrics, log), client }
 }

@@ -205,7 +205,10 @@ void t.test('--peers and --peer-timeout: off by default; addresses a peer can re
   t.same(none.peers, [], 'no peers unless given')
   t.equal(none.peerTimeoutMs, 5000)
   t.same(parseFlags(['--peers=127.0.0.1:5080,[::1]:5081', '--peer-timeout=2s'], {}, CWD), { ...parseFlags([], {}, CWD), peers: ['127.0.0.1:5080', '[::1]:5081'], peerTimeoutMs: 2000 })
-  for (const bad of ['127.0.0.1', 'host:99999', '0.0.0.0:5080', '127.0.0.1:0']) {
+  t.same(parseFlags(['--peers=proxy-0.proxy.svc:5080,10.0.0.255:5080'], {}, CWD).peers, ['proxy-0.proxy.svc:5080', '10.0.0.255:5080'], 'DNS names and IPs')
+  // Hosts that are no address at all (an IPv4 part over 255, five parts, a space, a slash)
+  // fail here, at start, instead of at the first request for a layer such a member owns.
+  for (const bad of ['127.0.0.1', 'host:99999', '0.0.0.0:5080', '127.0.0.1:0', '10.0.0.256:5080', '1.2.3.4.5:80', 'a b:80', 'a/b:80', '[zz]:80', ':80', '[::]:80']) {
     t.throws(() => parseFlags([`--peers=${bad}`], {}, CWD), { name: 'ConfigError', message: /^--peers: / }, bad)
   }
   for (const bad of ['5', '1m', '0s', '-1s']) {

@@ -136,7 +136,7 @@ void t.test('a request marked as from a peer is served from the registry, never 
   // After the first teardown: tap removes the directory only once the teardowns (which stop the
   // replicas writing into it) have run.
   t.testdir()
-  const ports = [await freePort(), await freePort()]
+  const ports: [number, number] = [await freePort(), await freePort()]
   const members = ports.map((p) => `127.0.0.1:${p}`)
   const image = imageOwnedBy(registry, members, members[1] as string, 256 * 1024)
   const [asked, owner] = (await replicas(t, registry, ports, members)) as [ProxyProcess, ProxyProcess]
@@ -183,7 +183,7 @@ void t.test('manifests held for peers survive a kill -9: a cold replica gets the
   // After the first teardown, as above.
   t.testdir()
   const image = registry.addImage('deckhouse/ce/pkg', [bytes(512 * 1024, 11)])
-  const ports = [await freePort(), await freePort()]
+  const ports: [number, number] = [await freePort(), await freePort()]
   const members = ports.map((p) => `127.0.0.1:${p}`)
   // B fetches the package while the registry is up; A is not running yet.
   const [b] = (await replicas(t, registry, ports.slice(1), members)) as [ProxyProcess]
@@ -236,13 +236,19 @@ void t.test('a stalled peer: the request falls back to the registry within the b
   // After the first teardown: tap removes the directory only once the teardowns (which stop the
   // replicas writing into it) have run.
   t.testdir()
-  // One peer never answers; the other sends headers and a few bytes, then nothing.
+  // One peer never answers; one sends headers and a few bytes, then nothing; one trickles a
+  // byte every 50 ms, never idle for the bound, never done either.
   const silent = await fakePeer(t, () => undefined)
   const dripping = await fakePeer(t, (_req, res) => {
     res.writeHead(200, { 'Content-Length': String(256 * 1024) })
     res.write(Buffer.alloc(1000))
   })
-  for (const stalled of [silent, dripping]) {
+  const trickling = await fakePeer(t, (_req, res) => {
+    res.writeHead(200, { 'Content-Length': String(256 * 1024) })
+    const timer = setInterval(() => res.write(Buffer.alloc(1)), 50)
+    res.once('close', () => clearInterval(timer))
+  })
+  for (const stalled of [silent, dripping, trickling]) {
     const port = await freePort()
     const members = [`127.0.0.1:${port}`, stalled.address]
     const image = imageOwnedBy(registry, members, stalled.address, 256 * 1024)
@@ -260,4 +266,34 @@ void t.test('a stalled peer: the request falls back to the registry within the b
     t.ok(Date.now() - quick < 400, 'the next miss did not wait for the stalled peer')
     t.equal(stalled.requests, 1)
   }
+})
+
+void t.test('a replica listening on 0.0.0.0 finds itself among --peers by its interfaces: it never asks itself', async (t) => {
+  const registry = await FakeRegistry.start()
+  t.teardown(() => registry.close())
+  t.testdir()
+  const ports: [number, number] = [await freePort(), await freePort()]
+  const members = ports.map((p) => `127.0.0.1:${p}`) as [string, string]
+  // Owned by the 0.0.0.0 replica under its real name, also when its listen address is counted
+  // as a member of its own (what it did before: it then asked itself and waited on itself).
+  let image: FakeImage | undefined
+  for (let seed = 1; !image; seed++) {
+    const data = bytes(128 * 1024, seed)
+    const digest = sha256(data)
+    if (ownerOf(members, digest) === members[0] && ownerOf([`0.0.0.0:${ports[0]}`, ...members], digest) === members[0]) image = registry.addImage('deckhouse/ce/pkg', [data])
+  }
+  const any = await startProxyProcess(t, {
+    registry,
+    port: ports[0],
+    cacheDirectory: join(t.testdirName, 'cache-any'),
+    args: [`--peers=${members.join(',')}`, `--listen-address=0.0.0.0:${ports[0]}`, '--peer-timeout=1s'],
+  })
+  await startProxyProcess(t, { registry, port: ports[1], cacheDirectory: join(t.testdirName, 'cache-other'), args: [`--peers=${members.join(',')}`, '--peer-timeout=1s'] })
+  const began = Date.now()
+  t.match(await get(any, image), { status: 200, verified: true })
+  t.ok(Date.now() - began < 900, `served without waiting on a peer (${Date.now() - began} ms)`)
+  t.equal(peerRequestsTo(any), 0, 'it did not ask itself')
+  t.equal(await metric(any, 'registry_packages_proxy_peer_members'), 2, 'two members, not three')
+  t.equal(await metric(any, 'registry_packages_proxy_peer_requests_total{result="timeout"}'), 0)
+  t.equal(registry.counts.blob, 1)
 })
