@@ -176,7 +176,7 @@ void t.test('a peer request from the very peer a download here waits on: the dow
   await new Promise((resolve) => setTimeout(resolve, 300))
   t.equal(h.registry.counts.blob, 0, 'a peer request from a third replica leaves the download waiting on its peer')
   // The peer the download waits on asks us: a loop. The registry it is, for both.
-  const fromPeer = await h.proxy.server.inject({ url, headers: { 'x-rpp-peer': '1', 'x-rpp-from': members[1] as string } })
+  const fromPeer = await h.proxy.server.inject({ url, headers: { 'x-rpp-peer': '1', 'x-rpp-from': members[1] } })
   t.equal((await other).statusCode, 200)
   t.equal(fromPeer.statusCode, 200)
   t.equal((await client).statusCode, 200)
