@@ -8,10 +8,10 @@
 import { createServer, type Server } from 'node:http'
 import type { Socket } from 'node:net'
 import t, { type Test } from 'tap'
-import { ownerOf } from '../../../plugins/peers/rendezvous.js'
-import { DEFAULT_PREFIX, bytes, fetchRaw, packageUrl, sha256, startHarness } from '../../fixtures/proxy-harness.js'
-import type { FakeImage } from '../../fixtures/fake-registry.js'
-import { freePort } from '../../fixtures/net.js'
+import { ownerOf } from '../../plugins/peers/rendezvous.js'
+import { DEFAULT_PREFIX, bytes, fetchRaw, packageUrl, sha256, startHarness } from '../fixtures/proxy-harness.js'
+import type { FakeImage } from '../fixtures/fake-registry.js'
+import { freePort } from '../fixtures/net.js'
 
 const SELF = '127.0.0.1:1'
 
