@@ -40,15 +40,18 @@ async function main(argv: string[]): Promise<void> {
   const destination = logDestination({ dest: 1, sync: false, minLength: 12 * 1024 })
   // A buffered line must not wait for the next 12 KiB on a quiet proxy: flushed every 250 ms.
   setInterval(() => destination.flush(), 250).unref()
-  const logger = pino({
-    level: flags.logLevel,
-    base: { name: 'registry-packages-proxy' },
-    // Our `err` fields are already log-safe {type, code, message} objects (never raw errors, which
-    // could carry request headers): print them as they are.
-    serializers: { err: (e: unknown) => e },
-    // Belt and braces: our code never logs these, and if a header object slips in, it is hidden.
-    redact: { paths: ['*.authorization', '*.Authorization', 'headers.authorization', '*.password', '*.token'], censor: '[redacted]' },
-  }, destination)
+  const logger = pino(
+    {
+      level: flags.logLevel,
+      base: { name: 'registry-packages-proxy' },
+      // Our `err` fields are already log-safe {type, code, message} objects (never raw errors, which
+      // could carry request headers): print them as they are.
+      serializers: { err: (e: unknown) => e },
+      // Belt and braces: our code never logs these, and if a header object slips in, it is hidden.
+      redact: { paths: ['*.authorization', '*.Authorization', 'headers.authorization', '*.password', '*.token'], censor: '[redacted]' },
+    },
+    destination,
+  )
   // Loaded only after the flags parsed, so a typo fails in milliseconds, not after a full load.
   const { createServer } = await import('./server.js')
   let proxy
@@ -87,7 +90,10 @@ async function main(argv: string[]): Promise<void> {
   } catch (err) {
     // The bootstrap listener opens first (onPreStart): name the address that failed.
     const bootstrap = flags.bootstrap && !proxy.server.plugins.bootstrap?.api.address()
-    const [flag, address] = bootstrap && flags.bootstrap ? ['--bootstrap-listen-address', `${flags.bootstrap.host}:${flags.bootstrap.port}`] : ['--listen-address', `${flags.listenHost}:${flags.listenPort}`]
+    const [flag, address] =
+      bootstrap && flags.bootstrap
+        ? ['--bootstrap-listen-address', `${flags.bootstrap.host}:${flags.bootstrap.port}`]
+        : ['--listen-address', `${flags.listenHost}:${flags.listenPort}`]
     fail(`${flag} ${address}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`)
   }
   logger.info(

@@ -36,7 +36,14 @@ export function logRequest(log: Logger, f: RequestFacts): void {
     ...(aborted ? { aborted: true, sentStatus: f.sentStatus } : { bytes: f.bytes }),
     ms: f.ms,
     ...(f.pkg
-      ? { digest: f.pkg.digest, repository: f.pkg.repository, source: f.pkg.source, pkgPath: f.pkg.path, result: f.result, ...(f.pkg.peer ? { peer: f.pkg.peer } : {}) }
+      ? {
+          digest: f.pkg.digest,
+          repository: f.pkg.repository,
+          source: f.pkg.source,
+          pkgPath: f.pkg.path,
+          result: f.result,
+          ...(f.pkg.peer ? { peer: f.pkg.peer } : {}),
+        }
       : {}),
     ...(f.route ? { route: f.route, result: f.result } : {}),
     ...(f.err ? { err: f.err } : {}),

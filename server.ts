@@ -122,7 +122,8 @@ export async function createServer(o: ServerOptions): Promise<ProxyServer> {
   })
   // hapi answers every malformed request with a bare 400; tell clients the real reason first.
   listener.prependListener('clientError', (err: NodeJS.ErrnoException, socket: Duplex) => {
-    const status = err.code === 'HPE_HEADER_OVERFLOW' ? '431 Request Header Fields Too Large' : err.code === 'ERR_HTTP_REQUEST_TIMEOUT' ? '408 Request Timeout' : undefined
+    const status =
+      err.code === 'HPE_HEADER_OVERFLOW' ? '431 Request Header Fields Too Large' : err.code === 'ERR_HTTP_REQUEST_TIMEOUT' ? '408 Request Timeout' : undefined
     if (!status || !socket.writable) return
     socket.write(`HTTP/1.1 ${status}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n`)
     socket.destroy()
@@ -234,7 +235,9 @@ export async function createServer(o: ServerOptions): Promise<ProxyServer> {
       bytes: aborted ? undefined : Number(headers['content-length'] ?? 0),
       sentStatus: raw.statusCode,
       ms: ended ? ended - request.info.received : undefined,
-      ...(request.path === '/package' ? { pkg: { digest: query.digest, repository: query.repository, source: app.source, path: query.path, peer: app.peer } } : {}),
+      ...(request.path === '/package'
+        ? { pkg: { digest: query.digest, repository: query.repository, source: app.source, path: query.path, peer: app.peer } }
+        : {}),
       ...(request.path.startsWith('/v1/') ? { route: request.route.path } : {}),
       result: app.result,
       err: app.err,

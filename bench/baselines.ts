@@ -87,8 +87,9 @@ async function drive(): Promise<void> {
   const lines = [
     `## Reference servers (${new Date().toISOString()})`,
     '',
-    `wrk -t1 -c32 -d${seconds}s after a discarded 2 s run; load average before: ${loadavg().map((l) => l.toFixed(2)).join(', ')}. ` +
-      'Server CPU: CPU seconds per second of the server process (all its threads; 100% = one core).',
+    `wrk -t1 -c32 -d${seconds}s after a discarded 2 s run; load average before: ${loadavg()
+      .map((l) => l.toFixed(2))
+      .join(', ')}. ` + 'Server CPU: CPU seconds per second of the server process (all its threads; 100% = one core).',
     '',
     '| size | server | req/s | MiB/s | p50 | p99 | server CPU | CPU per request |',
     '|---|---|---|---|---|---|---|---|',
@@ -144,10 +145,7 @@ async function drive(): Promise<void> {
 }
 
 const serveAt = process.argv.indexOf('--serve')
-const main =
-  serveAt === -1
-    ? drive()
-    : serve(process.argv[serveAt + 1] as Mode, Number(process.argv[serveAt + 2]), process.argv[serveAt + 3] ?? '')
+const main = serveAt === -1 ? drive() : serve(process.argv[serveAt + 1] as Mode, Number(process.argv[serveAt + 2]), process.argv[serveAt + 3] ?? '')
 main.catch((err: unknown) => {
   console.error(`baselines failed: ${(err as Error).stack ?? String(err)}`)
   process.exitCode = 1

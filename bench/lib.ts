@@ -382,7 +382,10 @@ export async function runWrk(
   const cpu1 = cpuSeconds(o.serverPids)
   const m1 = machineCpu()
   if (code !== 0) throw new Error(`wrk exited with ${code}:\n${out}`)
-  return { ...parseWrk(out), serverCpu: (cpu1 - cpu0) / wall, machineBusy: (m1.busy - m0.busy) / Math.max(1, m1.total - m0.total),
+  return {
+    ...parseWrk(out),
+    serverCpu: (cpu1 - cpu0) / wall,
+    machineBusy: (m1.busy - m0.busy) / Math.max(1, m1.total - m0.total),
     backgroundBusy: quiet?.busy,
     waitedMs: quiet?.waitedMs ?? 0,
   }

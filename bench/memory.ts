@@ -27,7 +27,11 @@ async function fetchWhole(url: string): Promise<string> {
 }
 
 /** A cache directory holding `data` (filled by one proxy), then a fresh proxy on it. */
-async function restartedWith(registry: FakeRegistry, data: Buffer, path: string): Promise<{ pid: number; base: string; port: number; url: string; stop: () => Promise<void> }> {
+async function restartedWith(
+  registry: FakeRegistry,
+  data: Buffer,
+  path: string,
+): Promise<{ pid: number; base: string; port: number; url: string; stop: () => Promise<void> }> {
   const dir = mkdtempSync(join(tmpdir(), 'rpp-bench-mem-'))
   const configPath = join(dir, 'registry.json')
   writeFileSync(configPath, JSON.stringify({ default: { address: registry.host, path: '/deckhouse/ce', scheme: 'http' } }))
@@ -99,7 +103,9 @@ try {
     ['stalled', '150 clients that stop reading a cached 24 MiB package'],
   ] as const) {
     const rs = results[name] ?? []
-    console.log(`| ${label} | ${mib(median(rs.map((x) => x.before)))} MiB | ${mib(median(rs.map((x) => x.peak)))} MiB (runs: ${rs.map((x) => mib(x.peak)).join(', ')}) |`)
+    console.log(
+      `| ${label} | ${mib(median(rs.map((x) => x.before)))} MiB | ${mib(median(rs.map((x) => x.peak)))} MiB (runs: ${rs.map((x) => mib(x.peak)).join(', ')}) |`,
+    )
   }
 } finally {
   await registry.close()

@@ -97,11 +97,16 @@ async function main(): Promise<void> {
           const r = await round(registry, trios[mode], image, `peers/${n}`, mode, speed)
           n++
           results.push(r)
-          console.log(`${speed}, ${mode}: layer GETs ${r.layerGets}, TTLB ${r.ttlbMs.map((ms) => fmt(ms)).join(' / ')} ms${r.verified ? '' : ' (A BODY DID NOT VERIFY)'}`)
+          console.log(
+            `${speed}, ${mode}: layer GETs ${r.layerGets}, TTLB ${r.ttlbMs.map((ms) => fmt(ms)).join(' / ')} ms${r.verified ? '' : ' (A BODY DID NOT VERIFY)'}`,
+          )
         }
       }
     }
-    const lines = ['| registry | mode | rounds | registry layer GETs per round (median, max) | median TTLB, all requests (ms) | median TTLB, slowest of the three (ms) | all verified |', '|---|---|---|---|---|---|---|']
+    const lines = [
+      '| registry | mode | rounds | registry layer GETs per round (median, max) | median TTLB, all requests (ms) | median TTLB, slowest of the three (ms) | all verified |',
+      '|---|---|---|---|---|---|---|',
+    ]
     for (const speed of Object.keys(SPEEDS) as Speed[]) {
       for (const mode of ['no peers', 'peers'] as const) {
         const rs = results.filter((r) => r.mode === mode && r.speed === speed)

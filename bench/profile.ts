@@ -169,7 +169,11 @@ async function main(): Promise<void> {
     const first = await fetchHashed(url)
     if (first.status !== 200 || first.digest !== image.lastLayer.digest) throw new Error(`warm-up: HTTP ${first.status}`)
     await waitForHit(url, image.lastLayer.digest)
-    console.log(`load average ${loadavg().map((l) => l.toFixed(2)).join(', ')}; wrk -t1 -c32 -d${seconds}s on ${size} cache hits under --cpu-prof`)
+    console.log(
+      `load average ${loadavg()
+        .map((l) => l.toFixed(2))
+        .join(', ')}; wrk -t1 -c32 -d${seconds}s on ${size} cache hits under --cpu-prof`,
+    )
     const r = await runWrk(children, { url, threads: 1, connections: 32, seconds, serverPids: [proxy.pid ?? -1] })
     console.log(`${fmt(r.requestsPerSec)} req/s, ${fmt(r.transferMiBPerSec)} MiB/s, proxy CPU ${fmt(r.serverCpu * 100)}% (profiling overhead included)`)
     // A clean exit (SIGTERM, exit 0) is what makes V8 write the profile.

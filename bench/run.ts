@@ -297,7 +297,9 @@ function report(machine: Machine, sizes: SizeResult[], cold: ColdResult | undefi
   )
   lines.push(
     `Code: commit ${machine.commit}` +
-      (machine.uncommitted.length > 0 ? `, plus uncommitted changes: ${machine.uncommitted.map((l) => l.trim()).join(', ')}.` : ', no uncommitted product changes.'),
+      (machine.uncommitted.length > 0
+        ? `, plus uncommitted changes: ${machine.uncommitted.map((l) => l.trim()).join(', ')}.`
+        : ', no uncommitted product changes.'),
   )
   lines.push(
     `Load average before the run: ${machine.loadBefore.map((l) => l.toFixed(2)).join(', ')} (1, 5, 15 min)` +
@@ -358,13 +360,19 @@ function report(machine: Machine, sizes: SizeResult[], cold: ColdResult | undefi
       )
     }
   }
-  const errors = sizes.flatMap((s) => TARGETS.flatMap((t) => s.rounds[t].filter((r) => r.socketErrors !== undefined).map((r) => `${s.label} ${t}: ${r.socketErrors ?? ''}`)))
+  const errors = sizes.flatMap((s) =>
+    TARGETS.flatMap((t) => s.rounds[t].filter((r) => r.socketErrors !== undefined).map((r) => `${s.label} ${t}: ${r.socketErrors ?? ''}`)),
+  )
   if (errors.length > 0) lines.push('', `Socket errors reported by wrk (timeout = no response within 10 s): ${errors.join('; ')}.`)
   lines.push('')
   lines.push(
     'All rounds, req/s (CPU µs per request): ' +
       sizes
-        .map((s) => `${s.label}: ` + TARGETS.map((t) => `${t} ${s.rounds[t].map((r) => `${fmt(r.requestsPerSec)} (${fmt(cpuPerRequestUs(r))})`).join(' / ')}`).join('; '))
+        .map(
+          (s) =>
+            `${s.label}: ` +
+            TARGETS.map((t) => `${t} ${s.rounds[t].map((r) => `${fmt(r.requestsPerSec)} (${fmt(cpuPerRequestUs(r))})`).join(' / ')}`).join('; '),
+        )
         .join(' | ') +
       '.',
   )
@@ -387,7 +395,9 @@ function report(machine: Machine, sizes: SizeResult[], cold: ColdResult | undefi
     `- ${rss.downloads} concurrent cold downloads of distinct 8 MiB packages (registry at full speed) in ${fmt(rss.wallMs)} ms: ` +
       `proxy RSS ${fmt(rss.startRssMiB, 1)} MiB at start-up, ${fmt(rss.baselineRssMiB, 1)} MiB before this test; max of ${rss.samples} VmRSS samples (every ${RSS_SAMPLE_MS} ms) ${fmt(rss.maxSampleMiB, 1)} MiB; ` +
       `VmHWM ${fmt(rss.hwmBeforeMiB, 1)} MiB before (peak since start, the wrk runs included), ` +
-      (rss.hwmResetWorked ? `reset through /proc/<pid>/clear_refs, ${fmt(rss.hwmAfterMiB, 1)} MiB after (the peak during this test).` : `${fmt(rss.hwmAfterMiB, 1)} MiB after (could not be reset: an upper bound only).`),
+      (rss.hwmResetWorked
+        ? `reset through /proc/<pid>/clear_refs, ${fmt(rss.hwmAfterMiB, 1)} MiB after (the peak during this test).`
+        : `${fmt(rss.hwmAfterMiB, 1)} MiB after (could not be reset: an upper bound only).`),
   )
   lines.push('')
   return lines.join('\n')
@@ -405,9 +415,12 @@ function writeResults(md: string, json: object): void {
 async function main(): Promise<void> {
   const startedAt = new Date()
   const machine = machineInfo()
-  console.log(`machine: ${machine.cpus} CPUs, ${machine.node}, ${machine.nginx}, ${machine.wrk}; code: ${machine.commit}${machine.uncommitted.length > 0 ? ` + ${machine.uncommitted.length} changed files` : ''}`)
+  console.log(
+    `machine: ${machine.cpus} CPUs, ${machine.node}, ${machine.nginx}, ${machine.wrk}; code: ${machine.commit}${machine.uncommitted.length > 0 ? ` + ${machine.uncommitted.length} changed files` : ''}`,
+  )
   console.log(`uptime before the run: ${machine.uptimeBefore}`)
-  if ((machine.loadBefore[0] ?? 0) > 1.0) console.log(`WARNING: load average ${machine.loadBefore[0]?.toFixed(2)} > 1.0: other processes are busy on this machine; expect depressed, noisy numbers`)
+  if ((machine.loadBefore[0] ?? 0) > 1.0)
+    console.log(`WARNING: load average ${machine.loadBefore[0]?.toFixed(2)} > 1.0: other processes are busy on this machine; expect depressed, noisy numbers`)
 
   const children = new Children()
   const tmp = mkdtempSync(join(tmpdir(), 'rpp-bench-'))
@@ -425,7 +438,11 @@ async function main(): Promise<void> {
     // 1. The registry, in this process, with incompressible deterministic layers.
     const reg = await FakeRegistry.start()
     registry = reg
-    const hitImages = SIZES.map((size) => ({ ...size, image: reg.addImage(`bench/pkg/hit-${size.key}`, [pseudoRandom(size.bytes, `bench ${size.label}`)]), path: `pkg/hit-${size.key}` }))
+    const hitImages = SIZES.map((size) => ({
+      ...size,
+      image: reg.addImage(`bench/pkg/hit-${size.key}`, [pseudoRandom(size.bytes, `bench ${size.label}`)]),
+      path: `pkg/hit-${size.key}`,
+    }))
     const cold = registry.addImage('bench/pkg/cold', [pseudoRandom(8 * MiB, 'bench cold 8 MiB')])
     const rssImages = Array.from({ length: RSS_DOWNLOADS }, (_, i) => ({
       image: reg.addImage(`bench/rss/pkg-${i}`, [pseudoRandom(8 * MiB, `bench rss 8 MiB #${i}`)]),
@@ -437,7 +454,13 @@ async function main(): Promise<void> {
     // 2. The real binary.
     const proxyPort = await freePort()
     // As deployed: `--log-level info`, so every request writes its log line.
-    const proxy = await startProxy(children, { configPath, cacheDir: join(tmp, 'cache'), port: proxyPort, logFile: join(tmp, 'proxy.log'), logLevel: LOG_LEVEL })
+    const proxy = await startProxy(children, {
+      configPath,
+      cacheDir: join(tmp, 'cache'),
+      port: proxyPort,
+      logFile: join(tmp, 'proxy.log'),
+      logLevel: LOG_LEVEL,
+    })
     const proxyPid = proxy.pid ?? -1
     const proxyBase = `http://127.0.0.1:${proxyPort}`
     const startRssMiB = memoryOf(proxyPid).rssKiB / 1024
@@ -506,7 +529,9 @@ async function main(): Promise<void> {
     // 7. Memory.
     console.log(`peak RSS during ${RSS_DOWNLOADS} concurrent cold 8 MiB downloads`)
     const rssResult = await peakRss(proxyPid, proxyBase, rssImages, startRssMiB)
-    console.log(`  peak ${fmt(rssResult.peakMiB, 1)} MiB (max sample ${fmt(rssResult.maxSampleMiB, 1)} MiB, VmHWM after ${fmt(rssResult.hwmAfterMiB, 1)} MiB), verified: ${rssResult.allVerified}`)
+    console.log(
+      `  peak ${fmt(rssResult.peakMiB, 1)} MiB (max sample ${fmt(rssResult.maxSampleMiB, 1)} MiB, VmHWM after ${fmt(rssResult.hwmAfterMiB, 1)} MiB), verified: ${rssResult.allVerified}`,
+    )
 
     // 8. Report.
     machine.loadAfter = loadavg()

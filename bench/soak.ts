@@ -82,7 +82,11 @@ function cacheBytes(dir: string): number {
 }
 
 /** One request; the body is hashed and compared with the bytes it must be. */
-function exchange(url: string, agent: Agent, o: { method: 'GET' | 'HEAD'; range?: [number, number]; expect: Buffer }): Promise<{ outcome: Outcome; ms: number; detail: string }> {
+function exchange(
+  url: string,
+  agent: Agent,
+  o: { method: 'GET' | 'HEAD'; range?: [number, number]; expect: Buffer },
+): Promise<{ outcome: Outcome; ms: number; detail: string }> {
   const started = performance.now()
   let detail = 'no response'
   return new Promise((resolve) => {
@@ -105,7 +109,10 @@ function exchange(url: string, agent: Agent, o: { method: 'GET' | 'HEAD'; range?
         if (res.statusCode === 502 || res.statusCode === 504) return done('5xx')
         const want = o.range ? o.expect.subarray(o.range[0], o.range[1] + 1) : o.method === 'HEAD' ? Buffer.alloc(0) : o.expect
         const status = o.range ? 206 : 200
-        const ok = res.statusCode === status && hash.digest('hex') === createHash('sha256').update(want).digest('hex') && (o.method !== 'HEAD' || res.headers['content-length'] === String(o.expect.length))
+        const ok =
+          res.statusCode === status &&
+          hash.digest('hex') === createHash('sha256').update(want).digest('hex') &&
+          (o.method !== 'HEAD' || res.headers['content-length'] === String(o.expect.length))
         if (!ok) return done('wrong')
         if (o.method === 'HEAD') return done('HEAD')
         if (o.range) return done('RANGE')
@@ -179,13 +186,18 @@ async function main(): Promise<number> {
           roll < 0.05
             ? { method: 'HEAD' as const, expect: data }
             : roll < 0.12
-              ? { method: 'GET' as const, expect: data, range: ((a: number) => [a, Math.min(data.length - 1, a + Math.floor(r() * 100_000))] as [number, number])(Math.floor(r() * data.length)) }
+              ? {
+                  method: 'GET' as const,
+                  expect: data,
+                  range: ((a: number) => [a, Math.min(data.length - 1, a + Math.floor(r() * 100_000))] as [number, number])(Math.floor(r() * data.length)),
+                }
               : { method: 'GET' as const, expect: data }
         const { outcome, ms, detail } = await exchange(url(img), agent, o)
         window.latencies.push(ms)
         window.outcomes.set(outcome, (window.outcomes.get(outcome) ?? 0) + 1)
         totals.set(outcome, (totals.get(outcome) ?? 0) + 1)
-        if ((outcome === 'wrong' || outcome === 'failed' || outcome === '5xx') && details.length < 20) details.push(`${outcome}: ${img.manifestDigest.slice(0, 19)} ${JSON.stringify(o.range ?? o.method)} (${data.length} bytes): ${detail}`)
+        if ((outcome === 'wrong' || outcome === 'failed' || outcome === '5xx') && details.length < 20)
+          details.push(`${outcome}: ${img.manifestDigest.slice(0, 19)} ${JSON.stringify(o.range ?? o.method)} (${data.length} bytes): ${detail}`)
         if (outcome === '503') await sleep(1000)
       }
     }
@@ -199,7 +211,10 @@ async function main(): Promise<number> {
     while (Date.now() < deadline) {
       await sleep(Math.min(SAMPLE_MS, Math.max(0, deadline - Date.now())))
       tick++
-      registry.faults = tick % 3 === 0 ? { blobChunkSize: 64 * 1024, blobChunkDelayMs: 1, truncateBlobAt: 200_000, onlyFirst: 3 } : { blobChunkSize: 64 * 1024, blobChunkDelayMs: 1 }
+      registry.faults =
+        tick % 3 === 0
+          ? { blobChunkSize: 64 * 1024, blobChunkDelayMs: 1, truncateBlobAt: 200_000, onlyFirst: 3 }
+          : { blobChunkSize: 64 * 1024, blobChunkDelayMs: 1 }
       const w = window
       window = { latencies: [], outcomes: new Map() }
       const now = readProc(binary.pid)
@@ -228,7 +243,9 @@ async function main(): Promise<number> {
       `\nsoak: ${count} requests (${[...totals].map(([k, v]) => `${k} ${v}`).join(', ')}); ` +
         `after: ${fds} fds (baseline ${base.fds}), held after GC +${mib(heldDelta)} MiB, RSS after GC ${mib(held.rss)} MiB (baseline ${mib(base.rssBytes)})`,
     )
-    const cacheState = await fetch(`${binary.base}/cache?limit=0`).then((r) => r.json() as Promise<{ usedBytes: number; limitBytes: number; evictions: number }>)
+    const cacheState = await fetch(`${binary.base}/cache?limit=0`).then(
+      (r) => r.json() as Promise<{ usedBytes: number; limitBytes: number; evictions: number }>,
+    )
     console.log(`cache: ${mib(cacheState.usedBytes)} of ${mib(cacheState.limitBytes)} MiB used, ${cacheState.evictions} evictions`)
     if (cacheState.usedBytes > cacheState.limitBytes) failures.push('cache index over its limit')
     if ((totals.get('wrong') ?? 0) > 0) failures.push(`${totals.get('wrong')} complete responses with wrong bytes or status`)

@@ -69,7 +69,14 @@ function short(digest: string): string {
 
 function table(rows: string[][]): string {
   const widths = rows[0]?.map((_, i) => Math.max(...rows.map((r) => (r[i] ?? '').length))) ?? []
-  return rows.map((r) => r.map((c, i) => c.padEnd(widths[i] ?? 0)).join('  ').trimEnd()).join('\n')
+  return rows
+    .map((r) =>
+      r
+        .map((c, i) => c.padEnd(widths[i] ?? 0))
+        .join('  ')
+        .trimEnd(),
+    )
+    .join('\n')
 }
 
 function entryRows(items: CacheEntryView[]): string[][] {
@@ -129,7 +136,8 @@ export async function runCacheCommand(argv: readonly string[], io: CliIo, env: N
     return fetchAnd(io, target, 'GET', `/cache${qs ? `?${qs}` : ''}`, {}, (body) => {
       if (json) return JSON.stringify(body, null, 2)
       const s = body as CacheListView
-      const head = `cache ${s.enabled ? 'enabled' : 'DISABLED'}: ${formatBytes(s.usedBytes)} of ${formatBytes(s.limitBytes)} in ${s.entries} entries; ` +
+      const head =
+        `cache ${s.enabled ? 'enabled' : 'DISABLED'}: ${formatBytes(s.usedBytes)} of ${formatBytes(s.limitBytes)} in ${s.entries} entries; ` +
         `hits ${s.hit}, misses ${s.miss}, coalesced ${s.coalesced}, bypassed ${s.bypass}, hit ratio ${(s.hitRatio * 100).toFixed(1)}%; evictions ${s.evictions}`
       const why = s.unavailable ? `\n${s.unavailable}` : ''
       return s.items.length === 0 ? `${head}${why}` : `${head}${why}\n\n${table(entryRows(s.items))}`
@@ -147,7 +155,9 @@ export async function runCacheCommand(argv: readonly string[], io: CliIo, env: N
       try {
         extra[ADMIN_TOKEN_HEADER] = readAdminToken(file)
       } catch (err) {
-        io.err(`cannot read the cache admin token ${file} (${(err as NodeJS.ErrnoException).code ?? 'error'}): run this where the proxy runs (kubectl exec), or pass --token-file`)
+        io.err(
+          `cannot read the cache admin token ${file} (${(err as NodeJS.ErrnoException).code ?? 'error'}): run this where the proxy runs (kubectl exec), or pass --token-file`,
+        )
         return 1
       }
     }

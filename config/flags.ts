@@ -197,7 +197,8 @@ export function parseFlags(argv: readonly string[], env: NodeJS.ProcessEnv = pro
   if (peerServerName !== undefined && !/^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$/i.test(peerServerName)) {
     throw new ConfigError(`--peer-server-name: "${peerServerName}" is not a DNS name`)
   }
-  if (peerServerName !== undefined && isIP(peerServerName)) throw new ConfigError('--peer-server-name must be a DNS name: without it the certificate must name the peer\'s IP')
+  if (peerServerName !== undefined && isIP(peerServerName))
+    throw new ConfigError("--peer-server-name must be a DNS name: without it the certificate must name the peer's IP")
   return {
     peers,
     peerTimeoutMs,

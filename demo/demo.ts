@@ -75,7 +75,9 @@ async function main(): Promise<void> {
   const iconImage = registry.addImage('demo-packages/hello/version', [makePackageTarGz({ 'docs/icon.svg': icon, 'README.md': '# hello\n' })])
   registry.tag('demo-packages/hello/version', 'v1.0.0', iconImage.manifestDigest)
   const rppGet = registry.addImage('deckhouse/ce', [makePackageTarGz({ 'rpp-get': '#!/bin/sh\necho rpp-get\n' })])
-  const moduleImage = registry.addImage('modules/example/packages/tool', [makePackageTarGz({ install: installScript('tool'), tool: 'tool\n' })], { mediaType: 'docker' })
+  const moduleImage = registry.addImage('modules/example/packages/tool', [makePackageTarGz({ install: installScript('tool'), tool: 'tool\n' })], {
+    mediaType: 'docker',
+  })
 
   const configPath = join(workDir, 'registry-config.json')
   writeFileSync(
@@ -91,16 +93,20 @@ async function main(): Promise<void> {
     ),
   )
 
-  const child = spawn(process.execPath, [
-    join(root, 'dist/main.js'),
-    `--registry-config=${configPath}`,
-    `--listen-address=${listen}`,
-    `--bootstrap-listen-address=${bootstrapListen}`,
-    `--cluster-uuid=${clusterUuid}`,
-  ], {
-    stdio: ['ignore', 'inherit', 'inherit'],
-    env: process.env,
-  })
+  const child = spawn(
+    process.execPath,
+    [
+      join(root, 'dist/main.js'),
+      `--registry-config=${configPath}`,
+      `--listen-address=${listen}`,
+      `--bootstrap-listen-address=${bootstrapListen}`,
+      `--cluster-uuid=${clusterUuid}`,
+    ],
+    {
+      stdio: ['ignore', 'inherit', 'inherit'],
+      env: process.env,
+    },
+  )
   const proxy = `http://${listen}`
   let closing = false
   const shutdown = async (code: number): Promise<void> => {

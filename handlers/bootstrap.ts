@@ -28,7 +28,8 @@ function parse(req: IncomingMessage, clusterUuid: string): { digest: string } {
   if (req.method !== 'GET') throw new MethodNotAllowedError('only GET is allowed', ['GET'])
   const digests = url.searchParams.getAll('digest')
   const digest = digests[0]
-  if (digests.length !== 1 || digest === undefined || !DIGEST.test(digest)) throw new BadRequestError('"digest" must be given once as sha256:<64 lowercase hex>')
+  if (digests.length !== 1 || digest === undefined || !DIGEST.test(digest))
+    throw new BadRequestError('"digest" must be given once as sha256:<64 lowercase hex>')
   return { digest }
 }
 

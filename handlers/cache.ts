@@ -137,7 +137,9 @@ export function showCacheEntryHandler(deps: CacheHandlerDeps) {
 export function deleteCacheEntryHandler(deps: CacheHandlerDeps) {
   return async (request: Request, h: ResponseToolkit): Promise<ResponseObject> => {
     if (!adminTokenMatches(deps.adminToken, request.headers[ADMIN_TOKEN_HEADER])) {
-      throw new ForbiddenError(`deleting from the cache needs the X-Cache-Token header with the token in <cache directory>/${ADMIN_TOKEN_FILE} (registry-packages-proxy cache rm sends it)`)
+      throw new ForbiddenError(
+        `deleting from the cache needs the X-Cache-Token header with the token in <cache directory>/${ADMIN_TOKEN_FILE} (registry-packages-proxy cache rm sends it)`,
+      )
     }
     const digest = digestParam(request)
     const entry = deps.index ? find(deps.index, digest) : undefined

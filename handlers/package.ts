@@ -45,10 +45,7 @@ export function packageHandler(deps: PackageHandlerDeps) {
     const name = [source.namePrefix, query.path].filter(Boolean).join('/')
     const etag = `"${query.digest}"`
     const common = (response: ResponseObject): ResponseObject =>
-      response
-        .header('ETag', etag)
-        .header('Cache-Control', 'public, max-age=31536000, immutable')
-        .header('Accept-Ranges', 'bytes')
+      response.header('ETag', etag).header('Cache-Control', 'public, max-age=31536000, immutable').header('Accept-Ranges', 'bytes')
 
     // The ETag is the digest the client asked for: a match needs no registry at all.
     const ifNoneMatch = header(request, 'if-none-match')

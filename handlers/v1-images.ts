@@ -74,7 +74,11 @@ export function cliManifestHandler(deps: V1ImagesDeps) {
     const image = imageOf(request)
     const reference = parseReference((request.params as { ref: string }).ref)
     const source = defaultSource(deps.sources)
-    const { value: manifest } = await firstFound(candidates(source, image), (name) => deps.manifests.fetch(source, name, reference), repositoryMissing(deps, source))
+    const { value: manifest } = await firstFound(
+      candidates(source, image),
+      (name) => deps.manifests.fetch(source, name, reference),
+      repositoryMissing(deps, source),
+    )
     const etag = `"${manifest.digest}"`
     const cache = reference.startsWith('sha256:') ? 'public, max-age=31536000, immutable' : 'no-cache'
     if (matchesIfNoneMatch(header(request, 'if-none-match'), etag)) {
@@ -82,16 +86,18 @@ export function cliManifestHandler(deps: V1ImagesDeps) {
       return h.response().code(304).header('ETag', etag).header('Cache-Control', cache)
     }
     deps.onResult?.(request, 'manifest')
-    return h
-      .response(manifest.body)
-      .type(manifest.mediaType || 'application/octet-stream')
-      .header('Docker-Content-Digest', manifest.digest)
-      .header('ETag', etag)
-      .header('Cache-Control', cache)
-      // The Content-Type is the registry's (the CONTRACT): whatever it says, a browser must
-      // neither sniff these bytes into HTML nor run anything in them.
-      .header('X-Content-Type-Options', 'nosniff')
-      .header('Content-Security-Policy', MANIFEST_CSP)
+    return (
+      h
+        .response(manifest.body)
+        .type(manifest.mediaType || 'application/octet-stream')
+        .header('Docker-Content-Digest', manifest.digest)
+        .header('ETag', etag)
+        .header('Cache-Control', cache)
+        // The Content-Type is the registry's (the CONTRACT): whatever it says, a browser must
+        // neither sniff these bytes into HTML nor run anything in them.
+        .header('X-Content-Type-Options', 'nosniff')
+        .header('Content-Security-Policy', MANIFEST_CSP)
+    )
   }
 }
 

@@ -1,6 +1,15 @@
 import { setTimeout as delay } from 'node:timers/promises'
 import t from 'tap'
-import { BusyError, MethodNotAllowedError, NotCachedError, RangeNotSatisfiableError, SourcesNotSyncedError, TimeoutError, UpstreamError, toBoom } from '../errors.js'
+import {
+  BusyError,
+  MethodNotAllowedError,
+  NotCachedError,
+  RangeNotSatisfiableError,
+  SourcesNotSyncedError,
+  TimeoutError,
+  UpstreamError,
+  toBoom,
+} from '../errors.js'
 
 /** The rejection `fn` produces (these are real aborts, not hand-made look-alikes). */
 async function rejection(fn: () => Promise<unknown>): Promise<unknown> {
@@ -16,7 +25,11 @@ void t.test('our errors map to their status, message and code; a wrapped one map
   const upstream = toBoom(new UpstreamError('registry answered 500 for the manifest', 500))
   t.equal(upstream.output.statusCode, 502)
   t.equal(upstream.output.payload.message, 'registry answered 500 for the manifest')
-  t.same(upstream.output.payload, { statusCode: 502, error: 'Bad Gateway', message: 'registry answered 500 for the manifest', code: 'EUPSTREAM' }, 'the code is in the body')
+  t.same(
+    upstream.output.payload,
+    { statusCode: 502, error: 'Bad Gateway', message: 'registry answered 500 for the manifest', code: 'EUPSTREAM' },
+    'the code is in the body',
+  )
   t.equal(toBoom(new Error('outer', { cause: new TimeoutError('idle', 10) })).output.statusCode, 504, 'found in the cause chain')
   const busy = toBoom(new BusyError('busy', 7))
   t.equal(busy.output.headers['Retry-After'], '7')

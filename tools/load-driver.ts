@@ -81,13 +81,28 @@ const MEMORY_PROBE =
   'writeFileSync(process.env.MEMORY_PROBE_FILE, JSON.stringify(process.memoryUsage())) })'
 
 /** Starts the real binary over `configPath` and waits until `/readyz` answers 200. */
-export async function startBinary(o: { main: string; configPath: string; cacheDir: string; limit: string; logFile?: string; memoryProbe?: string }): Promise<Binary> {
+export async function startBinary(o: {
+  main: string
+  configPath: string
+  cacheDir: string
+  limit: string
+  logFile?: string
+  memoryProbe?: string
+}): Promise<Binary> {
   const port = await freePort()
   const out = o.logFile ? openSync(o.logFile, 'a') : 'ignore'
   const probe = o.memoryProbe
   const child = spawn(
     process.execPath,
-    [...(probe ? ['--expose-gc', `--import=${MEMORY_PROBE}`] : []), o.main, `--listen-address=127.0.0.1:${port}`, `--cache-directory=${o.cacheDir}`, `--cache-retention-size=${o.limit}`, `--registry-config=${o.configPath}`, '--log-level=warn'],
+    [
+      ...(probe ? ['--expose-gc', `--import=${MEMORY_PROBE}`] : []),
+      o.main,
+      `--listen-address=127.0.0.1:${port}`,
+      `--cache-directory=${o.cacheDir}`,
+      `--cache-retention-size=${o.limit}`,
+      `--registry-config=${o.configPath}`,
+      '--log-level=warn',
+    ],
     {
       stdio: ['ignore', out, out],
       // Never in-cluster mode or an inherited flag, even when the tests themselves run in a pod.

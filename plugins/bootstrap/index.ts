@@ -48,19 +48,31 @@ export const bootstrapPlugin: Plugin<BootstrapOptions> = {
       onDone: (info) => {
         o.metrics.requests.inc({ route: info.route, method: info.method.toLowerCase(), code: String(info.status) })
         results.inc({ route: info.route, result: info.result })
-        const line = { listener: 'bootstrap', method: info.method, route: info.route, status: info.status, bytes: info.bytes, ms: info.ms, result: info.result, ...(info.err ? { err: describe(info.err) } : {}) }
+        const line = {
+          listener: 'bootstrap',
+          method: info.method,
+          route: info.route,
+          status: info.status,
+          bytes: info.bytes,
+          ms: info.ms,
+          result: info.result,
+          ...(info.err ? { err: describe(info.err) } : {}),
+        }
         if (info.status >= 500) o.log.warn(line, 'request')
         else o.log.info(line, 'request')
       },
     })
     results.inc({ route: RPP_GET_ROUTE, result: 'error' }, 0)
-    const listener: Server = createServer({
-      maxHeaderSize: 4096,
-      headersTimeout: 5_000,
-      requestTimeout: 30_000,
-      keepAliveTimeout: 5_000,
-      connectionsCheckingInterval: 1_000,
-    }, handler)
+    const listener: Server = createServer(
+      {
+        maxHeaderSize: 4096,
+        headersTimeout: 5_000,
+        requestTimeout: 30_000,
+        keepAliveTimeout: 5_000,
+        connectionsCheckingInterval: 1_000,
+      },
+      handler,
+    )
     // Writes to a node that stopped reading end after 300 s of no progress.
     listener.setTimeout(300_000)
     server.ext('onPreStart', async () => {

@@ -72,12 +72,10 @@ export class RppGetFiles {
   async #extract(source: RegistrySource, digest: string): Promise<Buffer> {
     const name = source.namePrefix
     const pkg = await this.#packages.resolve(source, name, digest)
-    const file = await flattenedBest(
-      [pkg.layer],
-      async (layer) => (await this.#packages.open(source, name, pkg, 0, layer.size - 1)).stream,
-      ['rpp-get'],
-      { maxFileBytes: MAX_RPP_GET_BYTES, maxInflatedBytes: this.#maxInflated },
-    )
+    const file = await flattenedBest([pkg.layer], async (layer) => (await this.#packages.open(source, name, pkg, 0, layer.size - 1)).stream, ['rpp-get'], {
+      maxFileBytes: MAX_RPP_GET_BYTES,
+      maxInflatedBytes: this.#maxInflated,
+    })
     if (!file) throw new NotFoundError('the layer has no regular file rpp-get')
     if (!file.data) throw new NotFoundError(`rpp-get in the layer is larger than ${MAX_RPP_GET_BYTES} bytes`)
     return file.data

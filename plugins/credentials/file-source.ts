@@ -70,9 +70,7 @@ export function parseRegistryConfig(doc: unknown, what: string): RegistrySource[
       const { registry, namePrefix } = splitRepository(repo, `${where}.repo`)
       const ca = parseCa(m.ca, `${where}.ca`)
       const dockerCfg = optionalString(m, 'dockerCfg', where)
-      const credentials = dockerCfg
-        ? credentialsFromDockerConfig(decodeBase64(dockerCfg, `${where}.dockerCfg`), registry, `${where}.dockerCfg`)
-        : undefined
+      const credentials = dockerCfg ? credentialsFromDockerConfig(decodeBase64(dockerCfg, `${where}.dockerCfg`), registry, `${where}.dockerCfg`) : undefined
       if (sources.some((s) => s.kind === 'module-source' && s.name === name)) throw new SourceError(`${where}: duplicate name "${name}"`)
       sources.push(registrySource({ name, kind: 'module-source', registry, namePrefix, scheme: parseScheme(m.scheme, where), ca, credentials }))
     })

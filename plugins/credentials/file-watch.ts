@@ -158,10 +158,7 @@ export class FileSourceWatcher {
       return false
     }
     this.#apply(parsed, text, signature)
-    log.info(
-      { file: path, reason, sources: parsed.map((s) => ({ name: s.name, repository: s.repository, scheme: s.scheme })) },
-      'registry config reloaded',
-    )
+    log.info({ file: path, reason, sources: parsed.map((s) => ({ name: s.name, repository: s.repository, scheme: s.scheme })) }, 'registry config reloaded')
     return true
   }
 
@@ -179,9 +176,6 @@ export class FileSourceWatcher {
     this.#missing = true
     this.#signature = undefined
     this.#o.metrics.sourceErrors.inc({ provider: PROVIDER })
-    this.#o.log.warn(
-      { file: this.#o.path, err: describe(err) },
-      'registry config cannot be read; keeping the previous sources',
-    )
+    this.#o.log.warn({ file: this.#o.path, err: describe(err) }, 'registry config cannot be read; keeping the previous sources')
   }
 }

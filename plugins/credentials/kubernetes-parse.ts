@@ -99,7 +99,10 @@ export function reparse<T extends { metadata?: KubeObjectMeta }>(
   objects: readonly T[],
   previous: ReadonlyMap<string, ParsedObject>,
   parse: (obj: T) => RegistrySource,
-  on: { parsed(name: string, source: RegistrySource, before: ParsedObject | undefined): void; rejected(name: string, err: SourceError, before: ParsedObject | undefined): void },
+  on: {
+    parsed(name: string, source: RegistrySource, before: ParsedObject | undefined): void
+    rejected(name: string, err: SourceError, before: ParsedObject | undefined): void
+  },
 ): Map<string, ParsedObject> {
   const next = new Map<string, ParsedObject>()
   for (const obj of objects) {

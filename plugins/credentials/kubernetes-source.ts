@@ -81,8 +81,7 @@ export class KubernetesSource {
       kubeConfig: o.kubeConfig,
       path: `/api/v1/namespaces/${REGISTRY_SECRET.namespace}/secrets`,
       fieldSelector,
-      list: (signal) =>
-        core.listNamespacedSecret({ namespace: REGISTRY_SECRET.namespace, fieldSelector }, withSignal(signal)),
+      list: (signal) => core.listNamespacedSecret({ namespace: REGISTRY_SECRET.namespace, fieldSelector }, withSignal(signal)),
       onChange: (objects) => this.#applySecret(objects),
       log: o.log,
       metrics: o.metrics,
@@ -92,8 +91,7 @@ export class KubernetesSource {
       provider: 'modulesources',
       kubeConfig: o.kubeConfig,
       path: `/apis/${MODULE_SOURCE.group}/${MODULE_SOURCE.version}/${MODULE_SOURCE.plural}`,
-      list: (signal) =>
-        custom.listClusterCustomObject({ ...MODULE_SOURCE }, withSignal(signal)) as Promise<KubernetesListObject<KubernetesObject>>,
+      list: (signal) => custom.listClusterCustomObject({ ...MODULE_SOURCE }, withSignal(signal)) as Promise<KubernetesListObject<KubernetesObject>>,
       onChange: (objects) => this.#applyModuleSources(objects),
       log: o.log,
       metrics: o.metrics,
@@ -139,7 +137,12 @@ export class KubernetesSource {
           this.#secretParsed = { resourceVersion, source }
           this.#lastGoodDefault = source
           log.info(
-            { secret: where, repository: source.repository, scheme: source.scheme, ...(previous && previous.repository !== source.repository ? { was: previous.repository } : {}) },
+            {
+              secret: where,
+              repository: source.repository,
+              scheme: source.scheme,
+              ...(previous && previous.repository !== source.repository ? { was: previous.repository } : {}),
+            },
             previous ? 'default source updated' : 'default source loaded',
           )
         } catch (err) {
@@ -163,7 +166,8 @@ export class KubernetesSource {
       parsed: (name, source, before) => {
         const was = before?.source?.repository
         if (was === undefined) log.info({ moduleSource: name, repository: source.repository, scheme: source.scheme }, 'module source added')
-        else if (was !== source.repository) log.info({ moduleSource: name, repository: source.repository, retired: was }, 'module source moved; its old repository is retired')
+        else if (was !== source.repository)
+          log.info({ moduleSource: name, repository: source.repository, retired: was }, 'module source moved; its old repository is retired')
         else log.info({ moduleSource: name, repository: source.repository }, 'module source updated')
       },
       rejected: (name, err, before) => {
@@ -179,7 +183,8 @@ export class KubernetesSource {
     const seen = new Map<string, string>()
     for (const s of list) {
       const first = seen.get(s.repository)
-      if (first !== undefined) log.warn({ moduleSource: s.name, repository: s.repository, servedBy: first }, 'two ModuleSources name the same repository; the first one serves it')
+      if (first !== undefined)
+        log.warn({ moduleSource: s.name, repository: s.repository, servedBy: first }, 'two ModuleSources name the same repository; the first one serves it')
       else seen.set(s.repository, s.name)
     }
     sources.replace('modulesources', list)

@@ -68,7 +68,10 @@ export class PackageRepositoryWatch {
     const { log, metrics, sources } = this.#o
     const next = reparse(objects, this.#parsed, parsePackageRepository, {
       parsed: (name, source, before) =>
-        log.info({ packageRepository: name, repository: source.repository, scheme: source.scheme }, before ? 'package repository updated' : 'package repository added'),
+        log.info(
+          { packageRepository: name, repository: source.repository, scheme: source.scheme },
+          before ? 'package repository updated' : 'package repository added',
+        ),
       rejected: (name, err) => {
         metrics.sourceErrors.inc({ provider: PROVIDER })
         log.error({ packageRepository: name || undefined, err: { message: err.message } }, 'PackageRepository is malformed; skipped')
@@ -78,7 +81,10 @@ export class PackageRepositoryWatch {
       if (!next.has(name) && before.source) log.info({ packageRepository: name }, 'package repository deleted')
     }
     this.#parsed = next
-    sources.replace(PROVIDER, [...next.values()].flatMap((p) => (p.source ? [p.source] : [])))
+    sources.replace(
+      PROVIDER,
+      [...next.values()].flatMap((p) => (p.source ? [p.source] : [])),
+    )
     metrics.sourceSynced.set({ provider: PROVIDER }, 1)
     this.#synced = true
   }

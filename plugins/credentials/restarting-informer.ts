@@ -1,10 +1,4 @@
-import {
-  ListWatch,
-  Watch,
-  type KubeConfig,
-  type KubernetesListObject,
-  type KubernetesObject,
-} from '@kubernetes/client-node'
+import { ListWatch, Watch, type KubeConfig, type KubernetesListObject, type KubernetesObject } from '@kubernetes/client-node'
 import type { Logger } from 'pino'
 import type { Metrics } from '../metrics/metrics.js'
 import { describeKubeError, WatchClosedEarlyError, WatchErrorEvent } from './kube-errors.js'
@@ -167,11 +161,14 @@ class ObservedWatch extends Watch {
       else if (!ended) {
         this.#hooks.opened()
         const running = controller
-        deadline = setTimeout(() => {
-          presumedDead = true
-          this.#hooks.presumedDead(timeoutSeconds)
-          running.abort()
-        }, timeoutSeconds * 1000 + this.#timing.watchTimeoutGraceMs)
+        deadline = setTimeout(
+          () => {
+            presumedDead = true
+            this.#hooks.presumedDead(timeoutSeconds)
+            running.abort()
+          },
+          timeoutSeconds * 1000 + this.#timing.watchTimeoutGraceMs,
+        )
         deadline.unref()
       }
       return controller
@@ -322,9 +319,7 @@ export class RestartingInformer<T extends KubernetesObject> {
     const relist = err instanceof WatchErrorEvent && err.relist ? { relist: true } : {}
     this.#o.log.warn(
       { provider: this.#o.provider, err: { message: describeKubeError(err) }, failures: this.#failures, retryInMs: jittered, synced: this.#listed, ...relist },
-      this.#listed
-        ? 'Kubernetes watch failed; serving the last known sources and retrying'
-        : 'Kubernetes list failed; not ready until it succeeds, retrying',
+      this.#listed ? 'Kubernetes watch failed; serving the last known sources and retrying' : 'Kubernetes list failed; not ready until it succeeds, retrying',
     )
     this.#retry = setTimeout(() => {
       this.#retry = undefined

@@ -62,7 +62,7 @@ export class SourceSet {
           defaults.find((s) => s.repository === wanted) ??
           defaults.find((s) => s.registry === wanted))
     if (found) return found
-    const shown = wanted === '' ? '(default)' : repository ?? ''
+    const shown = wanted === '' ? '(default)' : (repository ?? '')
     const pending = this.unsynced()
     if (pending.length > 0) throw new SourcesNotSyncedError(shown, pending)
     throw new NoSourceError(shown)

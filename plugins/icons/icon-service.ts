@@ -80,7 +80,9 @@ export class IconService {
     if (cached !== undefined) return { digest, icon: cached }
     const image = await this.#o.manifests.image(source, name, top, { os: 'linux', architecture: 'amd64' })
     const layers = imageLayers(image.body)
-    const key = `layers:${createHash('sha256').update(JSON.stringify(layers.map((l) => [l.digest, l.mediaType]))).digest('hex')}`
+    const key = `layers:${createHash('sha256')
+      .update(JSON.stringify(layers.map((l) => [l.digest, l.mediaType])))
+      .digest('hex')}`
     let icon = this.#lookup(key)
     if (icon === undefined) {
       let pending = this.#extracting.get(key)

@@ -58,7 +58,15 @@ function under(path: string, dir: string): boolean {
 }
 
 /** Reads one layer's tar stream, draining every entry, holding at most the best wanted file. */
-async function readLayer(body: Readable, layer: LayerRef, index: number, wanted: readonly string[], holder: Holder, limits: ExtractLimits, budget: InflateBudget): Promise<LayerChanges> {
+async function readLayer(
+  body: Readable,
+  layer: LayerRef,
+  index: number,
+  wanted: readonly string[],
+  holder: Holder,
+  limits: ExtractLimits,
+  budget: InflateBudget,
+): Promise<LayerChanges> {
   const changes: LayerChanges = { removed: [], opaque: [], set: new Map() }
   const rank = (p: string): number => wanted.indexOf(p)
   const tar = extract()
@@ -133,8 +141,7 @@ export async function flattenedBest(
     const changes = await readLayer(await open(layer), layer, index, paths, holder, limits, budget)
     for (const [path] of files) {
       const gone =
-        changes.removed.some((r) => (r.endsWith('/') ? path.startsWith(r) : under(path, r))) ||
-        changes.opaque.some((d) => d === '' || path.startsWith(`${d}/`))
+        changes.removed.some((r) => (r.endsWith('/') ? path.startsWith(r) : under(path, r))) || changes.opaque.some((d) => d === '' || path.startsWith(`${d}/`))
       if (gone) files.delete(path)
     }
     for (const [path, size] of changes.set) {

@@ -104,7 +104,11 @@ export class ManifestResolver {
       // 502 that says so, not a bare 500.
       if (err instanceof ProxyError || !(err instanceof Error) || err.name === 'AbortError' || err.name === 'TimeoutError') throw err
       const code = (err as NodeJS.ErrnoException).code
-      throw new UpstreamError(code === 'ERR_INVALID_URL' ? 'registry sent a tag list Link that is not a valid URL' : `registry tag list could not be read (${code ?? err.name})`, undefined, { cause: err })
+      throw new UpstreamError(
+        code === 'ERR_INVALID_URL' ? 'registry sent a tag list Link that is not a valid URL' : `registry tag list could not be read (${code ?? err.name})`,
+        undefined,
+        { cause: err },
+      )
     }
   }
 

@@ -2,7 +2,6 @@ import { ManifestError, NotFoundError } from '../../errors.js'
 import { DIGEST, IMAGE_TYPES, INDEX_TYPES } from '../packages/manifest.js'
 import type { Platform } from './image-ref.js'
 
-
 interface IndexEntry {
   digest?: unknown
   platform?: { os?: unknown; architecture?: unknown; variant?: unknown }

@@ -78,7 +78,12 @@ export class CachedReads {
       // From memory, loaded once if need be. When memory has no room (its budget is held by
       // bytes still being sent), or the load was not kept, the file is served instead: bytes
       // in memory are only ever the budget's.
-      const data = await this.hot.load(digest, size, () => this.#readVerified(cache, digest), () => cache.has(digest))
+      const data = await this.hot.load(
+        digest,
+        size,
+        () => this.#readVerified(cache, digest),
+        () => cache.has(digest),
+      )
       const use = data && this.hot.use(digest)
       if (use) return { buffer: use.buffer.subarray(start, end + 1), release: use.release }
       if (data === undefined && !cache.has(digest)) return undefined
@@ -145,7 +150,12 @@ export class CachedReads {
     // and thrown away, again for every request of the herd.
     const wanted = sending >= HERD && this.hot.admitsLarge(lease.size) && this.hot.hasRoomFor(lease.size)
     if (wanted && !this.hot.has(digest) && !this.hot.loading(digest)) {
-      void this.hot.load(digest, lease.size, () => this.#readVerified(cache, digest), () => cache.has(digest))
+      void this.hot.load(
+        digest,
+        lease.size,
+        () => this.#readVerified(cache, digest),
+        () => cache.has(digest),
+      )
     }
     let done = false
     const finish = (): void => {
@@ -222,4 +232,3 @@ export class CachedReads {
     void cache.remove(digest, 'corrupt').then((removed) => removed && this.#o.onCorrupt?.(digest))
   }
 }
-

@@ -98,7 +98,11 @@ export class DownloadSlots {
       return this.#holding()
     }
     if (this.#queue.length >= this.#o.maxQueued) {
-      throw new BusyError(`${this.#running} ${NOUNS[this.#kind].many} are running and ${this.#queue.length} waiting; retry later`, this.#o.retryAfterSeconds, this.#kind)
+      throw new BusyError(
+        `${this.#running} ${NOUNS[this.#kind].many} are running and ${this.#queue.length} waiting; retry later`,
+        this.#o.retryAfterSeconds,
+        this.#kind,
+      )
     }
     let state: 'waiting' | 'holding' | 'done' = 'waiting'
     let timer: NodeJS.Timeout | undefined
@@ -123,7 +127,9 @@ export class DownloadSlots {
         if (state !== 'waiting') return
         state = 'done'
         leaveQueue()
-        reject(new BusyError(`no ${NOUNS[this.#kind].one} slot became free within ${this.#o.queueTimeoutMs} ms; retry later`, this.#o.retryAfterSeconds, this.#kind))
+        reject(
+          new BusyError(`no ${NOUNS[this.#kind].one} slot became free within ${this.#o.queueTimeoutMs} ms; retry later`, this.#o.retryAfterSeconds, this.#kind),
+        )
       }, this.#o.queueTimeoutMs)
     })
     // Whoever holds the ticket observes `ready`; this keeps an abandoned one from being "unhandled".

@@ -113,7 +113,8 @@ export class Downloads {
       // the peer this download is asking): waiting on each other would end only at a peer
       // bound, so the download leaves its peer for the registry. Any other peer request takes
       // us for the owner rightly (owners only climb) and follows the download as it is.
-      if (request?.from === 'peer' && this.#o.peers?.loops?.(request, layer.digest) === true) running.leavePeers.abort(new Error('a peer request closed a loop'))
+      if (request?.from === 'peer' && this.#o.peers?.loops?.(request, layer.digest) === true)
+        running.leavePeers.abort(new Error('a peer request closed a loop'))
       const fill = await running.fill.catch(() => undefined)
       if (fill && fill.layer.size !== layer.size) {
         throw new ManifestError(`the manifest says layer ${layer.digest} has ${layer.size} bytes; its download has ${fill.layer.size}`)
@@ -233,12 +234,20 @@ export class Downloads {
         this.#running.delete(settled)
       })
     this.#running.add(settled)
-    this.#finished.set(fill, settled.catch(() => undefined))
+    this.#finished.set(
+      fill,
+      settled.catch(() => undefined),
+    )
     return fill
   }
 
   /** Commits a verified fill (fsync, rename, rows) or discards a failed one. */
-  async #finish(fill: Fill, manifestDigest: string, parts: CacheParts | undefined, reservation: Reservation | undefined): Promise<{ outcome: FillOutcome; lease?: Lease }> {
+  async #finish(
+    fill: Fill,
+    manifestDigest: string,
+    parts: CacheParts | undefined,
+    reservation: Reservation | undefined,
+  ): Promise<{ outcome: FillOutcome; lease?: Lease }> {
     const { layer } = fill
     const temp = fill.temp
     if (!parts || !reservation || !temp) return { outcome: fill.state === 'verified' ? 'uncached' : 'failed' }

@@ -237,7 +237,11 @@ export class Fill extends EventEmitter {
     if (--this.#refs !== 0) return
     const file = this.#file
     if (!file) this.#settle.closed()
-    else void file.close().catch(() => undefined).finally(() => this.#settle.closed())
+    else
+      void file
+        .close()
+        .catch(() => undefined)
+        .finally(() => this.#settle.closed())
   }
 
   /** Reads up to `length` bytes at `position`, from the file or the memory window. */

@@ -21,7 +21,10 @@ export function resultCounter(metrics: Metrics, counts: ResultCounts): (result: 
 }
 
 /** `GET|HEAD /package` (and 405 for other methods), with its results counted and logged. */
-export function packageRoutes(server: Server, o: { sources: SourceSet; metrics: Metrics; service: PackageService; countResult: (result: string) => void }): void {
+export function packageRoutes(
+  server: Server,
+  o: { sources: SourceSet; metrics: Metrics; service: PackageService; countResult: (result: string) => void },
+): void {
   const onResult = (request: Request, result: string): void => {
     o.countResult(result)
     request.app.result = result

@@ -36,7 +36,10 @@ export const peersPlugin: Plugin<PeersPluginOptions> = {
         if (!DIGEST.test(digest)) throw toBoom(new BadRequestError('the digest must be sha256:<64 lowercase hex>'))
         const manifest = o.peers.memo.get(digest)
         if (!manifest) throw toBoom(new NotFoundError('this replica holds no such manifest'))
-        return h.response(manifest.body).type(manifest.mediaType || 'application/octet-stream').header('Docker-Content-Digest', digest)
+        return h
+          .response(manifest.body)
+          .type(manifest.mediaType || 'application/octet-stream')
+          .header('Docker-Content-Digest', digest)
       },
     })
     server.ext('onPreStart', async () => {
@@ -59,7 +62,9 @@ export const peersPlugin: Plugin<PeersPluginOptions> = {
  */
 async function loadMemo(peers: Peers, dir: string, log: PackageLogger): Promise<void> {
   try {
-    const loaded = await peers.memo.attach(new ManifestFiles(dir), (err) => log.warn({ err: describe(err) }, 'peer manifest file write failed; that manifest is held in memory only'))
+    const loaded = await peers.memo.attach(new ManifestFiles(dir), (err) =>
+      log.warn({ err: describe(err) }, 'peer manifest file write failed; that manifest is held in memory only'),
+    )
     for (const digest of loaded.corrupt) log.warn({ digest }, 'peer manifest file did not match its digest; deleted')
     log.info({ manifests: loaded.manifests.length, corrupt: loaded.corrupt.length, dropped: loaded.dropped }, 'peer manifests read back')
   } catch (err) {

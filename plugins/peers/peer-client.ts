@@ -46,7 +46,13 @@ export interface PeerTimeouts {
 }
 
 /** Peers are near (the same cluster): a peer slower than this is worse than the registry. */
-export const DEFAULT_PEER_TIMEOUTS: PeerTimeouts = { firstByteMs: 5_000, idleMs: 5_000, minBytesPerSecond: 1024 * 1024, maxTransferMs: 120_000, workingMs: 45_000 }
+export const DEFAULT_PEER_TIMEOUTS: PeerTimeouts = {
+  firstByteMs: 5_000,
+  idleMs: 5_000,
+  minBytesPerSecond: 1024 * 1024,
+  maxTransferMs: 120_000,
+  workingMs: 45_000,
+}
 
 /** The longest an exchange with a body of `length` bytes may take in all. */
 export function transferDeadlineMs(timeouts: PeerTimeouts, length: number): number {
@@ -118,15 +124,30 @@ export class PeerClient {
   }
 
   /** Fetches `layer` through `member`'s `/package` into `temp` from byte 0, verifying it. */
-  async layer(member: string, request: PeerRequest, mode: 'fill' | 'cached', layer: LayerRef, temp: TempFile, signal: AbortSignal, via: Record<string, string> = {}): Promise<PeerResult> {
+  async layer(
+    member: string,
+    request: PeerRequest,
+    mode: 'fill' | 'cached',
+    layer: LayerRef,
+    temp: TempFile,
+    signal: AbortSignal,
+    via: Record<string, string> = {},
+  ): Promise<PeerResult> {
     const query = new URLSearchParams({ digest: request.digest })
     if (request.repository !== undefined) query.set('repository', request.repository)
     if (request.path !== undefined) query.set('path', request.path)
     const hash = createHash('sha256')
-    const result = await this.#get(member, `/package?${query.toString()}`, { ...via, [PEER_HEADER]: mode === 'cached' ? 'cached' : '1' }, signal, layer.size, async (chunk, offset) => {
-      hash.update(chunk)
-      await writeAll(temp, chunk, offset)
-    })
+    const result = await this.#get(
+      member,
+      `/package?${query.toString()}`,
+      { ...via, [PEER_HEADER]: mode === 'cached' ? 'cached' : '1' },
+      signal,
+      layer.size,
+      async (chunk, offset) => {
+        hash.update(chunk)
+        await writeAll(temp, chunk, offset)
+      },
+    )
     if (result !== 'ok') return result
     return `sha256:${hash.digest('hex')}` === layer.digest ? 'ok' : 'mismatch'
   }
@@ -135,10 +156,22 @@ export class PeerClient {
   async manifest(member: string, digest: string, signal?: AbortSignal): Promise<{ result: PeerResult; manifest?: ManifestBytes }> {
     const chunks: Buffer[] = []
     let mediaType = ''
-    const result = await this.#get(member, `/peers/manifests/${digest}`, { [PEER_HEADER]: 'cached' }, signal, undefined, (chunk) => {
-      chunks.push(chunk)
-      return Promise.resolve()
-    }, (res) => (mediaType = String(res.headers['content-type'] ?? '').split(';')[0]?.trim() ?? ''))
+    const result = await this.#get(
+      member,
+      `/peers/manifests/${digest}`,
+      { [PEER_HEADER]: 'cached' },
+      signal,
+      undefined,
+      (chunk) => {
+        chunks.push(chunk)
+        return Promise.resolve()
+      },
+      (res) =>
+        (mediaType =
+          String(res.headers['content-type'] ?? '')
+            .split(';')[0]
+            ?.trim() ?? ''),
+    )
     if (result !== 'ok') return { result }
     const body = Buffer.concat(chunks)
     if (`sha256:${createHash('sha256').update(body).digest('hex')}` !== digest) return { result: 'mismatch' }

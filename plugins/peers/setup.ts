@@ -115,13 +115,24 @@ export interface KubePeersContext {
 export async function kubePeers(config: KubePeersConfig, o: KubePeersContext): Promise<PeerFill | undefined> {
   const namespace = o.env.POD_NAMESPACE ?? ''
   const podIp = o.env.POD_IP ?? ''
-  const kubeConfig = await loadKubeConfig({ ...(o.kubeconfig ? { kubeconfig: o.kubeconfig } : {}), env: o.env, ...(o.serviceAccountDir ? { serviceAccountDir: o.serviceAccountDir } : {}) })
+  const kubeConfig = await loadKubeConfig({
+    ...(o.kubeconfig ? { kubeconfig: o.kubeconfig } : {}),
+    env: o.env,
+    ...(o.serviceAccountDir ? { serviceAccountDir: o.serviceAccountDir } : {}),
+  })
   if (!kubeConfig || namespace === '' || podIp === '') {
-    o.log.warn({ kubernetes: kubeConfig !== undefined, POD_NAMESPACE: namespace || undefined, POD_IP: podIp || undefined }, 'peer fill off: it needs the Kubernetes API, POD_NAMESPACE and POD_IP')
+    o.log.warn(
+      { kubernetes: kubeConfig !== undefined, POD_NAMESPACE: namespace || undefined, POD_IP: podIp || undefined },
+      'peer fill off: it needs the Kubernetes API, POD_NAMESPACE and POD_IP',
+    )
     return undefined
   }
   // A missing or bad file fails start-up here; later changes are picked up as they come.
-  const ca = new CaFile({ path: config.caFile, log: o.log.child({ component: 'peers' }), ...(config.caCheckMs !== undefined ? { checkMs: config.caCheckMs } : {}) })
+  const ca = new CaFile({
+    path: config.caFile,
+    log: o.log.child({ component: 'peers' }),
+    ...(config.caCheckMs !== undefined ? { checkMs: config.caCheckMs } : {}),
+  })
   // Loaded only here: client-node is not imported outside Kubernetes.
   const { KubeMembers, memberAddress } = await import('./kube-members.js')
   const membership = new Membership({ self: memberAddress(podIp, config.port), members: [], ...(config.downMs !== undefined ? { downMs: config.downMs } : {}) })

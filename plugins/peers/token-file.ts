@@ -31,17 +31,19 @@ export class TokenFile {
     const now = (this.#o.now ?? Date.now)()
     if (this.#token !== undefined && now - this.#readAt < (this.#o.refreshMs ?? DEFAULT_TOKEN_REFRESH_MS)) return this.#token
     // Concurrent requests share one read.
-    this.#reading ??= readFile(this.#o.path, 'utf8').then(
-      (text) => {
-        this.#token = text.trim() || undefined
-        this.#readAt = now
-        return this.#token
-      },
-      () => {
-        this.#token = undefined
-        return undefined
-      },
-    ).finally(() => (this.#reading = undefined))
+    this.#reading ??= readFile(this.#o.path, 'utf8')
+      .then(
+        (text) => {
+          this.#token = text.trim() || undefined
+          this.#readAt = now
+          return this.#token
+        },
+        () => {
+          this.#token = undefined
+          return undefined
+        },
+      )
+      .finally(() => (this.#reading = undefined))
     return this.#reading
   }
 

@@ -39,7 +39,11 @@ void t.test('cache ls, show and rm against a running server', async (t) => {
 
   // rm needs the proxy's admin token: read from the cache directory, as inside the container.
   const noToken = io()
-  t.equal(await runCacheCommand(['rm', img.manifestDigest, '--url', url], noToken.io, { RPP_CACHE_DIRECTORY: join(h.dir, 'elsewhere') }), 1, 'no token file: exit 1')
+  t.equal(
+    await runCacheCommand(['rm', img.manifestDigest, '--url', url], noToken.io, { RPP_CACHE_DIRECTORY: join(h.dir, 'elsewhere') }),
+    1,
+    'no token file: exit 1',
+  )
   t.match(noToken.err.join(''), /cannot read the cache admin token .*elsewhere\/admin-token \(ENOENT\)/)
   const wrong = join(h.dir, 'wrong-token')
   writeFileSync(wrong, 'f'.repeat(64))
@@ -70,11 +74,29 @@ void t.test('usage errors are exit 2; an unreachable server is exit 1', async (t
 function selfSigned(t: Test): { cert: string; key: string } | undefined {
   const dir = t.testdir()
   try {
-    execFileSync('openssl', [
-      'req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes',
-      '-keyout', join(dir, 'tls.key'), '-out', join(dir, 'tls.crt'), '-days', '2', '-subj', '/CN=kube-rbac-proxy',
-      '-addext', 'subjectAltName=IP:127.0.0.1',
-    ], { stdio: 'ignore' })
+    execFileSync(
+      'openssl',
+      [
+        'req',
+        '-x509',
+        '-newkey',
+        'ec',
+        '-pkeyopt',
+        'ec_paramgen_curve:prime256v1',
+        '-nodes',
+        '-keyout',
+        join(dir, 'tls.key'),
+        '-out',
+        join(dir, 'tls.crt'),
+        '-days',
+        '2',
+        '-subj',
+        '/CN=kube-rbac-proxy',
+        '-addext',
+        'subjectAltName=IP:127.0.0.1',
+      ],
+      { stdio: 'ignore' },
+    )
   } catch {
     if (process.env.CI) throw new Error('openssl is needed for the https CLI test')
     t.plan(0, 'openssl is not installed')
@@ -125,9 +147,18 @@ void t.test('--url https://: through a TLS front that wants a bearer token, as k
   t.equal(await runCacheCommand(['ls', '--url', url, '--insecure', '--bearer-token-file', bearer], ls.io), 0, 'https with --insecure and a bearer token')
   t.match(ls.out.join('\n'), /cache enabled: 1\.0Ki of 64Mi in 1 entries/)
   const rm = io()
-  t.equal(await runCacheCommand(['rm', img.manifestDigest, '--url', url, '--insecure', '--bearer-token-file', bearer], rm.io, { RPP_CACHE_DIRECTORY: h.cacheDirectory }), 0, rm.err.join(''))
+  t.equal(
+    await runCacheCommand(['rm', img.manifestDigest, '--url', url, '--insecure', '--bearer-token-file', bearer], rm.io, {
+      RPP_CACHE_DIRECTORY: h.cacheDirectory,
+    }),
+    0,
+    rm.err.join(''),
+  )
   t.match(rm.out.join(''), `removed ${img.lastLayer.digest}`)
-  t.ok(seen.slice(2).every((a) => a === 'Bearer on-call-token'), 'the bearer token went with every request')
+  t.ok(
+    seen.slice(2).every((a) => a === 'Bearer on-call-token'),
+    'the bearer token went with every request',
+  )
   const missing = io()
   t.equal(await runCacheCommand(['ls', '--url', url, '--bearer-token-file', join(h.dir, 'nope')], missing.io), 1)
   t.match(missing.err.join(''), /cannot read --bearer-token-file .* \(ENOENT\)/)

@@ -112,7 +112,11 @@ void t.test('flags win over environment variables, which win over defaults', (t)
   t.equal(parseFlags(['--log-level=warn', '--log-level=debug'], {}, CWD).logLevel, 'debug', 'the last flag wins')
   t.equal(parseFlags(['--log-level', 'warn', '--disable-cache'], {}, CWD).logLevel, 'warn', 'a value may be the next argument')
   t.equal(parseFlags(['--log-level', 'warn', '--disable-cache'], {}, CWD).disableCache, true, 'a boolean flag alone is true')
-  t.equal(parseFlags(['--cache-retention-size=1Gi'], { RPP_CACHE_RETENTION_SIZE: 'garbage' }, CWD).cacheRetentionBytes, 2 ** 30, 'a bad env var overridden by a good flag is fine')
+  t.equal(
+    parseFlags(['--cache-retention-size=1Gi'], { RPP_CACHE_RETENTION_SIZE: 'garbage' }, CWD).cacheRetentionBytes,
+    2 ** 30,
+    'a bad env var overridden by a good flag is fine',
+  )
   t.end()
 })
 
@@ -171,8 +175,16 @@ void t.test('parseListenAddress', (t) => {
 
 void t.test('--bootstrap-listen-address needs --cluster-uuid, and the UUID must be one path segment', (t) => {
   t.notOk(parseFlags([], {}, '/').bootstrap, 'off by default')
-  t.same(parseFlags(['--bootstrap-listen-address=0.0.0.0:4282', '--cluster-uuid=abc-123'], {}, '/').bootstrap, { host: '0.0.0.0', port: 4282, clusterUuid: 'abc-123' })
-  t.same(parseFlags(['--bootstrap-listen-address=:4282'], { RPP_CLUSTER_UUID: 'u' }, '/').bootstrap, { host: '0.0.0.0', port: 4282, clusterUuid: 'u' }, 'the UUID from its env var')
+  t.same(parseFlags(['--bootstrap-listen-address=0.0.0.0:4282', '--cluster-uuid=abc-123'], {}, '/').bootstrap, {
+    host: '0.0.0.0',
+    port: 4282,
+    clusterUuid: 'abc-123',
+  })
+  t.same(
+    parseFlags(['--bootstrap-listen-address=:4282'], { RPP_CLUSTER_UUID: 'u' }, '/').bootstrap,
+    { host: '0.0.0.0', port: 4282, clusterUuid: 'u' },
+    'the UUID from its env var',
+  )
   t.throws(() => parseFlags(['--bootstrap-listen-address=0.0.0.0:4282'], {}, '/'), /--bootstrap-listen-address needs --cluster-uuid/)
   t.throws(() => parseFlags(['--bootstrap-listen-address=4282', '--cluster-uuid=u'], {}, '/'), /--bootstrap-listen-address: "4282" is not host:port/)
   t.throws(() => parseFlags(['--bootstrap-listen-address=:1', '--cluster-uuid=a/b'], {}, '/'), /--cluster-uuid must be one URL path segment/)
@@ -204,11 +216,27 @@ void t.test('--peers and --peer-timeout: off by default; addresses a peer can re
   const none = parseFlags([], {}, CWD)
   t.same(none.peers, [], 'no peers unless given')
   t.equal(none.peerTimeoutMs, 5000)
-  t.same(parseFlags(['--peers=127.0.0.1:5080,[::1]:5081', '--peer-timeout=2s'], {}, CWD), { ...parseFlags([], {}, CWD), peers: ['127.0.0.1:5080', '[::1]:5081'], peerTimeoutMs: 2000 })
+  t.same(parseFlags(['--peers=127.0.0.1:5080,[::1]:5081', '--peer-timeout=2s'], {}, CWD), {
+    ...parseFlags([], {}, CWD),
+    peers: ['127.0.0.1:5080', '[::1]:5081'],
+    peerTimeoutMs: 2000,
+  })
   t.same(parseFlags(['--peers=proxy-0.proxy.svc:5080,10.0.0.255:5080'], {}, CWD).peers, ['proxy-0.proxy.svc:5080', '10.0.0.255:5080'], 'DNS names and IPs')
   // Hosts that are no address at all (an IPv4 part over 255, five parts, a space, a slash)
   // fail here, at start, instead of at the first request for a layer such a member owns.
-  for (const bad of ['127.0.0.1', 'host:99999', '0.0.0.0:5080', '127.0.0.1:0', '10.0.0.256:5080', '1.2.3.4.5:80', 'a b:80', 'a/b:80', '[zz]:80', ':80', '[::]:80']) {
+  for (const bad of [
+    '127.0.0.1',
+    'host:99999',
+    '0.0.0.0:5080',
+    '127.0.0.1:0',
+    '10.0.0.256:5080',
+    '1.2.3.4.5:80',
+    'a b:80',
+    'a/b:80',
+    '[zz]:80',
+    ':80',
+    '[::]:80',
+  ]) {
     t.throws(() => parseFlags([`--peers=${bad}`], {}, CWD), { name: 'ConfigError', message: /^--peers: / }, bad)
   }
   for (const bad of ['5', '1m', '0s', '-1s']) {

@@ -212,10 +212,14 @@ void t.test('pushIndex: OCI index and docker manifest list', { skip }, async (t)
   for (const mediaType of ['oci', 'docker'] as const) {
     const amd = await reg.push(repo, [randomBytes(300)], { mediaType, tag: `${mediaType}-amd64` })
     const arm = await reg.push(repo, [randomBytes(300)], { mediaType, tag: `${mediaType}-arm64` })
-    const { digest, index } = await reg.pushIndex(repo, [
-      { image: amd, os: 'linux', architecture: 'amd64' },
-      { image: arm, os: 'linux', architecture: 'arm64' },
-    ], { mediaType, tag: mediaType })
+    const { digest, index } = await reg.pushIndex(
+      repo,
+      [
+        { image: amd, os: 'linux', architecture: 'amd64' },
+        { image: arm, os: 'linux', architecture: 'arm64' },
+      ],
+      { mediaType, tag: mediaType },
+    )
     t.equal(digest, sha256(index))
     const url = `${reg.scheme}://${reg.host}/v2/${repo}/manifests/${digest}`
     const auth = await authFor(t, reg, 'token', url)
@@ -224,7 +228,13 @@ void t.test('pushIndex: OCI index and docker manifest list', { skip }, async (t)
     t.ok(got.body.equals(index), `${mediaType} index bytes equal`)
     t.equal(got.headers['content-type'], mediaType === 'oci' ? OCI_INDEX : DOCKER_LIST)
     const parsed = JSON.parse(index.toString('utf8')) as { manifests: Array<{ digest: string; platform: { architecture: string } }> }
-    t.same(parsed.manifests.map((m) => [m.digest, m.platform.architecture]), [[amd.manifestDigest, 'amd64'], [arm.manifestDigest, 'arm64']])
+    t.same(
+      parsed.manifests.map((m) => [m.digest, m.platform.architecture]),
+      [
+        [amd.manifestDigest, 'amd64'],
+        [arm.manifestDigest, 'arm64'],
+      ],
+    )
   }
 })
 

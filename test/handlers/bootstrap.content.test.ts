@@ -34,7 +34,10 @@ void t.test('a last layer that is not gzip, or truncated gzip: 502 with the caus
   const address = (proxy.server.plugins as unknown as { bootstrap: { api: { address(): { port: number } | undefined } } }).bootstrap.api.address()
   const base = `http://127.0.0.1:${address?.port ?? 0}`
   const whole = await layerTarGz([{ name: 'rpp-get', data: 'x'.repeat(20000) }])
-  for (const [what, layer] of [['not gzip', Buffer.from('plain text, not gzip')], ['truncated gzip', whole.subarray(0, whole.length - 30)]] as const) {
+  for (const [what, layer] of [
+    ['not gzip', Buffer.from('plain text, not gzip')],
+    ['truncated gzip', whole.subarray(0, whole.length - 30)],
+  ] as const) {
     const digest = registry.addImage('deckhouse/ce', [layer]).manifestDigest
     const res = await fetchRaw(`${base}/${UUID}/rpp-get?digest=${digest}`)
     t.equal(res.status, 502, what)

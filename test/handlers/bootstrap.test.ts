@@ -49,7 +49,14 @@ async function push(s: Setup, ...layers: LayerEntry[][]): Promise<string> {
 
 void t.test('GET /<uuid>/rpp-get: the file from the last layer, with its headers; then from memory', async (t) => {
   const s = await setup(t)
-  const digest = await push(s, [{ name: 'rpp-get', data: 'from an older layer' }], [{ name: './rpp-get', data: RPP_GET }, { name: 'install', data: 'x' }])
+  const digest = await push(
+    s,
+    [{ name: 'rpp-get', data: 'from an older layer' }],
+    [
+      { name: './rpp-get', data: RPP_GET },
+      { name: 'install', data: 'x' },
+    ],
+  )
   const res = await fetchRaw(`${s.base}/${UUID}/rpp-get?digest=${digest}`)
   t.equal(res.status, 200)
   t.ok(res.body.equals(RPP_GET), 'the file, from the last layer only')
@@ -99,7 +106,12 @@ void t.test('404 when the layer has no regular rpp-get, or one over 64 MiB, or n
   const none = await push(s, [{ name: 'install', data: 'x' }])
   const link = await push(s, [{ name: 'rpp-get', type: 'symlink', linkname: '/bin/sh' }])
   const big = await push(s, [{ name: 'rpp-get', data: Buffer.alloc(64 * 1024 * 1024 + 1) }])
-  for (const [what, digest] of [['none', none], ['a symlink', link], ['over 64 MiB', big], ['no such manifest', `sha256:${'1'.repeat(64)}`]] as const) {
+  for (const [what, digest] of [
+    ['none', none],
+    ['a symlink', link],
+    ['over 64 MiB', big],
+    ['no such manifest', `sha256:${'1'.repeat(64)}`],
+  ] as const) {
     t.equal((await fetchRaw(`${s.base}/${UUID}/rpp-get?digest=${digest}`)).status, 404, what)
   }
   const ok = await push(s, [{ name: 'rpp-get', data: 'new' }])

@@ -13,13 +13,23 @@ void t.test('GET /cache reports limit, usage, counts and entries; show and delet
   const empty = (await inject('/cache')).result as Record<string, unknown>
   t.match(empty, { enabled: true, limitBytes: 10_000_000, usedBytes: 0, entries: 0, hit: 0, miss: 0, hitRatio: 0, items: [] })
 
-  for (const [img, path] of [[a, 'a'], [b, 'b']] as const) {
+  for (const [img, path] of [
+    [a, 'a'],
+    [b, 'b'],
+  ] as const) {
     t.equal((await inject(packageUrl({ digest: img.manifestDigest, path }))).statusCode, 200)
   }
   await h.proxy.packages.service.settled()
   t.equal((await inject(packageUrl({ digest: a.manifestDigest, path: 'a' }))).statusCode, 200, 'a hit')
 
-  const state = (await inject('/cache')).result as { usedBytes: number; entries: number; hit: number; miss: number; hitRatio: number; items: Array<{ digest: string; manifests: string[]; size: number; hits: number }> }
+  const state = (await inject('/cache')).result as {
+    usedBytes: number
+    entries: number
+    hit: number
+    miss: number
+    hitRatio: number
+    items: Array<{ digest: string; manifests: string[]; size: number; hits: number }>
+  }
   t.equal(state.usedBytes, 4000)
   t.equal(state.entries, 2)
   t.equal(state.hit, 1)
@@ -30,7 +40,11 @@ void t.test('GET /cache reports limit, usage, counts and entries; show and delet
   t.equal(state.items[0]?.hits, 1)
 
   const bySize = (await inject('/cache?sort=size&order=desc&limit=1')).result as { items: Array<{ digest: string }> }
-  t.same(bySize.items.map((i) => i.digest), [b.lastLayer.digest], 'sort and limit apply')
+  t.same(
+    bySize.items.map((i) => i.digest),
+    [b.lastLayer.digest],
+    'sort and limit apply',
+  )
   t.equal((await inject('/cache?sort=bogus')).statusCode, 400)
   t.equal((await inject('/cache?limit=-1')).statusCode, 400)
 
@@ -103,7 +117,11 @@ void t.test('DELETE needs the admin token from the cache directory: anything on 
   const again = await startHarness(t, { registry: h.registry, dir: h.dir })
   const fresh = cacheTokenHeader(again.cacheDirectory)['x-cache-token']
   t.not(fresh, token, 'a new token per start')
-  t.equal((await again.proxy.server.inject({ method: 'DELETE', url: `/cache/${img.manifestDigest}`, headers: { 'x-cache-token': token } })).statusCode, 403, 'the old token is refused')
+  t.equal(
+    (await again.proxy.server.inject({ method: 'DELETE', url: `/cache/${img.manifestDigest}`, headers: { 'x-cache-token': token } })).statusCode,
+    403,
+    'the old token is refused',
+  )
 })
 
 void t.test('with --disable-cache the API says so', async (t) => {

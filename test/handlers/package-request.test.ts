@@ -15,7 +15,11 @@ void t.test('parsePackageQuery accepts the contract forms', (t) => {
   t.same(parsePackageQuery({ digest: D, repository: '[::1]:5000/a' }), { digest: D, repository: '[::1]:5000/a' }, 'an IPv6 host')
   t.same(parsePackageQuery({ digest: D, path: '/x/y' }), { digest: D, path: 'x/y' }, 'one leading slash on path is dropped')
   t.same(parsePackageQuery({ digest: D, path: '/' }), { digest: D }, 'a path of just / is no path')
-  t.same(parsePackageQuery({ digest: D, repository: 'r.example.com/a/b/' }), { digest: D, repository: 'r.example.com/a/b' }, 'one trailing slash on repository is dropped')
+  t.same(
+    parsePackageQuery({ digest: D, repository: 'r.example.com/a/b/' }),
+    { digest: D, repository: 'r.example.com/a/b' },
+    'one trailing slash on repository is dropped',
+  )
   t.same(parsePackageQuery({ digest: D, repository: 'r.example.com/' }), { digest: D, repository: 'r.example.com' }, 'a bare host with a trailing slash')
   t.end()
 })

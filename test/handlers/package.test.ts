@@ -1,14 +1,6 @@
 import t, { type Test } from 'tap'
 import type { ServerInjectResponse } from '@hapi/hapi'
-import {
-  DEFAULT_PREFIX,
-  MODULE_PREFIX,
-  bytes,
-  packageUrl,
-  sha256,
-  startHarness,
-  waitCached,
-} from '../fixtures/proxy-harness.js'
+import { DEFAULT_PREFIX, MODULE_PREFIX, bytes, packageUrl, sha256, startHarness, waitCached } from '../fixtures/proxy-harness.js'
 import { eventually } from '../fixtures/eventually.js'
 import { MEDIA_TYPES } from '../fixtures/fake-registry.js'
 import { makePackageTarGz } from '../fixtures/tarball.js'
@@ -151,11 +143,7 @@ void t.test('502: the registry refuses wrong Basic credentials; no secret in the
   })
   const image = h.registry.addImage(DEFAULT_PREFIX, [bytes(10)])
   const res = await h.proxy.server.inject(packageUrl({ digest: image.manifestDigest }))
-  assertError(t, res, 502, [
-    'wrong-secret-5678',
-    'right-secret-1234',
-    Buffer.from('puller:wrong-secret-5678').toString('base64'),
-  ])
+  assertError(t, res, 502, ['wrong-secret-5678', 'right-secret-1234', Buffer.from('puller:wrong-secret-5678').toString('base64')])
   t.equal(h.registry.counts.manifest, 2, 'anonymous, then once with the credentials: no retry loop')
   t.equal(h.registry.counts.blob, 0)
 })
@@ -217,11 +205,7 @@ void t.test('502: malformed manifests', async (t) => {
       // Labelled as schema 2, so the registry serves it for our Accept header.
       MEDIA_TYPES.docker.manifest,
     ],
-    [
-      'no layers',
-      Buffer.from(JSON.stringify({ schemaVersion: 2, mediaType: MEDIA_TYPES.oci.manifest, config: {}, layers: [] })),
-      MEDIA_TYPES.oci.manifest,
-    ],
+    ['no layers', Buffer.from(JSON.stringify({ schemaVersion: 2, mediaType: MEDIA_TYPES.oci.manifest, config: {}, layers: [] })), MEDIA_TYPES.oci.manifest],
     [
       'a layer without a valid digest',
       Buffer.from(JSON.stringify({ schemaVersion: 2, mediaType: MEDIA_TYPES.oci.manifest, layers: [{ digest: 'md5:abc', size: 1 }] })),
@@ -338,7 +322,10 @@ void t.test('200: an OCI index resolves to its linux/amd64 image', async (t) => 
   t.ok(res.rawPayload.equals(amd.lastLayer.data), 'the linux/amd64 layer')
   t.equal(h.registry.counts.manifest, 2, 'the index, then the amd64 manifest')
   t.ok(h.registry.requests.some((r) => r.url.endsWith(`/manifests/${amd.manifestDigest}`)))
-  t.notOk(h.registry.requests.some((r) => r.url.includes(arm.lastLayer.digest)), 'never the arm64 layer')
+  t.notOk(
+    h.registry.requests.some((r) => r.url.includes(arm.lastLayer.digest)),
+    'never the arm64 layer',
+  )
   t.equal(h.registry.counts.blob, 1)
 })
 
@@ -364,7 +351,10 @@ void t.test('repository selects a module source or the default source', async (t
   h.registry.resetCounts()
   const wrongSource = await h.proxy.server.inject(packageUrl({ digest: mod2.manifestDigest, repository: h.defaultRepository }))
   assertError(t, wrongSource, 404)
-  t.ok(h.registry.requests.every((r) => !r.url.includes(MODULE_PREFIX)), 'the default source never reads the module repository')
+  t.ok(
+    h.registry.requests.every((r) => !r.url.includes(MODULE_PREFIX)),
+    'the default source never reads the module repository',
+  )
 })
 
 void t.test('path is appended to the source repository', async (t) => {
@@ -495,7 +485,9 @@ void t.test('Range on a miss and on a hit', async (t) => {
   const ifRangeSame = await h.proxy.server.inject({ url, headers: { range: 'bytes=0-1', 'if-range': `"${image.manifestDigest}"` } })
   t.equal(ifRangeSame.statusCode, 206)
 
-  t.equal(h.registry.counts.total, 0, 'hits and range answers need no registry', { requests: h.registry.requests.map((r) => `${r.method} ${r.url} ${String(r.headers.range)}`) })
+  t.equal(h.registry.counts.total, 0, 'hits and range answers need no registry', {
+    requests: h.registry.requests.map((r) => `${r.method} ${r.url} ${String(r.headers.range)}`),
+  })
 })
 
 void t.test('416 on a miss fetches no layer', async (t) => {
@@ -545,7 +537,10 @@ void t.test('If-None-Match: * is no shortcut: the digest is looked up like any o
   t.equal(h.registry.counts.manifest, 1, 'after looking it up')
   t.equal(h.registry.counts.blob, 0, 'without fetching the layer')
 
-  const unknownRepo = await h.proxy.server.inject({ url: packageUrl({ digest: image.manifestDigest, repository: 'other.example.com/x' }), headers: { 'if-none-match': '*' } })
+  const unknownRepo = await h.proxy.server.inject({
+    url: packageUrl({ digest: image.manifestDigest, repository: 'other.example.com/x' }),
+    headers: { 'if-none-match': '*' },
+  })
   assertError(t, unknownRepo, 404)
 })
 
@@ -588,7 +583,10 @@ void t.test('502: a manifest that gives a layer we hold, or are downloading, ano
     assertError(t, res, 502)
     t.match(res.payload, /has 130/, `size ${size + 1}: the message says what the layer has`)
   }
-  t.ok((await h.proxy.server.inject(packageUrl({ digest: image.manifestDigest }))).rawPayload.equals(image.lastLayer.data), 'and the true manifest is still a hit')
+  t.ok(
+    (await h.proxy.server.inject(packageUrl({ digest: image.manifestDigest }))).rawPayload.equals(image.lastLayer.data),
+    'and the true manifest is still a hit',
+  )
 })
 
 void t.test('a layer the manifest calls empty must have the empty digest: anything else is a 502, never an empty 200', async (t) => {

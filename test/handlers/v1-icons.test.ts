@@ -57,7 +57,10 @@ const URL_LATEST = '/v1/packages/main/fox/metadata/icon'
 void t.test('the icon of the highest semantic-version tag, with its headers; an SVG gets a CSP', async (t) => {
   const s = await setup(t)
   await push(s, 'v1.2.0', [{ name: 'docs/icon.svg', data: '<svg>old</svg>' }])
-  const latest = await push(s, 'v1.10.0', [{ name: './docs/icon.svg', data: SVG }, { name: 'docs/icon.png', data: 'png' }])
+  const latest = await push(s, 'v1.10.0', [
+    { name: './docs/icon.svg', data: SVG },
+    { name: 'docs/icon.png', data: 'png' },
+  ])
   await push(s, 'main', [{ name: 'docs/icon.svg', data: '<svg>not a version</svg>' }])
   for (const url of [URL_LATEST, `${URL_LATEST}/`]) {
     const res = await s.proxy.server.inject(url)
@@ -88,14 +91,25 @@ void t.test('the icon of the highest semantic-version tag, with its headers; an 
 
 void t.test('png, jpg and jpeg in that order, from any layer, whiteouts honoured', async (t) => {
   const s = await setup(t)
-  await push(s, '1.0.0', [{ name: 'docs/icon.svg', data: 'svg' }, { name: 'docs/icon.jpg', data: 'jpg' }], [{ name: 'docs/.wh.icon.svg' }])
+  await push(
+    s,
+    '1.0.0',
+    [
+      { name: 'docs/icon.svg', data: 'svg' },
+      { name: 'docs/icon.jpg', data: 'jpg' },
+    ],
+    [{ name: 'docs/.wh.icon.svg' }],
+  )
   const res = await s.proxy.server.inject(URL_LATEST)
   t.equal(res.statusCode, 200)
   t.equal(res.payload, 'jpg', 'the svg was whited out in a later layer')
   t.equal(res.headers['content-type'], 'image/jpeg')
   t.equal(res.headers['content-disposition'], 'attachment; filename="fox.jpg"')
   t.equal(res.headers['content-security-policy'], undefined, 'the CSP is for SVG')
-  await push(s, '2.0.0', [{ name: 'docs/icon.png', data: 'png' }, { name: 'docs/icon.jpeg', data: 'jpeg' }])
+  await push(s, '2.0.0', [
+    { name: 'docs/icon.png', data: 'png' },
+    { name: 'docs/icon.jpeg', data: 'jpeg' },
+  ])
   const png = await s.proxy.server.inject(URL_LATEST)
   t.equal(png.payload, 'png')
   t.equal(png.headers['content-type'], 'image/png')
@@ -106,7 +120,10 @@ void t.test('extracted icons are kept by manifest digest; concurrent requests sh
   await push(s, '1.0.0', [{ name: 'a', data: 'a' }], [{ name: 'docs/icon.svg', data: SVG }])
   s.registry.resetCounts()
   const all = await Promise.all(Array.from({ length: 5 }, () => s.proxy.server.inject(URL_LATEST)))
-  t.same(all.map((r) => r.statusCode), [200, 200, 200, 200, 200])
+  t.same(
+    all.map((r) => r.statusCode),
+    [200, 200, 200, 200, 200],
+  )
   t.equal(s.registry.counts.blob, 2, 'each of the two layers read once for five requests')
   t.equal((await s.proxy.server.inject(URL_LATEST)).statusCode, 200)
   t.equal(s.registry.counts.blob, 2, 'a later request reads no layer')
@@ -122,7 +139,10 @@ void t.test('404s: unknown repository (no connection), no semver tag, no icon, a
   await push(s, '1.0.0', [{ name: 'README.md', data: 'no icon' }])
   t.equal((await s.proxy.server.inject(URL_LATEST)).statusCode, 404, 'no icon in the image')
   t.equal((await s.proxy.server.inject(`${URL_LATEST}/9.9.9`)).statusCode, 404, 'no such version')
-  await push(s, '2.0.0', [{ name: 'docs/icon.svg', data: Buffer.alloc(4 * 1024 * 1024 + 1, 0x20) }, { name: 'docs/icon.png', data: 'png' }])
+  await push(s, '2.0.0', [
+    { name: 'docs/icon.svg', data: Buffer.alloc(4 * 1024 * 1024 + 1, 0x20) },
+    { name: 'docs/icon.png', data: 'png' },
+  ])
   t.equal((await s.proxy.server.inject(URL_LATEST)).statusCode, 404, 'the svg is over 4 MiB: not served (and not skipped for the png)')
   await push(s, '3.0.0', [{ name: 'docs/icon.png', data: Buffer.alloc(4 * 1024 * 1024, 0x20) }])
   t.equal((await s.proxy.server.inject(URL_LATEST)).statusCode, 200, 'exactly 4 MiB is served')
@@ -154,7 +174,14 @@ void t.test('login/password and dockerCfg credentials reach the registry', async
   ] as const) {
     const dir = t.testdir()
     writeFileSync(join(dir, 'r.json'), JSON.stringify({ packageRepositories: [{ name: 'main', repo: `${registry.host}/packages`, scheme: 'http', ...creds }] }))
-    const proxy = await createServer({ cacheDirectory: join(dir, 'c'), limitBytes: 2 ** 20, registryConfig: join(dir, 'r.json'), logger: pino({ level: 'silent' }), collectDefaultMetrics: false, env: {} })
+    const proxy = await createServer({
+      cacheDirectory: join(dir, 'c'),
+      limitBytes: 2 ** 20,
+      registryConfig: join(dir, 'r.json'),
+      logger: pino({ level: 'silent' }),
+      collectDefaultMetrics: false,
+      env: {},
+    })
     const image = registry.addImage(REPO, [await layerTarGz([{ name: 'docs/icon.svg', data: what }])])
     registry.tag(REPO, '1.0.0', image.manifestDigest)
     const res = await proxy.server.inject(URL_LATEST)

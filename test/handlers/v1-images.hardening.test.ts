@@ -59,7 +59,11 @@ void t.test('416 and If-None-Match: * behave as on /package', async (t) => {
   const star = await h.proxy.server.inject({ url, headers: { 'if-none-match': '*' } })
   t.equal(star.statusCode, 304, '`*` once the image was found')
   t.equal(star.headers.etag, `"${digest}"`)
-  t.equal((await h.proxy.server.inject({ url: '/v1/images/deckhouse-cli/images/v9', headers: { 'if-none-match': '*' } })).statusCode, 404, 'not for a missing image')
+  t.equal(
+    (await h.proxy.server.inject({ url: '/v1/images/deckhouse-cli/images/v9', headers: { 'if-none-match': '*' } })).statusCode,
+    404,
+    'not for a missing image',
+  )
 })
 
 void t.test('an index nested one level: the ETag names the image served', async (t) => {
@@ -70,7 +74,14 @@ void t.test('an index nested one level: the ETag names the image served', async 
     JSON.stringify({
       schemaVersion: 2,
       mediaType: 'application/vnd.oci.image.index.v1+json',
-      manifests: [{ mediaType: 'application/vnd.oci.image.index.v1+json', digest: inner.digest, size: inner.index.length, platform: { os: 'linux', architecture: 'arm64' } }],
+      manifests: [
+        {
+          mediaType: 'application/vnd.oci.image.index.v1+json',
+          digest: inner.digest,
+          size: inner.index.length,
+          platform: { os: 'linux', architecture: 'arm64' },
+        },
+      ],
     }),
   )
   h.registry.tag(CLI, 'v3', h.registry.addRawManifest(CLI, outer, 'application/vnd.oci.image.index.v1+json'))
@@ -109,6 +120,12 @@ void t.test('a tag-list Link that is no URL: an UpstreamError (502), not a bare 
   t.teardown(() => server.close())
   const client = new RegistryClient({ env: {} })
   t.teardown(() => client.close())
-  const source = { name: 'default', registry: `127.0.0.1:${(server.address() as AddressInfo).port}`, scheme: 'http', namePrefix: '', repository: '' } as unknown as RegistrySource
+  const source = {
+    name: 'default',
+    registry: `127.0.0.1:${(server.address() as AddressInfo).port}`,
+    scheme: 'http',
+    namePrefix: '',
+    repository: '',
+  } as unknown as RegistrySource
   await t.rejects(new ManifestResolver(client).tags(source, 'x'), { code: 'EUPSTREAM', status: 502, message: /not a valid URL/ })
 })

@@ -74,7 +74,9 @@ void t.test('the Dockerfile: multi-stage, slim Node 20 runtime with production d
   t.equal(env(runtime).RPP_CACHE_DIRECTORY, '/cache')
   t.match(last(runtime, 'VOLUME')?.args, /\/cache/)
   t.match(runs(runtime).join('\n'), /chown 65534:65534 \/cache/, '/cache belongs to the image user (an anonymous volume inherits it)')
-  const ignored = readFileSync(join(ROOT, '.dockerignore'), 'utf8').split('\n').map((l) => l.trim())
+  const ignored = readFileSync(join(ROOT, '.dockerignore'), 'utf8')
+    .split('\n')
+    .map((l) => l.trim())
   for (const p of ['node_modules', 'dist', '.git', 'cache']) t.ok(ignored.includes(p), `.dockerignore keeps ${p} out of the build context`)
   t.end()
 })
@@ -104,14 +106,19 @@ void t.test('the runtime file set, assembled as the Dockerfile copies it', async
       .split('\n')
       .map((l) => l.trim())
       .filter((l) => l !== '' && !l.startsWith('#'))
-    t.notOk(patterns.some((p) => p.startsWith('!')), 'no exceptions (this check reads plain patterns only)')
+    t.notOk(
+      patterns.some((p) => p.startsWith('!')),
+      'no exceptions (this check reads plain patterns only)',
+    )
     const tsconfig = /tsc -p (\S+)/.exec(stages.flatMap(runs).join('\n'))?.[1] ?? ''
     // What the build reads: the package files, the tsconfig chain, the sources of each compiled
     // top-level entry (main.js <- main.ts, plugins/ <- plugins/).
     const sources = readdirSync(join(appDir, 'dist')).map((f) => f.replace(/\.js$/, '.ts'))
     const needed = ['package.json', 'package-lock.json', tsconfig, 'tsconfig.json', ...sources]
     for (const path of needed) {
-      const hit = patterns.find((p) => pathMatch(p, path) || pathMatch(p, path.split('/')[0] ?? '') || (p.startsWith('**/') && pathMatch(p.slice(3), posix.basename(path))))
+      const hit = patterns.find(
+        (p) => pathMatch(p, path) || pathMatch(p, path.split('/')[0] ?? '') || (p.startsWith('**/') && pathMatch(p.slice(3), posix.basename(path))),
+      )
       t.equal(hit, undefined, `${path} reaches the build`)
     }
     t.end()
@@ -153,7 +160,9 @@ void t.test('the runtime file set, assembled as the Dockerfile copies it', async
     // The kubelet expands $(VAR) from the container's env; here: loopback and a sample UUID.
     const expand = (a: string): string => a.replace('$(POD_IP):4282', `127.0.0.1:${bootstrapPort}`).replace('$(CLUSTER_UUID)', 'sample-cluster-uuid')
     const args = [
-      ...deploymentArgs.filter((a) => !a.startsWith('--cache-directory=')).map((a) => (a.startsWith('--listen-address=') ? `--listen-address=127.0.0.1:${port}` : expand(a))),
+      ...deploymentArgs
+        .filter((a) => !a.startsWith('--cache-directory='))
+        .map((a) => (a.startsWith('--listen-address=') ? `--listen-address=127.0.0.1:${port}` : expand(a))),
       `--registry-config=${join(configDir, 'registry.json')}`,
     ]
     const childEnv: NodeJS.ProcessEnv = {
@@ -166,7 +175,11 @@ void t.test('the runtime file set, assembled as the Dockerfile copies it', async
       TMPDIR: join(root, 'no-such-tmp'),
     }
     const spawnAs = asRoot ? { uid, gid } : {}
-    const child: ChildProcess = spawn(...inImageEnv(childEnv, process.execPath, [script, ...args]), { cwd: appDir, stdio: ['ignore', 'pipe', 'pipe'], ...spawnAs })
+    const child: ChildProcess = spawn(...inImageEnv(childEnv, process.execPath, [script, ...args]), {
+      cwd: appDir,
+      stdio: ['ignore', 'pipe', 'pipe'],
+      ...spawnAs,
+    })
     let output = ''
     child.stdout?.on('data', (c: Buffer) => (output += c.toString('utf8')))
     child.stderr?.on('data', (c: Buffer) => (output += c.toString('utf8')))
@@ -197,7 +210,11 @@ void t.test('the runtime file set, assembled as the Dockerfile copies it', async
     t.comment(`resident memory after start: ${rss ? Math.round(Number(rss) / 1024) : '?'} MiB`)
 
     // The on-call CLI works from the image too (kubectl exec … registry-packages-proxy cache ls).
-    const cli = spawnSync(...inImageEnv(childEnv, process.execPath, [script, 'cache', 'ls', '--url', base, '--json']), { cwd: appDir, encoding: 'utf8', ...spawnAs })
+    const cli = spawnSync(...inImageEnv(childEnv, process.execPath, [script, 'cache', 'ls', '--url', base, '--json']), {
+      cwd: appDir,
+      encoding: 'utf8',
+      ...spawnAs,
+    })
     t.equal(cli.status, 0, 'cache ls exits 0')
     t.equal(cli.stderr, '')
     t.match(JSON.parse(cli.stdout) as unknown, { entries: 0 })
@@ -214,7 +231,11 @@ void t.test('the runtime file set, assembled as the Dockerfile copies it', async
         [],
         'no file outside /cache belongs to the image user',
       )
-      const stray = spawnSync('find', [tmpdir(), '-xdev', '-user', String(uid), '-newermt', `@${Math.floor(started / 1000) - 1}`, '-not', '-path', `${cacheDir}*`], { encoding: 'utf8' })
+      const stray = spawnSync(
+        'find',
+        [tmpdir(), '-xdev', '-user', String(uid), '-newermt', `@${Math.floor(started / 1000) - 1}`, '-not', '-path', `${cacheDir}*`],
+        { encoding: 'utf8' },
+      )
       t.equal(stray.stdout.trim(), '', `no file in ${tmpdir()} belongs to the image user`)
     } else {
       t.same(

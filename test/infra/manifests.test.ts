@@ -18,7 +18,19 @@ import t from 'tap'
 import { stringify } from 'yaml'
 import { parseQuantity } from '../../config/quantity.js'
 import { createServer } from '../../server.js'
-import { checkBootstrap, checkCache, checkFlags, checkIngress, checkPlacement, checkProbes, checkRoutes, checkSecurity, checkWiring, minimumCacheVolume, type ServerRoute } from '../fixtures/infra/checks.js'
+import {
+  checkBootstrap,
+  checkCache,
+  checkFlags,
+  checkIngress,
+  checkPlacement,
+  checkProbes,
+  checkRoutes,
+  checkSecurity,
+  checkWiring,
+  minimumCacheVolume,
+  type ServerRoute,
+} from '../fixtures/infra/checks.js'
 import { last, parseDockerfile } from '../fixtures/infra/dockerfile.js'
 import { rbacProxyConfig, type RbacProxyConfig } from '../fixtures/infra/kube-rbac-proxy.js'
 import {
@@ -95,7 +107,14 @@ function imageUser(): number {
 /** The server's route table, as the binary builds it. */
 async function serverRoutes(dir: string): Promise<ServerRoute[]> {
   // With peer fill on, as in a pod: its routes must be routed and authorized as well.
-  const proxy = await createServer({ cacheDirectory: join(dir, 'cache'), limitBytes: 2 ** 20, logger: pino({ level: 'silent' }), collectDefaultMetrics: false, env: {}, peers: { members: [] } })
+  const proxy = await createServer({
+    cacheDirectory: join(dir, 'cache'),
+    limitBytes: 2 ** 20,
+    logger: pino({ level: 'silent' }),
+    collectDefaultMetrics: false,
+    env: {},
+    peers: { members: [] },
+  })
   try {
     return proxy.server.table().map((r) => ({ method: r.method, path: r.path }))
   } finally {
@@ -164,7 +183,9 @@ void t.test('the cache emptyDir limit sits above the retention size plus oversho
   const volume = deployment(manifests).spec.template.spec.volumes?.find((v) => v.name === 'cache')
   const limit = parseQuantity(volume?.emptyDir?.sizeLimit ?? '')
   t.ok(limit > retention, 'sizeLimit > --cache-retention-size')
-  t.comment(`retention ${retention} B, needed >= ${minimumCacheVolume(retention)} B, sizeLimit ${limit} B (headroom ${((limit / retention - 1) * 100).toFixed(0)}%)`)
+  t.comment(
+    `retention ${retention} B, needed >= ${minimumCacheVolume(retention)} B, sizeLimit ${limit} B (headroom ${((limit / retention - 1) * 100).toFixed(0)}%)`,
+  )
   // The old deployment's defect: a 1G (10^9 B) emptyDir under a 1Gi (2^30 B) cache.
   const upstream = broken((m) => {
     const v = deployment(m).spec.template.spec.volumes?.find((x) => x.name === 'cache')
@@ -186,11 +207,17 @@ void t.test('the cache emptyDir limit sits above the retention size plus oversho
 
 void t.test('every server route has a kube-rbac-proxy rule or an exclusion', async (t) => {
   const routes = await serverRoutes(t.testdir())
-  t.ok(routes.some((r) => r.path === '/package'), `routes: ${routes.map((r) => `${r.method} ${r.path}`).join(', ')}`)
+  t.ok(
+    routes.some((r) => r.path === '/package'),
+    `routes: ${routes.map((r) => `${r.method} ${r.path}`).join(', ')}`,
+  )
   t.same(checkRoutes(manifests, routes), [])
 
   const noSubtree = broken((m) => editRbacProxyConfig(m, (c) => (c.upstreams = c.upstreams.filter((u) => u.path !== '/cache/'))))
-  t.match(checkRoutes(noSubtree, routes), [/GET \/cache\/\{digest\}: kube-rbac-proxy has no upstream/, /DELETE \/cache\/\{digest\}: kube-rbac-proxy has no upstream/])
+  t.match(checkRoutes(noSubtree, routes), [
+    /GET \/cache\/\{digest\}: kube-rbac-proxy has no upstream/,
+    /DELETE \/cache\/\{digest\}: kube-rbac-proxy has no upstream/,
+  ])
   const open = broken((m) => editRbacProxyConfig(m, (c) => c.excludePaths?.push('/package')))
   t.match(checkRoutes(open, routes).join('\n'), /GET \/package: excluded from authorization/)
   const wrongSubresource = broken((m) =>
@@ -236,8 +263,20 @@ void t.test('the pod runs on every master, in the host network, before the pod n
   const drain = drainSeconds()
   t.same(checkPlacement(manifests, drain), [])
   const pod = (m: Manifests): ReturnType<typeof deployment>['spec']['template']['spec'] => deployment(m).spec.template.spec
-  t.match(checkPlacement(broken((m) => (pod(m).hostNetwork = false)), drain), [/hostNetwork/])
-  t.match(checkPlacement(broken((m) => (pod(m).tolerations = (pod(m).tolerations ?? []).filter((x) => x.key !== 'node.kubernetes.io/not-ready'))), drain), [/not-ready/])
+  t.match(
+    checkPlacement(
+      broken((m) => (pod(m).hostNetwork = false)),
+      drain,
+    ),
+    [/hostNetwork/],
+  )
+  t.match(
+    checkPlacement(
+      broken((m) => (pod(m).tolerations = (pod(m).tolerations ?? []).filter((x) => x.key !== 'node.kubernetes.io/not-ready'))),
+      drain,
+    ),
+    [/not-ready/],
+  )
   t.match(
     checkPlacement(
       broken((m) => {
@@ -248,9 +287,18 @@ void t.test('the pod runs on every master, in the host network, before the pod n
     ),
     [/maxSurge/],
   )
-  t.match(checkPlacement(broken((m) => (pod(m).terminationGracePeriodSeconds = drain)), drain), [/does not cover the 25 s drain/])
   t.match(
-    checkPlacement(broken((m) => (container(m, PROXY_CONTAINER).env = [])), drain),
+    checkPlacement(
+      broken((m) => (pod(m).terminationGracePeriodSeconds = drain)),
+      drain,
+    ),
+    [/does not cover the 25 s drain/],
+  )
+  t.match(
+    checkPlacement(
+      broken((m) => (container(m, PROXY_CONTAINER).env = [])),
+      drain,
+    ),
     [/registry-packages-proxy: reaches the API server through the Service IP/],
   )
   t.end()
@@ -277,7 +325,9 @@ void t.test('security contexts are restrictive and match the image user', (t) =>
 void t.test('PDB, VPA, PodMonitor, token Secret and kustomization point at the Deployment', (t) => {
   t.same(checkWiring(manifests), [])
   const pdbElsewhere = broken((m) => {
-    const pdb = m.objects.find((o) => o.object.kind === 'PodDisruptionBudget')?.object as unknown as { spec: { selector: { matchLabels: Record<string, string> } } }
+    const pdb = m.objects.find((o) => o.object.kind === 'PodDisruptionBudget')?.object as unknown as {
+      spec: { selector: { matchLabels: Record<string, string> } }
+    }
     pdb.spec.selector.matchLabels = { app: 'other' }
   })
   t.match(checkWiring(pdbElsewhere), [/PDB .* does not select the pods/])
@@ -292,7 +342,9 @@ void t.test('PDB, VPA, PodMonitor, token Secret and kustomization point at the D
   const unlisted = broken((m) => (m.kustomization.resources = m.kustomization.resources.filter((f) => f !== 'pdb.yaml')))
   t.match(checkWiring(unlisted).join('\n'), /kustomization resources .* differ/)
   const vpaForGhost = broken((m) => {
-    const vpa = m.objects.find((o) => o.object.kind === 'VerticalPodAutoscaler')?.object as unknown as { spec: { resourcePolicy: { containerPolicies: Array<{ containerName: string }> } } }
+    const vpa = m.objects.find((o) => o.object.kind === 'VerticalPodAutoscaler')?.object as unknown as {
+      spec: { resourcePolicy: { containerPolicies: Array<{ containerName: string }> } }
+    }
     const first = vpa.spec.resourcePolicy.containerPolicies[0]
     if (first) first.containerName = 'proxy'
   })
@@ -320,12 +372,18 @@ void t.test('the README tells how to apply and fetch through kube-rbac-proxy', (
 void t.test('the Ingress publishes /v1/images/ only, to kube-rbac-proxy; the rpp-get port is on the node', (t) => {
   t.same(checkIngress(manifests), [])
   t.same(checkBootstrap(manifests), [])
-  const ingress = (m: Manifests): K8sObject & { spec: { rules: Array<{ http: { paths: Array<{ path: string; backend: { service: { port: { name?: string; number?: number } } } }> } }> } } => {
+  const ingress = (
+    m: Manifests,
+  ): K8sObject & {
+    spec: { rules: Array<{ http: { paths: Array<{ path: string; backend: { service: { port: { name?: string; number?: number } } } }> } }> }
+  } => {
     const found = m.objects.find((o) => o.object.kind === 'Ingress')?.object
     if (!found) throw new Error('no Ingress')
     return found as never
   }
-  const wider = broken((m) => ingress(m).spec.rules[0]?.http.paths.push({ ...structuredClone(ingress(m).spec.rules[0]?.http.paths[0] ?? ({} as never)), path: '/package' }))
+  const wider = broken((m) =>
+    ingress(m).spec.rules[0]?.http.paths.push({ ...structuredClone(ingress(m).spec.rules[0]?.http.paths[0] ?? ({} as never)), path: '/package' }),
+  )
   t.match(checkIngress(wider), [/publishes \/package/])
   const buffered = broken((m) => {
     const a = ingress(m).metadata.annotations

@@ -80,7 +80,17 @@ void t.test('the dashboard has the panels on-call needs', (t) => {
   const ids = panels.map((p) => p.id)
   t.same(ids.length, new Set(ids).size, 'panel ids are unique')
   const titles = panels.map((p) => p.title.toLowerCase())
-  for (const wanted of ['hit ratio', 'requests by code', 'upstream errors and resumes by kind', 'fill duration p50 / p95', 'cache used vs limit', 'evictions', 'downloads: fills, running, queued, refused', 'digest mismatches', 'source sync age']) {
+  for (const wanted of [
+    'hit ratio',
+    'requests by code',
+    'upstream errors and resumes by kind',
+    'fill duration p50 / p95',
+    'cache used vs limit',
+    'evictions',
+    'downloads: fills, running, queued, refused',
+    'digest mismatches',
+    'source sync age',
+  ]) {
     t.ok(titles.includes(wanted), `a "${wanted}" panel`)
   }
   const text = readFileSync(join(ROOT, 'infra', 'monitoring', 'grafana-dashboard.json'), 'utf8')

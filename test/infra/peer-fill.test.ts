@@ -10,8 +10,26 @@ import { Deployment } from 'kubernetes-models/apps/v1'
 import t from 'tap'
 import { checkFlags, checkWiring } from '../fixtures/infra/checks.js'
 import { applyOp, kubectlBuild, loadWithComponent, PEER_FILL } from '../fixtures/infra/component.js'
-import { cloneManifests, container, deployment, loadManifests, PROXY_CONTAINER, RBAC_PROXY_CONTAINER, ROOT, type K8sObject, type Manifests } from '../fixtures/infra/manifests.js'
-import { checkCertManagerShapes, checkPeerFillOff, checkPeerFillOn, checkSecretVolumes, TLS_SECRET, type Certificate, type Issuer } from '../fixtures/infra/peer-fill.js'
+import {
+  cloneManifests,
+  container,
+  deployment,
+  loadManifests,
+  PROXY_CONTAINER,
+  RBAC_PROXY_CONTAINER,
+  ROOT,
+  type K8sObject,
+  type Manifests,
+} from '../fixtures/infra/manifests.js'
+import {
+  checkCertManagerShapes,
+  checkPeerFillOff,
+  checkPeerFillOn,
+  checkSecretVolumes,
+  TLS_SECRET,
+  type Certificate,
+  type Issuer,
+} from '../fixtures/infra/peer-fill.js'
 
 const base = loadManifests()
 const withPeers = loadWithComponent()
@@ -31,7 +49,10 @@ function cert(m: Manifests, secretName: string): Certificate {
 void t.test('the base keeps peer fill off and mounts no Secret it does not make', (t) => {
   t.same(checkPeerFillOff(base), [])
   t.same(checkSecretVolumes(base), [])
-  t.notOk(base.objects.some((o) => o.object.apiVersion.startsWith('cert-manager.io/')), 'no cert-manager objects: the base needs no cert-manager')
+  t.notOk(
+    base.objects.some((o) => o.object.apiVersion.startsWith('cert-manager.io/')),
+    'no cert-manager objects: the base needs no cert-manager',
+  )
   // The defect the Component avoids: the TLS Secret mounted without anything making it.
   const waiting = broken(base, (m) => {
     deployment(m).spec.template.spec.volumes?.push({ name: 'peer-tls', secret: { secretName: TLS_SECRET } })
@@ -58,7 +79,12 @@ void t.test('the Component builds: its objects validate, the binary accepts the 
     const i = m.objects.find((o) => o.object.kind === 'Issuer')?.object as Issuer
     i.spec.ca = { secretName: 'x' }
   })
-  t.match(checkCertManagerShapes(slips), [/exactly one issuer type/, /spec.keySize is not a Certificate field/, /90d is not a Go duration/, /usage "serverAuth"/])
+  t.match(checkCertManagerShapes(slips), [
+    /exactly one issuer type/,
+    /spec.keySize is not a Certificate field/,
+    /90d is not a Go duration/,
+    /usage "serverAuth"/,
+  ])
   // The patch checks container order before it appends by index.
   const swapped = structuredClone(deployment(base))
   swapped.spec.template.spec.containers.reverse()

@@ -95,10 +95,20 @@ void t.test("the pod's ServiceAccount may make every call the code makes, and no
   t.ok(calls.some((c) => c.verb === 'watch') && calls.some((c) => c.verb === 'list'), 'lists and watches were observed')
   const m = loadManifests()
   const grants = grantsFor(m, POD_ACCOUNT)
-  t.ok(calls.some((c) => c.verb === 'watch' && c.resource === 'packagerepositories'), 'PackageRepositories are watched')
-  t.ok(calls.some((c) => c.verb === 'watch' && c.resource === 'pods' && c.namespace === NAMESPACE), 'the pods of its namespace are watched (peer fill)')
+  t.ok(
+    calls.some((c) => c.verb === 'watch' && c.resource === 'packagerepositories'),
+    'PackageRepositories are watched',
+  )
+  t.ok(
+    calls.some((c) => c.verb === 'watch' && c.resource === 'pods' && c.namespace === NAMESPACE),
+    'the pods of its namespace are watched (peer fill)',
+  )
   const peers = peerCalls(m)
-  t.same(peers.map(describe), [1, 2].map(() => `get apps/deployments/http in ${NAMESPACE} named registry-packages-proxy`), 'peers are called as deployments/http')
+  t.same(
+    peers.map(describe),
+    [1, 2].map(() => `get apps/deployments/http in ${NAMESPACE} named registry-packages-proxy`),
+    'peers are called as deployments/http',
+  )
   for (const call of [...calls, ...KUBE_RBAC_PROXY_CALLS, ...UNMASKING_GRANTS, ...peers]) t.ok(allows(grants, call), `allowed: ${describe(call)}`)
   t.same(surplus(grants, [...calls, ...KUBE_RBAC_PROXY_CALLS, ...UNMASKING_GRANTS, ...peers]), [], 'nothing granted beyond those calls')
 
@@ -110,10 +120,14 @@ void t.test("the pod's ServiceAccount may make every call the code makes, and no
   t.ok(watchModuleSources && !allows(grantsFor(noWatch, POD_ACCOUNT), watchModuleSources), 'a ClusterRole without watch fails the watch')
   const withGet = cloneManifests(m)
   role(withGet, 'Role', 'registry-packages-proxy').rules.forEach((r) => r.verbs.push('get'))
-  t.match(surplus(grantsFor(withGet, POD_ACCOUNT), [...calls, ...KUBE_RBAC_PROXY_CALLS, ...UNMASKING_GRANTS, ...peers]), [/grants get core\/secrets in d8-system, which nothing calls/])
+  t.match(surplus(grantsFor(withGet, POD_ACCOUNT), [...calls, ...KUBE_RBAC_PROXY_CALLS, ...UNMASKING_GRANTS, ...peers]), [
+    /grants get core\/secrets in d8-system, which nothing calls/,
+  ])
   const everySecret = cloneManifests(m)
   role(everySecret, 'Role', 'registry-packages-proxy').rules.forEach((r) => delete r.resourceNames)
-  t.match(surplus(grantsFor(everySecret, POD_ACCOUNT), [...calls, ...KUBE_RBAC_PROXY_CALLS, ...UNMASKING_GRANTS, ...peers]), [/without resourceNames, but every call names deckhouse-registry/])
+  t.match(surplus(grantsFor(everySecret, POD_ACCOUNT), [...calls, ...KUBE_RBAC_PROXY_CALLS, ...UNMASKING_GRANTS, ...peers]), [
+    /without resourceNames, but every call names deckhouse-registry/,
+  ])
   // Peer fill needs both: without the pods Role the watch fails, without the http binding a
   // peer's kube-rbac-proxy answers 403.
   const noPods = cloneManifests(m)
@@ -123,9 +137,13 @@ void t.test("the pod's ServiceAccount may make every call the code makes, and no
   const noHttp = cloneManifests(m)
   for (const o of noHttp.objects) {
     const b = o.object as unknown as { kind: string; subjects?: Array<{ name: string }> }
-    if (b.kind === 'RoleBinding' && o.object.metadata.name === 'access-to-registry-packages-proxy-http') b.subjects = (b.subjects ?? []).filter((x) => x.name !== SERVICE_ACCOUNT)
+    if (b.kind === 'RoleBinding' && o.object.metadata.name === 'access-to-registry-packages-proxy-http')
+      b.subjects = (b.subjects ?? []).filter((x) => x.name !== SERVICE_ACCOUNT)
   }
-  t.notOk(peers.every((p) => allows(grantsFor(noHttp, POD_ACCOUNT), p)), 'without the http binding peers refuse each other')
+  t.notOk(
+    peers.every((p) => allows(grantsFor(noHttp, POD_ACCOUNT), p)),
+    'without the http binding peers refuse each other',
+  )
   const unfiltered = requestAttributes('GET', '/api/v1/namespaces/d8-system/secrets', {})
   t.notOk(allows(grants, unfiltered), 'a LIST of d8-system Secrets without the field selector is refused')
 })

@@ -55,8 +55,14 @@ for (const [what, corrupt] of CORRUPTIONS) {
     // The rebuilt index is a normal one: the next start finds everything, rebuilds nothing.
     const log3 = captureLogger('info')
     const third = await startHarness(t, { registry: first.registry, dir: first.dir, logger: log3.logger })
-    t.notOk(log3.lines().some((l) => /index is corrupt/.test(String(l.msg))), 'no rebuild on the next start')
-    t.ok(images.every((img) => third.proxy.packages.index?.manifest(img.manifestDigest)), 'manifests remembered')
+    t.notOk(
+      log3.lines().some((l) => /index is corrupt/.test(String(l.msg))),
+      'no rebuild on the next start',
+    )
+    t.ok(
+      images.every((img) => third.proxy.packages.index?.manifest(img.manifestDigest)),
+      'manifests remembered',
+    )
     t.ok(existsSync(`${indexPath}.corrupt`), 'the aside copy stays until the next corruption replaces it')
   })
 }

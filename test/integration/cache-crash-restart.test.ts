@@ -38,7 +38,10 @@ async function waitReady(port: number, child: ChildProcess): Promise<void> {
   await eventually(
     async () => {
       if (child.exitCode !== null) throw new Error(`proxy exited with ${child.exitCode}`)
-      return get(port, '/readyz').then((r) => r.status === 200, () => false)
+      return get(port, '/readyz').then(
+        (r) => r.status === 200,
+        () => false,
+      )
     },
     'the proxy is ready',
     { timeoutMs: 15_000, intervalMs: 50 },
@@ -86,11 +89,22 @@ if (!existsSync(MAIN)) {
     })
     const start = async (): Promise<number> => {
       const port = await freePort()
-      child = spawn(process.execPath, [MAIN, `--listen-address=127.0.0.1:${port}`, `--cache-directory=${cache}`, `--cache-retention-size=${limit}`, `--registry-config=${config}`, '--log-level=error'], {
-        stdio: ['ignore', 'ignore', 'pipe'],
-        // Never in-cluster mode, even when the tests themselves run in a pod.
-        env: Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith('KUBERNETES_') && !k.startsWith('RPP_'))),
-      })
+      child = spawn(
+        process.execPath,
+        [
+          MAIN,
+          `--listen-address=127.0.0.1:${port}`,
+          `--cache-directory=${cache}`,
+          `--cache-retention-size=${limit}`,
+          `--registry-config=${config}`,
+          '--log-level=error',
+        ],
+        {
+          stdio: ['ignore', 'ignore', 'pipe'],
+          // Never in-cluster mode, even when the tests themselves run in a pod.
+          env: Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith('KUBERNETES_') && !k.startsWith('RPP_'))),
+        },
+      )
       await waitReady(port, child)
       return port
     }

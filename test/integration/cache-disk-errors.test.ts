@@ -52,7 +52,14 @@ void t.test('ENOSPC on a real, tiny tmpfs: complete response, nothing cached, pr
   writeFileSync(config, JSON.stringify({ default: { address: registry.host, path: '/deckhouse/ce', scheme: 'http' } }))
   const log = captureLogger('info')
   // The limit says 64 MiB, the disk has 1 MiB: the reservation succeeds, the writes fail.
-  const proxy = await createServer({ cacheDirectory: mnt, limitBytes: 64 * 1024 * 1024, registryConfig: config, logger: log.logger, collectDefaultMetrics: false, env: {} })
+  const proxy = await createServer({
+    cacheDirectory: mnt,
+    limitBytes: 64 * 1024 * 1024,
+    registryConfig: config,
+    logger: log.logger,
+    collectDefaultMetrics: false,
+    env: {},
+  })
   t.teardown(() => proxy.server.stop())
   for (const attempt of [1, 2]) {
     const res = await proxy.server.inject(`/package?digest=${image.manifestDigest}&path=big`)
@@ -78,7 +85,14 @@ void t.test('EIO injected mid-fill: every concurrent client completes exactly, n
   registry.faults.blobChunkSize = 64 * 1024
   const layer = bytes(5, 12 * 1024 * 1024) // larger than the memory window and the memory cache
   const image = registry.addImage('deckhouse/ce/eio', [layer])
-  const source: RegistrySource = { name: 'default', kind: 'default', repository: `${registry.host}/deckhouse/ce`, registry: registry.host, namePrefix: 'deckhouse/ce', scheme: 'http' }
+  const source: RegistrySource = {
+    name: 'default',
+    kind: 'default',
+    repository: `${registry.host}/deckhouse/ce`,
+    registry: registry.host,
+    namePrefix: 'deckhouse/ce',
+    scheme: 'http',
+  }
 
   class FailingStore extends BlobStore {
     failAfter = 1024 * 1024
@@ -127,5 +141,8 @@ void t.test('EIO injected mid-fill: every concurrent client completes exactly, n
   t.same(readdirSync(join(dir, 'cache', 'tmp')), [], 'partial file removed')
   t.equal(index.blobCount, 0, 'no index row')
   t.equal(service.cache?.reservedBytes, 0, 'reservation returned')
-  t.ok(log.lines().some((l) => (l.err as { code?: string } | undefined)?.code === 'EIO'), 'the EIO is logged')
+  t.ok(
+    log.lines().some((l) => (l.err as { code?: string } | undefined)?.code === 'EIO'),
+    'the EIO is logged',
+  )
 })

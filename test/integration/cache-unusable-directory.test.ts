@@ -46,10 +46,12 @@ async function assertServesUncached(t: Test, spoil: (cacheDirectory: string) => 
 }
 
 void t.test('a file where the cache directory should be (ENOTDIR, EEXIST)', (t) =>
-  assertServesUncached(t, (cache) => writeFileSync(cache, 'not a directory'), /^E(NOTDIR|EXIST)$/))
+  assertServesUncached(t, (cache) => writeFileSync(cache, 'not a directory'), /^E(NOTDIR|EXIST)$/),
+)
 
 void t.test('an index path the database cannot open (SQLITE_CANTOPEN)', (t) =>
-  assertServesUncached(t, (cache) => mkdirSync(join(cache, 'index.sqlite'), { recursive: true }), /^SQLITE_CANTOPEN$/))
+  assertServesUncached(t, (cache) => mkdirSync(join(cache, 'index.sqlite'), { recursive: true }), /^SQLITE_CANTOPEN$/),
+)
 
 void t.test('a read-only cache volume (EROFS)', async (t) => {
   // Root ignores permission bits, so a read-only bind mount stands in for a read-only volume;
@@ -93,10 +95,17 @@ void t.test('once the directory can be used, caching resumes by itself, without 
   // Still unusable on the next tries: nothing changes, and the failure is not logged again.
   await new Promise((resolve) => setTimeout(resolve, 350))
   t.equal((await h.proxy.server.inject('/readyz')).statusCode, 503)
-  t.equal(log.lines().filter((l) => /cache directory still unusable|cannot open the cache/.test(String(l.msg))).length, 1, 'one log line for one kind of failure')
+  t.equal(
+    log.lines().filter((l) => /cache directory still unusable|cannot open the cache/.test(String(l.msg))).length,
+    1,
+    'one log line for one kind of failure',
+  )
 
   rmSync(cache)
-  await eventually(() => log.lines().some((l) => l.msg === 'cache directory usable again: caching resumed'), 'the log says caching resumed', { timeoutMs: 5000, intervalMs: 5 })
+  await eventually(() => log.lines().some((l) => l.msg === 'cache directory usable again: caching resumed'), 'the log says caching resumed', {
+    timeoutMs: 5000,
+    intervalMs: 5,
+  })
   t.equal((await h.proxy.server.inject('/readyz')).statusCode, 200, 'ready once the directory can be used')
   const miss = await h.proxy.server.inject(packageUrl({ digest: image.manifestDigest }))
   t.equal(miss.statusCode, 200)

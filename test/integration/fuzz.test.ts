@@ -23,15 +23,54 @@ t.comment(`fast-check seed ${seed}, ${RUNS} runs per property (FC_SEED / FC_RUNS
 const params = (runs = RUNS): fc.Parameters<unknown> => ({ seed, numRuns: runs, endOnFailure: true })
 
 /** Files the cache directory may hold: the index, verified blobs, temp files of running fills. */
-const CACHE_LAYOUT = /^(layout\.json|index\.sqlite(-wal|-shm|-journal)?|admin-token|blobs\/sha256\/[0-9a-f]{2}\/[0-9a-f]{64}|tmp\/[0-9]+-[0-9a-f]{12}\.partial)$/
+const CACHE_LAYOUT =
+  /^(layout\.json|index\.sqlite(-wal|-shm|-journal)?|admin-token|blobs\/sha256\/[0-9a-f]{2}\/[0-9a-f]{64}|tmp\/[0-9]+-[0-9a-f]{12}\.partial)$/
 
 const HEX = /^[0-9a-f]{64}$/
 
 /** Pieces of hostile paths: traversal in every encoding, separators, NUL, broken escapes, routes. */
 const NASTY = [
-  '..', '.', '%2e%2e', '%2E%2E', '.%2e', '%2e.', '%2f', '%2F', '%5c', '\\', '..%2f', '..%5c', '..%252f', '%00', '%',
-  '%zz', '%c0%ae%c0%ae', '\u2025', '\uff0e\uff0e', '~', 'etc', 'passwd', '', 'package', 'cache', 'healthz', 'readyz',
-  'metrics', 'blobs', 'sha256', 'index.sqlite', 'tmp', '*', ';', '?', '#', '&', '=', ' ', '\t', '\r\n',
+  '..',
+  '.',
+  '%2e%2e',
+  '%2E%2E',
+  '.%2e',
+  '%2e.',
+  '%2f',
+  '%2F',
+  '%5c',
+  '\\',
+  '..%2f',
+  '..%5c',
+  '..%252f',
+  '%00',
+  '%',
+  '%zz',
+  '%c0%ae%c0%ae',
+  '\u2025',
+  '\uff0e\uff0e',
+  '~',
+  'etc',
+  'passwd',
+  '',
+  'package',
+  'cache',
+  'healthz',
+  'readyz',
+  'metrics',
+  'blobs',
+  'sha256',
+  'index.sqlite',
+  'tmp',
+  '*',
+  ';',
+  '?',
+  '#',
+  '&',
+  '=',
+  ' ',
+  '\t',
+  '\r\n',
 ]
 
 interface World {
@@ -139,35 +178,44 @@ void t.test('any /package query: 200/400/404 only; an unknown repository reaches
   const digest = fc.oneof(
     { weight: 4, arbitrary: fc.constantFrom(w.manifestDigest, w.moduleDigest, w.layerDigest) },
     { weight: 2, arbitrary: hexDigest },
-    fc.constantFrom(w.manifestDigest.toUpperCase(), w.manifestDigest.replace('sha256', 'sha512'), `${w.manifestDigest} `, `${w.manifestDigest}\u0000`, w.manifestDigest.slice(0, -1)),
+    fc.constantFrom(
+      w.manifestDigest.toUpperCase(),
+      w.manifestDigest.replace('sha256', 'sha512'),
+      `${w.manifestDigest} `,
+      `${w.manifestDigest}\u0000`,
+      w.manifestDigest.slice(0, -1),
+    ),
     fc.string({ maxLength: 80 }),
   )
   const host = p.registry.host
   const repository = fc.oneof(
-    { weight: 8, arbitrary: fc.constantFrom(
-      ...repos,
-      `${p.defaultRepository}/`,
-      `${p.moduleRepository}//`,
-      '',
-      host,
-      // Near misses of the default's bare-host alias and of the sources: all unknown.
-      host.split(':')[0] ?? '',
-      `${host}/deckhouse`,
-      `${p.moduleRepository}/sub`,
-      `localhost:${host.split(':')[1]}/${DEFAULT_PREFIX}`,
-      `127.0.0.1:${w.canary.port}/${DEFAULT_PREFIX}`,
-      '169.254.169.254/latest/meta-data',
-      'metadata.google.internal/computeMetadata/v1',
-      'evil.example.com/deckhouse/ce',
-      `${host}/${DEFAULT_PREFIX}/../../etc`,
-      `${host}/${DEFAULT_PREFIX.toUpperCase()}`,
-      `http://${host}/${DEFAULT_PREFIX}`,
-      `user:pass@${host}/${DEFAULT_PREFIX}`,
-      `[::1]:${host.split(':')[1]}/${DEFAULT_PREFIX}`,
-      `${host}:80/${DEFAULT_PREFIX}`,
-      `${host}/${DEFAULT_PREFIX}?x=1`,
-      `${host}/${DEFAULT_PREFIX}#x`,
-    ) },
+    {
+      weight: 8,
+      arbitrary: fc.constantFrom(
+        ...repos,
+        `${p.defaultRepository}/`,
+        `${p.moduleRepository}//`,
+        '',
+        host,
+        // Near misses of the default's bare-host alias and of the sources: all unknown.
+        host.split(':')[0] ?? '',
+        `${host}/deckhouse`,
+        `${p.moduleRepository}/sub`,
+        `localhost:${host.split(':')[1]}/${DEFAULT_PREFIX}`,
+        `127.0.0.1:${w.canary.port}/${DEFAULT_PREFIX}`,
+        '169.254.169.254/latest/meta-data',
+        'metadata.google.internal/computeMetadata/v1',
+        'evil.example.com/deckhouse/ce',
+        `${host}/${DEFAULT_PREFIX}/../../etc`,
+        `${host}/${DEFAULT_PREFIX.toUpperCase()}`,
+        `http://${host}/${DEFAULT_PREFIX}`,
+        `user:pass@${host}/${DEFAULT_PREFIX}`,
+        `[::1]:${host.split(':')[1]}/${DEFAULT_PREFIX}`,
+        `${host}:80/${DEFAULT_PREFIX}`,
+        `${host}/${DEFAULT_PREFIX}?x=1`,
+        `${host}/${DEFAULT_PREFIX}#x`,
+      ),
+    },
     fc.tuple(fc.constantFrom(...repos), fc.constantFrom(...NASTY)).map(([r, n]) => `${r}/${n}`),
     fc.string({ maxLength: 40 }),
   )
@@ -243,10 +291,7 @@ void t.test('any Range, If-None-Match, If-Range and other headers: the bytes are
     fc.constantFrom('bytes=', 'bytes=-', 'bytes=--1', 'bytes=1-2-3', 'items=0-1', 'bytes = 0 - 5', 'bytes=0x10-', 'bytes=-0', 'bytes=\u0000'),
     fc.string({ maxLength: 20 }),
   )
-  const ifNoneMatch = fc.oneof(
-    fc.constantFrom(etag, `W/${etag}`, '*', `"x", ${etag}`, '"x"', w.manifestDigest, '', ',,,'),
-    fc.string({ maxLength: 20 }),
-  )
+  const ifNoneMatch = fc.oneof(fc.constantFrom(etag, `W/${etag}`, '*', `"x", ${etag}`, '"x"', w.manifestDigest, '', ',,,'), fc.string({ maxLength: 20 }))
   const ifRange = fc.oneof(fc.constantFrom(etag, `W/${etag}`, '"other"', 'Tue, 01 Jan 2030 00:00:00 GMT'), fc.string({ maxLength: 20 }))
   const visible = fc.string({ unit: fc.integer({ min: 0x20, max: 0x7e }).map((c) => String.fromCharCode(c)), maxLength: 40 })
   const token = fc.stringMatching(/^[a-z][a-z0-9-]{0,15}$/)
@@ -307,7 +352,10 @@ void t.test('the cache API under any digest, sort, order and limit: 200/400/404,
   )
   const listQuery = fc.record(
     {
-      sort: fc.oneof(fc.constantFrom('lastAccess', 'size', 'hits', 'createdAt', 'digest', '__proto__', 'constructor', 'toString'), fc.string({ maxLength: 10 })),
+      sort: fc.oneof(
+        fc.constantFrom('lastAccess', 'size', 'hits', 'createdAt', 'digest', '__proto__', 'constructor', 'toString'),
+        fc.string({ maxLength: 10 }),
+      ),
       order: fc.oneof(fc.constantFrom('asc', 'desc', 'ASC', ''), fc.string({ maxLength: 5 })),
       limit: fc.oneof(fc.integer({ min: -5, max: 200_000 }).map(String), fc.constantFrom('1e3', '0x10', 'NaN', 'Infinity', '1.5', '', ' 1')),
     },
@@ -398,9 +446,22 @@ void t.test('raw request heads over a socket: smuggling, absolute URIs, CONNECT,
     ),
     fc.webPath(),
   )
-  const version = fc.oneof({ weight: 6, arbitrary: fc.constantFrom('HTTP/1.1', 'HTTP/1.0') }, { weight: 1, arbitrary: fc.constantFrom('HTTP/2.0', 'HTTP/1.1x', 'HTTP/0.9', '') })
+  const version = fc.oneof(
+    { weight: 6, arbitrary: fc.constantFrom('HTTP/1.1', 'HTTP/1.0') },
+    { weight: 1, arbitrary: fc.constantFrom('HTTP/2.0', 'HTTP/1.1x', 'HTTP/0.9', '') },
+  )
   const header = fc.oneof(
-    { weight: 6, arbitrary: fc.constantFrom('Accept: */*', 'Connection: close', 'Connection: keep-alive', 'Range: bytes=0-10', 'If-None-Match: *', 'Accept-Encoding: gzip') },
+    {
+      weight: 6,
+      arbitrary: fc.constantFrom(
+        'Accept: */*',
+        'Connection: close',
+        'Connection: keep-alive',
+        'Range: bytes=0-10',
+        'If-None-Match: *',
+        'Accept-Encoding: gzip',
+      ),
+    },
     fc.constantFrom(
       'Host: 127.0.0.1',
       `Host: 127.0.0.1:${canary.port}`,
@@ -426,22 +487,33 @@ void t.test('raw request heads over a socket: smuggling, absolute URIs, CONNECT,
     ),
     fc.tuple(fc.stringMatching(/^[A-Za-z-]{1,12}$/), fc.string({ unit: 'binary-ascii', maxLength: 30 })).map(([n, v]) => `${n}: ${v.replace(/[\r\n]/g, '')}`),
   )
-  const body = fc.oneof({ weight: 4, arbitrary: fc.constant('') }, fc.constantFrom('abc', '0\r\n\r\n', '3\r\nabc\r\n0\r\n\r\n', `GET ${pkg} HTTP/1.1\r\nHost: x\r\n\r\n`))
+  const body = fc.oneof(
+    { weight: 4, arbitrary: fc.constant('') },
+    fc.constantFrom('abc', '0\r\n\r\n', '3\r\nabc\r\n0\r\n\r\n', `GET ${pkg} HTTP/1.1\r\nHost: x\r\n\r\n`),
+  )
   const allowed = new Set([200, 204, 206, 304, 400, 404, 405, 408, 413, 414, 416, 431, 501, 505])
   const seen = new Map<string, number>()
   await fc.assert(
-    fc.asyncProperty(method, target, version, fc.array(header, { maxLength: 3 }), body, fc.double({ min: 0, max: 1, noNaN: true }), async (m, tgt, v, extra, b, r) => {
-      // HTTP/1.1 requires Host: most heads carry one, so they reach the router.
-      const hs = r < 0.8 ? ['Host: 127.0.0.1', ...extra] : extra
-      const head = `${m} ${tgt} ${v}\r\n${hs.join('\r\n')}${hs.length ? '\r\n' : ''}\r\n${b}`
-      const reply = await rawExchange(port, head, 300)
-      const status = /^HTTP\/1\.[01] (\d{3}) /.exec(reply.text)?.[1]
-      const key = status ?? (reply.closed ? 'closed' : 'waiting')
-      seen.set(key, (seen.get(key) ?? 0) + 1)
-      // No answer (the server closed, or is waiting for bytes the head promised) is fine; a
-      // 5xx never is (501/505 are Node's words for a method or version it does not speak).
-      return status === undefined ? reply.text === '' : allowed.has(Number(status))
-    }),
+    fc.asyncProperty(
+      method,
+      target,
+      version,
+      fc.array(header, { maxLength: 3 }),
+      body,
+      fc.double({ min: 0, max: 1, noNaN: true }),
+      async (m, tgt, v, extra, b, r) => {
+        // HTTP/1.1 requires Host: most heads carry one, so they reach the router.
+        const hs = r < 0.8 ? ['Host: 127.0.0.1', ...extra] : extra
+        const head = `${m} ${tgt} ${v}\r\n${hs.join('\r\n')}${hs.length ? '\r\n' : ''}\r\n${b}`
+        const reply = await rawExchange(port, head, 300)
+        const status = /^HTTP\/1\.[01] (\d{3}) /.exec(reply.text)?.[1]
+        const key = status ?? (reply.closed ? 'closed' : 'waiting')
+        seen.set(key, (seen.get(key) ?? 0) + 1)
+        // No answer (the server closed, or is waiting for bytes the head promised) is fine; a
+        // 5xx never is (501/505 are Node's words for a method or version it does not speak).
+        return status === undefined ? reply.text === '' : allowed.has(Number(status))
+      },
+    ),
     params(150),
   )
   t.comment(`outcomes seen: ${JSON.stringify(Object.fromEntries(seen))}`)
@@ -454,23 +526,32 @@ void t.test('request parsing admits no traversal, and the blob store builds no p
   const component = fc.oneof(fc.constantFrom(...NASTY), fc.stringMatching(/^[a-z0-9._-]{1,8}$/), fc.string({ maxLength: 6 }))
   const name = fc.array(component, { minLength: 1, maxLength: 5 }).map((c) => c.join('/'))
   fc.assert(
-    fc.property(fc.oneof(hexDigest, fc.string({ maxLength: 80 }), name.map((n) => `sha256:${n}`)), name, name, (digest, repository, path) => {
-      try {
-        const q = parsePackageQuery({ digest, repository: `127.0.0.1:5000/${repository}`, path })
-        // Accepted: every segment is a plain OCI name component.
-        const segments = [...(q.repository?.split('/').slice(1) ?? []), ...(q.path?.split('/') ?? [])]
-        if (segments.some((s) => s === '' || s === '.' || s === '..' || !/^[a-z0-9]+(?:[._-]+[a-z0-9]+)*$/.test(s))) return false
-      } catch (err) {
-        if ((err as { status?: number }).status !== 400) return false
-      }
-      try {
-        const file = store.pathFor(digest)
-        const rel = relative(store.blobsDir, resolve(file))
-        return HEX.test(digest.slice(7)) && !rel.startsWith('..') && /^[0-9a-f]{2}\/[0-9a-f]{64}$/.test(rel)
-      } catch {
-        return !/^sha256:[0-9a-f]{64}$/.test(digest)
-      }
-    }),
+    fc.property(
+      fc.oneof(
+        hexDigest,
+        fc.string({ maxLength: 80 }),
+        name.map((n) => `sha256:${n}`),
+      ),
+      name,
+      name,
+      (digest, repository, path) => {
+        try {
+          const q = parsePackageQuery({ digest, repository: `127.0.0.1:5000/${repository}`, path })
+          // Accepted: every segment is a plain OCI name component.
+          const segments = [...(q.repository?.split('/').slice(1) ?? []), ...(q.path?.split('/') ?? [])]
+          if (segments.some((s) => s === '' || s === '.' || s === '..' || !/^[a-z0-9]+(?:[._-]+[a-z0-9]+)*$/.test(s))) return false
+        } catch (err) {
+          if ((err as { status?: number }).status !== 400) return false
+        }
+        try {
+          const file = store.pathFor(digest)
+          const rel = relative(store.blobsDir, resolve(file))
+          return HEX.test(digest.slice(7)) && !rel.startsWith('..') && /^[0-9a-f]{2}\/[0-9a-f]{64}$/.test(rel)
+        } catch {
+          return !/^sha256:[0-9a-f]{64}$/.test(digest)
+        }
+      },
+    ),
     params(2000),
   )
   t.pass('2000 inputs: accepted names are plain components; blob paths stay in blobs/sha256/<2>/<64>')

@@ -32,7 +32,14 @@ void t.test('an API server that keeps flapping: packages and readiness are unaff
 
   const api = await FakeKubeApi.start()
   t.teardown(() => api.close())
-  api.putSecret(registrySecret({ address: registry.host, path: '/deckhouse/ce', scheme: 'http', dockerconfigjson: JSON.stringify({ auths: { [registry.host]: { auth: b64(`puller:${PASSWORD}`) } } }) }))
+  api.putSecret(
+    registrySecret({
+      address: registry.host,
+      path: '/deckhouse/ce',
+      scheme: 'http',
+      dockerconfigjson: JSON.stringify({ auths: { [registry.host]: { auth: b64(`puller:${PASSWORD}`) } } }),
+    }),
+  )
   api.putModuleSource(moduleSource('example', { repo: `${registry.host}/modules/example`, scheme: 'http', dockerCfg: cfg }))
 
   const dir = t.testdir()
@@ -113,13 +120,20 @@ void t.test('an API server that keeps flapping: packages and readiness are unaff
   await reopened('garbage and a clean end')
   t.comment(`watches re-opened after: ${stages.join(', ')}`)
 
-  await eventually(async () => (await proxy.server.inject(packageUrl({ digest: late.manifestDigest, repository: `${registry.host}/modules/late`, path: 'pkg' }))).statusCode === 200, 'the ModuleSource added during the outage serves', { timeoutMs: 40_000 })
+  await eventually(
+    async () =>
+      (await proxy.server.inject(packageUrl({ digest: late.manifestDigest, repository: `${registry.host}/modules/late`, path: 'pkg' }))).statusCode === 200,
+    'the ModuleSource added during the outage serves',
+    { timeoutMs: 40_000 },
+  )
   stop = true
   await traffic
   t.same(failures.slice(0, 10), [], `${requests} package requests and ${probes} readiness probes during the flapping, none failed`)
   t.ok(probes >= 10, 'the traffic really ran alongside')
   const metrics = (await proxy.server.inject('/metrics')).payload
-  const restarts = [...metrics.matchAll(/^registry_packages_proxy_source_watch_restarts_total\{provider="(?:secret|modulesources)"\} (\d+)$/gm)].map((m) => Number(m[1]))
+  const restarts = [...metrics.matchAll(/^registry_packages_proxy_source_watch_restarts_total\{provider="(?:secret|modulesources)"\} (\d+)$/gm)].map((m) =>
+    Number(m[1]),
+  )
   t.ok(restarts.reduce((a, b) => a + b, 0) >= 8, `the informers restarted ${restarts.join(' + ')} times`)
   // Backoff, not a tight loop: a handful of LISTs and WATCHes per fault, not hundreds.
   const calls = api.counts.list.secrets + api.counts.list.modulesources + api.counts.watch.secrets + api.counts.watch.modulesources

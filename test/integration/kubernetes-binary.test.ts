@@ -63,7 +63,10 @@ void t.test('a bad --kubeconfig: one line naming it on stderr, exit code 2', asy
   const dir = t.testdir({ 'kc.yaml': `clusters: [{{ token: ${TOKEN}`, cache: {} })
   const p = spawnMain(t, [`--kubeconfig=${join(dir, 'kc.yaml')}`, `--cache-directory=${join(dir, 'cache')}`, '--listen-address=127.0.0.1:1'])
   t.equal(await p.exited, 2)
-  const lines = p.err().split('\n').filter((l) => l !== '')
+  const lines = p
+    .err()
+    .split('\n')
+    .filter((l) => l !== '')
   t.equal(lines.length, 1, p.err())
   t.match(lines[0], /--kubeconfig .*kc\.yaml: not a valid kubeconfig/)
   t.notMatch(p.err() + p.out(), TOKEN)

@@ -74,7 +74,11 @@ if (!existsSync(MAIN)) {
           `p50 ${percentile(r.latencies, 50).toFixed(0)} ms, p99 ${percentile(r.latencies, 99).toFixed(0)} ms; ` +
           `server peak ${sampler.peakFds} descriptors, RSS ${mib(sampler.peakRss)}`,
       )
-      t.same({ ok: r.ok, wrong: r.wrong, failed: r.failed, errors: r.errors }, { ok: r.requests, wrong: 0, failed: 0, errors: [] }, `round ${round}: all ${r.requests} byte-exact`)
+      t.same(
+        { ok: r.ok, wrong: r.wrong, failed: r.failed, errors: r.errors },
+        { ok: r.requests, wrong: 0, failed: 0, errors: [] },
+        `round ${round}: all ${r.requests} byte-exact`,
+      )
       t.ok(r.sockets >= CONNECTIONS, `round ${round}: ${r.sockets} connections were open at once`)
       // The server really held them all: one descriptor each (keep-alive lasts 5 s, the round less).
       t.ok(sampler.peakFds >= baseline.fds + CONNECTIONS * 0.9, `round ${round}: the server held ${sampler.peakFds - baseline.fds} connections at the peak`)
@@ -93,8 +97,14 @@ if (!existsSync(MAIN)) {
     const started = Date.now()
     const r = await keepAliveLoad({ urls, expect: (url) => layerOf.get(url) ?? '', connections: COLD, perConnection: 1 })
     sampler.stop()
-    t.comment(`cold fills: ${r.requests} in ${Date.now() - started} ms, p99 ${percentile(r.latencies, 99).toFixed(0)} ms; server peak ${sampler.peakFds} descriptors, RSS ${mib(sampler.peakRss)}`)
-    t.same({ ok: r.ok, wrong: r.wrong, failed: r.failed, errors: r.errors }, { ok: COLD, wrong: 0, failed: 0, errors: [] }, `all ${COLD} cold packages byte-exact`)
+    t.comment(
+      `cold fills: ${r.requests} in ${Date.now() - started} ms, p99 ${percentile(r.latencies, 99).toFixed(0)} ms; server peak ${sampler.peakFds} descriptors, RSS ${mib(sampler.peakRss)}`,
+    )
+    t.same(
+      { ok: r.ok, wrong: r.wrong, failed: r.failed, errors: r.errors },
+      { ok: COLD, wrong: 0, failed: 0, errors: [] },
+      `all ${COLD} cold packages byte-exact`,
+    )
     t.equal(registry.counts.blob, COLD, 'one upstream blob GET per package')
     t.equal(registry.counts.manifest, COLD, 'one upstream manifest GET per package')
     // Fills commit after their responses end; then nothing may stay open.
@@ -111,7 +121,9 @@ if (!existsSync(MAIN)) {
 
     const phases = ['hits round 1', 'hits round 2', 'cold fills']
     t.comment(`after each phase, held after GC: ${heldAfter.map((h, i) => `${phases[i]} ${mib(h.heap)}`).join(', ')} (baseline ${mib(heldBaseline.heap)})`)
-    t.comment(`RSS after a GC: ${heldAfter.map((h, i) => `${phases[i]} ${mib(h.rss)}`).join(', ')}; idle RSS: ${rss.map((r) => mib(r)).join(', ')} (baseline ${mib(baseline.rssBytes)})`)
+    t.comment(
+      `RSS after a GC: ${heldAfter.map((h, i) => `${phases[i]} ${mib(h.rss)}`).join(', ')}; idle RSS: ${rss.map((r) => mib(r)).join(', ')} (baseline ${mib(baseline.rssBytes)})`,
+    )
     // A leak is what a full GC cannot free: the heap and Buffers held must be back at the
     // baseline (plus noise; the memory cache holds the one 16 KiB hot layer from the start, and
     // the cold layers are measured before they are read back, which puts them in that cache).
@@ -123,7 +135,10 @@ if (!existsSync(MAIN)) {
     // after the second identical round than after the first, and a bounded distance overall.
     const [r1, r2, r3] = heldAfter.map((h) => h.rss)
     t.ok((r2 ?? Infinity) <= (r1 ?? 0) + 8 * MiB, `RSS after round 2 (${mib(r2 ?? 0)}) is not above round 1 (${mib(r1 ?? 0)})`)
-    t.ok(Math.max(r1 ?? Infinity, r2 ?? Infinity, r3 ?? Infinity) <= baseline.rssBytes + RSS_SLACK, `RSS after a GC stays within ${mib(RSS_SLACK)} of the baseline`)
+    t.ok(
+      Math.max(r1 ?? Infinity, r2 ?? Infinity, r3 ?? Infinity) <= baseline.rssBytes + RSS_SLACK,
+      `RSS after a GC stays within ${mib(RSS_SLACK)} of the baseline`,
+    )
     t.equal(proxy.child.exitCode, null, 'the proxy is still running')
   })
 }

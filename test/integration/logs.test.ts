@@ -27,7 +27,8 @@ const haveRegistry = haveRealRegistry(t, SKIP_MSG)
 
 const b64 = (text: string): string => Buffer.from(text).toString('base64')
 const secret = (what: string): string => `${what}-${randomBytes(6).toString('hex')}`
-const dockerConfig = (host: string, username: string, password: string): string => JSON.stringify({ auths: { [host]: { auth: b64(`${username}:${password}`) } } })
+const dockerConfig = (host: string, username: string, password: string): string =>
+  JSON.stringify({ auths: { [host]: { auth: b64(`${username}:${password}`) } } })
 
 /** A module source of the config file, with what it should serve. */
 interface Case {
@@ -40,9 +41,16 @@ interface Case {
 }
 
 /** Runs the binary; resolves once it logged that it listens. */
-async function runProxy(t: Test, args: string[]): Promise<{ url: string; stop: () => Promise<{ code: number | null; stdout: string; stderr: string }>; hup: () => void; stdout: () => string }> {
+async function runProxy(
+  t: Test,
+  args: string[],
+): Promise<{ url: string; stop: () => Promise<{ code: number | null; stdout: string; stderr: string }>; hup: () => void; stdout: () => string }> {
   const port = await freePort()
-  const child = spawn(process.execPath, [MAIN, `--listen-address=127.0.0.1:${port}`, ...args], { cwd: t.testdirName, env: childEnv(), stdio: ['ignore', 'pipe', 'pipe'] })
+  const child = spawn(process.execPath, [MAIN, `--listen-address=127.0.0.1:${port}`, ...args], {
+    cwd: t.testdirName,
+    env: childEnv(),
+    stdio: ['ignore', 'pipe', 'pipe'],
+  })
   let stdout = ''
   let stderr = ''
   child.stdout.on('data', (c: Buffer) => (stdout += c.toString('utf8')))
@@ -100,9 +108,24 @@ void t.test('JSON lines with the request fields, and no secret anywhere in the o
     { name: 'fake-bearer-bad', repository: `${fakeBearer.host}/modules/bearer-bad`, path: 'pkg', digest: bearerBad.manifestDigest, expect: 502 },
   )
   const modules: Array<{ name: string; repo: string; scheme: string; dockerCfg: string }> = [
-    { name: 'fake-basic-bad', repo: `${fakeBasic.host}/modules/basic-bad`, scheme: 'http', dockerCfg: b64(dockerConfig(fakeBasic.host, 'basic-user', basicWrong)) },
-    { name: 'fake-bearer-good', repo: `${fakeBearer.host}/modules/bearer-good`, scheme: 'http', dockerCfg: b64(dockerConfig(fakeBearer.host, 'bearer-user', bearerPass)) },
-    { name: 'fake-bearer-bad', repo: `${fakeBearer.host}/modules/bearer-bad`, scheme: 'http', dockerCfg: b64(dockerConfig(fakeBearer.host, 'bearer-user', bearerWrong)) },
+    {
+      name: 'fake-basic-bad',
+      repo: `${fakeBasic.host}/modules/basic-bad`,
+      scheme: 'http',
+      dockerCfg: b64(dockerConfig(fakeBasic.host, 'basic-user', basicWrong)),
+    },
+    {
+      name: 'fake-bearer-good',
+      repo: `${fakeBearer.host}/modules/bearer-good`,
+      scheme: 'http',
+      dockerCfg: b64(dockerConfig(fakeBearer.host, 'bearer-user', bearerPass)),
+    },
+    {
+      name: 'fake-bearer-bad',
+      repo: `${fakeBearer.host}/modules/bearer-bad`,
+      scheme: 'http',
+      dockerCfg: b64(dockerConfig(fakeBearer.host, 'bearer-user', bearerWrong)),
+    },
   ]
 
   // The real registry, htpasswd and token modes.
@@ -118,7 +141,10 @@ void t.test('JSON lines with the request fields, and no secret anywhere in the o
       const seed = auth === 'htpasswd' ? 10 : 20
       const good = await real.push(`modules/real-${auth}-good/pkg`, [bytes(4096, seed)])
       const bad = await real.push(`modules/real-${auth}-bad/pkg`, [bytes(1024, seed + 1)])
-      for (const [kind, image, pass, expect] of [['good', good, password, 200], ['bad', bad, wrong, 502]] as const) {
+      for (const [kind, image, pass, expect] of [
+        ['good', good, password, 200],
+        ['bad', bad, wrong, 502],
+      ] as const) {
         const name = `real-${auth}-${kind}`
         modules.push({ name, repo: `${real.host}/modules/${name}`, scheme: 'http', dockerCfg: b64(dockerConfig(real.host, `real-${auth}-user`, pass)) })
         cases.push({ name, repository: `${real.host}/modules/${name}`, path: 'pkg', digest: image.manifestDigest, expect })
@@ -133,12 +159,21 @@ void t.test('JSON lines with the request fields, and no secret anywhere in the o
   for (const m of modules) keep(`${m.name} dockerCfg`, m.dockerCfg)
   for (const [what, value] of [...secrets]) {
     if (what.includes('password')) {
-      const user = what.includes('Basic') ? 'basic-user' : what.includes('token server') ? 'bearer-user' : what.includes('htpasswd') ? 'real-htpasswd-user' : 'real-token-user'
+      const user = what.includes('Basic')
+        ? 'basic-user'
+        : what.includes('token server')
+          ? 'bearer-user'
+          : what.includes('htpasswd')
+            ? 'real-htpasswd-user'
+            : 'real-token-user'
       keep(`base64 user:${what}`, b64(`${user}:${value}`))
     }
   }
   const configPath = join(dir, 'registry.json')
-  await writeFile(configPath, JSON.stringify({ default: { address: fakeBasic.host, path: '/deckhouse/ce', scheme: 'http', dockerConfigJson: defaultConfig }, moduleSources: modules }))
+  await writeFile(
+    configPath,
+    JSON.stringify({ default: { address: fakeBasic.host, path: '/deckhouse/ce', scheme: 'http', dockerConfigJson: defaultConfig }, moduleSources: modules }),
+  )
 
   const proxy = await runProxy(t, [`--cache-directory=${join(dir, 'cache')}`, `--registry-config=${configPath}`, '--log-level=debug'])
   const get = (path: string, method = 'GET'): ReturnType<typeof fetchRaw> => fetchRaw(`${proxy.url}${path}`, { method })
@@ -181,7 +216,13 @@ void t.test('JSON lines with the request fields, and no secret anywhere in the o
   const auths = (r: FakeRegistry): string[] => r.requests.map((q) => q.headers.authorization).filter((h): h is string => typeof h === 'string')
   t.ok(auths(fakeBasic).includes(`Basic ${b64(`basic-user:${basicPass}`)}`), 'the fake Basic registry got the password')
   t.ok(auths(fakeBasic).includes(`Basic ${b64(`basic-user:${basicWrong}`)}`), 'and the wrong one')
-  const issued = [...new Set(auths(fakeBearer).filter((h) => h.startsWith('Bearer ')).map((h) => h.slice('Bearer '.length)))]
+  const issued = [
+    ...new Set(
+      auths(fakeBearer)
+        .filter((h) => h.startsWith('Bearer '))
+        .map((h) => h.slice('Bearer '.length)),
+    ),
+  ]
   t.ok(issued.length > 0, `the fake token server issued ${issued.length} tokens`)
   for (const token of issued) keep('a token the fake token server issued', token)
   for (const real of reals.filter((r) => r.auth === 'token')) t.ok(real.tokenRequests() > 0, 'the real token server was asked for tokens')
@@ -207,7 +248,10 @@ void t.test('JSON lines with the request fields, and no secret anywhere in the o
   t.ok(parsed.length > 20, `${parsed.length} lines`)
   const malformed = parsed.filter((l) => typeof l.level !== 'number' || typeof l.time !== 'number' || typeof l.msg !== 'string')
   t.same(malformed, [], 'every line has level, time and msg')
-  t.ok(parsed.some((l) => l.level === 20), 'debug lines are there at --log-level=debug')
+  t.ok(
+    parsed.some((l) => l.level === 20),
+    'debug lines are there at --log-level=debug',
+  )
 
   const requests = parsed.filter((l) => l.msg === 'request' && l.path === '/package')
   t.equal(requests.length, 3 + cases.length * 2 + 4, 'one line per package request')
@@ -233,14 +277,29 @@ void t.test('JSON lines with the request fields, and no secret anywhere in the o
       t.equal(l.status, c.expect, `${c.name}: status`)
       if (c.expect === 502) t.match(l.err, { code: 'EUPSTREAM' }, `${c.name}: err says the registry refused`)
     }
-    if (c.expect === 200) t.same(mine.map((l) => l.result), ['miss', 'hit'], `${c.name}: miss, then hit`)
+    if (c.expect === 200)
+      t.same(
+        mine.map((l) => l.result),
+        ['miss', 'hit'],
+        `${c.name}: miss, then hit`,
+      )
   }
   const defaults = requests.filter((l) => l.digest === defaultImage.manifestDigest && l.repository === undefined)
-  t.same(defaults.map((l) => l.result), ['miss', 'hit', 'head'])
-  t.same(defaults.slice(0, 2).map((l) => l.bytes), [8192, 8192], 'bytes of each complete response')
+  t.same(
+    defaults.map((l) => l.result),
+    ['miss', 'hit', 'head'],
+  )
+  t.same(
+    defaults.slice(0, 2).map((l) => l.bytes),
+    [8192, 8192],
+    'bytes of each complete response',
+  )
   t.match(corrupt, { req: String, result: 'miss', err: { code: 'EDIGEST' } }, 'the mid-stream mismatch is logged with its code')
   t.equal(corrupt?.aborted, true, 'the cut response is marked aborted')
   t.equal(corrupt?.status, 500, 'and counted as the failure it was')
   t.type(corrupt?.ms, 'number', 'with its duration')
-  t.ok(parsed.some((l) => l.msg === 'request' && l.path === '/healthz' && l.level === 20), 'probes are logged at debug')
+  t.ok(
+    parsed.some((l) => l.msg === 'request' && l.path === '/healthz' && l.level === 20),
+    'probes are logged at debug',
+  )
 })

@@ -13,16 +13,7 @@ import { FakeKubeApi, moduleSource, registrySecret } from '../fixtures/fake-kube
 import { eventually } from '../fixtures/eventually.js'
 import { FakeRegistry } from '../fixtures/fake-registry.js'
 import { bytes, fetchRaw, packageUrl } from '../fixtures/proxy-harness.js'
-import {
-  alertRules,
-  dashboardQueries,
-  familyOf,
-  parseExposition,
-  PREFIX,
-  promqlMetricNames,
-  readmeMetrics,
-  type Exposition,
-} from '../fixtures/monitoring.js'
+import { alertRules, dashboardQueries, familyOf, parseExposition, PREFIX, promqlMetricNames, readmeMetrics, type Exposition } from '../fixtures/monitoring.js'
 
 /** Traffic through every path that feeds a metric; returns the exposition and what must not leak. */
 async function exercisedServer(t: Test): Promise<{ exposition: Exposition; forbidden: string[] }> {
@@ -152,7 +143,11 @@ void t.test('every metric the alerts, the dashboard and the README name is expor
       )
       t.same([...labels].sort(), [...row.labels].sort(), `${row.name}: README lists its labels {${row.labels.join(',')}}`)
     }
-    for (const p of prefixes) t.ok(ours.some((f) => f.startsWith(p.name) && !exact.some((r) => r.name === f)), `${p.name}* matches exported families`)
+    for (const p of prefixes)
+      t.ok(
+        ours.some((f) => f.startsWith(p.name) && !exact.some((r) => r.name === f)),
+        `${p.name}* matches exported families`,
+      )
     t.end()
   })
 

@@ -181,7 +181,10 @@ void t.test('a file damaged while the proxy was down is never served whole, and 
   t.testdir()
   const cacheDirectory = join(t.testdirName, 'cache')
   const first = await startProxyProcess(t, { registry, cacheDirectory })
-  for (const [image, path] of [[small, 'small'], [large, 'large']] as const) {
+  for (const [image, path] of [
+    [small, 'small'],
+    [large, 'large'],
+  ] as const) {
     t.equal((await fetchHashed(first.base, packageUrl({ digest: image.manifestDigest, path }))).digest, image.lastLayer.digest)
     await eventually(() => cached(first, image.lastLayer.digest), `${path} cached`, WAIT)
   }
@@ -200,7 +203,11 @@ void t.test('a file damaged while the proxy was down is never served whole, and 
   t.same([s.status, s.complete, s.digest], [200, true, small.lastLayer.digest], 'small: the damage is found before a byte goes out; served from the registry')
   registry.resetCounts()
   const l1 = await fetchHashed(p.base, packageUrl({ digest: large.manifestDigest, path: 'large' }))
-  t.same([l1.status, l1.complete, l1.digest, l1.cache], [200, true, large.lastLayer.digest, 'MISS'], 'large: hashed before its first byte, found damaged, served from the registry')
+  t.same(
+    [l1.status, l1.complete, l1.digest, l1.cache],
+    [200, true, large.lastLayer.digest, 'MISS'],
+    'large: hashed before its first byte, found damaged, served from the registry',
+  )
   t.equal(registry.counts.blob, 1, 'one registry download replaced it')
   await eventually(() => cached(p, large.lastLayer.digest), 'cached again', WAIT)
   const l2 = await fetchHashed(p.base, packageUrl({ digest: large.manifestDigest, path: 'large' }))
@@ -228,7 +235,11 @@ void t.test('a cached file written to while the proxy runs is hashed again befor
   writeFileSync(file, data)
   registry.resetCounts()
   const after = await fetchHashed(p.base, url)
-  t.same([after.status, after.complete, after.digest, after.cache], [200, true, image.lastLayer.digest, 'MISS'], 'never the changed bytes: found before a byte went out, fetched again')
+  t.same(
+    [after.status, after.complete, after.digest, after.cache],
+    [200, true, image.lastLayer.digest, 'MISS'],
+    'never the changed bytes: found before a byte went out, fetched again',
+  )
   t.equal(registry.counts.blob, 1)
 })
 

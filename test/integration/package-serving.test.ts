@@ -2,15 +2,7 @@ import { existsSync, readdirSync, readFileSync } from 'node:fs'
 import { join } from 'node:path'
 import type { Readable } from 'node:stream'
 import t from 'tap'
-import {
-  DEFAULT_PREFIX,
-  blobFiles,
-  bytes,
-  fetchRaw,
-  packageUrl,
-  startHarness,
-  waitCached,
-} from '../fixtures/proxy-harness.js'
+import { DEFAULT_PREFIX, blobFiles, bytes, fetchRaw, packageUrl, startHarness, waitCached } from '../fixtures/proxy-harness.js'
 import { eventually } from '../fixtures/eventually.js'
 
 function collect(stream: Readable): Promise<{ data: Buffer; error: Error | undefined }> {
@@ -145,7 +137,9 @@ void t.test('requests that join a running fill late still get every byte, ranges
   const url = packageUrl({ digest: image.manifestDigest })
   const first = h.proxy.server.inject(url)
   await h.registry.waitForRequests(1, (r) => r.url.includes('/blobs/'))
-  await eventually(() => h.proxy.packages.index !== undefined && readdirSync(join(h.cacheDirectory, 'tmp')).length === 1, 'the fill has a temp file', { intervalMs: 5 })
+  await eventually(() => h.proxy.packages.index !== undefined && readdirSync(join(h.cacheDirectory, 'tmp')).length === 1, 'the fill has a temp file', {
+    intervalMs: 5,
+  })
   const [late, lateRange] = await Promise.all([h.proxy.server.inject(url), h.proxy.server.inject({ url, headers: { range: 'bytes=40000-40009' } })])
   t.ok((await first).rawPayload.equals(data))
   t.ok(late.rawPayload.equals(data))

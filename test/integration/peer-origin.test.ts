@@ -80,7 +80,7 @@ void t.test('a client joining a download a peer-marked request started gets the 
   t.ok(peer.asked.includes('cached /package'), 'asked the peer for what it holds')
 })
 
-void t.test("two replicas whose download slots are all held by fills waiting on each other: no deadlock, one registry download per layer", async (t) => {
+void t.test('two replicas whose download slots are all held by fills waiting on each other: no deadlock, one registry download per layer', async (t) => {
   const ports: [number, number] = [await freePort(), await freePort()]
   const members = ports.map((p) => `127.0.0.1:${p}`) as [string, string]
   const peerTimeouts = { firstByteMs: 1500, idleMs: 1500 }
@@ -114,36 +114,43 @@ void t.test("two replicas whose download slots are all held by fills waiting on 
   t.ok(Date.now() - began < 6000, `in ${Date.now() - began} ms`)
 })
 
-void t.test('an owner whose registry is slower than --peer-timeout: it says it is working, so the requester waits for it, one download, and keeps it as owner', async (t) => {
-  const ports: [number, number] = [await freePort(), await freePort()]
-  const members = ports.map((p) => `127.0.0.1:${p}`) as [string, string]
-  const peerTimeouts = { firstByteMs: 500, idleMs: 500 }
-  const a = await startHarness(t, { listenPort: ports[0], peers: { members, self: members[0], timeouts: peerTimeouts } })
-  await startHarness(t, { registry: a.registry, listenPort: ports[1], peers: { members, self: members[1], timeouts: peerTimeouts } })
-  const owned = (n: number): FakeImage[] => {
-    const out: FakeImage[] = []
-    for (let seed = 3000; out.length < n; seed++) {
-      const data = bytes(64 * 1024, seed)
-      if (ownerOf(members, sha256(data)) === members[1]) out.push(a.registry.addImage(DEFAULT_PREFIX, [data]))
+void t.test(
+  'an owner whose registry is slower than --peer-timeout: it says it is working, so the requester waits for it, one download, and keeps it as owner',
+  async (t) => {
+    const ports: [number, number] = [await freePort(), await freePort()]
+    const members = ports.map((p) => `127.0.0.1:${p}`) as [string, string]
+    const peerTimeouts = { firstByteMs: 500, idleMs: 500 }
+    const a = await startHarness(t, { listenPort: ports[0], peers: { members, self: members[0], timeouts: peerTimeouts } })
+    await startHarness(t, { registry: a.registry, listenPort: ports[1], peers: { members, self: members[1], timeouts: peerTimeouts } })
+    const owned = (n: number): FakeImage[] => {
+      const out: FakeImage[] = []
+      for (let seed = 3000; out.length < n; seed++) {
+        const data = bytes(64 * 1024, seed)
+        if (ownerOf(members, sha256(data)) === members[1]) out.push(a.registry.addImage(DEFAULT_PREFIX, [data]))
+      }
+      return out
     }
-    return out
-  }
-  const [first, second] = owned(2) as [FakeImage, FakeImage]
-  // The registry answers a layer after 1.2 s: more than the requester's first-byte bound.
-  a.registry.faults = { blobDelayMs: 1200 }
-  const res = await a.proxy.server.inject(packageUrl({ digest: first.manifestDigest }))
-  t.equal(res.statusCode, 200)
-  t.equal(sha256(res.rawPayload), first.lastLayer.digest)
-  t.equal(a.registry.counts.blob, 1, 'one registry download: the requester waited for the owner')
-  const metrics = await a.proxy.metrics.registry.getSingleMetricAsString('registry_packages_proxy_peer_requests_total')
-  t.match(metrics, /result="ok"} 1/, 'the layer came from the owner')
-  t.match(metrics, /result="timeout"} 0/)
-  a.registry.faults = {}
-  a.registry.resetCounts()
-  const next = await a.proxy.server.inject(packageUrl({ digest: second.manifestDigest }))
-  t.equal(next.statusCode, 200)
-  t.match(await a.proxy.metrics.registry.getSingleMetricAsString('registry_packages_proxy_peer_requests_total'), /result="ok"} 2/, 'the owner was not marked down: asked again')
-})
+    const [first, second] = owned(2) as [FakeImage, FakeImage]
+    // The registry answers a layer after 1.2 s: more than the requester's first-byte bound.
+    a.registry.faults = { blobDelayMs: 1200 }
+    const res = await a.proxy.server.inject(packageUrl({ digest: first.manifestDigest }))
+    t.equal(res.statusCode, 200)
+    t.equal(sha256(res.rawPayload), first.lastLayer.digest)
+    t.equal(a.registry.counts.blob, 1, 'one registry download: the requester waited for the owner')
+    const metrics = await a.proxy.metrics.registry.getSingleMetricAsString('registry_packages_proxy_peer_requests_total')
+    t.match(metrics, /result="ok"} 1/, 'the layer came from the owner')
+    t.match(metrics, /result="timeout"} 0/)
+    a.registry.faults = {}
+    a.registry.resetCounts()
+    const next = await a.proxy.server.inject(packageUrl({ digest: second.manifestDigest }))
+    t.equal(next.statusCode, 200)
+    t.match(
+      await a.proxy.metrics.registry.getSingleMetricAsString('registry_packages_proxy_peer_requests_total'),
+      /result="ok"} 2/,
+      'the owner was not marked down: asked again',
+    )
+  },
+)
 
 void t.test('a peer request from the very peer a download here waits on: the download goes to the registry at once, no wait on each other', async (t) => {
   // A peer that never answers: before, both requests waited for its first-byte bound.
@@ -185,70 +192,76 @@ void t.test('a peer request from the very peer a download here waits on: the dow
   t.match(await h.proxy.metrics.registry.getSingleMetricAsString('registry_packages_proxy_peer_requests_total'), /result="timeout"} 0/)
 })
 
-void t.test("a peer that sends a layer steadily but slowly: the client, who sees nothing until it verifies, is served by the registry before the proxy's socket idle timeout cuts it", async (t) => {
-  const port = await freePort()
-  const sockets = new Set<Socket>()
-  // 2 KiB every 100 ms (20 KiB/s): never idle, 13 s for the layer.
-  const slow = createServer((_req, res) => {
-    res.writeHead(200, { 'Content-Length': String(256 * 1024) })
-    const timer = setInterval(() => res.write(Buffer.alloc(2048)), 100)
-    res.once('close', () => clearInterval(timer))
-  })
-  slow.on('connection', (s: Socket) => {
-    sockets.add(s)
-    s.once('close', () => sockets.delete(s))
-  })
-  await new Promise<void>((resolve) => slow.listen(port, '127.0.0.1', resolve))
-  t.teardown(async () => {
-    for (const s of sockets) s.destroy()
-    await new Promise<void>((resolve) => slow.close(() => resolve()))
-  })
-  const members = [SELF, `127.0.0.1:${port}`]
-  const h = await startHarness(t, { listenPort: 0, socketIdleTimeoutMs: 2500, peers: { members, self: SELF, timeouts: { firstByteMs: 500, idleMs: 500 } } })
-  let image: FakeImage | undefined
-  for (let seed = 7000; !image; seed++) {
-    const data = bytes(256 * 1024, seed)
-    if (ownerOf(members, sha256(data)) === members[1]) image = h.registry.addImage(DEFAULT_PREFIX, [data])
-  }
-  const address = h.proxy.server.info.port
-  const res = await fetchRaw(`http://127.0.0.1:${address}${packageUrl({ digest: image.manifestDigest })}`)
-  t.equal(res.status, 200)
-  t.ok(res.complete, 'the response was not cut')
-  t.equal(sha256(res.body), image.lastLayer.digest)
-  t.equal(h.registry.counts.blob, 1, 'from the registry, after the peer ran past its deadline')
-})
+void t.test(
+  "a peer that sends a layer steadily but slowly: the client, who sees nothing until it verifies, is served by the registry before the proxy's socket idle timeout cuts it",
+  async (t) => {
+    const port = await freePort()
+    const sockets = new Set<Socket>()
+    // 2 KiB every 100 ms (20 KiB/s): never idle, 13 s for the layer.
+    const slow = createServer((_req, res) => {
+      res.writeHead(200, { 'Content-Length': String(256 * 1024) })
+      const timer = setInterval(() => res.write(Buffer.alloc(2048)), 100)
+      res.once('close', () => clearInterval(timer))
+    })
+    slow.on('connection', (s: Socket) => {
+      sockets.add(s)
+      s.once('close', () => sockets.delete(s))
+    })
+    await new Promise<void>((resolve) => slow.listen(port, '127.0.0.1', resolve))
+    t.teardown(async () => {
+      for (const s of sockets) s.destroy()
+      await new Promise<void>((resolve) => slow.close(() => resolve()))
+    })
+    const members = [SELF, `127.0.0.1:${port}`]
+    const h = await startHarness(t, { listenPort: 0, socketIdleTimeoutMs: 2500, peers: { members, self: SELF, timeouts: { firstByteMs: 500, idleMs: 500 } } })
+    let image: FakeImage | undefined
+    for (let seed = 7000; !image; seed++) {
+      const data = bytes(256 * 1024, seed)
+      if (ownerOf(members, sha256(data)) === members[1]) image = h.registry.addImage(DEFAULT_PREFIX, [data])
+    }
+    const address = h.proxy.server.info.port
+    const res = await fetchRaw(`http://127.0.0.1:${address}${packageUrl({ digest: image.manifestDigest })}`)
+    t.equal(res.status, 200)
+    t.ok(res.complete, 'the response was not cut')
+    t.equal(sha256(res.body), image.lastLayer.digest)
+    t.equal(h.registry.counts.blob, 1, 'from the registry, after the peer ran past its deadline')
+  },
+)
 
-void t.test('a peer that trickles a manifest while the registry fails: the lookup ends within the peer bounds, and the digest works once the registry is back', async (t) => {
-  const port = await freePort()
-  const sockets = new Set<Socket>()
-  const trickling = createServer((_req, res) => {
-    res.writeHead(200, { 'Content-Type': 'application/vnd.oci.image.manifest.v1+json', 'Content-Length': '4096' })
-    const timer = setInterval(() => res.write('{'), 50)
-    res.once('close', () => clearInterval(timer))
-  })
-  trickling.on('connection', (s: Socket) => {
-    sockets.add(s)
-    s.once('close', () => sockets.delete(s))
-  })
-  await new Promise<void>((resolve) => trickling.listen(port, '127.0.0.1', resolve))
-  t.teardown(async () => {
-    for (const s of sockets) s.destroy()
-    await new Promise<void>((resolve) => trickling.close(() => resolve()))
-  })
-  const h = await startHarness(t, { peers: { members: [SELF, `127.0.0.1:${port}`], self: SELF, timeouts: { firstByteMs: 300, idleMs: 300 } } })
-  const image = h.registry.addImage(DEFAULT_PREFIX, [bytes(8 * 1024, 9)])
-  const url = packageUrl({ digest: image.manifestDigest })
-  h.registry.faults = { manifestStatus: 500 }
-  const began = Date.now()
-  const failed = await Promise.race([h.proxy.server.inject(url), new Promise<'hung'>((resolve) => setTimeout(() => resolve('hung'), 5000))])
-  t.not(failed, 'hung', 'the lookup ended')
-  t.equal(failed === 'hung' ? 0 : failed.statusCode, 502, 'the registry error, after the peer failed')
-  t.ok(Date.now() - began < 3000, `in ${Date.now() - began} ms`)
-  h.registry.faults = {}
-  const ok = await Promise.race([h.proxy.server.inject(url), new Promise<'hung'>((resolve) => setTimeout(() => resolve('hung'), 5000))])
-  t.equal(ok === 'hung' ? 0 : ok.statusCode, 200, 'the registry recovered: the digest is not stuck')
-  t.equal(h.proxy.packages.service.lookups.running, 0, 'no lookup slot held')
-})
+void t.test(
+  'a peer that trickles a manifest while the registry fails: the lookup ends within the peer bounds, and the digest works once the registry is back',
+  async (t) => {
+    const port = await freePort()
+    const sockets = new Set<Socket>()
+    const trickling = createServer((_req, res) => {
+      res.writeHead(200, { 'Content-Type': 'application/vnd.oci.image.manifest.v1+json', 'Content-Length': '4096' })
+      const timer = setInterval(() => res.write('{'), 50)
+      res.once('close', () => clearInterval(timer))
+    })
+    trickling.on('connection', (s: Socket) => {
+      sockets.add(s)
+      s.once('close', () => sockets.delete(s))
+    })
+    await new Promise<void>((resolve) => trickling.listen(port, '127.0.0.1', resolve))
+    t.teardown(async () => {
+      for (const s of sockets) s.destroy()
+      await new Promise<void>((resolve) => trickling.close(() => resolve()))
+    })
+    const h = await startHarness(t, { peers: { members: [SELF, `127.0.0.1:${port}`], self: SELF, timeouts: { firstByteMs: 300, idleMs: 300 } } })
+    const image = h.registry.addImage(DEFAULT_PREFIX, [bytes(8 * 1024, 9)])
+    const url = packageUrl({ digest: image.manifestDigest })
+    h.registry.faults = { manifestStatus: 500 }
+    const began = Date.now()
+    const failed = await Promise.race([h.proxy.server.inject(url), new Promise<'hung'>((resolve) => setTimeout(() => resolve('hung'), 5000))])
+    t.not(failed, 'hung', 'the lookup ended')
+    t.equal(failed === 'hung' ? 0 : failed.statusCode, 502, 'the registry error, after the peer failed')
+    t.ok(Date.now() - began < 3000, `in ${Date.now() - began} ms`)
+    h.registry.faults = {}
+    const ok = await Promise.race([h.proxy.server.inject(url), new Promise<'hung'>((resolve) => setTimeout(() => resolve('hung'), 5000))])
+    t.equal(ok === 'hung' ? 0 : ok.statusCode, 200, 'the registry recovered: the digest is not stuck')
+    t.equal(h.proxy.packages.service.lookups.running, 0, 'no lookup slot held')
+  },
+)
 
 void t.test('a replica that asks itself under another name (a list it could not find itself in) does not wait on itself', async (t) => {
   const port = await freePort()
@@ -261,7 +274,10 @@ void t.test('a replica that asks itself under another name (a list it could not 
     if (ownerOf(members, sha256(data)) === alias) image = h.registry.addImage(DEFAULT_PREFIX, [data])
   }
   const began = Date.now()
-  const res = await Promise.race([h.proxy.server.inject(packageUrl({ digest: image.manifestDigest })), new Promise<'hung'>((resolve) => setTimeout(() => resolve('hung'), 5000))])
+  const res = await Promise.race([
+    h.proxy.server.inject(packageUrl({ digest: image.manifestDigest })),
+    new Promise<'hung'>((resolve) => setTimeout(() => resolve('hung'), 5000)),
+  ])
   t.equal(res === 'hung' ? 0 : res.statusCode, 200)
   t.ok(Date.now() - began < 1000, `served in ${Date.now() - began} ms`)
   t.equal(h.registry.counts.blob, 1, 'one download')

@@ -204,7 +204,10 @@ void t.test('SIGTERM mid-download: the response completes, the fill is committed
   t.ok(body.body.equals(layer), 'the in-flight response: byte-exact')
   const exit = await first.proc.exited
   t.same(exit, { code: 0, signal: null }, 'the process exits 0')
-  t.ok(first.proc.logs().some((l) => l.msg === 'stopping: draining in-flight responses'), 'it logged the drain')
+  t.ok(
+    first.proc.logs().some((l) => l.msg === 'stopping: draining in-flight responses'),
+    'it logged the drain',
+  )
   t.equal(registry.counts.blob, 1, 'one blob request reached the registry')
 
   registry.faults = {}
@@ -335,11 +338,17 @@ void t.test('output: JSON lines on stdout, never a credential anywhere', async (
   proc.child.kill('SIGTERM')
   t.same(await proc.exited, { code: 0, signal: null }, 'exit 0')
 
-  const stdoutLines = proc.stdout().split('\n').filter((l) => l !== '')
+  const stdoutLines = proc
+    .stdout()
+    .split('\n')
+    .filter((l) => l !== '')
   t.ok(stdoutLines.length >= 5, `several log lines (${stdoutLines.length})`)
   const notJson = proc.logs().filter((l) => 'unparsed' in l)
   t.same(notJson, [], 'every stdout line is a JSON object')
-  t.ok(proc.logs().every((l) => typeof l.level === 'number' && typeof l.time === 'number' && typeof l.msg === 'string'), 'each has level, time, msg')
+  t.ok(
+    proc.logs().every((l) => typeof l.level === 'number' && typeof l.time === 'number' && typeof l.msg === 'string'),
+    'each has level, time, msg',
+  )
   t.equal(proc.stderr(), '', 'nothing on stderr')
   const everything = proc.stdout() + proc.stderr() + refused.body.toString('utf8')
   for (const [what, secret] of [
@@ -365,12 +374,18 @@ void t.test('request logs are buffered, and none is lost: every request of a bur
   const n = 300
   for (let i = 0; i < n; i += 30) {
     const replies = await Promise.all(Array.from({ length: 30 }, () => request(`${url}${path}`)))
-    t.ok(replies.every((r) => r.status === 200), `requests ${i}-${i + 29}: 200`)
+    t.ok(
+      replies.every((r) => r.status === 200),
+      `requests ${i}-${i + 29}: 200`,
+    )
   }
   // At once, before the periodic flush: the lines still in the buffer must come out at exit.
   proc.child.kill('SIGTERM')
   t.same(await proc.exited, { code: 0, signal: null }, 'exit 0')
   const lines = proc.logs().filter((l) => l.path === '/package')
   t.equal(lines.length, n, `${n} requests, ${lines.length} request lines`)
-  t.ok(proc.logs().some((l) => l.msg === 'stopped'), 'the last line, after them, is there too')
+  t.ok(
+    proc.logs().some((l) => l.msg === 'stopped'),
+    'the last line, after them, is there too',
+  )
 })

@@ -97,7 +97,11 @@ void t.test('not ready until every credential provider synced, then ready', asyn
   const { proxy, api } = await start(t)
   const before = await readiness(proxy)
   t.equal(before.status, 503)
-  t.same(before.body, { ready: false, reasons: ['credential sources not synced yet: secret, modulesources', 'no registry source is configured'] }, 'the JSON reasons')
+  t.same(
+    before.body,
+    { ready: false, reasons: ['credential sources not synced yet: secret, modulesources', 'no registry source is configured'] },
+    'the JSON reasons',
+  )
   t.equal(before.gauge, 0, 'registry_packages_proxy_ready 0')
   t.same(before.synced, { secret: 0, modulesources: 0 }, 'neither provider synced')
 

@@ -50,11 +50,7 @@ interface RunningProxy {
   settled(): Promise<void>
 }
 
-async function startProxy(
-  t: Test,
-  dir: string,
-  config: { default?: DefaultSourceConfig; moduleSources?: ModuleSourceConfig[] },
-): Promise<RunningProxy> {
+async function startProxy(t: Test, dir: string, config: { default?: DefaultSourceConfig; moduleSources?: ModuleSourceConfig[] }): Promise<RunningProxy> {
   await mkdir(dir, { recursive: true })
   const cacheDir = join(dir, 'cache')
   const registryConfig = await writeRegistryConfig(dir, config)
@@ -83,7 +79,11 @@ async function startProxy(
       await proxy.packages.service.settled()
       return res
     },
-    results: () => logs.lines().filter((l) => l.path === '/package').map((l) => l.result),
+    results: () =>
+      logs
+        .lines()
+        .filter((l) => l.path === '/package')
+        .map((l) => l.result),
     upstream: async () => {
       const out: Record<string, number> = {}
       for (const v of (await proxy.metrics.upstreamRequests.get()).values) {
@@ -137,10 +137,7 @@ function checkHeaders(t: Test, res: RawResponse, digest: string, image: PushedIm
   t.equal(res.headers['accept-ranges'], 'bytes', 'Accept-Ranges')
   const disposition = /^attachment; filename="([0-9a-f]{64})\.tar\.gz"$/.exec(res.headers['content-disposition'] ?? '')
   t.ok(disposition, `Content-Disposition is an attachment named <64 hex>.tar.gz: ${String(res.headers['content-disposition'])}`)
-  t.ok(
-    [digest.slice(7), layerDigest.slice(7)].includes(disposition?.[1] ?? ''),
-    'the file name is the hex of the requested (or layer) digest',
-  )
+  t.ok([digest.slice(7), layerDigest.slice(7)].includes(disposition?.[1] ?? ''), 'the file name is the hex of the requested (or layer) digest')
 }
 
 /** Extracts the served bytes with the system tar, as the node bootstrap does. */
@@ -349,7 +346,11 @@ void t.test('HEAD on a miss answers from the manifest and never downloads the la
   // running fill and no file means none was ever started.
   t.equal(proxy.activeFills(), 0, 'HEAD: no fill running')
   const afterHead = await listFiles(proxy.cacheDir)
-  t.same(afterHead.filter((f) => f.startsWith('blobs/') || f.startsWith('tmp/')), [], 'HEAD: no blob file, no partial file')
+  t.same(
+    afterHead.filter((f) => f.startsWith('blobs/') || f.startsWith('tmp/')),
+    [],
+    'HEAD: no blob file, no partial file',
+  )
 
   // The same check after a GET finds the file: the assertion above looks in the right place.
   const get = await proxy.get(query)

@@ -109,7 +109,10 @@ void t.test('crowds of silent, dripping and idle keep-alive connections are cut 
   t.pass(`${cut.length} slow clients were cut with 408 within ${Math.max(...cut.map((c) => c.ms))} ms`)
   // keepAliveTimeout is 5 s; connections are checked every second.
   const idled = await Promise.all(idle.map((c) => c.closed))
-  t.ok(idled.every((c) => /^HTTP\/1\.1 200 /.test(c.text) && c.ms < 5000 + SLACK_MS), `idle keep-alive connections closed after at most ${Math.max(...idled.map((c) => c.ms))} ms`)
+  t.ok(
+    idled.every((c) => /^HTTP\/1\.1 200 /.test(c.text) && c.ms < 5000 + SLACK_MS),
+    `idle keep-alive connections closed after at most ${Math.max(...idled.map((c) => c.ms))} ms`,
+  )
   await eventually(() => fdCount() <= fdsBefore + 2, `descriptors back to ${fdsBefore} (now ${fdCount()})`, { timeoutMs: 5000 })
   t.pass('descriptors back to where they were')
 })
@@ -153,7 +156,10 @@ void t.test('a client that stops reading mid-body holds no one hostage, keeps me
   // nothing but a read buffer may be held for the stuck one.
   const hits = []
   for (let i = 0; i < 3; i++) hits.push(await fetchHashed(url))
-  t.ok(hits.every((h) => h.status === 200 && h.complete && h.digest === layerDigest), 'hits are served byte-exact beside the stuck reader')
+  t.ok(
+    hits.every((h) => h.status === 200 && h.complete && h.digest === layerDigest),
+    'hits are served byte-exact beside the stuck reader',
+  )
   t.equal(p.proxy.packages.service.memoryBytes.live, 0, 'not loaded into memory')
   const held = external() - before
   t.ok(held < 8 * 1024 * 1024, `buffers held for the stuck reader: ${(held / 1048576).toFixed(1)} MiB (the layer is 24 MiB)`)
@@ -226,7 +232,11 @@ void t.test('the bound on concurrent layer downloads: a flood of cold requests g
   await eventually(() => p.proxy.packages.service.downloads.running === 0, 'the flood is over')
   const refused = cold.filter((_, i) => replies[i]?.statusCode === 503)
   const retried = await Promise.all(refused.map((img) => p.proxy.server.inject(packageUrl({ digest: img.manifestDigest }))))
-  t.same(retried.map((r) => r.statusCode), [200, 200, 200, 200, 200], 'served on retry')
+  t.same(
+    retried.map((r) => r.statusCode),
+    [200, 200, 200, 200, 200],
+    'served on retry',
+  )
   await eventually(() => p.proxy.packages.service.downloads.running === 0, 'every slot is free again')
   const metrics = await p.proxy.metrics.registry.getSingleMetricAsString('registry_packages_proxy_http_requests_total')
   t.match(metrics, /^registry_packages_proxy_http_requests_total\{[^}]*code="503"[^}]*\} 5$/m, 'the refusals are counted')
@@ -271,7 +281,10 @@ void t.test('download slots: coalesced clients share one, and the queue wait is 
   p.registry.faults = { blobChunkSize: 8192, blobChunkDelayMs: 150 }
   // 20 clients of one cold layer: one fill, one slot, all served.
   const same = await Promise.all(Array.from({ length: 20 }, () => p.proxy.server.inject(packageUrl({ digest: a.manifestDigest }))))
-  t.ok(same.every((r) => r.statusCode === 200 && r.rawPayload.equals(a.lastLayer.data)), '20 coalesced clients, all 200')
+  t.ok(
+    same.every((r) => r.statusCode === 200 && r.rawPayload.equals(a.lastLayer.data)),
+    '20 coalesced clients, all 200',
+  )
   t.equal(p.registry.counts.blob, 1, 'one download')
   await eventually(() => p.proxy.packages.service.downloads.running === 0, 'the fill returned its slot')
 

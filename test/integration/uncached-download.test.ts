@@ -4,7 +4,18 @@ import { DigestError, UpstreamError } from '../../errors.js'
 import { MAX_RESUMES } from '../../plugins/packages/resumable-download.js'
 import { Fill } from '../../plugins/packages/fill.js'
 import type { FakeFaults } from '../fixtures/fake-registry.js'
-import { DEFAULT_PREFIX, blobFiles, bytes, fetchRaw, injectOutcome, midLayerBreaks, packageUrl, sha256, startHarness, type RawReply } from '../fixtures/proxy-harness.js'
+import {
+  DEFAULT_PREFIX,
+  blobFiles,
+  bytes,
+  fetchRaw,
+  injectOutcome,
+  midLayerBreaks,
+  packageUrl,
+  sha256,
+  startHarness,
+  type RawReply,
+} from '../fixtures/proxy-harness.js'
 import { eventually } from '../fixtures/eventually.js'
 
 const SIZE = 48 * 1024

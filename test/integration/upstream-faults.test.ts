@@ -167,8 +167,15 @@ for (const auth of [
     const p = await startProxy(t, { auth, credentials: { username: 'puller', password: 'race-pass' } })
     const images = Array.from({ length: 12 }, (_, i) => p.registry.addImage(DEFAULT_PREFIX, [bytes(1000 + i, 200 + i)]))
     const replies = await Promise.all(images.map((img) => p.proxy.server.inject(packageUrl({ digest: img.manifestDigest }))))
-    t.same(replies.map((r) => r.statusCode), Array(images.length).fill(200), 'every cold request at start-up is served')
-    t.ok(replies.every((r, i) => r.rawPayload.equals(images[i]?.lastLayer.data ?? Buffer.alloc(0))), 'byte-exact')
+    t.same(
+      replies.map((r) => r.statusCode),
+      Array(images.length).fill(200),
+      'every cold request at start-up is served',
+    )
+    t.ok(
+      replies.every((r, i) => r.rawPayload.equals(images[i]?.lastLayer.data ?? Buffer.alloc(0))),
+      'byte-exact',
+    )
   })
 }
 

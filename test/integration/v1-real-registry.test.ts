@@ -20,18 +20,30 @@ void t.test('CLI tags, platform downloads with Range, and an icon through whiteo
   const cli = 'deckhouse/ce/deckhouse-cli'
   const amd = await registry.push(cli, [makePackageTarGz({ 'bin/d8': 'amd64 build' })], { tag: 'amd64-only' })
   const arm = await registry.push(cli, [makePackageTarGz({ 'bin/d8': 'arm64 build' })], { mediaType: 'docker', tag: 'arm64-only' })
-  await registry.pushIndex(cli, [
-    { image: amd, os: 'linux', architecture: 'amd64' },
-    { image: arm, os: 'linux', architecture: 'arm64' },
-  ], { tag: 'v0.20.0' })
+  await registry.pushIndex(
+    cli,
+    [
+      { image: amd, os: 'linux', architecture: 'amd64' },
+      { image: arm, os: 'linux', architecture: 'arm64' },
+    ],
+    { tag: 'v0.20.0' },
+  )
   await registry.pushIndex(cli, [{ image: amd, os: 'linux', architecture: 'amd64' }], { tag: 'v0.19.0' })
 
   const pkg = 'packages/fox/version'
-  await registry.push(pkg, [
-    await layerTarGz([{ name: 'docs/', type: 'directory' }, { name: 'docs/icon.svg', data: '<svg>old</svg>' }, { name: 'docs/icon.png', data: 'png' }]),
-    await layerTarGz([{ name: './docs/.wh.icon.svg' }, { name: 'docs/icon.jpg', data: 'jpg' }]),
-    await layerTarGz([{ name: '/docs/.wh..wh..opq' }, { name: 'docs/icon.jpeg', data: 'jpeg' }]),
-  ], { tag: 'v1.0.0' })
+  await registry.push(
+    pkg,
+    [
+      await layerTarGz([
+        { name: 'docs/', type: 'directory' },
+        { name: 'docs/icon.svg', data: '<svg>old</svg>' },
+        { name: 'docs/icon.png', data: 'png' },
+      ]),
+      await layerTarGz([{ name: './docs/.wh.icon.svg' }, { name: 'docs/icon.jpg', data: 'jpg' }]),
+      await layerTarGz([{ name: '/docs/.wh..wh..opq' }, { name: 'docs/icon.jpeg', data: 'jpeg' }]),
+    ],
+    { tag: 'v1.0.0' },
+  )
   await registry.push(pkg, [await layerTarGz([{ name: 'docs/icon.svg', data: '<svg>new</svg>' }])], { tag: 'v0.9.0' })
 
   const dir = join(root, 'proxy')
@@ -43,7 +55,14 @@ void t.test('CLI tags, platform downloads with Range, and an icon through whiteo
       packageRepositories: [{ name: 'main', repo: `${registry.host}/packages`, scheme: 'http' }],
     }),
   )
-  const proxy = await createServer({ cacheDirectory: join(dir, 'cache'), limitBytes: 2 ** 24, registryConfig: join(dir, 'r.json'), logger: pino({ level: 'silent' }), collectDefaultMetrics: false, env: {} })
+  const proxy = await createServer({
+    cacheDirectory: join(dir, 'cache'),
+    limitBytes: 2 ** 24,
+    registryConfig: join(dir, 'r.json'),
+    logger: pino({ level: 'silent' }),
+    collectDefaultMetrics: false,
+    env: {},
+  })
   t.teardown(() => proxy.server.stop())
 
   const tags = await proxy.server.inject('/v1/images/deckhouse-cli/tags')

@@ -269,7 +269,9 @@ export class BlobCache {
     const p = this.#serial(entry.digest, async () => {
       if (entry.ownsPath) await this.#o.store.remove(entry.digest)
     })
-      .catch((err: unknown) => this.#o.log.error({ err: { code: (err as NodeJS.ErrnoException).code }, layer: entry.digest }, 'cannot delete a removed cache file'))
+      .catch((err: unknown) =>
+        this.#o.log.error({ err: { code: (err as NodeJS.ErrnoException).code }, layer: entry.digest }, 'cannot delete a removed cache file'),
+      )
       .finally(() => {
         entry.state = 'gone'
         this.#doomed.delete(entry)

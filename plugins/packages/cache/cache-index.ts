@@ -56,7 +56,11 @@ export class CacheIndex {
    * only the manifest-to-layer rows are lost, and each costs one registry request to relearn.
    * `onRebuilt` hears of it. Other errors (permissions, a full disk) are passed on.
    */
-  static async open(directory: string, onError: (err: unknown) => void = () => undefined, onRebuilt: (err: unknown) => void = () => undefined): Promise<CacheIndex> {
+  static async open(
+    directory: string,
+    onError: (err: unknown) => void = () => undefined,
+    onRebuilt: (err: unknown) => void = () => undefined,
+  ): Promise<CacheIndex> {
     const path = join(directory, 'index.sqlite')
     try {
       return await CacheIndex.#open(path, onError)

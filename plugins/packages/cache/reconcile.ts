@@ -41,7 +41,12 @@ export async function reconcile(index: CacheIndex, store: BlobStore, now = Date.
   }
   for (const entry of index.blobs()) {
     const path = onDisk.get(entry.digest)
-    const size = path ? await stat(path).then((s) => s.size, () => -1) : -1
+    const size = path
+      ? await stat(path).then(
+          (s) => s.size,
+          () => -1,
+        )
+      : -1
     if (size !== entry.size) {
       await index.removeBlob(entry.digest)
       if (path) await rm(path, { force: true })

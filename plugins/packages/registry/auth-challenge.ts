@@ -1,8 +1,5 @@
 /** What a registry's 401 asks for: a bearer token from `realm`, Basic credentials, or something we do not speak. */
-export type Challenge =
-  | { scheme: 'bearer'; realm: string; service?: string; scope?: string }
-  | { scheme: 'basic' }
-  | { scheme: 'unknown' }
+export type Challenge = { scheme: 'bearer'; realm: string; service?: string; scope?: string } | { scheme: 'basic' } | { scheme: 'unknown' }
 
 /**
  * Parses a `WWW-Authenticate` header as registries send it:

@@ -80,7 +80,10 @@ export class RegistryClient {
     // Guarded like every body: a registry that sends the headers and then stalls is a 504 after
     // the idle timeout, not a request (and a lookup slot) held for ever.
     const body = await readLimited(guardBody(res.data, this.#timeouts.idleMs), MAX_MANIFEST_BYTES, 'manifest')
-    const mediaType = String(res.headers['content-type'] ?? '').split(';')[0]?.trim() ?? ''
+    const mediaType =
+      String(res.headers['content-type'] ?? '')
+        .split(';')[0]
+        ?.trim() ?? ''
     return { body, mediaType }
   }
 
@@ -203,11 +206,7 @@ export class RegistryClient {
     return { header: `Bearer ${token}`, tokenKey: key, token }
   }
 
-  async #fetchToken(
-    source: RegistrySource,
-    challenge: Extract<Challenge, { scheme: 'bearer' }>,
-    scope: string,
-  ): Promise<{ token: string; expiresIn: number }> {
+  async #fetchToken(source: RegistrySource, challenge: Extract<Challenge, { scheme: 'bearer' }>, scope: string): Promise<{ token: string; expiresIn: number }> {
     const url = new URL(challenge.realm)
     if (challenge.service) url.searchParams.set('service', challenge.service)
     url.searchParams.set('scope', scope)

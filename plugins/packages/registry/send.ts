@@ -24,8 +24,8 @@ export interface SendContext {
  * answer) goes out again, as the comments below say; anything else fails with our error.
  */
 export async function sendOnce(
-o: SendContext,
-source: RegistrySource,
+  o: SendContext,
+  source: RegistrySource,
   kind: UpstreamKind,
   url: string,
   headers: Record<string, string>,

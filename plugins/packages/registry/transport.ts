@@ -100,10 +100,7 @@ export class Transport {
       const caList = this.#caList(ca)
       pair = {
         http: withConnectTimeout(new http.Agent({ keepAlive: true, maxSockets: 64 }), this.#timeouts.connectMs),
-        https: withConnectTimeout(
-          new https.Agent({ keepAlive: true, maxSockets: 64, ...(caList ? { ca: caList } : {}) }),
-          this.#timeouts.connectMs,
-        ),
+        https: withConnectTimeout(new https.Agent({ keepAlive: true, maxSockets: 64, ...(caList ? { ca: caList } : {}) }), this.#timeouts.connectMs),
       }
       this.#agents.set(key, pair)
     }

@@ -107,12 +107,24 @@ void t.test('every problem is a SourceError naming the key, never the secret', (
       { default: { address: 'r.io', ca: '-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----' } },
       /default\.ca: ca holds a certificate that does not parse/,
     ],
-    ['dockerConfigJson not JSON', { default: { address: 'r.io', dockerConfigJson: `{"auths": ${SECRET}` } }, /default\.dockerConfigJson: docker config is not valid JSON/],
+    [
+      'dockerConfigJson not JSON',
+      { default: { address: 'r.io', dockerConfigJson: `{"auths": ${SECRET}` } },
+      /default\.dockerConfigJson: docker config is not valid JSON/,
+    ],
     ['dockerConfigJson not an object', { default: { address: 'r.io', dockerConfigJson: '"x"' } }, /docker config is not a JSON object/],
     ['auths not an object', { default: { address: 'r.io', dockerConfigJson: '{"auths": 5}' } }, /"auths" is not an object/],
     ['auth entry not an object', { default: { address: 'r.io', dockerConfigJson: dockerCfg('r.io', SECRET) } }, /entry for the registry is not an object/],
-    ['auth not base64', { default: { address: 'r.io', dockerConfigJson: dockerCfg('r.io', { auth: `${SECRET}!*` }) } }, /docker config "auth" is not valid base64/],
-    ['auth without a colon', { default: { address: 'r.io', dockerConfigJson: dockerCfg('r.io', { auth: b64(SECRET) }) } }, /"auth" is not base64 of user:password/],
+    [
+      'auth not base64',
+      { default: { address: 'r.io', dockerConfigJson: dockerCfg('r.io', { auth: `${SECRET}!*` }) } },
+      /docker config "auth" is not valid base64/,
+    ],
+    [
+      'auth without a colon',
+      { default: { address: 'r.io', dockerConfigJson: dockerCfg('r.io', { auth: b64(SECRET) }) } },
+      /"auth" is not base64 of user:password/,
+    ],
     ['moduleSources not an array', { moduleSources: {} }, /moduleSources must be an array/],
     ['moduleSources entry not an object', { moduleSources: [1] }, /moduleSources\[0\] must be an object/],
     ['moduleSources name missing', { moduleSources: [{ repo: 'r.io/a' }] }, /moduleSources\[0\]\.name is required/],
@@ -120,12 +132,25 @@ void t.test('every problem is a SourceError naming the key, never the secret', (
     ['moduleSources repo bad', { moduleSources: [{ name: 'a', repo: 'r.io/a//b' }] }, /moduleSources\[0\]\.repo: "a\/\/b" is not a valid repository path/],
     ['moduleSources scheme', { moduleSources: [{ name: 'a', repo: 'r.io/a', scheme: 'gopher' }] }, /moduleSources\[0\]: scheme must be http or https/],
     ['moduleSources ca', { moduleSources: [{ name: 'a', repo: 'r.io/a', ca: 'pem?' }] }, /moduleSources\[0\]\.ca: ca holds no PEM certificate/],
-    ['dockerCfg not base64', { moduleSources: [{ name: 'a', repo: 'r.io/a', dockerCfg: `${SECRET}$$$` }] }, /moduleSources\[0\]\.dockerCfg is not valid base64/],
-    ['dockerCfg base64 of garbage', { moduleSources: [{ name: 'a', repo: 'r.io/a', dockerCfg: b64(`{${SECRET}`) }] }, /moduleSources\[0\]\.dockerCfg: docker config is not valid JSON/],
+    [
+      'dockerCfg not base64',
+      { moduleSources: [{ name: 'a', repo: 'r.io/a', dockerCfg: `${SECRET}$$$` }] },
+      /moduleSources\[0\]\.dockerCfg is not valid base64/,
+    ],
+    [
+      'dockerCfg base64 of garbage',
+      { moduleSources: [{ name: 'a', repo: 'r.io/a', dockerCfg: b64(`{${SECRET}`) }] },
+      /moduleSources\[0\]\.dockerCfg: docker config is not valid JSON/,
+    ],
     ['dockerCfg not a string', { moduleSources: [{ name: 'a', repo: 'r.io/a', dockerCfg: { auths: {} } }] }, /moduleSources\[0\]\.dockerCfg must be a string/],
     [
       'duplicate name',
-      { moduleSources: [{ name: 'a', repo: 'r.io/a' }, { name: 'a', repo: 'r.io/b' }] },
+      {
+        moduleSources: [
+          { name: 'a', repo: 'r.io/a' },
+          { name: 'a', repo: 'r.io/b' },
+        ],
+      },
       /moduleSources\[1\]: duplicate name "a"/,
     ],
   ]

@@ -32,7 +32,14 @@ async function startPlugin(t: Test, path: string, extra: { kubeconfig?: string }
     kubernetesTiming: { initialBackoffMs: 20, maxBackoffMs: 200 },
     ...extra,
   })
-  return { ...s, repositories: () => s.sources.all().map((source) => source.repository).sort() }
+  return {
+    ...s,
+    repositories: () =>
+      s.sources
+        .all()
+        .map((source) => source.repository)
+        .sort(),
+  }
 }
 
 void t.test('the file is re-read when it changes: in place, by rename-replace, and by a symlink swap', async (t) => {
@@ -102,11 +109,17 @@ void t.test('reloadFile (what SIGHUP calls) re-reads at once', async (t) => {
   const { sources, credentials: api } = await startCredentialsPlugin(t, { registryConfig: path, fileIntervalMs: 3_600_000, env: {} })
   writeFileSync(path, config('/b'))
   t.equal(await api.reloadFile('SIGHUP'), true, 'new sources applied')
-  t.same(sources.all().map((s) => s.repository), ['registry.example.com/b'])
+  t.same(
+    sources.all().map((s) => s.repository),
+    ['registry.example.com/b'],
+  )
   t.equal(await api.reloadFile('SIGHUP'), false, 'unchanged: nothing to apply')
   writeFileSync(path, '{')
   t.equal(await api.reloadFile('SIGHUP'), false, 'invalid: rejected')
-  t.same(sources.all().map((s) => s.repository), ['registry.example.com/b'])
+  t.same(
+    sources.all().map((s) => s.repository),
+    ['registry.example.com/b'],
+  )
 })
 
 void t.test('the file and Kubernetes together: readiness waits for all, each provider keeps its own sources', async (t) => {
@@ -131,8 +144,17 @@ void t.test('the file and Kubernetes together: readiness waits for all, each pro
   t.equal(first.statusCode, 503, 'the file alone does not make it ready')
   t.match(first.payload, /not synced yet: .*secret/)
   await eventually(async () => (await proxy.server.inject('/readyz')).statusCode === 200, 'ready')
-  const repos = (): string[] => proxy.sources.all().map((s) => `${s.name}:${s.repository}`).sort()
-  t.same(repos(), ['default:other.example.com/x', 'default:registry.example.com/from-file', 'file-mod:modules.example.com/file', 'kube-mod:modules.example.com/kube'])
+  const repos = (): string[] =>
+    proxy.sources
+      .all()
+      .map((s) => `${s.name}:${s.repository}`)
+      .sort()
+  t.same(repos(), [
+    'default:other.example.com/x',
+    'default:registry.example.com/from-file',
+    'file-mod:modules.example.com/file',
+    'kube-mod:modules.example.com/kube',
+  ])
   t.equal(proxy.sources.match('modules.example.com/kube').name, 'kube-mod')
   t.equal(proxy.sources.match('modules.example.com/file').name, 'file-mod')
   t.equal(proxy.sources.match('other.example.com/x').repository, 'other.example.com/x', 'each default is reachable by its repository')

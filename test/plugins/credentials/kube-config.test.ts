@@ -20,11 +20,29 @@ const TOKEN = 'kubeconfig-token-e2a1'
  */
 function selfSignedCert(t: Test, dir: string, what: string): { cert: string; key: string } | undefined {
   try {
-    execFileSync('openssl', [
-      'req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes',
-      '-keyout', join(dir, 'tls.key'), '-out', join(dir, 'tls.crt'), '-days', '2', '-subj', '/CN=kubernetes',
-      '-addext', 'subjectAltName=IP:127.0.0.1',
-    ], { stdio: 'ignore' })
+    execFileSync(
+      'openssl',
+      [
+        'req',
+        '-x509',
+        '-newkey',
+        'ec',
+        '-pkeyopt',
+        'ec_paramgen_curve:prime256v1',
+        '-nodes',
+        '-keyout',
+        join(dir, 'tls.key'),
+        '-out',
+        join(dir, 'tls.crt'),
+        '-days',
+        '2',
+        '-subj',
+        '/CN=kubernetes',
+        '-addext',
+        'subjectAltName=IP:127.0.0.1',
+      ],
+      { stdio: 'ignore' },
+    )
   } catch {
     if (process.env.CI) throw new Error(`openssl is needed for ${what}`)
     t.plan(0, 'openssl is not installed')
@@ -36,7 +54,11 @@ function selfSignedCert(t: Test, dir: string, what: string): { cert: string; key
 void t.test('no --kubeconfig and not in a pod: no Kubernetes provider', async (t) => {
   const dir = t.testdir({ sa: { token: 'x' } })
   t.equal(await loadKubeConfig({ env: {} }), undefined, 'no service host')
-  t.equal(await loadKubeConfig({ env: { KUBERNETES_SERVICE_HOST: '10.0.0.1', KUBERNETES_SERVICE_PORT: '443' }, serviceAccountDir: join(dir, 'none') }), undefined, 'no token file')
+  t.equal(
+    await loadKubeConfig({ env: { KUBERNETES_SERVICE_HOST: '10.0.0.1', KUBERNETES_SERVICE_PORT: '443' }, serviceAccountDir: join(dir, 'none') }),
+    undefined,
+    'no token file',
+  )
   const inPod = await loadKubeConfig({ env: { KUBERNETES_SERVICE_HOST: '10.0.0.1', KUBERNETES_SERVICE_PORT: '6443' }, serviceAccountDir: join(dir, 'sa') })
   t.equal(inPod?.getCurrentCluster()?.server, 'https://10.0.0.1:6443', 'in a pod: the service address')
   t.equal(inPod?.getCurrentCluster()?.caFile, join(dir, 'sa', 'ca.crt'))
@@ -79,7 +101,15 @@ void t.test('a bad --kubeconfig fails start-up with a message that names it and 
   }
   const server = Hapi.server()
   await t.rejects(
-    server.register({ plugin: credentialsPlugin, options: { sources: new SourceSet(), metrics: new Metrics({ collectDefaults: false }), log: pino({ level: 'silent' }), kubeconfig: join(dir, 'ftp.yaml') } }),
+    server.register({
+      plugin: credentialsPlugin,
+      options: {
+        sources: new SourceSet(),
+        metrics: new Metrics({ collectDefaults: false }),
+        log: pino({ level: 'silent' }),
+        kubeconfig: join(dir, 'ftp.yaml'),
+      },
+    }),
     { code: 'ESOURCE' },
     'registration fails: main prints it and exits 2',
   )
@@ -104,9 +134,18 @@ void t.test('in a pod: the service-account token over HTTPS to the service addre
     kubernetesTiming: { initialBackoffMs: 20, maxBackoffMs: 200 },
   })
   await eventually(() => sources.unsynced().length === 0, 'synced in-cluster')
-  t.same(sources.all().map((s) => s.repository).sort(), ['modules.example.com/m', 'registry.example.com/deckhouse/ce'])
+  t.same(
+    sources
+      .all()
+      .map((s) => s.repository)
+      .sort(),
+    ['modules.example.com/m', 'registry.example.com/deckhouse/ce'],
+  )
   t.ok(api.requests.length >= 2)
-  t.ok(api.requests.every((r) => r.headers.authorization === 'Bearer projected-sa-token'), 'the service-account token is sent')
+  t.ok(
+    api.requests.every((r) => r.headers.authorization === 'Bearer projected-sa-token'),
+    'the service-account token is sent',
+  )
 })
 
 void t.test('a --kubeconfig with a token user, over HTTPS with its CA', async (t) => {
@@ -118,7 +157,10 @@ void t.test('a --kubeconfig with a token user, over HTTPS with its CA', async (t
   api.putSecret(registrySecret({ address: 'registry.example.com' }))
   const { sources } = await startCredentialsPlugin(t, { kubeconfig: api.writeKubeconfig(dir, TOKEN), env: {} })
   await eventually(() => sources.unsynced().length === 0, 'synced')
-  t.same(sources.all().map((s) => s.repository), ['registry.example.com'])
+  t.same(
+    sources.all().map((s) => s.repository),
+    ['registry.example.com'],
+  )
   t.ok(api.requests.every((r) => r.headers.authorization === `Bearer ${TOKEN}`))
 })
 
@@ -132,7 +174,13 @@ void t.test('a --kubeconfig with an http:// server works as kubectl treats it, i
     t.equal(readFileSync(kubeconfig, 'utf8').includes('insecure-skip-tls-verify'), skipTlsVerify, 'the kubeconfig is as kubectl proxy users write it')
     const { sources } = await startCredentialsPlugin(t, { kubeconfig, env: {}, kubernetesTiming: { initialBackoffMs: 20, maxBackoffMs: 200 } })
     await eventually(() => sources.unsynced().length === 0, `synced over plain http (insecure-skip-tls-verify: ${String(skipTlsVerify)})`)
-    t.same(sources.all().map((s) => s.repository), [`plain-${String(skipTlsVerify)}.example.com`])
-    t.ok(api.requests.every((r) => r.headers.authorization === `Bearer ${TOKEN}`), 'with its token')
+    t.same(
+      sources.all().map((s) => s.repository),
+      [`plain-${String(skipTlsVerify)}.example.com`],
+    )
+    t.ok(
+      api.requests.every((r) => r.headers.authorization === `Bearer ${TOKEN}`),
+      'with its token',
+    )
   }
 })

@@ -28,7 +28,15 @@ void t.test('the registry Secret: address/path, scheme, ca, .dockerconfigjson, a
     dockerconfigjson: auths('registry.deckhouse.io', { auth: b64(`license-token:${SECRET}`) }),
   }) as SecretObject
   const source = parseRegistrySecret(secret)
-  t.match(source, { name: 'default', kind: 'default', repository: 'registry.deckhouse.io/deckhouse/ee', registry: 'registry.deckhouse.io', namePrefix: 'deckhouse/ee', scheme: 'https', ca: CA })
+  t.match(source, {
+    name: 'default',
+    kind: 'default',
+    repository: 'registry.deckhouse.io/deckhouse/ee',
+    registry: 'registry.deckhouse.io',
+    namePrefix: 'deckhouse/ee',
+    scheme: 'https',
+    ca: CA,
+  })
   t.equal(source.credentials?.basicHeader(), `Basic ${b64(`license-token:${SECRET}`)}`)
   t.notMatch(JSON.stringify(source), SECRET, 'credentials redact themselves')
   t.notMatch(inspect(source), SECRET)
@@ -51,7 +59,10 @@ void t.test('the registry Secret: address/path, scheme, ca, .dockerconfigjson, a
   t.match(fields, { repository: '127.0.0.1:5000/deckhouse/ce', scheme: 'http' })
   t.equal(fields.credentials?.username, 'u')
   // No entry for the registry host: anonymous.
-  t.equal(parseRegistrySecret(registrySecret({ address: 'a.io', dockerconfigjson: auths('b.io', { auth: b64('x:y') }) }) as SecretObject).credentials, undefined)
+  t.equal(
+    parseRegistrySecret(registrySecret({ address: 'a.io', dockerconfigjson: auths('b.io', { auth: b64('x:y') }) }) as SecretObject).credentials,
+    undefined,
+  )
   t.end()
 })
 
@@ -65,8 +76,16 @@ void t.test('a malformed Secret: the error names the key, never the value', (t) 
     ['bad scheme', registrySecret({ address: 'r.io', scheme: 'ftp' }), /scheme must be http or https/],
     ['ca not PEM', registrySecret({ address: 'r.io', ca: SECRET }), /data\.ca: ca holds no PEM certificate/],
     ['ca bad PEM', registrySecret({ address: 'r.io', ca: `-----BEGIN CERTIFICATE-----\n${b64(SECRET)}\n-----END CERTIFICATE-----` }), /does not parse/],
-    ['dockerconfigjson not JSON', registrySecret({ address: 'r.io', dockerconfigjson: `{"auths": ${SECRET}` }), /data\.\.dockerconfigjson: docker config is not valid JSON/],
-    ['dockerconfigjson not base64', registrySecret({ address: 'r.io' }, { '.dockerconfigjson': `%${SECRET}%` }), /data\.\.dockerconfigjson is not valid base64/],
+    [
+      'dockerconfigjson not JSON',
+      registrySecret({ address: 'r.io', dockerconfigjson: `{"auths": ${SECRET}` }),
+      /data\.\.dockerconfigjson: docker config is not valid JSON/,
+    ],
+    [
+      'dockerconfigjson not base64',
+      registrySecret({ address: 'r.io' }, { '.dockerconfigjson': `%${SECRET}%` }),
+      /data\.\.dockerconfigjson is not valid base64/,
+    ],
     ['auth not base64', registrySecret({ address: 'r.io', dockerconfigjson: auths('r.io', { auth: `%${SECRET}` }) }), /"auth" is not valid base64/],
     ['auth without colon', registrySecret({ address: 'r.io', dockerconfigjson: auths('r.io', { auth: b64(SECRET) }) }), /not base64 of user:password/],
     ['value not a string', { metadata: { name: 'deckhouse-registry' }, data: { address: 42 as unknown as string } }, /data\.address must be a base64 string/],
@@ -89,7 +108,15 @@ void t.test('a ModuleSource: spec.registry.{repo, dockerCfg, ca, scheme}', (t) =
       scheme: 'HTTPS',
     }),
   )
-  t.match(source, { name: 'deckhouse-prod', kind: 'module-source', repository: 'registry.example.com/deckhouse/modules', registry: 'registry.example.com', namePrefix: 'deckhouse/modules', scheme: 'https', ca: CA })
+  t.match(source, {
+    name: 'deckhouse-prod',
+    kind: 'module-source',
+    repository: 'registry.example.com/deckhouse/modules',
+    registry: 'registry.example.com',
+    namePrefix: 'deckhouse/modules',
+    scheme: 'https',
+    ca: CA,
+  })
   t.equal(source.credentials?.username, 'robot')
   t.notMatch(JSON.stringify(source), SECRET)
 
@@ -109,7 +136,11 @@ void t.test('a malformed ModuleSource: the error names it and the key, never the
     ['dockerCfg not base64', moduleSource('m', { repo: 'r.io/a', dockerCfg: `%${SECRET}` }), /spec\.registry\.dockerCfg is not valid base64/],
     ['dockerCfg not JSON', moduleSource('m', { repo: 'r.io/a', dockerCfg: b64(`{${SECRET}`) }), /spec\.registry\.dockerCfg: docker config is not valid JSON/],
     ['dockerCfg not a string', moduleSource('m', { repo: 'r.io/a', dockerCfg: { auths: {} } }), /dockerCfg must be a base64 string/],
-    ['ca bad PEM', moduleSource('m', { repo: 'r.io/a', ca: `-----BEGIN CERTIFICATE-----\n${b64(SECRET)}\n-----END CERTIFICATE-----` }), /spec\.registry\.ca: ca holds a certificate that does not parse/],
+    [
+      'ca bad PEM',
+      moduleSource('m', { repo: 'r.io/a', ca: `-----BEGIN CERTIFICATE-----\n${b64(SECRET)}\n-----END CERTIFICATE-----` }),
+      /spec\.registry\.ca: ca holds a certificate that does not parse/,
+    ],
     ['scheme', moduleSource('m', { repo: 'r.io/a', scheme: 'ftp' }), /ModuleSource m: spec\.registry: scheme must be http or https/],
   ]
   for (const [what, obj, message] of cases) {

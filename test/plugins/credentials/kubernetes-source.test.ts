@@ -20,7 +20,15 @@ interface Started extends CredentialsPlugin {
 async function startPlugin(t: Test, api: FakeKubeApi, timing: Partial<InformerTiming> = FAST): Promise<Started> {
   const kubeconfig = api.writeKubeconfig(t.testdir(), TOKEN)
   const s = await startCredentialsPlugin(t, { kubeconfig, env: {}, kubernetesTiming: timing })
-  return { api, ...s, repositories: () => s.sources.all().map((source) => `${source.kind}:${source.repository}`).sort() }
+  return {
+    api,
+    ...s,
+    repositories: () =>
+      s.sources
+        .all()
+        .map((source) => `${source.kind}:${source.repository}`)
+        .sort(),
+  }
 }
 
 async function startApi(t: Test): Promise<FakeKubeApi> {
@@ -31,7 +39,9 @@ async function startApi(t: Test): Promise<FakeKubeApi> {
 
 void t.test('lists, then watches from the list resourceVersion, with the kubeconfig bearer token', async (t) => {
   const api = await startApi(t)
-  api.putSecret(registrySecret({ address: 'registry.example.com', path: '/deckhouse/ee', scheme: 'https', dockerconfigjson: dockerCfg('registry.example.com') }))
+  api.putSecret(
+    registrySecret({ address: 'registry.example.com', path: '/deckhouse/ee', scheme: 'https', dockerconfigjson: dockerCfg('registry.example.com') }),
+  )
   api.putModuleSource(moduleSource('one', { repo: 'modules.example.com/one', dockerCfg: b64(dockerCfg('modules.example.com')) }))
   const listRv = api.resourceVersion
   const s = await startPlugin(t, api)
@@ -46,9 +56,16 @@ void t.test('lists, then watches from the list resourceVersion, with the kubecon
   const lists = api.requests.filter((r) => !r.watch)
   const watches = api.requests.filter((r) => r.watch)
   t.same(lists.map((r) => r.path).sort(), ['/api/v1/namespaces/d8-system/secrets', '/apis/deckhouse.io/v1alpha1/modulesources'])
-  t.same(watches.map((r) => r.query.resourceVersion), [listRv, listRv], 'each watch starts at its list resourceVersion')
+  t.same(
+    watches.map((r) => r.query.resourceVersion),
+    [listRv, listRv],
+    'each watch starts at its list resourceVersion',
+  )
   const secretRequests = api.requests.filter((r) => r.resource === 'secrets')
-  t.ok(secretRequests.length >= 2 && secretRequests.every((r) => r.query.fieldSelector === 'metadata.name=deckhouse-registry'), 'Secret list and watch select the one Secret by name')
+  t.ok(
+    secretRequests.length >= 2 && secretRequests.every((r) => r.query.fieldSelector === 'metadata.name=deckhouse-registry'),
+    'Secret list and watch select the one Secret by name',
+  )
   t.ok(api.requests.length >= 4)
   t.same(new Set(api.authorizationHeaders()), new Set([`Bearer ${TOKEN}`]), 'every request carries the kubeconfig token')
 
@@ -144,7 +161,10 @@ void t.test('a WATCH that never sends its headers is aborted and retried; a quie
   api.watchDelayMs = 60_000
   api.dropWatches('destroy')
   await eventually(() => api.counts.watch.secrets >= 3, 'hanging watches retried')
-  t.ok(s.logs.find(/watch failed/).some((l) => /request-timeout/.test(JSON.stringify(l.err))), 'logged as a timeout')
+  t.ok(
+    s.logs.find(/watch failed/).some((l) => /request-timeout/.test(JSON.stringify(l.err))),
+    'logged as a timeout',
+  )
   api.watchDelayMs = 0
   api.putSecret(registrySecret({ address: 'after-hang.example.com' }))
   await eventually(() => s.repositories().includes('default:after-hang.example.com'), 'watching again')
@@ -251,7 +271,10 @@ void t.test('an ERROR storm that forces a re-list each time still backs off more
 
 /** Watch requests of `resource` since request number `from`, in order. */
 function watchesSince(api: FakeKubeApi, from: number, resource: 'secrets' | 'modulesources'): Array<{ resourceVersion: string | undefined }> {
-  return api.requests.slice(from).filter((r) => r.watch && r.resource === resource).map((r) => ({ resourceVersion: r.query.resourceVersion }))
+  return api.requests
+    .slice(from)
+    .filter((r) => r.watch && r.resource === resource)
+    .map((r) => ({ resourceVersion: r.query.resourceVersion }))
 }
 
 void t.test('watch ERROR events that are not 410: backoff, a log line, restarts counted, resumed without a re-list', async (t) => {
@@ -274,12 +297,22 @@ void t.test('watch ERROR events that are not 410: backoff, a log line, restarts 
   // Backoff 100, 200, 400, 400 ms (+-20 %) between the five: no tight loop (without it,
   // thousands of watches a second).
   t.ok(elapsed >= 0.8 * (100 + 200 + 400 + 400) - 50, `five watches took ${elapsed} ms`)
-  t.same(watchesSince(api, mark, 'secrets').map((w) => w.resourceVersion), Array(watchesSince(api, mark, 'secrets').length).fill(rv), 'each resumed from the same resourceVersion')
+  t.same(
+    watchesSince(api, mark, 'secrets').map((w) => w.resourceVersion),
+    Array(watchesSince(api, mark, 'secrets').length).fill(rv),
+    'each resumed from the same resourceVersion',
+  )
   t.equal(api.counts.list.secrets, lists, 'a 500 says nothing about the resourceVersion: no re-list')
   const logged = s.logs.find(/watch failed/).filter((l) => /ERROR event: HTTP 500: InternalError: etcd leader changed/.test(JSON.stringify(l.err)))
   t.ok(logged.length >= 3, `a log line per failure (${logged.length})`)
-  t.notOk(logged.some((l) => l.relist), 'not marked as a re-list')
-  t.ok(((await providerMetric(s.metrics, 'registry_packages_proxy_source_watch_restarts_total', 'secret')) ?? 0) - restarts >= 4, 'source_watch_restarts_total moves')
+  t.notOk(
+    logged.some((l) => l.relist),
+    'not marked as a re-list',
+  )
+  t.ok(
+    ((await providerMetric(s.metrics, 'registry_packages_proxy_source_watch_restarts_total', 'secret')) ?? 0) - restarts >= 4,
+    'source_watch_restarts_total moves',
+  )
   t.same(s.sources.unsynced(), [], 'still synced: the last known sources serve')
 
   // One that sends the ERROR event and leaves the stream open is ended by the client.
@@ -317,7 +350,10 @@ void t.test('an ERROR event that says the resourceVersion is unusable re-lists, 
     await eventually(() => api.counts.list.modulesources >= lists + 3, `${name}: re-listed three times while the errors last`)
     const elapsed = Date.now() - started
     t.ok(elapsed >= 0.8 * (100 + 200) - 50, `${name}: re-lists back off (${elapsed} ms for three)`)
-    t.ok(s.logs.find(/watch failed/).some((l) => l.relist === true && JSON.stringify(l.err).includes('ERROR event')), `${name}: logged as a re-list`)
+    t.ok(
+      s.logs.find(/watch failed/).some((l) => l.relist === true && JSON.stringify(l.err).includes('ERROR event')),
+      `${name}: logged as a re-list`,
+    )
     api.watchErrorEvent = undefined
     await eventually(() => !s.repositories().includes(`module-source:m.example.com/lost${name.length}`), `${name}: the re-list shows the deletion`)
     await eventually(() => api.openWatches() === 2, `${name}: watching again`, { timeoutMs: 5000 })
@@ -375,14 +411,26 @@ void t.test('malformed objects beside good ones: each skipped with a log line an
   t.equal(await providerMetric(s.metrics, 'registry_packages_proxy_source_errors_total', 'modulesources'), 5)
   const errors = s.logs.find(/ModuleSource is malformed/)
   t.same(errors.map((e) => e.moduleSource).sort(), ['bad-base64', 'bad-json', 'bad-pem', 'bad-repo', 'no-spec'])
-  t.match(errors.find((e) => e.moduleSource === 'bad-base64'), { err: { message: /spec\.registry\.dockerCfg is not valid base64/ } })
-  t.match(errors.find((e) => e.moduleSource === 'bad-json'), { err: { message: /docker config is not valid JSON/ } })
-  t.match(errors.find((e) => e.moduleSource === 'bad-pem'), { err: { message: /ca holds a certificate that does not parse/ } })
+  t.match(
+    errors.find((e) => e.moduleSource === 'bad-base64'),
+    { err: { message: /spec\.registry\.dockerCfg is not valid base64/ } },
+  )
+  t.match(
+    errors.find((e) => e.moduleSource === 'bad-json'),
+    { err: { message: /docker config is not valid JSON/ } },
+  )
+  t.match(
+    errors.find((e) => e.moduleSource === 'bad-pem'),
+    { err: { message: /ca holds a certificate that does not parse/ } },
+  )
 
   // A malformed Secret keeps the last good default source.
   api.putSecret(registrySecret({ address: 'r.example.com', path: 'ok' }, { '.dockerconfigjson': b64(`{${PASSWORD}`) }))
   await eventually(() => s.logs.find(/registry Secret is malformed/).length === 1, 'bad Secret logged')
-  t.same(s.repositories().filter((r) => r.startsWith('default:')), ['default:r.example.com/ok'])
+  t.same(
+    s.repositories().filter((r) => r.startsWith('default:')),
+    ['default:r.example.com/ok'],
+  )
   t.ok(s.sources.match(undefined).credentials, 'still the last good default source, credentials included')
   t.equal(await providerMetric(s.metrics, 'registry_packages_proxy_source_errors_total', 'secret'), 1)
   api.putSecret(registrySecret({ address: 'r.example.com' }, { path: '%%%not-base64' }))
@@ -397,7 +445,10 @@ void t.test('malformed objects beside good ones: each skipped with a log line an
   // Fixing a bad one brings it in; a good one turning bad is dropped on its own.
   api.putModuleSource(moduleSource('bad-json', { repo: 'm.example.com/b2', dockerCfg: b64(dockerCfg('m.example.com')) }))
   api.putModuleSource(moduleSource('good1', { repo: 'm.example.com/good1', scheme: 'gopher' }))
-  await eventually(() => s.repositories().includes('module-source:m.example.com/b2') && !s.repositories().includes('module-source:m.example.com/good1'), 'fixed and broken')
+  await eventually(
+    () => s.repositories().includes('module-source:m.example.com/b2') && !s.repositories().includes('module-source:m.example.com/good1'),
+    'fixed and broken',
+  )
   t.ok(s.repositories().includes('module-source:m.example.com/good2'), 'the others keep working')
 
   // Garbage on the watch stream is skipped; the watch goes on.
@@ -428,7 +479,10 @@ void t.test('an API server outage keeps the last known sources; last sync time s
   await api.listen(port)
   api.putSecret(registrySecret({ address: 'r.example.com', path: 'be' }))
   await eventually(() => s.repositories().includes('default:r.example.com/be'), 'change after the outage')
-  await eventually(async () => (await providerMetric(s.metrics, 'registry_packages_proxy_source_last_sync_timestamp_seconds', 'secret'))! > frozen!, 'last sync moves again')
+  await eventually(
+    async () => (await providerMetric(s.metrics, 'registry_packages_proxy_source_last_sync_timestamp_seconds', 'secret'))! > frozen!,
+    'last sync moves again',
+  )
 })
 
 void t.test('API errors (403, 500) are retried and logged without secrets', async (t) => {

@@ -17,7 +17,13 @@ void t.test('healthz and readyz with a configured source', async (t) => {
 
 void t.test('readyz is 503 with a reason when no source is configured', async (t) => {
   const dir = t.testdir()
-  const proxy = await createServer({ cacheDirectory: join(dir, 'cache'), limitBytes: 1000, logger: pino({ level: 'silent' }), env: {}, collectDefaultMetrics: false })
+  const proxy = await createServer({
+    cacheDirectory: join(dir, 'cache'),
+    limitBytes: 1000,
+    logger: pino({ level: 'silent' }),
+    env: {},
+    collectDefaultMetrics: false,
+  })
   t.teardown(() => proxy.server.stop())
   const readyz = await proxy.server.inject('/readyz')
   t.equal(readyz.statusCode, 503)

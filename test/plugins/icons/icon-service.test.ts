@@ -19,7 +19,13 @@ async function setup(t: Test): Promise<{ registry: FakeRegistry; client: Registr
   t.teardown(() => registry.close())
   const client = new RegistryClient({ env: {} })
   t.teardown(() => client.close())
-  const source = { name: 'main', registry: registry.host, scheme: 'http', namePrefix: 'packages', repository: `${registry.host}/packages` } as unknown as RegistrySource
+  const source = {
+    name: 'main',
+    registry: registry.host,
+    scheme: 'http',
+    namePrefix: 'packages',
+    repository: `${registry.host}/packages`,
+  } as unknown as RegistrySource
   return { registry, client, source }
 }
 
@@ -48,8 +54,15 @@ void t.test('twenty versions over one shared layer: one extraction, one layer re
   const icons = new IconService({ client, manifests: new ManifestResolver(client) })
   registry.resetCounts()
   const all = await Promise.all(digests.map((_, i) => icons.icon(source, REPO, `1.0.${i}`)))
-  t.ok(all.every((r) => r.icon?.data.length === 256 * 1024), 'every version has the icon')
-  t.same(all.map((r) => r.digest), digests, 'each answered with its own digest (its ETag)')
+  t.ok(
+    all.every((r) => r.icon?.data.length === 256 * 1024),
+    'every version has the icon',
+  )
+  t.same(
+    all.map((r) => r.digest),
+    digests,
+    'each answered with its own digest (its ETag)',
+  )
   t.equal(registry.counts.blob, 1, 'the shared layer was read once')
 })
 

@@ -64,9 +64,21 @@ void t.test('tar headers tar-stream refuses: negative or huge pax size, base-256
   const negative = Buffer.concat([Buffer.alloc(11, 0xff), Buffer.from([0xfe])])
   await t.rejects(read(gzipSync(Buffer.concat([tarHeader(ICON, '0', negative), Buffer.alloc(1024)]))), { code: 'ELAYERCONTENT' }, 'a negative base-256 size')
   const huge = Buffer.concat([Buffer.from([0x80]), Buffer.alloc(11, 0xff)])
-  await t.rejects(read(gzipSync(Buffer.concat([tarHeader(ICON, '0', huge), Buffer.from('svg'), Buffer.alloc(1024)]))), { code: 'ELAYERCONTENT' }, 'a huge base-256 size')
-  await t.rejects(read(gzipSync(Buffer.concat([tarHeader('PaxHeader', 'x', 64 * 1024 * 1024), Buffer.alloc(1024)]))), { code: 'ELAYERCONTENT' }, 'a 64 MiB pax header')
-  await t.rejects(read(gzipSync(Buffer.concat([tarHeader('././@LongLink', 'L', 64 * 1024 * 1024), Buffer.alloc(1024)]))), { code: 'ELAYERCONTENT' }, 'a 64 MiB GNU long name')
+  await t.rejects(
+    read(gzipSync(Buffer.concat([tarHeader(ICON, '0', huge), Buffer.from('svg'), Buffer.alloc(1024)]))),
+    { code: 'ELAYERCONTENT' },
+    'a huge base-256 size',
+  )
+  await t.rejects(
+    read(gzipSync(Buffer.concat([tarHeader('PaxHeader', 'x', 64 * 1024 * 1024), Buffer.alloc(1024)]))),
+    { code: 'ELAYERCONTENT' },
+    'a 64 MiB pax header',
+  )
+  await t.rejects(
+    read(gzipSync(Buffer.concat([tarHeader('././@LongLink', 'L', 64 * 1024 * 1024), Buffer.alloc(1024)]))),
+    { code: 'ELAYERCONTENT' },
+    'a 64 MiB GNU long name',
+  )
 })
 
 void t.test('uncompressed tar layers are read by media type; zstd is refused clearly', async (t) => {
@@ -80,5 +92,5 @@ void t.test('a gzip bomb stops at the inflate bound of the request, across its l
   const bomb = await layerTarGz([{ name: 'zeros', data: Buffer.alloc(8 * 1024 * 1024) }])
   t.ok(bomb.length < 64 * 1024, 'eight MiB of tar from a small layer')
   await t.rejects(read(bomb, GZIP, 4 * 1024 * 1024), { code: 'ELAYERCONTENT', message: /inflates past 4194304 bytes/ })
-  t.equal((await read(bomb, GZIP, 16 * 1024 * 1024)), undefined, 'under the bound it is read (and has no icon)')
+  t.equal(await read(bomb, GZIP, 16 * 1024 * 1024), undefined, 'under the bound it is read (and has no icon)')
 })

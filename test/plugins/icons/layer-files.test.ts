@@ -44,7 +44,11 @@ void t.test('names are normalised relative to the image root', (t) => {
 
 void t.test('later layers win, whatever the name prefix', async (t) => {
   t.same(await find(await image([{ name: './docs/icon.svg', data: 'one' }], [{ name: '/docs/icon.svg', data: 'two' }])), { [ICON]: 'two' })
-  t.same(await find(await image([{ name: 'docs/icon.svg', data: 'one' }], [{ name: 'other', data: 'x' }])), { [ICON]: 'one' }, 'kept when a later layer leaves it alone')
+  t.same(
+    await find(await image([{ name: 'docs/icon.svg', data: 'one' }], [{ name: 'other', data: 'x' }])),
+    { [ICON]: 'one' },
+    'kept when a later layer leaves it alone',
+  )
 })
 
 void t.test('whiteouts and opaque directories remove what lower layers had', async (t) => {
@@ -56,14 +60,35 @@ void t.test('whiteouts and opaque directories remove what lower layers had', asy
     { [ICON]: 'two' },
     'an opaque marker hides lower layers only, not its own layer',
   )
-  t.same(await find(await image([{ name: 'docs/icon.svg', data: 'one' }], [{ name: '.wh.docs' }], [{ name: 'docs/icon.svg', data: 'three' }])), { [ICON]: 'three' }, 'put back later')
+  t.same(
+    await find(await image([{ name: 'docs/icon.svg', data: 'one' }], [{ name: '.wh.docs' }], [{ name: 'docs/icon.svg', data: 'three' }])),
+    { [ICON]: 'three' },
+    'put back later',
+  )
 })
 
 void t.test('only regular files count; a non-directory where a directory was hides it', async (t) => {
-  t.same(await find(await image([{ name: 'docs/icon.svg', data: 'one' }], [{ name: 'docs/icon.svg', type: 'symlink', linkname: '/etc/passwd' }])), {}, 'a symlink')
+  t.same(
+    await find(await image([{ name: 'docs/icon.svg', data: 'one' }], [{ name: 'docs/icon.svg', type: 'symlink', linkname: '/etc/passwd' }])),
+    {},
+    'a symlink',
+  )
   t.same(await find(await image([{ name: 'docs/icon.svg', type: 'directory' }])), {}, 'a directory')
-  t.same(await find(await image([{ name: 'x', data: 'x' }, { name: 'docs/icon.svg', type: 'link', linkname: 'x' }])), {}, 'a hard link')
-  t.same(await find(await image([{ name: 'docs/icon.svg', data: 'one' }], [{ name: 'docs', type: 'symlink', linkname: 'elsewhere' }])), {}, 'a symlinked parent')
+  t.same(
+    await find(
+      await image([
+        { name: 'x', data: 'x' },
+        { name: 'docs/icon.svg', type: 'link', linkname: 'x' },
+      ]),
+    ),
+    {},
+    'a hard link',
+  )
+  t.same(
+    await find(await image([{ name: 'docs/icon.svg', data: 'one' }], [{ name: 'docs', type: 'symlink', linkname: 'elsewhere' }])),
+    {},
+    'a symlinked parent',
+  )
 })
 
 void t.test('a file over the limit is reported by size, without its bytes', async (t) => {
@@ -77,15 +102,40 @@ void t.test('a layer whose bytes do not match its digest rejects, and nothing is
   if (!ref) throw new Error('no layer')
   const wrong = { ...ref, digest: `sha256:${'0'.repeat(64)}` }
   const limits = { maxFileBytes: 1024, maxInflatedBytes: 2 ** 30 }
-  await t.rejects(flattenedBest([wrong], () => img.open(ref), [ICON], limits), { code: 'EDIGEST' })
-  await t.rejects(flattenedBest([{ ...ref, size: ref.size - 1 }], () => img.open(ref), [ICON], limits), { code: 'EMANIFEST' })
-  await t.rejects(flattenedBest([{ ...ref, size: ref.size + 1 }], () => img.open(ref), [ICON], limits), { code: 'EDIGEST' })
+  await t.rejects(
+    flattenedBest([wrong], () => img.open(ref), [ICON], limits),
+    { code: 'EDIGEST' },
+  )
+  await t.rejects(
+    flattenedBest([{ ...ref, size: ref.size - 1 }], () => img.open(ref), [ICON], limits),
+    { code: 'EMANIFEST' },
+  )
+  await t.rejects(
+    flattenedBest([{ ...ref, size: ref.size + 1 }], () => img.open(ref), [ICON], limits),
+    { code: 'EDIGEST' },
+  )
 })
 
 void t.test('the best present path wins; a better one whited out later gives way to the next, read again', async (t) => {
   const paths = ['a.svg', 'a.png', 'a.jpg']
-  t.same(await find(await image([{ name: 'a.jpg', data: 'jpg' }, { name: 'a.png', data: 'png' }, { name: 'a.svg', data: 'svg' }]), paths), { 'a.svg': 'svg' })
-  const img = await image([{ name: 'a.png', data: 'png' }, { name: 'a.svg', data: 'svg' }], [{ name: '.wh.a.svg' }])
+  t.same(
+    await find(
+      await image([
+        { name: 'a.jpg', data: 'jpg' },
+        { name: 'a.png', data: 'png' },
+        { name: 'a.svg', data: 'svg' },
+      ]),
+      paths,
+    ),
+    { 'a.svg': 'svg' },
+  )
+  const img = await image(
+    [
+      { name: 'a.png', data: 'png' },
+      { name: 'a.svg', data: 'svg' },
+    ],
+    [{ name: '.wh.a.svg' }],
+  )
   t.same(await find(img, paths), { 'a.png': 'png' }, 'the png from below, though the svg was the one held')
   t.equal(img.opened.length, 3, 'two layers, then the png layer once more for its bytes')
 })

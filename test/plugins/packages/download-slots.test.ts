@@ -5,7 +5,13 @@ import { DEFAULT_DOWNLOAD_SLOTS, DEFAULT_LOOKUP_SLOTS, DownloadSlots } from '../
 
 const settled = async (p: Promise<void>): Promise<'resolved' | 'pending' | Error> => {
   const pending = Symbol('pending')
-  const r = await Promise.race([p.then(() => 'resolved' as const, (err: Error) => err), new Promise<typeof pending>((resolve) => setImmediate(() => resolve(pending)))])
+  const r = await Promise.race([
+    p.then(
+      () => 'resolved' as const,
+      (err: Error) => err,
+    ),
+    new Promise<typeof pending>((resolve) => setImmediate(() => resolve(pending))),
+  ])
   return r === pending ? 'pending' : r
 }
 
@@ -42,7 +48,10 @@ void t.test('a full queue refuses at once; a wait past the timeout is refused to
     t.ok(err instanceof BusyError)
     t.match(err, { status: 503, code: 'EBUSY', retryAfterSeconds: 7, kind: 'layer', message: /layer downloads are running/ })
   }
-  const outcome = await waiting.ready.then(() => 'granted', (err: unknown) => err)
+  const outcome = await waiting.ready.then(
+    () => 'granted',
+    (err: unknown) => err,
+  )
   t.ok(outcome instanceof BusyError, 'refused after the queue timeout')
   t.equal(slots.queued, 0, 'and out of the queue')
   waiting.release()
@@ -78,7 +87,10 @@ void t.test('manifest lookups: their own defaults, and refusals that say what wa
   t.same({ running: lookups.running, queued: lookups.queued }, { running: 0, queued: 0 })
   const one = new DownloadSlots({ max: 1, queueTimeoutMs: 20 }, undefined, 'manifest')
   const first = one.enter()
-  const outcome = await one.enter().ready.then(() => 'granted', (err: unknown) => err)
+  const outcome = await one.enter().ready.then(
+    () => 'granted',
+    (err: unknown) => err,
+  )
   t.match(outcome, { kind: 'manifest', message: /no manifest lookup slot became free within 20 ms/ })
   first.release()
 })

@@ -20,10 +20,18 @@ async function serve(t: { teardown: (fn: () => unknown) => void }, file: string,
   const server: Server = createServer((_req, res) => {
     const fd = openSync(file, 'r')
     res.writeHead(200, { 'content-length': String(declared) })
-    sendFile(res, (f) => res.once('close', f), fd, start, end, buffers, (err) => {
-      ends.push(err)
-      closeSync(fd)
-    })
+    sendFile(
+      res,
+      (f) => res.once('close', f),
+      fd,
+      start,
+      end,
+      buffers,
+      (err) => {
+        ends.push(err)
+        closeSync(fd)
+      },
+    )
   })
   await new Promise<void>((r) => server.listen(0, '127.0.0.1', r))
   t.teardown(() => new Promise<void>((r) => server.close(() => r())))

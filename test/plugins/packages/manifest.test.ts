@@ -95,7 +95,11 @@ void t.test('malformed documents are ManifestErrors', (t) => {
     ['layer with a fractional size', doc({ schemaVersion: 2, layers: [{ digest: d('1'), size: 1.5 }] }), MEDIA_TYPES.oci.manifest],
     ['layer with a string size', doc({ schemaVersion: 2, layers: [{ digest: d('1'), size: '1' }] }), MEDIA_TYPES.oci.manifest],
     ['index without manifests', doc({ schemaVersion: 2, mediaType: MEDIA_TYPES.oci.index }), ''],
-    ['index without amd64', doc({ schemaVersion: 2, mediaType: MEDIA_TYPES.oci.index, manifests: [{ digest: d('1'), size: 1, platform: { os: 'linux', architecture: 'arm64' } }] }), ''],
+    [
+      'index without amd64',
+      doc({ schemaVersion: 2, mediaType: MEDIA_TYPES.oci.index, manifests: [{ digest: d('1'), size: 1, platform: { os: 'linux', architecture: 'arm64' } }] }),
+      '',
+    ],
     ['index entry without platform', doc({ schemaVersion: 2, mediaType: MEDIA_TYPES.docker.index, manifests: [{ digest: d('1'), size: 1 }] }), ''],
   ]
   for (const [name, body, type] of cases) {

@@ -73,7 +73,10 @@ void t.test('members follow the pods of the namespace with the label, through a 
   api.put('pods', proxyPod('five', '10.0.0.5'))
   await eventually(is(['10.0.0.1:4219', '10.0.0.5:4219']), 'changes made while the watch was down arrive after the restart')
   t.ok(api.counts.watch.pods > watches, 'watched again')
-  t.ok(Number((await metrics.registry.getSingleMetricAsString('registry_packages_proxy_source_watch_restarts_total')).match(/provider="pods"} (\d+)/)?.[1]) >= 1, 'the restart is counted')
+  t.ok(
+    Number((await metrics.registry.getSingleMetricAsString('registry_packages_proxy_source_watch_restarts_total')).match(/provider="pods"} (\d+)/)?.[1]) >= 1,
+    'the restart is counted',
+  )
 
   // A peer marked down that leaves and comes back (a new pod on the same node) starts clean.
   membership.markDown('10.0.0.5:4219')

@@ -73,7 +73,11 @@ void t.test('a corrupt or torn file is deleted, never served; debris and overflo
   }
   const small = new ManifestMemo(300)
   const bounded = await small.attach(new ManifestFiles(dir), () => undefined)
-  t.same(bounded.manifests.map((x) => x.digest), [big[2]?.digest], 'the newest that fit the bound')
+  t.same(
+    bounded.manifests.map((x) => x.digest),
+    [big[2]?.digest],
+    'the newest that fit the bound',
+  )
   t.equal(bounded.dropped, 3)
   t.same(readdirSync(dir), [hex(big[2]?.digest ?? '')], 'the rest deleted')
   t.notOk(existsSync(join(dir, hex(good.digest))))

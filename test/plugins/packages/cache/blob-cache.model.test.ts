@@ -309,7 +309,12 @@ class Restart implements fc.AsyncCommand<Model, Real> {
 }
 
 const startFill = fc.integer({ min: 0, max: 3 }).map((i) => new StartFill(i))
-const finishFill = fc.tuple(fc.nat(5), fc.nat(4).map((n) => n > 0)).map(([k, c]) => new FinishFill(k, c))
+const finishFill = fc
+  .tuple(
+    fc.nat(5),
+    fc.nat(4).map((n) => n > 0),
+  )
+  .map(([k, c]) => new FinishFill(k, c))
 const hit = fc.integer({ min: 0, max: 3 }).map((i) => new Hit(i))
 const step = fc.integer({ min: 1, max: 4 }).map((n) => new Step(n))
 // Weighted by repetition: fills, reads and I/O steps are the common moves; a restart wipes the

@@ -66,10 +66,7 @@ void t.test('eviction through the server: the limit holds after every request, L
 
   await fetch(4)
   t.equal(h.proxy.packages.index?.blob(layer(2)), undefined, 'then the next least recently used')
-  t.same(
-    new Set(h.proxy.packages.index?.blobs().map((b) => b.digest)),
-    new Set([layer(0), layer(3), layer(4)]),
-  )
+  t.same(new Set(h.proxy.packages.index?.blobs().map((b) => b.digest)), new Set([layer(0), layer(3), layer(4)]))
   t.equal(h.proxy.packages.index?.manifest(images[1]?.manifestDigest ?? ''), undefined, 'the evicted layer took its manifest row along')
   t.equal(h.proxy.packages.service.cache?.removals.evicted.count, 2)
 
@@ -302,7 +299,10 @@ void t.test('BlobCache: trim() fits a cache to a smaller limit, LRU first', asyn
   const c = await put(3, 100, 3000)
   const cache = new BlobCache({ index, store, limit: 150, log: silent })
   t.equal(await cache.trim(), 2)
-  t.same(index.blobs().map((e) => e.digest), [c])
+  t.same(
+    index.blobs().map((e) => e.digest),
+    [c],
+  )
   t.notOk(existsSync(store.pathFor(a)))
   t.notOk(existsSync(store.pathFor(b)))
   t.equal(cache.usedBytes, 100)

@@ -25,8 +25,7 @@ void t.test('hits from memory: exact bytes, ranges, and nothing stale after evic
   const a = h.registry.addImage(`${DEFAULT_PREFIX}/a`, [bytes(10_000, 41)])
   const b = h.registry.addImage(`${DEFAULT_PREFIX}/b`, [bytes(10_000, 42)])
   const c = h.registry.addImage(`${DEFAULT_PREFIX}/c`, [bytes(10_000, 43)])
-  const get = (digest: string, path: string, headers: Record<string, string> = {}) =>
-    h.proxy.server.inject({ url: packageUrl({ digest, path }), headers })
+  const get = (digest: string, path: string, headers: Record<string, string> = {}) => h.proxy.server.inject({ url: packageUrl({ digest, path }), headers })
   await get(a.manifestDigest, 'a')
   await h.proxy.packages.service.settled()
   for (let i = 0; i < 2; i++) {
@@ -61,12 +60,31 @@ void t.test('loads count against the budget while they read, and none starts wit
     return { promise, resolve }
   }
   const a = deferred()
-  const loadingA = hot.load('a', 50, () => (reads++, a.promise), () => true)
+  const loadingA = hot.load(
+    'a',
+    50,
+    () => (reads++, a.promise),
+    () => true,
+  )
   t.equal(hot.reserved, 50, 'a load reserves its size while it reads')
   const b = deferred()
-  const loadingB = hot.load('b', 50, () => (reads++, b.promise), () => true)
+  const loadingB = hot.load(
+    'b',
+    50,
+    () => (reads++, b.promise),
+    () => true,
+  )
   t.equal(hot.reserved, 100)
-  t.equal(await hot.load('c', 10, () => (reads++, Promise.resolve(Buffer.alloc(10))), () => true), undefined, 'no room for a third: not read at all')
+  t.equal(
+    await hot.load(
+      'c',
+      10,
+      () => (reads++, Promise.resolve(Buffer.alloc(10))),
+      () => true,
+    ),
+    undefined,
+    'no room for a third: not read at all',
+  )
   t.equal(reads, 2)
   a.resolve(Buffer.alloc(50))
   b.resolve(Buffer.alloc(50))
@@ -79,12 +97,29 @@ void t.test('loads count against the budget while they read, and none starts wit
   hot.delete('a')
   hot.delete('b')
   t.equal(hot.held, 100)
-  t.equal(await hot.load('d', 10, () => (reads++, Promise.resolve(Buffer.alloc(10))), () => true), undefined, 'held bytes leave no room: nothing is read')
+  t.equal(
+    await hot.load(
+      'd',
+      10,
+      () => (reads++, Promise.resolve(Buffer.alloc(10))),
+      () => true,
+    ),
+    undefined,
+    'held bytes leave no room: nothing is read',
+  )
   t.equal(reads, 2)
   t.notOk(hot.put('e', Buffer.alloc(10)), 'nor put')
   ua?.release()
   ub?.release()
   t.equal(hot.held, 0)
-  t.ok(await hot.load('d', 10, () => (reads++, Promise.resolve(Buffer.alloc(10))), () => true), 'room again once they are done')
+  t.ok(
+    await hot.load(
+      'd',
+      10,
+      () => (reads++, Promise.resolve(Buffer.alloc(10))),
+      () => true,
+    ),
+    'room again once they are done',
+  )
   t.equal(hot.bytes, 10)
 })

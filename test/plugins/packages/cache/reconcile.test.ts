@@ -80,7 +80,7 @@ void t.test('an orphan file that hashes to its name is adopted', async (t) => {
   t.ok(existsSync(store.pathFor(digest)))
 })
 
-void t.test('adopted orphans keep their files\' age as last access, so the LRU order survives a rebuilt index', async (t) => {
+void t.test("adopted orphans keep their files' age as last access, so the LRU order survives a rebuilt index", async (t) => {
   const { index, store } = await openCache(t)
   const now = Date.now()
   const older = await writeBlob(store, bytes(100, 41))
@@ -95,7 +95,14 @@ void t.test('adopted orphans keep their files\' age as last access, so the LRU o
   t.equal(index.blob(older)?.lastAccess, now - 3_600_000)
   t.equal(index.blob(newer)?.lastAccess, now - 60_000)
   t.equal(index.blob(future)?.lastAccess, now)
-  t.same(index.blobs().sort((a, b) => a.lastAccess - b.lastAccess).map((b) => b.digest), [older, newer, future], 'least recently used first')
+  t.same(
+    index
+      .blobs()
+      .sort((a, b) => a.lastAccess - b.lastAccess)
+      .map((b) => b.digest),
+    [older, newer, future],
+    'least recently used first',
+  )
 })
 
 void t.test('an orphan file with wrong content is deleted', async (t) => {
@@ -144,7 +151,10 @@ void t.test('reconciled state survives a reopen of the index', async (t) => {
   await reconcile(first.index, first.store, 7)
   await first.index.close()
   const second = await openCache(t, dir)
-  t.same(second.index.blobs().map((b) => b.digest), [kept])
+  t.same(
+    second.index.blobs().map((b) => b.digest),
+    [kept],
+  )
   t.same(await reconcile(second.index, second.store), { tempRemoved: 0, rowsDropped: 0, orphansAdopted: 0, orphansDeleted: 0, sizeFixed: 0 })
 })
 

@@ -52,7 +52,10 @@ void t.test('verifyEntry: an intact file is marked verified; a damaged one is re
   t.notOk(existsSync(path), 'the file is gone')
   t.equal(index.blob(bad), undefined, 'and its row')
   t.same(cache.removals.corrupt, { count: 1, bytes: 300_000 })
-  t.ok(log.lines().some((l) => String(l.msg).includes('does not match its digest')), 'logged')
+  t.ok(
+    log.lines().some((l) => String(l.msg).includes('does not match its digest')),
+    'logged',
+  )
   t.same(await verifyEntry(cache, bad, { log: log.logger }), { verdict: 'absent', bytes: 0 }, 'a digest not cached has nothing to check')
 })
 
@@ -78,8 +81,14 @@ void t.test('Scrubber: rounds re-hash every entry at the given rate and remove w
   await scrubber.stop()
   await cache.settled()
   t.notOk(cache.has(victim), 'the damaged entry is removed')
-  t.ok(digests.filter((d) => d !== victim).every((d) => cache.has(d)), 'the intact ones stay')
-  t.ok(checked.some(([, intact]) => intact), 'intact entries were checked too')
+  t.ok(
+    digests.filter((d) => d !== victim).every((d) => cache.has(d)),
+    'the intact ones stay',
+  )
+  t.ok(
+    checked.some(([, intact]) => intact),
+    'intact entries were checked too',
+  )
   t.same(cache.removals.corrupt.count, 1)
 })
 

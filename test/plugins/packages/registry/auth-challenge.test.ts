@@ -8,7 +8,11 @@ void t.test('Bearer challenges', (t) => {
     service: 'registry.example.com',
     scope: 'repository:a/b:pull',
   })
-  t.same(parseChallenge('bearer realm="http://127.0.0.1:1/token"'), { scheme: 'bearer', realm: 'http://127.0.0.1:1/token' }, 'scheme is case-insensitive; service and scope optional')
+  t.same(
+    parseChallenge('bearer realm="http://127.0.0.1:1/token"'),
+    { scheme: 'bearer', realm: 'http://127.0.0.1:1/token' },
+    'scheme is case-insensitive; service and scope optional',
+  )
   t.same(
     parseChallenge('Bearer realm="https://a/token", service="svc", scope="repository:a/b:pull,push"'),
     { scheme: 'bearer', realm: 'https://a/token', service: 'svc', scope: 'repository:a/b:pull,push' },
@@ -30,7 +34,11 @@ void t.test('Bearer challenges', (t) => {
     { scheme: 'bearer', realm: 'https://a/token', service: 's' },
     'parameter names are case-insensitive',
   )
-  t.same(parseChallenge('Bearer realm="https://a/t\\"x",service="a\\\\b"'), { scheme: 'bearer', realm: 'https://a/t"x', service: 'a\\b' }, 'escaped quotes and backslashes')
+  t.same(
+    parseChallenge('Bearer realm="https://a/t\\"x",service="a\\\\b"'),
+    { scheme: 'bearer', realm: 'https://a/t"x', service: 'a\\b' },
+    'escaped quotes and backslashes',
+  )
   t.end()
 })
 

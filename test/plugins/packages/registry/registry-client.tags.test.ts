@@ -26,7 +26,14 @@ void t.test('a Link to another host, or to the same page, is refused', async (t)
   t.teardown(() => new Promise<void>((resolve) => server.close(() => resolve())))
   const address = server.address()
   if (!address || typeof address === 'string') throw new Error('no address')
-  const source: RegistrySource = { name: 'default', kind: 'default', repository: `127.0.0.1:${address.port}/a`, registry: `127.0.0.1:${address.port}`, namePrefix: 'a', scheme: 'http' }
+  const source: RegistrySource = {
+    name: 'default',
+    kind: 'default',
+    repository: `127.0.0.1:${address.port}/a`,
+    registry: `127.0.0.1:${address.port}`,
+    namePrefix: 'a',
+    scheme: 'http',
+  }
   const client = new RegistryClient({ env: {} })
   t.teardown(() => client.close())
   link = '<http://203.0.113.1/v2/a/tags/list?last=v1>; rel="next"'

@@ -52,7 +52,10 @@ void t.test('Basic: credentials from a docker config "auth" entry', async (t) =>
   t.equal(h.registry.counts.unauthorized, 1, 'afterwards Basic is sent up front')
   const headers = authHeaders(h.registry, 'registry')
   t.equal(headers[0], undefined, 'the very first request is anonymous')
-  t.ok(headers.slice(1).every((v) => v === basic('reader', 's3cret-basic')), 'then always Basic')
+  t.ok(
+    headers.slice(1).every((v) => v === basic('reader', 's3cret-basic')),
+    'then always Basic',
+  )
   t.equal(h.registry.counts.token, 0)
 })
 
@@ -97,7 +100,10 @@ void t.test('Bearer: challenge, token, success; one token per repository scope',
   t.equal(query.get('scope'), `repository:${DEFAULT_PREFIX}:pull`)
   t.equal(tokenRequest?.headers.authorization, undefined, 'anonymous token request without credentials')
   const bearer = authHeaders(h.registry, 'registry').slice(1)
-  t.ok(bearer.every((v) => v !== undefined && /^Bearer fake-[0-9a-f]+$/.test(v)), 'Bearer on every request after the challenge')
+  t.ok(
+    bearer.every((v) => v !== undefined && /^Bearer fake-[0-9a-f]+$/.test(v)),
+    'Bearer on every request after the challenge',
+  )
 
   const other = h.registry.addImage(`${DEFAULT_PREFIX}/other`, [bytes(600, 20)])
   const res = await h.proxy.server.inject(packageUrl({ digest: other.manifestDigest, path: 'other' }))
@@ -149,7 +155,9 @@ void t.test('Bearer: the token server failing is a 502; tokens never appear in e
   const a = h.registry.addImage(DEFAULT_PREFIX, [bytes(100, 50)])
   const b = h.registry.addImage(DEFAULT_PREFIX, [bytes(101, 51)])
   t.equal((await h.proxy.server.inject(packageUrl({ digest: a.manifestDigest }))).statusCode, 200)
-  const token = authHeaders(h.registry, 'registry').find((v) => v?.startsWith('Bearer '))?.slice('Bearer '.length)
+  const token = authHeaders(h.registry, 'registry')
+    .find((v) => v?.startsWith('Bearer '))
+    ?.slice('Bearer '.length)
   t.ok(token, 'a token was used')
   h.registry.faults = { manifestStatus: 500 }
   const failed = await h.proxy.server.inject(packageUrl({ digest: b.manifestDigest }))
@@ -198,10 +206,7 @@ void t.test('Bearer: an expired token is refreshed (the registry clock moves on)
 })
 
 void t.test('redirected blobs: the storage origin never receives Authorization', async (t) => {
-  for (const auth of [
-    { kind: 'bearer' as const },
-    { kind: 'basic' as const, username: 'u', password: 'redirect-pass' },
-  ]) {
+  for (const auth of [{ kind: 'bearer' as const }, { kind: 'basic' as const, username: 'u', password: 'redirect-pass' }]) {
     const h = await startHarness(t, {
       auth,
       ...(auth.kind === 'basic' ? { credentials: { username: 'u', password: 'redirect-pass' } } : {}),
@@ -251,7 +256,11 @@ void t.test('a redirect target that challenges gets no credentials, and neither 
       t.notOk(res.payload.includes('storage-harvest-pass'), `${what}: no secret in the body`)
       t.same(harvest.requests, [], `${what}: nothing was sent to the realm the storage named`)
       t.ok(h.registry.counts.storage >= 1, `${what}: the storage was asked`)
-      t.same(h.registry.storageAuthHeaders.filter((a) => a !== undefined), [], `${what}: never with Authorization`)
+      t.same(
+        h.registry.storageAuthHeaders.filter((a) => a !== undefined),
+        [],
+        `${what}: never with Authorization`,
+      )
       t.equal(h.registry.counts.blob, 1, `${what}: the registry was not asked again with other credentials`)
     }
     h.registry.faults = { redirectBlobs: true }
@@ -265,11 +274,29 @@ void t.test('a redirect target that challenges gets no credentials, and neither 
 function selfSigned(t: Test): { cert: string; key: string } | undefined {
   const dir = t.testdir()
   try {
-    execFileSync('openssl', [
-      'req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes',
-      '-keyout', join(dir, 'tls.key'), '-out', join(dir, 'tls.crt'), '-days', '2', '-subj', '/CN=registry',
-      '-addext', 'subjectAltName=IP:127.0.0.1',
-    ], { stdio: 'ignore' })
+    execFileSync(
+      'openssl',
+      [
+        'req',
+        '-x509',
+        '-newkey',
+        'ec',
+        '-pkeyopt',
+        'ec_paramgen_curve:prime256v1',
+        '-nodes',
+        '-keyout',
+        join(dir, 'tls.key'),
+        '-out',
+        join(dir, 'tls.crt'),
+        '-days',
+        '2',
+        '-subj',
+        '/CN=registry',
+        '-addext',
+        'subjectAltName=IP:127.0.0.1',
+      ],
+      { stdio: 'ignore' },
+    )
   } catch {
     if (process.env.CI) throw new Error('openssl is needed for the TLS realm test')
     t.plan(0, 'openssl is not installed')
@@ -305,8 +332,7 @@ void t.test('an https registry that names an http:// token realm: refused, nothi
   if (address === null || typeof address === 'string') throw new Error('no port')
   const host = `127.0.0.1:${address.port}`
   const credentials = { username: 'u', password: 'realm-pass' }
-  const source = (): RegistrySource =>
-    sourceFor(host, { scheme: 'https', ca: tls.cert, dockerConfigJson: dockerConfig(host, credentials) })
+  const source = (): RegistrySource => sourceFor(host, { scheme: 'https', ca: tls.cert, dockerConfigJson: dockerConfig(host, credentials) })
   const client = new RegistryClient({ env: {} })
   t.teardown(() => client.close())
   const digest = `sha256:${'3'.repeat(64)}`
@@ -355,7 +381,11 @@ void t.test('distinct paths: one token per repository, and the token cache stays
   const digest = `sha256:${'4'.repeat(64)}`
   for (let i = 0; i < 10; i++) await t.rejects(client.fetchManifest(source, `${DEFAULT_PREFIX}/p${i}`, digest), NotFoundError)
   const scopes = registry.requests.filter((r) => r.origin === 'token').map((r) => new URL(r.url, 'http://x').searchParams.get('scope'))
-  t.same(scopes, Array.from({ length: 10 }, (_, i) => `repository:${DEFAULT_PREFIX}/p${i}:pull`), 'each token is scoped to its repository')
+  t.same(
+    scopes,
+    Array.from({ length: 10 }, (_, i) => `repository:${DEFAULT_PREFIX}/p${i}:pull`),
+    'each token is scoped to its repository',
+  )
   registry.resetCounts()
   await t.rejects(client.fetchManifest(source, `${DEFAULT_PREFIX}/p9`, digest), NotFoundError)
   t.equal(registry.counts.token, 0, 'a recent repository reuses its token')

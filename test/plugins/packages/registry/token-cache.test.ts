@@ -51,7 +51,10 @@ void t.test('concurrent misses share one fetch; failures are not cached', async 
   t.same(await all, ['shared', 'shared', 'shared'])
   t.equal(fetches, 1)
 
-  await t.rejects(cache.get('bad', async () => Promise.reject(new Error('token server down'))), /token server down/)
+  await t.rejects(
+    cache.get('bad', async () => Promise.reject(new Error('token server down'))),
+    /token server down/,
+  )
   t.equal(await cache.get('bad', () => Promise.resolve({ token: 'ok', expiresIn: 300 })), 'ok', 'the next call fetches again')
 })
 
@@ -94,7 +97,10 @@ void t.test('a caller that gives up ends only its own wait: the shared fetch goe
 void t.test('bounded: the least recently used go first, and expired tokens are swept', async (t) => {
   let now = 0
   const cache = new TokenCache(() => now, 3)
-  const token = (value: string, expiresIn = 300) => (): Promise<{ token: string; expiresIn: number }> => Promise.resolve({ token: value, expiresIn })
+  const token =
+    (value: string, expiresIn = 300) =>
+    (): Promise<{ token: string; expiresIn: number }> =>
+      Promise.resolve({ token: value, expiresIn })
   await cache.get('a', token('a'))
   await cache.get('b', token('b'))
   await cache.get('c', token('c'))
@@ -102,7 +108,10 @@ void t.test('bounded: the least recently used go first, and expired tokens are s
   await cache.get('d', token('d'))
   t.equal(cache.size, 3, 'never more than the bound')
   t.equal(cache.peek('b'), undefined, 'the least recently used went')
-  t.same(['a', 'c', 'd'].map((k) => cache.peek(k)), ['a', 'c', 'd'])
+  t.same(
+    ['a', 'c', 'd'].map((k) => cache.peek(k)),
+    ['a', 'c', 'd'],
+  )
 
   // Expired tokens go before live ones, and every minute anyway.
   await cache.get('short', token('short', 60))
@@ -127,6 +136,7 @@ void t.test('bounded: the least recently used go first, and expired tokens are s
 
 void t.test('distinct keys (one per client-chosen path) cannot grow the cache past its bound', async (t) => {
   const cache = new TokenCache(Date.now, 50)
-  for (let i = 0; i < 1000; i++) await cache.get(`source\nrealm\nservice\nrepository:prefix/path-${i}:pull`, () => Promise.resolve({ token: `t${i}`, expiresIn: 300 }))
+  for (let i = 0; i < 1000; i++)
+    await cache.get(`source\nrealm\nservice\nrepository:prefix/path-${i}:pull`, () => Promise.resolve({ token: `t${i}`, expiresIn: 300 }))
   t.equal(cache.size, 50)
 })

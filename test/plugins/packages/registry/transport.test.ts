@@ -11,7 +11,11 @@ void t.test('proxyForUrl: which variable applies', (t) => {
   t.equal(proxyForUrl('https://registry.example.com/v2/', env), 'http://secure-proxy:3128')
   t.equal(proxyForUrl('http://registry.example.com/v2/', env), 'http://plain-proxy:3128')
   t.equal(proxyForUrl('https://registry.example.com/v2/', { https_proxy: 'http://lower:1' }), 'http://lower:1', 'lowercase works')
-  t.equal(proxyForUrl('https://registry.example.com/v2/', { HTTPS_PROXY: 'upper:1', https_proxy: 'http://lower:1' }), 'http://upper:1', 'uppercase wins; a scheme is added')
+  t.equal(
+    proxyForUrl('https://registry.example.com/v2/', { HTTPS_PROXY: 'upper:1', https_proxy: 'http://lower:1' }),
+    'http://upper:1',
+    'uppercase wins; a scheme is added',
+  )
   t.equal(proxyForUrl('https://registry.example.com/v2/', { HTTP_PROXY: 'http://plain:1' }), undefined, 'HTTP_PROXY does not apply to https')
   t.equal(proxyForUrl('http://registry.example.com/v2/', { HTTPS_PROXY: 'http://secure:1' }), undefined, 'HTTPS_PROXY does not apply to http')
   t.equal(proxyForUrl('https://registry.example.com/v2/', {}), undefined)
