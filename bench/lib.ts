@@ -245,22 +245,7 @@ function childPids(pid: number): number[] {
   return out
 }
 
-/** VmRSS and VmHWM of `pid` in KiB. */
-export function memoryOf(pid: number): { rssKiB: number; hwmKiB: number } {
-  const status = readFileSync(`/proc/${pid}/status`, 'utf8')
-  const field = (name: string): number => Number(new RegExp(`^${name}:\\s+(\\d+) kB$`, 'm').exec(status)?.[1] ?? NaN)
-  return { rssKiB: field('VmRSS'), hwmKiB: field('VmHWM') }
-}
-
-/** Resets VmHWM to the current RSS (`echo 5 > /proc/<pid>/clear_refs`); false if not allowed. */
-export function resetPeakRss(pid: number): boolean {
-  try {
-    writeFileSync(`/proc/${pid}/clear_refs`, '5')
-    return true
-  } catch {
-    return false
-  }
-}
+export { memoryOf, resetPeakRss } from '../tools/proc.js'
 
 const CLK_TCK = Number(spawnSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).stdout.trim()) || 100
 
