@@ -13,9 +13,6 @@ export interface CachedReadsOptions {
   log: PackageLogger
   /** A cached file did not hash to its name when read whole: it has been removed. */
   onCorrupt?: (digest: string) => void
-  /** Memory for small hot layers (default 64 MiB, entries up to 8 MiB); 0 turns it off. */
-  hotBytes?: number
-  hotEntryBytes?: number
 }
 
 /** A cached file open for reading, under a lease that keeps it from being unlinked. */
@@ -40,13 +37,19 @@ export type HitBody = { buffer: Buffer; release: () => void } | { stream: Readab
  */
 export const HERD = 4
 
+/** The memory cache's budget, and the largest layer kept in it whenever it is read (larger ones only for a herd). */
+const HOT_BYTES = 64 * 1024 * 1024
+const HOT_ENTRY_BYTES = 8 * 1024 * 1024
+
 /**
  * Serves cache hits with bounded memory, whatever the number of clients.
  *
  * Small layers are read whole once per digest, hashed against their name on the way in, and
  * kept in memory; every concurrent request for the same digest waits for that one read and
- * then writes the same Buffer. Larger layers are streamed from the file under a lease, one
- * {@link READ_CHUNK} at a time with backpressure, so a stalled client holds about that much.
+ * then writes the same Buffer. Larger layers are read from the file under a lease (by the
+ * fast path's file sender, or here as a stream of {@link READ_CHUNK} reads for ranges), with
+ * backpressure, so a stalled client holds about one read; a large layer a herd wants
+ * ({@link HERD}) joins the memory cache while the budget has room.
  */
 export class CachedReads {
   readonly #o: CachedReadsOptions
@@ -55,7 +58,7 @@ export class CachedReads {
 
   constructor(options: CachedReadsOptions) {
     this.#o = options
-    this.hot = new HotCache(options.hotBytes ?? 64 * 1024 * 1024, options.hotEntryBytes ?? 8 * 1024 * 1024)
+    this.hot = new HotCache(HOT_BYTES, HOT_ENTRY_BYTES)
   }
 
   readonly #sending = new Map<string, number>()
