@@ -1,11 +1,11 @@
-import { execFileSync } from 'node:child_process'
-import { readFileSync, writeFileSync } from 'node:fs'
+import { writeFileSync } from 'node:fs'
 import { request as httpRequest } from 'node:http'
 import { createServer as createHttpsServer } from 'node:https'
 import { join } from 'node:path'
-import t, { type Test } from 'tap'
+import t from 'tap'
 import { runCacheCommand } from '../../cli/cache-command.js'
 import { bytes, packageUrl, startHarness } from '../fixtures/proxy-harness.js'
+import { selfSignedCert } from '../fixtures/self-signed.js'
 
 function io(): { out: string[]; err: string[]; io: { out: (s: string) => void; err: (s: string) => void } } {
   const out: string[] = []
@@ -70,43 +70,8 @@ void t.test('usage errors are exit 2; an unreachable server is exit 1', async (t
   t.match(down.err.join(''), /cannot reach http:\/\/127\.0\.0\.1:1: ECONNREFUSED/)
 })
 
-/** A self-signed certificate for 127.0.0.1, or undefined (and `t` planned empty) without openssl; CI must have it. */
-function selfSigned(t: Test): { cert: string; key: string } | undefined {
-  const dir = t.testdir()
-  try {
-    execFileSync(
-      'openssl',
-      [
-        'req',
-        '-x509',
-        '-newkey',
-        'ec',
-        '-pkeyopt',
-        'ec_paramgen_curve:prime256v1',
-        '-nodes',
-        '-keyout',
-        join(dir, 'tls.key'),
-        '-out',
-        join(dir, 'tls.crt'),
-        '-days',
-        '2',
-        '-subj',
-        '/CN=kube-rbac-proxy',
-        '-addext',
-        'subjectAltName=IP:127.0.0.1',
-      ],
-      { stdio: 'ignore' },
-    )
-  } catch {
-    if (process.env.CI) throw new Error('openssl is needed for the https CLI test')
-    t.plan(0, 'openssl is not installed')
-    return undefined
-  }
-  return { cert: readFileSync(join(dir, 'tls.crt'), 'utf8'), key: readFileSync(join(dir, 'tls.key'), 'utf8') }
-}
-
 void t.test('--url https://: through a TLS front that wants a bearer token, as kube-rbac-proxy does', async (t) => {
-  const tls = selfSigned(t)
+  const tls = selfSignedCert(t, t.testdir(), 'kube-rbac-proxy', 'the https CLI test')
   if (!tls) return
   const h = await startHarness(t)
   await h.proxy.server.start()

@@ -1,55 +1,18 @@
-import { execFileSync } from 'node:child_process'
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import Hapi from '@hapi/hapi'
 import { pino } from 'pino'
-import t, { type Test } from 'tap'
+import t from 'tap'
 import { credentialsPlugin } from '../../../plugins/credentials/index.js'
 import { loadKubeConfig } from '../../../plugins/credentials/kube-config.js'
 import { SourceSet } from '../../../plugins/credentials/source-set.js'
 import { Metrics } from '../../../plugins/metrics/metrics.js'
 import { startCredentialsPlugin } from '../../fixtures/credentials-plugin.js'
+import { selfSignedCert } from '../../fixtures/self-signed.js'
 import { FakeKubeApi, moduleSource, registrySecret } from '../../fixtures/fake-kube-api.js'
 import { eventually } from '../../fixtures/eventually.js'
 
 const TOKEN = 'kubeconfig-token-e2a1'
-
-/**
- * A self-signed certificate for IP 127.0.0.1, written to `dir` (tls.crt, tls.key) and returned.
- * Without openssl: undefined, with `t` planned empty; in CI, which must run `what`, it throws.
- */
-function selfSignedCert(t: Test, dir: string, what: string): { cert: string; key: string } | undefined {
-  try {
-    execFileSync(
-      'openssl',
-      [
-        'req',
-        '-x509',
-        '-newkey',
-        'ec',
-        '-pkeyopt',
-        'ec_paramgen_curve:prime256v1',
-        '-nodes',
-        '-keyout',
-        join(dir, 'tls.key'),
-        '-out',
-        join(dir, 'tls.crt'),
-        '-days',
-        '2',
-        '-subj',
-        '/CN=kubernetes',
-        '-addext',
-        'subjectAltName=IP:127.0.0.1',
-      ],
-      { stdio: 'ignore' },
-    )
-  } catch {
-    if (process.env.CI) throw new Error(`openssl is needed for ${what}`)
-    t.plan(0, 'openssl is not installed')
-    return undefined
-  }
-  return { cert: readFileSync(join(dir, 'tls.crt'), 'utf8'), key: readFileSync(join(dir, 'tls.key'), 'utf8') }
-}
 
 void t.test('no --kubeconfig and not in a pod: no Kubernetes provider', async (t) => {
   const dir = t.testdir({ sa: { token: 'x' } })
@@ -117,7 +80,7 @@ void t.test('a bad --kubeconfig fails start-up with a message that names it and 
 
 void t.test('in a pod: the service-account token over HTTPS to the service address', async (t) => {
   const dir = t.testdir()
-  const tls = selfSignedCert(t, dir, 'the in-cluster TLS test')
+  const tls = selfSignedCert(t, dir, 'kubernetes', 'the in-cluster TLS test')
   if (tls === undefined) return
   const api = await FakeKubeApi.start(0, tls)
   t.teardown(() => api.close())
@@ -150,7 +113,7 @@ void t.test('in a pod: the service-account token over HTTPS to the service addre
 
 void t.test('a --kubeconfig with a token user, over HTTPS with its CA', async (t) => {
   const dir = t.testdir()
-  const tls = selfSignedCert(t, dir, 'the TLS kubeconfig test')
+  const tls = selfSignedCert(t, dir, 'kubernetes', 'the TLS kubeconfig test')
   if (tls === undefined) return
   const api = await FakeKubeApi.start(0, tls)
   t.teardown(() => api.close())

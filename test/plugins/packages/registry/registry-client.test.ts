@@ -1,9 +1,6 @@
-import { execFileSync } from 'node:child_process'
-import { readFileSync } from 'node:fs'
 import { createServer as createHttpServer, type IncomingHttpHeaders } from 'node:http'
 import { createServer as createHttpsServer } from 'node:https'
 import { createServer, createServer as createNetServer, connect as connectTcp } from 'node:net'
-import { join } from 'node:path'
 import t, { type Test } from 'tap'
 import { NotFoundError, TimeoutError, UpstreamError } from '../../../../errors.js'
 import { parseRegistryConfig } from '../../../../plugins/credentials/file-source.js'
@@ -11,6 +8,7 @@ import type { RegistrySource } from '../../../../plugins/credentials/source.js'
 import { MANIFEST_ACCEPT, MAX_MANIFEST_BYTES, RegistryClient, type UpstreamKind } from '../../../../plugins/packages/registry/registry-client.js'
 import { FakeRegistry, MEDIA_TYPES } from '../../../fixtures/fake-registry.js'
 import { DEFAULT_PREFIX, MODULE_PREFIX, bytes, dockerConfig, packageUrl, startHarness, waitCached } from '../../../fixtures/proxy-harness.js'
+import { selfSignedCert } from '../../../fixtures/self-signed.js'
 
 function basic(username: string, password: string): string {
   return `Basic ${Buffer.from(`${username}:${password}`).toString('base64')}`
@@ -270,43 +268,8 @@ void t.test('a redirect target that challenges gets no credentials, and neither 
   }
 })
 
-/** A self-signed certificate for 127.0.0.1, or undefined (and `t` planned empty) without openssl; CI must have it. */
-function selfSigned(t: Test): { cert: string; key: string } | undefined {
-  const dir = t.testdir()
-  try {
-    execFileSync(
-      'openssl',
-      [
-        'req',
-        '-x509',
-        '-newkey',
-        'ec',
-        '-pkeyopt',
-        'ec_paramgen_curve:prime256v1',
-        '-nodes',
-        '-keyout',
-        join(dir, 'tls.key'),
-        '-out',
-        join(dir, 'tls.crt'),
-        '-days',
-        '2',
-        '-subj',
-        '/CN=registry',
-        '-addext',
-        'subjectAltName=IP:127.0.0.1',
-      ],
-      { stdio: 'ignore' },
-    )
-  } catch {
-    if (process.env.CI) throw new Error('openssl is needed for the TLS realm test')
-    t.plan(0, 'openssl is not installed')
-    return undefined
-  }
-  return { cert: readFileSync(join(dir, 'tls.crt'), 'utf8'), key: readFileSync(join(dir, 'tls.key'), 'utf8') }
-}
-
 void t.test('an https registry that names an http:// token realm: refused, nothing sent there', async (t) => {
-  const tls = selfSigned(t)
+  const tls = selfSignedCert(t, t.testdir(), 'registry', 'the TLS realm test')
   if (!tls) return
   const harvest = await recorder(t)
   const seen: Array<{ path: string; authorization: string | undefined }> = []
@@ -498,7 +461,7 @@ void t.test('RegistryClient: a source replaced with new credentials gets new tok
 })
 
 void t.test('through HTTPS_PROXY (CONNECT), a registry is verified with its source CA, end to end', async (t) => {
-  const tls = selfSigned(t)
+  const tls = selfSignedCert(t, t.testdir(), 'registry', 'the TLS realm test')
   if (!tls) return
   const manifest = Buffer.from('{"schemaVersion":2}')
   const server = createHttpsServer({ cert: tls.cert, key: tls.key }, (_req, res) => {
