@@ -6,7 +6,7 @@
  * holds the package.
  */
 import { createServer, type Server } from 'node:http'
-import type { Socket } from 'node:net'
+import { listenUntilTeardown } from '../fixtures/listen.js'
 import t, { type Test } from 'tap'
 import { ownerOf } from '../../plugins/peers/rendezvous.js'
 import { DEFAULT_PREFIX, bytes, fetchRaw, packageUrl, sha256, startHarness } from '../fixtures/proxy-harness.js'
@@ -19,7 +19,6 @@ const SELF = '127.0.0.1:1'
 async function holdingPeer(t: Test, image: () => FakeImage): Promise<{ address: string; asked: string[] }> {
   const port = await freePort()
   const asked: string[] = []
-  const sockets = new Set<Socket>()
   const server: Server = createServer((req, res) => {
     const img = image()
     asked.push(`${String(req.headers['x-rpp-peer'])} ${req.url?.split('?')[0] ?? ''}`)
@@ -31,15 +30,7 @@ async function holdingPeer(t: Test, image: () => FakeImage): Promise<{ address: 
       res.writeHead(404).end()
     }
   })
-  server.on('connection', (s: Socket) => {
-    sockets.add(s)
-    s.once('close', () => sockets.delete(s))
-  })
-  await new Promise<void>((resolve) => server.listen(port, '127.0.0.1', resolve))
-  t.teardown(async () => {
-    for (const s of sockets) s.destroy()
-    await new Promise<void>((resolve) => server.close(() => resolve()))
-  })
+  await listenUntilTeardown(t, server, port)
   return { address: `127.0.0.1:${port}`, asked }
 }
 
@@ -155,17 +146,8 @@ void t.test(
 void t.test('a peer request from the very peer a download here waits on: the download goes to the registry at once, no wait on each other', async (t) => {
   // A peer that never answers: before, both requests waited for its first-byte bound.
   const port = await freePort()
-  const sockets = new Set<Socket>()
   const silent = createServer(() => undefined)
-  silent.on('connection', (s: Socket) => {
-    sockets.add(s)
-    s.once('close', () => sockets.delete(s))
-  })
-  await new Promise<void>((resolve) => silent.listen(port, '127.0.0.1', resolve))
-  t.teardown(async () => {
-    for (const s of sockets) s.destroy()
-    await new Promise<void>((resolve) => silent.close(() => resolve()))
-  })
+  await listenUntilTeardown(t, silent, port)
   const members = [SELF, `127.0.0.1:${port}`]
   const h = await startHarness(t, { peers: { members, self: SELF, timeouts: { firstByteMs: 3000, idleMs: 3000 } } })
   let image: FakeImage | undefined
@@ -196,22 +178,13 @@ void t.test(
   "a peer that sends a layer steadily but slowly: the client, who sees nothing until it verifies, is served by the registry before the proxy's socket idle timeout cuts it",
   async (t) => {
     const port = await freePort()
-    const sockets = new Set<Socket>()
     // 2 KiB every 100 ms (20 KiB/s): never idle, 13 s for the layer.
     const slow = createServer((_req, res) => {
       res.writeHead(200, { 'Content-Length': String(256 * 1024) })
       const timer = setInterval(() => res.write(Buffer.alloc(2048)), 100)
       res.once('close', () => clearInterval(timer))
     })
-    slow.on('connection', (s: Socket) => {
-      sockets.add(s)
-      s.once('close', () => sockets.delete(s))
-    })
-    await new Promise<void>((resolve) => slow.listen(port, '127.0.0.1', resolve))
-    t.teardown(async () => {
-      for (const s of sockets) s.destroy()
-      await new Promise<void>((resolve) => slow.close(() => resolve()))
-    })
+    await listenUntilTeardown(t, slow, port)
     const members = [SELF, `127.0.0.1:${port}`]
     const h = await startHarness(t, { listenPort: 0, socketIdleTimeoutMs: 2500, peers: { members, self: SELF, timeouts: { firstByteMs: 500, idleMs: 500 } } })
     let image: FakeImage | undefined
@@ -232,21 +205,12 @@ void t.test(
   'a peer that trickles a manifest while the registry fails: the lookup ends within the peer bounds, and the digest works once the registry is back',
   async (t) => {
     const port = await freePort()
-    const sockets = new Set<Socket>()
     const trickling = createServer((_req, res) => {
       res.writeHead(200, { 'Content-Type': 'application/vnd.oci.image.manifest.v1+json', 'Content-Length': '4096' })
       const timer = setInterval(() => res.write('{'), 50)
       res.once('close', () => clearInterval(timer))
     })
-    trickling.on('connection', (s: Socket) => {
-      sockets.add(s)
-      s.once('close', () => sockets.delete(s))
-    })
-    await new Promise<void>((resolve) => trickling.listen(port, '127.0.0.1', resolve))
-    t.teardown(async () => {
-      for (const s of sockets) s.destroy()
-      await new Promise<void>((resolve) => trickling.close(() => resolve()))
-    })
+    await listenUntilTeardown(t, trickling, port)
     const h = await startHarness(t, { peers: { members: [SELF, `127.0.0.1:${port}`], self: SELF, timeouts: { firstByteMs: 300, idleMs: 300 } } })
     const image = h.registry.addImage(DEFAULT_PREFIX, [bytes(8 * 1024, 9)])
     const url = packageUrl({ digest: image.manifestDigest })

@@ -5,7 +5,7 @@
  * unverified from a peer that lies or stalls.
  */
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http'
-import type { Socket } from 'node:net'
+import { listenUntilTeardown } from '../fixtures/listen.js'
 import { existsSync } from 'node:fs'
 import { join } from 'node:path'
 import t, { type Test } from 'tap'
@@ -78,21 +78,12 @@ async function metric(proxy: ProxyProcess, series: string): Promise<number> {
 /** An HTTP server standing in for a replica; `serve` decides what it does with each request. */
 async function fakePeer(t: Test, serve: (req: IncomingMessage, res: ServerResponse) => void): Promise<{ address: string; requests: number }> {
   const port = await freePort()
-  const sockets = new Set<Socket>()
   const state = { address: `127.0.0.1:${port}`, requests: 0 }
   const server: Server = createServer((req, res) => {
     state.requests++
     serve(req, res)
   })
-  server.on('connection', (s: Socket) => {
-    sockets.add(s)
-    s.once('close', () => sockets.delete(s))
-  })
-  await new Promise<void>((resolve) => server.listen(port, '127.0.0.1', resolve))
-  t.teardown(async () => {
-    for (const s of sockets) s.destroy()
-    await new Promise<void>((resolve) => server.close(() => resolve()))
-  })
+  await listenUntilTeardown(t, server, port)
   return state
 }
 

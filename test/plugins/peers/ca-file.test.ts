@@ -7,7 +7,7 @@
 import { createHash } from 'node:crypto'
 import { renameSync, rmSync, writeFileSync } from 'node:fs'
 import { createServer, type Server } from 'node:https'
-import type { Socket } from 'node:net'
+import { listenUntilTeardown } from '../../fixtures/listen.js'
 import { join } from 'node:path'
 import t, { type Test } from 'tap'
 import { CaFile } from '../../../plugins/peers/ca-file.js'
@@ -22,23 +22,12 @@ const TOKEN = { get: () => Promise.resolve('token'), stale: () => undefined }
 /** A kube-rbac-proxy stand-in serving the manifest with `tls`; counts the requests it got. */
 async function peer(t: Test, tls: { cert: string; key: string }): Promise<{ member: string; requests: () => number }> {
   let requests = 0
-  const sockets = new Set<Socket>()
   const server: Server = createServer(tls, (_req, res) => {
     requests++
     res.writeHead(200, { 'Content-Type': 'application/vnd.oci.image.manifest.v1+json', 'Content-Length': MANIFEST.length }).end(MANIFEST)
   })
-  server.on('secureConnection', (s: Socket) => {
-    sockets.add(s)
-    s.once('close', () => sockets.delete(s))
-  })
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
-  t.teardown(async () => {
-    for (const s of sockets) s.destroy()
-    await new Promise<void>((resolve) => server.close(() => resolve()))
-  })
-  const address = server.address()
-  if (!address || typeof address === 'string') throw new Error('no address')
-  return { member: `127.0.0.1:${address.port}`, requests: () => requests }
+  const port = await listenUntilTeardown(t, server)
+  return { member: `127.0.0.1:${port}`, requests: () => requests }
 }
 
 void t.test('a renewed CA file is used for new peer connections; a bad one keeps the last good CA', async (t) => {

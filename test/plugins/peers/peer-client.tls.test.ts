@@ -7,7 +7,7 @@
 import { createHash } from 'node:crypto'
 import { writeFileSync } from 'node:fs'
 import { createServer, type Server } from 'node:https'
-import type { Socket } from 'node:net'
+import { listenUntilTeardown } from '../../fixtures/listen.js'
 import { join } from 'node:path'
 import t, { type Test } from 'tap'
 import { PeerClient } from '../../../plugins/peers/peer-client.js'
@@ -21,7 +21,6 @@ const DIGEST = `sha256:${createHash('sha256').update(MANIFEST).digest('hex')}`
 /** A kube-rbac-proxy stand-in: 401 unless the bearer token is `token()`, else the manifest. */
 async function fakeRbacProxy(t: Test, tls: { cert: string; key: string }, token: () => string): Promise<{ member: string; seen: Array<string | undefined> }> {
   const seen: Array<string | undefined> = []
-  const sockets = new Set<Socket>()
   const server: Server = createServer(tls, (req, res) => {
     seen.push(req.headers.authorization)
     if (req.headers.authorization !== `Bearer ${token()}`) {
@@ -34,18 +33,8 @@ async function fakeRbacProxy(t: Test, tls: { cert: string; key: string }, token:
     }
     res.writeHead(200, { 'Content-Type': 'application/vnd.oci.image.manifest.v1+json', 'Content-Length': MANIFEST.length }).end(MANIFEST)
   })
-  server.on('connection', (s: Socket) => {
-    sockets.add(s)
-    s.once('close', () => sockets.delete(s))
-  })
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
-  t.teardown(async () => {
-    for (const s of sockets) s.destroy()
-    await new Promise<void>((resolve) => server.close(() => resolve()))
-  })
-  const address = server.address()
-  if (!address || typeof address === 'string') throw new Error('no address')
-  return { member: `127.0.0.1:${address.port}`, seen }
+  const port = await listenUntilTeardown(t, server)
+  return { member: `127.0.0.1:${port}`, seen }
 }
 
 void t.test('HTTPS to a peer: bearer token, certificate verified against the CA, never another', async (t) => {
