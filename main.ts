@@ -1,8 +1,9 @@
 #!/usr/bin/env node
-import { destination as logDestination, pino } from 'pino'
+import { pino } from 'pino'
 import { ConfigError, parseFlags } from './config/flags.js'
 import { formatBytes } from './config/quantity.js'
 import { SourceError } from './plugins/credentials/source.js'
+import { batchedLog } from './log-destination.js'
 
 /** How long SIGTERM waits for in-flight responses before closing them. */
 const DRAIN_MS = 25_000
@@ -28,18 +29,15 @@ async function main(argv: string[]): Promise<void> {
     if (err instanceof ConfigError) fail(err.message)
     throw err
   }
-  // Log lines go out through a buffered asynchronous destination: at `info` every request writes
-  // a line, and a synchronous write(2) per line was about 30 µs of a 64 KiB hit's 75 µs. pino
-  // flushes what is buffered synchronously when the process exits, however it exits (SIGTERM
-  // below ends in process.exit; an uncaught error too), so no line is lost where Node gets to
-  // run (test/integration/process.test.ts "request logs are buffered, and none is lost").
-  // 12 KiB per write(2) (sonic-boom writes at most 16 KiB at once): each write is a hand-off to
-  // libuv's thread pool and back, which at 4 KiB (one per ~13 lines) was a tenth of a memory
-  // hit's main-thread time in a profile. Never a synchronous write: a slow log pipe must not
-  // stop the event loop.
-  const destination = logDestination({ dest: 1, sync: false, minLength: 12 * 1024 })
-  // A buffered line must not wait for the next 12 KiB on a quiet proxy: flushed every 250 ms.
-  setInterval(() => destination.flush(), 250).unref()
+  // Log lines go out batched and asynchronously (log-destination.ts): at `info` every request
+  // writes a line, and a synchronous write(2) per line was about 30 µs of a 64 KiB hit's 75 µs.
+  // Lines still batched are written at exit, however the process exits (SIGTERM below ends in
+  // process.exit; an uncaught error too), so no line is lost where Node gets to run
+  // (test/integration/process.test.ts "request logs are buffered, and none is lost"). 12 KiB per
+  // write(2): each write is a hand-off to libuv's thread pool and back, which at 4 KiB (one per
+  // ~13 lines) was a tenth of a memory hit's main-thread time in a profile. Never a synchronous
+  // write while serving: a slow log pipe must not stop the event loop.
+  const destination = batchedLog(1, { batchBytes: 12 * 1024, flushEveryMs: 250 })
   const logger = pino(
     {
       level: flags.logLevel,

@@ -129,16 +129,16 @@ export class Children {
   }
 }
 
-/** Starts `dist/main.js` on `port`; resolves once `/readyz` answers 200. */
+/** Starts `dist/main.js` (or `o.main`, another build of it) on `port`; resolves once `/readyz` answers 200. */
 export async function startProxy(
   children: Children,
-  o: { configPath: string; cacheDir: string; port: number; logFile: string; nodeArgs?: string[]; logLevel?: string; args?: string[] },
+  o: { configPath: string; cacheDir: string; port: number; logFile: string; nodeArgs?: string[]; logLevel?: string; args?: string[]; main?: string },
 ): Promise<ChildProcess> {
   const child = children.spawn(
     process.execPath,
     [
       ...(o.nodeArgs ?? []),
-      join(ROOT, 'dist/main.js'),
+      o.main ?? join(ROOT, 'dist/main.js'),
       `--registry-config=${o.configPath}`,
       `--cache-directory=${o.cacheDir}`,
       '--cache-retention-size=2Gi',

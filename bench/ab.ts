@@ -1,0 +1,90 @@
+/**
+ * Two builds of the proxy, A and B, serving the same cache hits in alternating wrk runs: for
+ * telling whether a change to the hit path moved its CPU per request, which one `npm run bench`
+ * round cannot (its rounds vary by more than most single changes save).
+ *
+ *   npm run build && node dist/bench/ab.js --a /path/to/other/checkout [--b .] [--size 64k] [--runs 8] [--seconds 5]
+ *
+ * Each side is a checkout with its own `dist/main.js` (built). Both proxies run at once, at
+ * `--log-level info`, with their caches filled from one sample registry; runs alternate
+ * A, B, B, A, A, B, ... so that drift falls on both alike. Prints each run's requests/s and
+ * CPU per request (from /proc/<pid>/stat, all threads) and both sides' medians.
+ */
+import { chmodSync, mkdtempSync, writeFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join, resolve } from 'node:path'
+import { FakeRegistry } from '../tools/sample-registry.js'
+import { freePort } from '../tools/net.js'
+import { Children, fetchHashed, fmt, KiB, MiB, option, pseudoRandom, ROOT, runWrk, startProxy, waitForHit } from './lib.js'
+
+function arg(name: string, fallback?: string): string | undefined {
+  const i = process.argv.indexOf(`--${name}`)
+  return i === -1 ? fallback : (process.argv[i + 1] ?? fallback)
+}
+
+const median = (xs: number[]): number => {
+  const s = [...xs].sort((a, b) => a - b)
+  const mid = Math.floor(s.length / 2)
+  return s.length % 2 ? (s[mid] ?? NaN) : ((s[mid - 1] ?? NaN) + (s[mid] ?? NaN)) / 2
+}
+
+async function main(): Promise<void> {
+  const sizes: Record<string, number> = { '64k': 64 * KiB, '4m': 4 * MiB, '32m': 32 * MiB }
+  const size = arg('size', '64k') ?? '64k'
+  const bytes = sizes[size]
+  if (bytes === undefined) throw new Error(`--size must be one of ${Object.keys(sizes).join(', ')}`)
+  const a = arg('a')
+  if (!a) throw new Error('--a <checkout> is required (a built checkout to compare with)')
+  const sides = { A: resolve(a, 'dist/main.js'), B: resolve(arg('b', ROOT) ?? ROOT, 'dist/main.js') }
+  const runs = option('runs', 8)
+  const seconds = option('seconds', 5)
+  const children = new Children()
+  const tmp = mkdtempSync(join(tmpdir(), 'rpp-ab-'))
+  chmodSync(tmp, 0o755)
+  const registry = await FakeRegistry.start()
+  try {
+    const image = registry.addImage('bench/pkg/ab', [pseudoRandom(bytes, `ab ${size}`)])
+    const configPath = join(tmp, 'registry-config.json')
+    writeFileSync(configPath, JSON.stringify({ default: { address: registry.host, path: '/bench', scheme: 'http' } }))
+    const proxies: Record<'A' | 'B', { pid: number; url: string }> = { A: { pid: -1, url: '' }, B: { pid: -1, url: '' } }
+    for (const side of ['A', 'B'] as const) {
+      const port = await freePort()
+      const child = await startProxy(children, {
+        configPath,
+        cacheDir: join(tmp, `cache-${side}`),
+        port,
+        logFile: join(tmp, `proxy-${side}.log`),
+        logLevel: 'info',
+        main: sides[side],
+      })
+      const url = `http://127.0.0.1:${port}/package?digest=${image.manifestDigest}&path=pkg/ab`
+      const first = await fetchHashed(url)
+      if (first.status !== 200 || first.digest !== image.lastLayer.digest) throw new Error(`${side} warm-up: HTTP ${first.status}`)
+      await waitForHit(url, image.lastLayer.digest)
+      proxies[side] = { pid: child.pid ?? -1, url }
+    }
+    console.log(`A = ${sides.A}\nB = ${sides.B}\n${size} hits, wrk -t1 -c32 -d${seconds}s, ${runs} runs each, alternating`)
+    const results: Record<'A' | 'B', { rps: number; us: number }[]> = { A: [], B: [] }
+    for (let i = 0; i < runs * 2; i++) {
+      // A B B A A B B A ...: each side runs first as often as second.
+      const side = (Math.floor((i + 1) / 2) % 2 === 0) === (i % 2 === 0) ? 'A' : 'B'
+      const p = proxies[side]
+      await runWrk(children, { url: p.url, threads: 1, connections: 32, seconds: 1, serverPids: [p.pid] })
+      const r = await runWrk(children, { url: p.url, threads: 1, connections: 32, seconds, serverPids: [p.pid], quiet: { maxMs: 30_000, threshold: 0.25 } })
+      const us = (r.serverCpu / r.requestsPerSec) * 1e6
+      results[side].push({ rps: r.requestsPerSec, us })
+      console.log(`${side}: ${fmt(r.requestsPerSec)} req/s, ${fmt(us, 1)} µs CPU per request`)
+    }
+    for (const side of ['A', 'B'] as const) {
+      const rs = results[side]
+      console.log(
+        `${side} median: ${fmt(median(rs.map((r) => r.rps)))} req/s, ${fmt(median(rs.map((r) => r.us)), 1)} µs per request (runs: ${rs.map((r) => fmt(r.us, 1)).join(', ')})`,
+      )
+    }
+  } finally {
+    await children.stopAll()
+    await registry.close()
+  }
+}
+
+await main()
