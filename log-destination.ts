@@ -24,19 +24,31 @@ export interface LogDestination {
  * Nothing is lost where Node still runs: the lines still batched are handed over and written
  * synchronously on 'exit' (SIGTERM ends in process.exit; an uncaught error emits 'exit' too).
  * A quiet proxy's lines wait at most `flushEveryMs`.
+ *
+ * A log reader that stops reading must not take the proxy's memory with it: past
+ * `maxBufferedBytes` waiting to be written, lines are dropped and counted, and the first batch
+ * written after that begins with a warning line saying how many were lost.
  */
-export function batchedLog(fd: number, o: { batchBytes?: number; flushEveryMs?: number } = {}): LogDestination {
+export function batchedLog(fd: number, o: { batchBytes?: number; flushEveryMs?: number; maxBufferedBytes?: number; name?: string } = {}): LogDestination {
   const batchBytes = o.batchBytes ?? 12 * 1024
-  const writer = destination({ dest: fd, sync: false, minLength: 0 })
+  const writer = destination({ dest: fd, sync: false, minLength: 0, maxLength: o.maxBufferedBytes ?? 16 * 1024 * 1024 })
+  // sonic-boom emits 'drop' inside write(), when the batch did not fit.
+  let refused = false
+  writer.on('drop', () => (refused = true))
   let lines: string[] = []
   // In UTF-16 units, not bytes: only a threshold, and log lines are nearly all ASCII.
   let pending = 0
+  let dropped = 0
   const flush = (): void => {
     if (lines.length === 0) return
     const batch = lines.length === 1 ? (lines[0] as string) : lines.join('')
+    const count = lines.length
     lines = []
     pending = 0
-    writer.write(batch)
+    const notice = dropped > 0 ? droppedLine(dropped, o.name) : ''
+    refused = false
+    writer.write(notice + batch)
+    dropped = refused ? dropped + count : 0
   }
   const log: LogDestination = {
     write(line) {
@@ -56,7 +68,7 @@ export function batchedLog(fd: number, o: { batchBytes?: number; flushEveryMs?: 
     },
   }
   setInterval(flush, o.flushEveryMs ?? 250).unref()
-  // Whether before or after pino's own exit hook (sonic-boom's flushSync), the order holds.
+  // Before or after pino's own exit hook (sonic-boom's flushSync): either way nothing is left.
   process.on('exit', () => {
     try {
       log.flushSync()
@@ -65,6 +77,11 @@ export function batchedLog(fd: number, o: { batchBytes?: number; flushEveryMs?: 
     }
   })
   return log
+}
+
+/** A warning in pino's format: `count` lines were dropped because the log's reader fell behind. */
+function droppedLine(count: number, name: string | undefined): string {
+  return `${JSON.stringify({ level: 40, time: Date.now(), ...(name ? { name } : {}), droppedLines: count, msg: 'log lines dropped: the log reader fell behind' })}\n`
 }
 
 /** How long an exiting process waits, in all, for a log pipe that will not take more. */

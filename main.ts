@@ -5,6 +5,9 @@ import { formatBytes } from './config/quantity.js'
 import { SourceError } from './plugins/credentials/source.js'
 import { batchedLog } from './log-destination.js'
 
+/** The `name` of every log line. */
+const NAME = 'registry-packages-proxy'
+
 /** How long SIGTERM waits for in-flight responses before closing them. */
 const DRAIN_MS = 25_000
 
@@ -36,12 +39,13 @@ async function main(argv: string[]): Promise<void> {
   // (test/integration/process.test.ts "request logs are buffered, and none is lost"). 12 KiB per
   // write(2): each write is a hand-off to libuv's thread pool and back, which at 4 KiB (one per
   // ~13 lines) was a tenth of a memory hit's main-thread time in a profile. Never a synchronous
-  // write while serving: a slow log pipe must not stop the event loop.
-  const destination = batchedLog(1, { batchBytes: 12 * 1024, flushEveryMs: 250 })
+  // write while serving: a slow log pipe must not stop the event loop, nor, once 16 MiB wait,
+  // grow the heap (lines are then dropped, and counted in a warning when the pipe moves again).
+  const destination = batchedLog(1, { batchBytes: 12 * 1024, flushEveryMs: 250, maxBufferedBytes: 16 * 1024 * 1024, name: NAME })
   const logger = pino(
     {
       level: flags.logLevel,
-      base: { name: 'registry-packages-proxy' },
+      base: { name: NAME },
       // Our `err` fields are already log-safe {type, code, message} objects (never raw errors, which
       // could carry request headers): print them as they are.
       serializers: { err: (e: unknown) => e },

@@ -69,7 +69,7 @@ function checkLines(t: Test, out: string, n: number): void {
 void t.test('a burst then process.exit: every line', async (t) => {
   const dir = t.testdir({})
   const r = await run(dir, `const log = batchedLog(1)\n${burst(5000)}\nprocess.exit(0)`)
-  t.equal(r.code, 0, r.err)
+  t.equal(r.code, 0, 'exits 0', { stderr: r.err.slice(0, 2000) })
   checkLines(t, r.out, 5000)
 })
 
@@ -84,7 +84,7 @@ void t.test('the pipe is non-blocking and full at exit: the rest is written as i
       readAfterMs: 400,
     },
   )
-  t.equal(r.code, 0, r.err)
+  t.equal(r.code, 0, 'exits 0', { stderr: r.err.slice(0, 2000) })
   checkLines(t, r.out, 5000)
 })
 
@@ -99,7 +99,7 @@ void t.test('an uncaught error: the lines before it are written, and the error e
 void t.test('a quiet process: its one line comes out within the flush interval, not at exit', async (t) => {
   const dir = t.testdir({})
   const r = await run(dir, `const log = batchedLog(1, { flushEveryMs: 100 })\nlog.write('{"i":0}\\n')\nsetTimeout(() => {}, 1500)`)
-  t.equal(r.code, 0, r.err)
+  t.equal(r.code, 0, 'exits 0', { stderr: r.err.slice(0, 2000) })
   checkLines(t, r.out, 1)
   t.ok(r.firstByteMs !== undefined && r.firstByteMs < 1200, `the line came after ${String(r.firstByteMs)} ms, before the process ended at 1.5 s`)
 })
@@ -117,9 +117,46 @@ const log = batchedLog(1, { batchBytes: 12 * 1024 })
 ${burst(3000)}
 setTimeout(() => { process.stderr.write('writes=' + writes + '\\n') }, 500)`,
   )
-  t.equal(r.code, 0, r.err)
+  t.equal(r.code, 0, 'exits 0', { stderr: r.err.slice(0, 2000) })
   checkLines(t, r.out, 3000)
   const writes = Number(/writes=(\d+)/.exec(r.err)?.[1])
   // 3000 lines of ~300 bytes are ~900 KB: at 12 KiB a batch, about 75 batches.
   t.ok(writes > 0 && writes <= 150, `${writes} writes for 3000 lines`)
+})
+
+void t.test('a reader that stops reading: past the cap lines are dropped, counted in a warning, and none is lost uncounted', async (t) => {
+  const dir = t.testdir({})
+  // 20,000 lines (~6 MB) while nobody reads: the pipe takes ~64 KiB, the cap 256 KiB, the rest
+  // is dropped. Once the reader is back, ten more lines: the first batch after says how many.
+  const r = await run(
+    dir,
+    `const log = batchedLog(1, { maxBufferedBytes: 256 * 1024, name: 'test' })
+${burst(20000)}
+setTimeout(() => {
+  for (let i = 20000; i < 20010; i++) log.write(JSON.stringify({ i }) + '\\n')
+  log.flush()
+  setTimeout(() => process.exit(0), 300)
+}, 1500)
+setInterval(() => process.stderr.write('rss=' + process.memoryUsage().rss + '\\n'), 100).unref()`,
+    { readAfterMs: 1000 },
+  )
+  t.equal(r.code, 0, 'exits 0', { stderr: r.err.slice(0, 2000) })
+  const parsed = r.out
+    .split('\n')
+    .filter((l) => l !== '')
+    .map((l) => JSON.parse(l) as { i?: number; droppedLines?: number; level?: number; name?: string; msg?: string })
+  const notices = parsed.filter((l) => l.droppedLines !== undefined)
+  const kept = parsed.filter((l) => l.i !== undefined)
+  t.ok(notices.length >= 1, 'a warning says lines were dropped')
+  t.match(notices[0], { level: 40, name: 'test', msg: /dropped/ })
+  const dropped = notices.reduce((a, n) => a + (n.droppedLines ?? 0), 0)
+  t.ok(dropped > 0 && kept.length < 20000, `${kept.length} lines kept, ${dropped} dropped`)
+  t.equal(kept.length + dropped, 20010, 'every line is either written or counted as dropped')
+  t.same(
+    kept.slice(-10).map((l) => l.i),
+    [20000, 20001, 20002, 20003, 20004, 20005, 20006, 20007, 20008, 20009],
+    'the lines after the reader came back are all there',
+  )
+  const peak = Math.max(...[...r.err.matchAll(/rss=(\d+)/g)].map((m) => Number(m[1])))
+  t.ok(peak < 150 * 1024 * 1024, `peak RSS ${Math.round(peak / 1048576)} MiB while the reader stalled`)
 })
