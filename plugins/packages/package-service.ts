@@ -1,14 +1,15 @@
 import { Readable } from 'node:stream'
-import { BusyError, ManifestError, NotFoundError, UpstreamError } from '../../errors.js'
+import { ManifestError, NotFoundError, UpstreamError } from '../../errors.js'
 import type { RegistrySource } from '../credentials/source.js'
 import type { BlobCache, RemovalReason } from './cache/blob-cache.js'
 import type { HotUse } from './cache/memory-cache.js'
 import { CachedReads, type OpenedFile } from './cached-reads.js'
-import { DownloadSlots, type DownloadSlotsOptions } from './download-slots.js'
+import type { DownloadSlotsOptions } from './download-slots.js'
 import { Downloads, type CacheParts, type FillOutcome } from './downloads.js'
 import { describe, type PackageLogger } from './log.js'
-import { parseManifest, verifyDigest, type LayerRef } from './manifest.js'
-import type { ManifestBytes, PeerPort, PeerRequest } from './peer-port.js'
+import { ManifestLookups, retriesWithPeers } from './manifest-lookups.js'
+import type { LayerRef } from './manifest.js'
+import type { PeerPort, PeerRequest } from './peer-port.js'
 import type { RegistryClient } from './registry/registry-client.js'
 
 export type { CacheParts, FillOutcome } from './downloads.js'
@@ -53,22 +54,6 @@ export interface PackageBody {
   result: PackageResult
 }
 
-/** A manifest lookup shared by every concurrent request for one digest. */
-interface Lookup {
-  pending: Promise<LayerRef>
-  /** Whether it asks peers when the registry fails: only work a client started does. */
-  asksPeers: boolean
-}
-
-/**
- * Whether a client that joined shared work which does not ask peers (a request marked as from
- * a peer started it) tries again with work that does: when it failed, not with a 404 (the
- * registry's answer) or a refusal for lack of a slot.
- */
-function retriesWithPeers(peers: PeerPort | undefined, request: PeerRequest | undefined, asksPeers: boolean, err: unknown): boolean {
-  return peers !== undefined && request?.from === 'client' && !asksPeers && !(err instanceof NotFoundError) && !(err instanceof BusyError)
-}
-
 /** A body of bytes already in memory; the stream view is made only if someone asks. */
 function bufferBody(buffer: Buffer, result: PackageResult, release: () => void): PackageBody {
   return {
@@ -85,18 +70,17 @@ function bufferBody(buffer: Buffer, result: PackageResult, release: () => void):
 
 /**
  * The package use case: manifest digest -> last layer -> bytes, from the cache when possible.
- * Manifests are looked up once per concurrent (repository, digest); layers are downloaded once
+ * Manifests are looked up once per concurrent (repository, digest) ({@link ManifestLookups}); layers are downloaded once
  * per digest ({@link Downloads}); hits are read with bounded memory ({@link CachedReads}); the
  * cache's books are kept by its one owner ({@link BlobCache}).
  */
 export class PackageService {
   readonly #o: PackageServiceOptions
   #parts: CacheParts | undefined
-  readonly #resolving = new Map<string, Lookup>()
   /** Manifest digest -> layer for fills not yet committed, so a request in between needs no registry. */
   readonly #inflightLayers = new Map<string, LayerRef>()
   readonly #downloads: Downloads
-  readonly #lookups: DownloadSlots
+  readonly #lookups: ManifestLookups
   readonly #reads: CachedReads
   readonly #aborter = new AbortController()
 
@@ -111,7 +95,7 @@ export class PackageService {
       ...(options.onResume ? { onResume: options.onResume } : {}),
       peers: options.peers,
     })
-    this.#lookups = new DownloadSlots(options.lookups, this.#aborter.signal, 'manifest')
+    this.#lookups = new ManifestLookups({ client: options.client, peers: options.peers, slots: options.lookups, signal: this.#aborter.signal })
     this.#reads = new CachedReads({ log: options.log })
   }
 
@@ -153,7 +137,7 @@ export class PackageService {
 
   /** Manifest lookups holding a slot, and those waiting for one. */
   get lookups(): { running: number; queued: number } {
-    return { running: this.#lookups.running, queued: this.#lookups.queued }
+    return this.#lookups.counts
   }
 
   /**
@@ -172,17 +156,7 @@ export class PackageService {
     // A fill that just finished may not have written its rows yet: its manifest is known here.
     const inflight = this.#inflightLayers.get(digest)
     if (inflight) return { digest, layer: inflight, cached: parts?.cache.has(inflight.digest) ?? false }
-    const key = `${source.repository}\n${name}\n${digest}`
-    const shared = this.#lookup(key, source, name, digest, request, false)
-    let layer: LayerRef
-    try {
-      layer = await shared.pending
-    } catch (err) {
-      // A client that joined a lookup started by a request marked as from a peer (which anyone
-      // may send, and which never asks peers) gets the peer fallback all the same.
-      if (!retriesWithPeers(this.#o.peers, request, shared.asksPeers, err)) throw err
-      layer = await this.#lookup(key, source, name, digest, request, true).pending
-    }
+    const layer = await this.#lookups.find(source, name, digest, request)
     // A digest names its bytes, and so their length: a manifest that gives a layer we hold (or
     // are downloading) another size than it has is lying, and would have us cut the bytes short
     // or promise more than exist (found from outside: a truncated but complete 200 from a hit).
@@ -193,64 +167,6 @@ export class PackageService {
     const cached = this.#parts?.cache.has(layer.digest) ?? false
     if (cached) await this.#rememberManifest(digest, layer)
     return { digest, layer, cached }
-  }
-
-  /**
-   * The shared lookup of `digest`: the running one, or a new one. `fresh` starts a new one in
-   * place of a running one that does not ask peers, for a client that needs them.
-   */
-  #lookup(key: string, source: RegistrySource, name: string, digest: string, request: PeerRequest | undefined, fresh: boolean): Lookup {
-    const running = this.#resolving.get(key)
-    if (running && !(fresh && !running.asksPeers)) return running
-    // A full queue refuses here (503), before anything is registered or sent upstream.
-    const ticket = this.#lookups.enter()
-    const entry: Lookup = {
-      asksPeers: request?.from === 'client',
-      pending: ticket.ready
-        .then(() => this.#fetchLayerRef(source, name, digest, request))
-        .finally(() => {
-          ticket.release()
-          if (this.#resolving.get(key) === entry) this.#resolving.delete(key)
-        }),
-    }
-    this.#resolving.set(key, entry)
-    return entry
-  }
-
-  async #fetchLayerRef(source: RegistrySource, name: string, digest: string, request: PeerRequest | undefined): Promise<LayerRef> {
-    const first = await this.#manifest(source, name, digest, request)
-    const parsed = parseManifest(first.body, first.mediaType)
-    // Peers are told only of manifests that verified and parsed as they are labelled.
-    this.#o.peers?.remember(digest, first)
-    if (parsed.kind === 'image') return parsed.layer
-    const second = await this.#manifest(source, name, parsed.platformDigest, request)
-    const image = parseManifest(second.body, second.mediaType)
-    if (image.kind !== 'image') throw new ManifestError('linux/amd64 entry of the index is itself an index')
-    this.#o.peers?.remember(parsed.platformDigest, second)
-    return image.layer
-  }
-
-  /**
-   * A manifest verified against `reference`: from the registry, or, when the registry fails
-   * (anything but its 404) for a client's request, from a peer, verified here again (and parsed by
-   * {@link #fetchLayerRef}, which then tells peers of it, so they can serve it while the
-   * registry is down).
-   */
-  async #manifest(source: RegistrySource, name: string, reference: string, request: PeerRequest | undefined): Promise<ManifestBytes> {
-    const peers = this.#o.peers
-    try {
-      const m = await this.#o.client.fetchManifest(source, name, reference)
-      verifyDigest('manifest', m.body, reference)
-      return m
-    } catch (err) {
-      if (!peers || request?.from !== 'client' || err instanceof NotFoundError) throw err
-      // Bounded by the peer client (first byte, idle, in all), and ended by shutdown: a peer
-      // that trickles must not hold this lookup, its slot and everyone joined to it.
-      const m = await peers.manifest(reference, this.#aborter.signal)
-      if (!m) throw err
-      verifyDigest('manifest', m.body, reference)
-      return m
-    }
   }
 
   async #rememberManifest(digest: string, layer: LayerRef): Promise<void> {
