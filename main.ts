@@ -32,16 +32,14 @@ async function main(argv: string[]): Promise<void> {
     if (err instanceof ConfigError) fail(err.message)
     throw err
   }
-  // Log lines go out batched and asynchronously (log-destination.ts): at `info` every request
-  // writes a line, and a synchronous write(2) per line was about 30 µs of a 64 KiB hit's 75 µs.
-  // Lines still batched are written at exit, however the process exits (SIGTERM below ends in
-  // process.exit; an uncaught error too), so no line is lost where Node gets to run
-  // (test/integration/process.test.ts "request logs are buffered, and none is lost"). 12 KiB per
-  // write(2): each write is a hand-off to libuv's thread pool and back, which at 4 KiB (one per
-  // ~13 lines) was a tenth of a memory hit's main-thread time in a profile. Never a synchronous
-  // write while serving: a slow log pipe must not stop the event loop, nor, once 16 MiB wait,
-  // grow the heap (lines are then dropped, and counted in a warning when the pipe moves again).
-  const destination = batchedLog(1, { batchBytes: 12 * 1024, flushEveryMs: 250, maxBufferedBytes: 16 * 1024 * 1024, name: NAME })
+  // Log lines go out batched and never through a blocking write while serving (log-destination.ts):
+  // at `info` every request writes a line, and a synchronous write(2) per line was about 30 µs of
+  // a 64 KiB hit's 75 µs. Lines still held are written at exit, however the process exits
+  // (SIGTERM below ends in process.exit; an uncaught error too), waiting at most 2 s for a full
+  // pipe (test/integration/process.test.ts "request logs are buffered, and none is lost"). A
+  // reader that falls behind costs at most 16 MiB; lines past that are dropped and counted in a
+  // warning line.
+  const destination = batchedLog(1, { batchBytes: 12 * 1024, flushEveryMs: 250, maxBufferedBytes: 16 * 1024 * 1024, exitWaitMs: 2000, name: NAME })
   const logger = pino(
     {
       level: flags.logLevel,

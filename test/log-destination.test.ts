@@ -7,7 +7,7 @@
 import t from 'tap'
 import type { Test } from 'tap'
 import { spawn } from 'node:child_process'
-import { writeFileSync } from 'node:fs'
+import { closeSync, openSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { pathToFileURL } from 'node:url'
 import { MAIN, buildIfMissing } from './fixtures/main-process.js'
@@ -21,29 +21,48 @@ interface Run {
   code: number | null
   /** ms from spawn to the first byte on stdout. */
   firstByteMs: number | undefined
+  /** ms from spawn to the child's exit. */
+  exitMs: number
 }
 
-/** Runs `body` (an ES module body with `log` in scope) with stdout a pipe read after `readAfterMs`. */
-function run(dir: string, body: string, o: { readAfterMs?: number } = {}): Promise<Run> {
+/**
+ * Runs `body` (an ES module body with `batchedLog` in scope). stdout is a pipe read after
+ * `readAfterMs` (never before the child exits, with `readAfterExit`; slowly, with `slowReader`), or
+ * the file `stdoutFile`.
+ */
+function run(dir: string, body: string, o: { readAfterMs?: number; readAfterExit?: boolean; stdoutFile?: string; slowReader?: boolean } = {}): Promise<Run> {
   const file = join(dir, `child-${Math.random().toString(36).slice(2)}.mjs`)
   writeFileSync(file, `import { batchedLog } from ${JSON.stringify(MODULE)}\n${body}\n`)
   return new Promise((resolve, reject) => {
     const started = Date.now()
-    const child = spawn(process.execPath, [file], { stdio: ['ignore', 'pipe', 'pipe'] })
+    const stdoutFd = o.stdoutFile === undefined ? undefined : openSync(o.stdoutFile, 'w')
+    const child = spawn(process.execPath, [file], { stdio: ['ignore', stdoutFd ?? 'pipe', 'pipe'] })
+    if (stdoutFd !== undefined) closeSync(stdoutFd)
     const out: Buffer[] = []
     let err = ''
     let firstByteMs: number | undefined
-    child.stdout.pause()
-    setTimeout(() => {
-      child.stdout.on('data', (c: Buffer) => {
+    let exitMs = NaN
+    const read = (): void => {
+      child.stdout?.on('data', (c: Buffer) => {
         firstByteMs ??= Date.now() - started
         out.push(c)
+        // About 1 MB/s: a chunk (at most 64 KiB), then 50 ms of nothing.
+        if (o.slowReader) {
+          child.stdout?.pause()
+          setTimeout(() => child.stdout?.resume(), 50)
+        }
       })
-      child.stdout.resume()
-    }, o.readAfterMs ?? 0)
-    child.stderr.on('data', (c: Buffer) => (err += c.toString()))
+      child.stdout?.resume()
+    }
+    child.stdout?.pause()
+    if (!o.readAfterExit) setTimeout(read, o.readAfterMs ?? 0)
+    child.on('exit', () => {
+      exitMs = Date.now() - started
+      if (o.readAfterExit) read()
+    })
+    child.stderr?.on('data', (c: Buffer) => (err += c.toString()))
     child.on('error', reject)
-    child.on('close', (code) => resolve({ out: Buffer.concat(out).toString(), err, code, firstByteMs }))
+    child.on('close', (code) => resolve({ out: Buffer.concat(out).toString(), err, code, firstByteMs, exitMs }))
   })
 }
 
@@ -106,21 +125,17 @@ void t.test('a quiet process: its one line comes out within the flush interval, 
 
 void t.test('lines are batched: a burst of small lines takes far fewer writes than lines', async (t) => {
   const dir = t.testdir({})
-  // Counts the write(2)s sonic-boom makes (fs.write on fd 1) while 3000 lines go out.
   const r = await run(
     dir,
-    `import fs from 'node:fs'
-const write = fs.write
-let writes = 0
-fs.write = function (...args) { if (args[0] === 1) writes++; return write.apply(this, args) }
-const log = batchedLog(1, { batchBytes: 12 * 1024 })
+    `const log = batchedLog(1, { batchBytes: 12 * 1024 })
 ${burst(3000)}
-setTimeout(() => { process.stderr.write('writes=' + writes + '\\n') }, 500)`,
+setTimeout(() => { process.stderr.write('writes=' + log.stats.writes + '\\n') }, 500)`,
   )
   t.equal(r.code, 0, 'exits 0', { stderr: r.err.slice(0, 2000) })
   checkLines(t, r.out, 3000)
   const writes = Number(/writes=(\d+)/.exec(r.err)?.[1])
-  // 3000 lines of ~300 bytes are ~900 KB: at 12 KiB a batch, about 75 batches.
+  // 3000 lines of ~300 bytes are ~900 KB: at 12 KiB a batch, about 75 batches (fewer when a
+  // backlog goes out together).
   t.ok(writes > 0 && writes <= 150, `${writes} writes for 3000 lines`)
 })
 
@@ -159,4 +174,90 @@ setInterval(() => process.stderr.write('rss=' + process.memoryUsage().rss + '\\n
   )
   const peak = Math.max(...[...r.err.matchAll(/rss=(\d+)/g)].map((m) => Number(m[1])))
   t.ok(peak < 150 * 1024 * 1024, `peak RSS ${Math.round(peak / 1048576)} MiB while the reader stalled`)
+})
+
+void t.test('stdout is /dev/full: every write fails, every line is counted as dropped, and the process exits 0 at once', async (t) => {
+  const dir = t.testdir({})
+  const r = await run(
+    dir,
+    `const log = batchedLog(1, { flushEveryMs: 20 })
+let n = 0
+const timer = setInterval(() => {
+  for (let i = 0; i < 100; i++) log.write(JSON.stringify({ i: n++ }) + '\\n')
+  if (n === 2000) {
+    clearInterval(timer)
+    setTimeout(() => { process.stderr.write('dropped=' + log.stats.dropped + '\\n'); process.exit(0) }, 100)
+  }
+}, 10)`,
+    { stdoutFile: '/dev/full' },
+  )
+  t.equal(r.code, 0, 'exits 0', { stderr: r.err.slice(0, 2000) })
+  t.ok(r.exitMs < 5000, `exited ${r.exitMs} ms after the start`)
+  t.equal(Number(/dropped=(\d+)/.exec(r.err)?.[1]), 2000, 'all 2000 lines counted as dropped')
+})
+
+void t.test('a reader that never reads at exit: the process still exits, after at most the exit wait', async (t) => {
+  const dir = t.testdir({})
+  // 3 MB of lines, far more than the pipe holds; nobody reads until the child has exited.
+  const r = await run(dir, `const log = batchedLog(1, { exitWaitMs: 500 })\n${burst(10000)}\nsetTimeout(() => process.exit(0), 50)`, { readAfterExit: true })
+  t.equal(r.code, 0, 'exits 0', { stderr: r.err.slice(0, 2000) })
+  t.ok(r.exitMs < 4000, `exited ${r.exitMs} ms after the start (exit wait 500 ms)`)
+  // What did go out is whole lines, each once (what the pipe took before the wait ran out).
+  const lines = r.out.split('\n').filter((l) => l !== '')
+  const last = r.out.endsWith('\n') ? lines : lines.slice(0, -1)
+  const seen = last.map((l) => (JSON.parse(l) as { i: number }).i)
+  t.equal(new Set(seen).size, seen.length, `${seen.length} lines out, none twice`)
+})
+
+void t.test('a slow reader at exit: what was queued goes out in order, and written + counted = all', async (t) => {
+  const dir = t.testdir({})
+  // 20,000 lines (6 MB) against a 2 MiB cap: many are dropped. At exit the socket's buffer
+  // (~200 KiB) is full, a 256 KiB write is outstanding and part-written, and the rest is queued:
+  // the exit writes the part libuv had not written, the queue and the count as the reader drains.
+  const r = await run(
+    dir,
+    `const log = batchedLog(1, { maxBufferedBytes: 2 * 1024 * 1024, name: 'test' })\n${burst(20000)}\nsetTimeout(() => process.exit(0), 50)`,
+    {
+      readAfterMs: 300,
+    },
+  )
+  t.equal(r.code, 0, 'exits 0', { stderr: r.err.slice(0, 2000) })
+  const parsed = r.out
+    .split('\n')
+    .filter((l) => l !== '')
+    .map((l) => JSON.parse(l) as { i?: number; droppedLines?: number })
+  const kept = parsed.filter((l) => l.i !== undefined).map((l) => l.i as number)
+  const dropped = parsed.reduce((a, l) => a + (l.droppedLines ?? 0), 0)
+  t.equal(new Set(kept).size, kept.length, 'no line twice')
+  t.same(
+    kept.filter((v, i) => i > 0 && v <= (kept[i - 1] as number)),
+    [],
+    'in order',
+  )
+  t.ok(dropped > 0, `${dropped} counted as dropped`)
+  t.equal(kept.length + dropped, 20000, `${kept.length} written + ${dropped} counted = 20000`)
+})
+
+void t.test('a reader too slow to take the backlog within the exit wait: whole lines, and the rest counted', async (t) => {
+  const dir = t.testdir({})
+  // 4 MiB waiting at exit, a reader at about 1 MB/s and 600 ms to write it in: most of the
+  // backlog cannot go out; what does is whole lines, then a warning counts the rest.
+  const r = await run(
+    dir,
+    `const log = batchedLog(1, { maxBufferedBytes: 4 * 1024 * 1024, exitWaitMs: 600 })\n${burst(20000)}\nsetTimeout(() => process.exit(0), 50)`,
+    {
+      slowReader: true,
+    },
+  )
+  t.equal(r.code, 0, 'exits 0', { stderr: r.err.slice(0, 2000) })
+  t.ok(r.exitMs < 3000, `exited ${r.exitMs} ms after the start`)
+  const parsed = r.out
+    .split('\n')
+    .filter((l) => l !== '')
+    .map((l) => JSON.parse(l) as { i?: number; droppedLines?: number })
+  const kept = parsed.filter((l) => l.i !== undefined).map((l) => l.i as number)
+  const dropped = parsed.reduce((a, l) => a + (l.droppedLines ?? 0), 0)
+  t.equal(new Set(kept).size, kept.length, 'no line twice')
+  t.ok(kept.length < 14000, `${kept.length} lines written: the exit wait cut the backlog`)
+  t.equal(kept.length + dropped, 20000, `${kept.length} written + ${dropped} counted = 20000`)
 })

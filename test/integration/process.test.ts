@@ -8,6 +8,7 @@ import type { Test } from 'tap'
 import { spawn } from 'node:child_process'
 import type { ChildProcess } from 'node:child_process'
 import { randomBytes } from 'node:crypto'
+import { closeSync, openSync } from 'node:fs'
 import { mkdir } from 'node:fs/promises'
 import * as http from 'node:http'
 import { join } from 'node:path'
@@ -360,6 +361,71 @@ void t.test('output: JSON lines on stdout, never a credential anywhere', async (
     t.notOk(everything.includes(secret), `${what} is printed nowhere`)
   }
   t.notOk(/authorization["']?\s*:\s*["']?(basic|bearer)\s/i.test(everything), 'no Authorization header value is printed')
+})
+
+/**
+ * The proxy with its stdout on `stdout` (a file descriptor, or a pipe the test never reads);
+ * resolves once /healthz answers, with the base URL.
+ */
+async function startWithStdout(
+  t: Test,
+  args: string[],
+  stdout: number | 'pipe',
+): Promise<{ child: ChildProcess; url: string; exited: Promise<number | null> }> {
+  const port = await freePort()
+  const child = spawn(process.execPath, [MAIN, `--listen-address=127.0.0.1:${port}`, ...args], {
+    cwd: t.testdirName,
+    env: childEnv(),
+    stdio: ['ignore', stdout, 'pipe'],
+  })
+  // Never read: the pipe fills and stays full.
+  child.stdout?.pause()
+  const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)))
+  t.teardown(() => {
+    if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL')
+  })
+  const url = `http://127.0.0.1:${port}`
+  for (let i = 0; ; i++) {
+    try {
+      if ((await request(`${url}/healthz`)).status === 200) return { child, url, exited }
+    } catch (err) {
+      if (i >= 100 || child.exitCode !== null) throw err
+    }
+    await new Promise((r) => setTimeout(r, 100))
+  }
+}
+
+void t.test('a stdout that cannot be written (/dev/full) or is never read: the proxy serves, and SIGTERM ends it', async (t) => {
+  const dir = t.testdir({ full: {}, stalled: {} })
+  const registry = await FakeRegistry.start()
+  t.teardown(() => registry.close())
+  const image = registry.addImage('deckhouse/ce/pkg', [bigPackage(16 * 1024)])
+  const config = await writeRegistryConfig(dir, { default: { address: registry.host, path: '/deckhouse/ce', scheme: 'http' } })
+  const path = `/package?digest=${image.manifestDigest}&path=pkg`
+
+  // Every log write fails with ENOSPC: found from outside, the process used to start exiting on
+  // the error and then hang in its exit's log flush, port open, answering nothing.
+  const full = openSync('/dev/full', 'w')
+  const a = await startWithStdout(t, [`--cache-directory=${join(dir, 'full')}`, `--registry-config=${config}`, '--log-level=info'], full)
+  closeSync(full)
+  for (let i = 0; i < 50; i++) t.equal((await request(`${a.url}${path}`)).status, 200, i === 0 ? 'a miss' : `hit ${i}`, { diagnostic: false })
+  await new Promise((r) => setTimeout(r, 600)) // past two periodic flushes, each failing
+  t.equal((await request(`${a.url}${path}`)).status, 200, 'still serving after the log writes failed')
+  a.child.kill('SIGTERM')
+  t.equal(await a.exited, 0, 'SIGTERM: exit 0')
+
+  // A log reader that stopped: the pipe fills, hits go on, and SIGTERM's exit waits at most 2 s
+  // for the pipe before giving up on the rest (found from outside: it waited for ever).
+  const b = await startWithStdout(t, [`--cache-directory=${join(dir, 'stalled')}`, `--registry-config=${config}`, '--log-level=info'], 'pipe')
+  for (let i = 0; i < 3000; i += 50) {
+    const replies = await Promise.all(Array.from({ length: 50 }, () => request(`${b.url}${path}`)))
+    if (!replies.every((r) => r.status === 200)) t.fail(`requests ${i}-${i + 49}: not all 200`)
+  }
+  t.pass('3000 requests answered with nobody reading the log')
+  const stopped = Date.now()
+  b.child.kill('SIGTERM')
+  t.equal(await b.exited, 0, 'SIGTERM: exit 0')
+  t.ok(Date.now() - stopped < 10_000, `exited ${Date.now() - stopped} ms after SIGTERM`)
 })
 
 void t.test('request logs are buffered, and none is lost: every request of a burst has its line after SIGTERM', async (t) => {
