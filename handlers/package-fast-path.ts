@@ -103,7 +103,7 @@ export function packageFastPath(deps: FastPathDeps): { listener: Listener; drain
           uncount()
           served(file.size)
         })
-        sendFile(res, (f) => whenClosed(req, res, f), file.handle.fd, 0, file.size - 1, buffers, file.close)
+        sendFile(res, (f) => whenClosed(req, res, f), file.handle.fd, 0, file.size - 1, buffers, file.close, file.unchanged)
       },
       () => {
         uncount()

@@ -1,6 +1,7 @@
 import { createHash } from 'node:crypto'
+import { fstatSync } from 'node:fs'
 import { open, type FileHandle } from 'node:fs/promises'
-import type { Readable } from 'node:stream'
+import { Transform, type Readable } from 'node:stream'
 import type { BlobCache } from './cache/blob-cache.js'
 import type { Lease } from './cache/ports.js'
 import { HotCache, type HotUse } from './cache/memory-cache.js'
@@ -23,6 +24,11 @@ export interface OpenedFile {
   close: () => void
   /** Lets the file go when something else closed the handle (a read stream). Idempotent. */
   done: () => void
+  /**
+   * Whether the file is as it was checked when opened (its stamp: inode, size, times): a write
+   * in place since then changes its times. One fstat, for just before a response's last bytes.
+   */
+  unchanged: () => boolean
 }
 
 /**
@@ -93,9 +99,9 @@ export class CachedReads {
     }
     const file = await this.openFile(cache, digest)
     if (!file) return undefined
-    const stream = file.handle.createReadStream({ start, end, highWaterMark: READ_CHUNK })
-    stream.once('close', file.done)
-    return { stream }
+    const read = file.handle.createReadStream({ start, end, highWaterMark: READ_CHUNK })
+    read.once('close', file.done)
+    return { stream: checkedAtEnd(read, end - start + 1, file.unchanged) }
   }
 
   /**
@@ -137,7 +143,7 @@ export class CachedReads {
         return undefined
       }
     }
-    return this.#sent(cache, digest, handle, lease)
+    return this.#sent(cache, digest, handle, lease, stamp)
   }
 
   /**
@@ -146,7 +152,7 @@ export class CachedReads {
    * after that are memory hits: a copy through user space and a thread-pool read per MiB less
    * for each. A large package fetched by one node at a time stays on disk.
    */
-  #sent(cache: BlobCache, digest: string, handle: FileHandle, lease: Lease): OpenedFile {
+  #sent(cache: BlobCache, digest: string, handle: FileHandle, lease: Lease, stamp: string): OpenedFile {
     const sending = (this.#sending.get(digest) ?? 0) + 1
     this.#sending.set(digest, sending)
     // Not when the budget is taken by bytes still being sent: the load would be read, hashed
@@ -173,6 +179,18 @@ export class CachedReads {
       handle,
       size: lease.size,
       done: finish,
+      unchanged: () => {
+        let now
+        try {
+          now = fileStamp(fstatSync(handle.fd))
+        } catch {
+          now = 'unknown'
+        }
+        if (now === stamp) return true
+        // Its stamp no longer matches the lease's: the next open hashes it again.
+        this.#o.log.error({ layer: digest }, 'a cached file was written to while it was being sent; the response is cut off before its end')
+        return false
+      },
       close: () => {
         void handle
           .close()
@@ -234,4 +252,23 @@ export class CachedReads {
     this.hot.delete(digest)
     void cache.remove(digest, 'corrupt').then((removed) => removed && this.#o.onCorrupt?.(digest))
   }
+}
+
+/**
+ * `read` (`length` bytes), with its last chunk held back until `unchanged` says the file was not
+ * written to while it was read: otherwise the stream fails, and the response is cut off, never
+ * completed with bytes the file never had (as file-sender.ts's sendFile does for the fast path).
+ */
+function checkedAtEnd(read: Readable, length: number, unchanged: () => boolean): Readable {
+  let seen = 0
+  const checked = new Transform({
+    transform(chunk: Buffer, _encoding, callback) {
+      seen += chunk.length
+      if (seen >= length && !unchanged()) callback(new Error('the cached file was written to while it was being sent'))
+      else callback(null, chunk)
+    },
+  })
+  read.on('error', (err) => checked.destroy(err))
+  checked.once('close', () => read.destroy())
+  return read.pipe(checked)
 }

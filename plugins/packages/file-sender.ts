@@ -56,7 +56,10 @@ export class ReadBuffers {
  * longer read (the last write queued, an error, or `out` closed); the caller then closes `fd`.
  * `onClosed` registers a callback for when `out` is done with (closed, or its connection gone:
  * a pipelined response queued behind another may never close by itself).
- * A file shorter than its range is an error: `out` is destroyed, never ended short.
+ * A file shorter than its range is an error: `out` is destroyed, never ended short. So is a file
+ * that `unchanged` says was written to since it was checked: asked before the last chunk goes
+ * out, once every byte has been read, so a file changed in place under a send cuts the
+ * response off instead of completing a 200 with bytes it never had.
  */
 export function sendFile(
   out: Writable,
@@ -66,6 +69,7 @@ export function sendFile(
   end: number,
   buffers: ReadBuffers,
   done: (err?: Error) => void,
+  unchanged: () => boolean = () => true,
 ): void {
   let position = start
   let finished = false
@@ -126,6 +130,14 @@ export function sendFile(
       position += n
       const chunk = n === buffer.length ? buffer : buffer.subarray(0, n)
       state = 'writing'
+      if (position > end && !unchanged()) {
+        if (large) buffers.give(large)
+        large = undefined
+        const failure = new Error('the cached file was written to while it was being sent')
+        out.destroy(failure)
+        finish(failure)
+        return
+      }
       if (position > end) {
         out.end(chunk, written)
         // Nothing more to read: the file can be closed while the last write drains.

@@ -7,7 +7,8 @@
  * BENCHMARKS.md has the measured figures.
  */
 import { createHash } from 'node:crypto'
-import { readFileSync, writeFileSync } from 'node:fs'
+import { closeSync, openSync, readFileSync, readSync, writeFileSync, writeSync } from 'node:fs'
+import * as http from 'node:http'
 import type { Socket } from 'node:net'
 import { join } from 'node:path'
 import t from 'tap'
@@ -241,6 +242,88 @@ void t.test('a cached file written to while the proxy runs is hashed again befor
     'never the changed bytes: found before a byte went out, fetched again',
   )
   t.equal(registry.counts.blob, 1)
+})
+
+/**
+ * GETs `url` (optionally a Range) reading one chunk, then nothing until `whilePaused` is done,
+ * then the rest: whether the body came whole and its sha256.
+ */
+function pausedGet(
+  base: string,
+  url: string,
+  whilePaused: () => void,
+  range?: string,
+): Promise<{ status: number; complete: boolean; digest: string; length: number }> {
+  return new Promise((resolve, reject) => {
+    const req = http.get(`${base}${url}`, { agent: false, headers: range ? { range } : {} }, (res) => {
+      const hash = createHash('sha256')
+      let length = 0
+      let paused = false
+      res.on('data', (c: Buffer) => {
+        hash.update(c)
+        length += c.length
+        if (paused) return
+        paused = true
+        res.pause()
+        // Long enough for the proxy to fill the socket and wait on it.
+        setTimeout(() => {
+          whilePaused()
+          res.resume()
+        }, 300)
+      })
+      let settled = false
+      const done = (): void => {
+        if (settled) return
+        settled = true
+        resolve({ status: res.statusCode ?? 0, complete: res.complete, digest: `sha256:${hash.digest('hex')}`, length })
+      }
+      res.on('end', done)
+      res.on('error', done)
+      res.on('close', done)
+    })
+    req.on('error', reject)
+  })
+}
+
+void t.test('a cached file written to in place while it is being sent: the response is cut off, never a whole 200 of other bytes', async (t) => {
+  const registry = await FakeRegistry.start()
+  t.teardown(() => registry.close())
+  const layer = bytes(12 * MiB, 511)
+  const image = registry.addImage('deckhouse/ce/sent', [layer])
+  const url = packageUrl({ digest: image.manifestDigest, path: 'sent' })
+  t.testdir()
+  const cacheDirectory = join(t.testdirName, 'cache')
+  const p = await startProxyProcess(t, { registry, cacheDirectory })
+  t.equal((await fetchHashed(p.base, url)).digest, image.lastLayer.digest, 'a miss')
+  await eventually(() => cached(p, image.lastLayer.digest), 'cached', WAIT)
+  const hex = image.lastLayer.digest.slice('sha256:'.length)
+  const file = join(cacheDirectory, 'blobs', 'sha256', hex.slice(0, 2), hex)
+  // One byte near the end, changed in place (same inode, same size) while the client waits.
+  const flip = (at: number): void => {
+    const fd = openSync(file, 'r+')
+    const b = Buffer.alloc(1)
+    readSync(fd, b, 0, 1, at)
+    b[0] = (b[0] ?? 0) ^ 0xff
+    writeSync(fd, b, 0, 1, at)
+    closeSync(fd)
+  }
+  for (const [name, range] of [
+    ['a whole GET (the fast path)', undefined],
+    ['a Range GET (the hapi route)', `bytes=0-${12 * MiB - 2}`],
+  ] as const) {
+    // Put the file right again (and stamped again by a hit that hashes it) before each round.
+    const pristine = await fetchHashed(p.base, url)
+    t.equal(pristine.digest, image.lastLayer.digest, `${name}: starts from exact bytes`)
+    const r = await pausedGet(p.base, url, () => flip(12 * MiB - 1000), range)
+    t.ok(r.status === 200 || r.status === 206, `${name}: the response started (${r.status})`)
+    t.notOk(r.complete, `${name}: cut off before its end (${r.length} bytes), never completed`)
+    const after = await fetchHashed(p.base, url)
+    t.same(
+      [after.status, after.complete, after.digest],
+      [200, true, image.lastLayer.digest],
+      `${name}: the next GET hashes the file again and serves exact bytes`,
+    )
+  }
 })
 
 for (const mode of ['bigger than the cache', '--disable-cache'] as const) {

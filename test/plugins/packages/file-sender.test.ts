@@ -15,7 +15,15 @@ function pattern(size: number, seed: number): Buffer {
 }
 
 /** A server that sends `file` bytes start..end with sendFile; `done` tells how each send ended. */
-async function serve(t: { teardown: (fn: () => unknown) => void }, file: string, start: number, end: number, buffers: ReadBuffers, declared = end - start + 1) {
+async function serve(
+  t: { teardown: (fn: () => unknown) => void },
+  file: string,
+  start: number,
+  end: number,
+  buffers: ReadBuffers,
+  declared = end - start + 1,
+  unchanged?: () => boolean,
+) {
   const ends: Array<Error | undefined> = []
   const server: Server = createServer((_req, res) => {
     const fd = openSync(file, 'r')
@@ -31,6 +39,7 @@ async function serve(t: { teardown: (fn: () => unknown) => void }, file: string,
         ends.push(err)
         closeSync(fd)
       },
+      unchanged,
     )
   })
   await new Promise<void>((r) => server.listen(0, '127.0.0.1', r))
@@ -119,4 +128,24 @@ void t.test('a client that goes away stops the reads; its buffers are accounted 
   const r = await fetch(s.url)
   t.equal(sha(r.body), sha(data))
   t.equal(buffers.inUse, 0, 'nothing is lost from the pool for good')
+})
+
+void t.test('a file its check says changed while it was read: cut off before the last chunk, never completed', async (t) => {
+  t.teardown(() => undefined)
+  const dir = t.testdir()
+  const data = pattern(1_000_000, 3)
+  const file = join(dir, 'changed')
+  writeFileSync(file, data)
+  const buffers = new ReadBuffers(64 * 1024, 4)
+  let asked = 0
+  const s = await serve(t, file, 0, data.length - 1, buffers, data.length, () => {
+    asked++
+    return false
+  })
+  const r = await fetch(s.url)
+  t.notOk(r.complete, 'the client sees an incomplete response')
+  t.ok(r.body.length < data.length, `${r.body.length} of ${data.length} bytes: the last chunk never went out`)
+  t.equal(asked, 1, 'asked once, before the last chunk')
+  t.match(String(s.ends[0]), /written to while it was being sent/)
+  t.equal(buffers.inUse, 0, 'its buffer is back in the pool')
 })
