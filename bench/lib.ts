@@ -6,7 +6,7 @@
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process'
 import { createCipheriv, createHash } from 'node:crypto'
-import { chmodSync, mkdirSync, openSync, closeSync, readFileSync, readdirSync, writeFileSync } from 'node:fs'
+import { chmodSync, mkdirSync, openSync, closeSync, createWriteStream, readFileSync, readdirSync, writeFileSync } from 'node:fs'
 import { Agent, request } from 'node:http'
 import { join, resolve } from 'node:path'
 import { fileURLToPath } from 'node:url'
@@ -134,20 +134,21 @@ export async function startProxy(
   children: Children,
   o: { configPath: string; cacheDir: string; port: number; logFile: string; nodeArgs?: string[]; logLevel?: string; args?: string[]; main?: string },
 ): Promise<ChildProcess> {
-  const child = children.spawn(
-    process.execPath,
-    [
-      ...(o.nodeArgs ?? []),
-      o.main ?? join(ROOT, 'dist/main.js'),
-      `--registry-config=${o.configPath}`,
-      `--cache-directory=${o.cacheDir}`,
-      '--cache-retention-size=2Gi',
-      `--listen-address=127.0.0.1:${o.port}`,
-      `--log-level=${o.logLevel ?? 'warn'}`,
-      ...(o.args ?? []),
-    ],
-    o.logFile,
-  )
+  // stdout and stderr through a pipe, read here into the log file, as a container runtime reads
+  // a pod's: the request log writes to a pipe in a cluster, not to a file.
+  const child = children.spawn(process.execPath, [
+    ...(o.nodeArgs ?? []),
+    o.main ?? join(ROOT, 'dist/main.js'),
+    `--registry-config=${o.configPath}`,
+    `--cache-directory=${o.cacheDir}`,
+    '--cache-retention-size=2Gi',
+    `--listen-address=127.0.0.1:${o.port}`,
+    `--log-level=${o.logLevel ?? 'warn'}`,
+    ...(o.args ?? []),
+  ])
+  const log = createWriteStream(o.logFile, { flags: 'a' })
+  child.stdout?.pipe(log)
+  child.stderr?.pipe(log)
   for (let i = 0; i < 300; i++) {
     if (child.exitCode !== null) throw new Error(`the proxy exited with code ${child.exitCode}; see ${o.logFile}`)
     try {
