@@ -18,7 +18,7 @@
  * default 30, for other processes to use under 25% of the CPUs; `--no-quiet-wait` skips that).
  */
 import { spawnSync } from 'node:child_process'
-import { chmodSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs'
+import { chmodSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import { Agent } from 'node:http'
 import { availableParallelism, cpus, loadavg, release, tmpdir, totalmem } from 'node:os'
 import { join } from 'node:path'
@@ -37,6 +37,7 @@ import {
   ROOT,
   runWrk,
   sha256,
+  sleep,
   startNginx,
   startBaseline,
   startProxy,
@@ -403,6 +404,22 @@ function report(machine: Machine, sizes: SizeResult[], cold: ColdResult | undefi
   return lines.join('\n')
 }
 
+/**
+ * The proxy's request lines for /package so far, and the lines its log counted as dropped (a
+ * reader that fell behind): read once the periodic flush has run.
+ */
+async function requestLogCounts(file: string): Promise<{ lines: number; dropped: number }> {
+  await sleep(600)
+  let lines = 0
+  let dropped = 0
+  for (const line of readFileSync(file, 'utf8').split('\n')) {
+    if (line.includes('"path":"/package"')) lines++
+    const m = /"droppedLines":(\d+)/.exec(line)
+    if (m) dropped += Number(m[1])
+  }
+  return { lines, dropped }
+}
+
 function writeResults(md: string, json: object): void {
   const resultsDir = join(ROOT, 'bench', 'results')
   mkdirSync(resultsDir, { recursive: true })
@@ -513,9 +530,12 @@ async function main(): Promise<void> {
     }
     if (registry.counts.blob !== blobsAfterWarm) throw new Error(`cache hits went to the registry: ${registry.counts.blob - blobsAfterWarm} layer GETs`)
     await Promise.all([children.stop(nginx.master), ...nodeServers.map((c) => children.stop(c))])
+    const requestLog = await requestLogCounts(join(tmp, 'proxy.log'))
+    console.log(`request log: ${requestLog.lines} /package lines, ${requestLog.dropped} counted as dropped`)
+    const logNote = `\nRequest log during the hit runs (through a pipe, as in a pod): ${fmt(requestLog.lines)} \`/package\` lines written, ${fmt(requestLog.dropped)} counted as dropped.\n`
     if (HITS_ONLY) {
       machine.loadAfter = loadavg()
-      const md = report(machine, sizes, undefined, undefined, startedAt)
+      const md = report(machine, sizes, undefined, undefined, startedAt) + logNote
       writeResults(md, { startedAt, machine, seconds: SECONDS, rounds: ROUNDS, sizes })
       failed = false
       return
@@ -535,8 +555,8 @@ async function main(): Promise<void> {
 
     // 8. Report.
     machine.loadAfter = loadavg()
-    const md = report(machine, sizes, coldResult, rssResult, startedAt)
-    writeResults(md, { startedAt, machine, seconds: SECONDS, rounds: ROUNDS, sizes, cold: coldResult, rss: rssResult })
+    const md = report(machine, sizes, coldResult, rssResult, startedAt) + logNote
+    writeResults(md, { startedAt, machine, seconds: SECONDS, rounds: ROUNDS, sizes, cold: coldResult, rss: rssResult, requestLog })
     failed = false
   } finally {
     // 9. Nothing outlives the run; a failed run keeps its logs for a look.
