@@ -85,6 +85,18 @@ function checkLines(t: Test, out: string, n: number): void {
   )
 }
 
+/** The line numbers written (in the order they came) and the lines counted as dropped by warnings; a torn line throws. */
+function tally(out: string): { kept: number[]; dropped: number } {
+  const parsed = out
+    .split('\n')
+    .filter((l) => l !== '')
+    .map((l) => JSON.parse(l) as { i?: number; droppedLines?: number })
+  return {
+    kept: parsed.filter((l) => l.i !== undefined).map((l) => l.i as number),
+    dropped: parsed.reduce((a, l) => a + (l.droppedLines ?? 0), 0),
+  }
+}
+
 void t.test('a burst then process.exit: every line', async (t) => {
   const dir = t.testdir({})
   const r = await run(dir, `const log = batchedLog(1)\n${burst(5000)}\nprocess.exit(0)`)
@@ -222,12 +234,7 @@ void t.test('a slow reader at exit: what was queued goes out in order, and writt
     },
   )
   t.equal(r.code, 0, 'exits 0', { stderr: r.err.slice(0, 2000) })
-  const parsed = r.out
-    .split('\n')
-    .filter((l) => l !== '')
-    .map((l) => JSON.parse(l) as { i?: number; droppedLines?: number })
-  const kept = parsed.filter((l) => l.i !== undefined).map((l) => l.i as number)
-  const dropped = parsed.reduce((a, l) => a + (l.droppedLines ?? 0), 0)
+  const { kept, dropped } = tally(r.out)
   t.equal(new Set(kept).size, kept.length, 'no line twice')
   t.same(
     kept.filter((v, i) => i > 0 && v <= (kept[i - 1] as number)),
@@ -251,12 +258,7 @@ void t.test('a reader too slow to take the backlog within the exit wait: whole l
   )
   t.equal(r.code, 0, 'exits 0', { stderr: r.err.slice(0, 2000) })
   t.ok(r.exitMs < 3000, `exited ${r.exitMs} ms after the start`)
-  const parsed = r.out
-    .split('\n')
-    .filter((l) => l !== '')
-    .map((l) => JSON.parse(l) as { i?: number; droppedLines?: number })
-  const kept = parsed.filter((l) => l.i !== undefined).map((l) => l.i as number)
-  const dropped = parsed.reduce((a, l) => a + (l.droppedLines ?? 0), 0)
+  const { kept, dropped } = tally(r.out)
   t.equal(new Set(kept).size, kept.length, 'no line twice')
   t.ok(kept.length < 14000, `${kept.length} lines written: the exit wait cut the backlog`)
   t.equal(kept.length + dropped, 20000, `${kept.length} written + ${dropped} counted = 20000`)
