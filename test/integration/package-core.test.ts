@@ -6,8 +6,8 @@
  * The memory bounds here are the deployment's safety margins (limit 512Mi), not benchmarks:
  * BENCHMARKS.md has the measured figures.
  */
-import { createHash } from 'node:crypto'
-import { closeSync, openSync, readFileSync, readSync, writeFileSync, writeSync } from 'node:fs'
+import { createHash, randomBytes } from 'node:crypto'
+import { closeSync, openSync, readFileSync, readSync, utimesSync, writeFileSync, writeSync } from 'node:fs'
 import * as http from 'node:http'
 import type { Socket } from 'node:net'
 import { join } from 'node:path'
@@ -324,6 +324,49 @@ void t.test('a cached file written to in place while it is being sent: the respo
       `${name}: the next GET hashes the file again and serves exact bytes`,
     )
   }
+})
+
+void t.test('a request that joins a hash begun before the file was written to is never sent the changed bytes whole', async (t) => {
+  const registry = await FakeRegistry.start()
+  t.teardown(() => registry.close())
+  const layer = bytes(32 * MiB, 512)
+  const image = registry.addImage('deckhouse/ce/race', [layer])
+  const url = packageUrl({ digest: image.manifestDigest, path: 'race' })
+  t.testdir()
+  const cacheDirectory = join(t.testdirName, 'cache')
+  const p = await startProxyProcess(t, { registry, cacheDirectory })
+  const hex = image.lastLayer.digest.slice('sha256:'.length)
+  const file = join(cacheDirectory, 'blobs', 'sha256', hex.slice(0, 2), hex)
+  const writeAt0 = (data: Buffer): void => {
+    const fd = openSync(file, 'r+')
+    writeSync(fd, data, 0, data.length, 0)
+    closeSync(fd)
+  }
+  let wrong = 0
+  let rounds = 0
+  for (const delayMs of [5, 10, 20, 5, 10, 20]) {
+    // A cached, exact file whose times say "hash me before serving" (found from outside).
+    if ((await fetchHashed(p.base, url)).digest !== image.lastLayer.digest) t.fail('the set-up GET is exact')
+    await eventually(() => cached(p, image.lastLayer.digest), 'cached', WAIT)
+    const old = new Date(Date.now() - 10_000)
+    utimesSync(file, old, old)
+    // A opens and starts the hash; the first 4 KiB, already hashed, then change; B opens after.
+    const a = fetchHashed(p.base, url)
+    await new Promise((r) => setTimeout(r, delayMs))
+    writeAt0(randomBytes(4096))
+    const b = fetchHashed(p.base, url)
+    for (const r of await Promise.all([a, b])) {
+      if (r.status === 200 && r.complete && r.digest !== image.lastLayer.digest) wrong++
+    }
+    rounds++
+    // Put the bytes right for the next round (the proxy may also have removed the file).
+    try {
+      writeAt0(layer.subarray(0, 4096))
+    } catch {
+      // removed as corrupt: the next round's GET fetches it again
+    }
+  }
+  t.equal(wrong, 0, `${rounds} rounds of two requests: no complete 200 of changed bytes`)
 })
 
 for (const mode of ['bigger than the cache', '--disable-cache'] as const) {
