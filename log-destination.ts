@@ -1,5 +1,6 @@
 import { fstatSync, writeSync } from 'node:fs'
 import { Socket } from 'node:net'
+import { isatty, WriteStream } from 'node:tty'
 
 /** What pino writes to, and what the process flushes on its way out. */
 export interface LogDestination {
@@ -35,7 +36,10 @@ export interface LogDestinationOptions {
  * - A pipe or socket (a container's stdout) is written through a libuv stream on the event loop:
  *   each write is tried at once and non-blocking, and the rest waits for the reader in libuv's
  *   queue, with only one write outstanding, so at exit exactly what is unwritten is known.
- * - A file, a terminal or a character device is written synchronously: the page cache takes it.
+ * - A terminal is written the same way, made non-blocking (Node makes terminals blocking).
+ * - A file or another device is written synchronously: the page cache takes it; a write that
+ *   fails (a full disk) drops what it could not write, counted, and never leaves a torn line
+ *   glued to the next one.
  * - A reader that falls behind cannot take memory: past `maxBufferedBytes` waiting, lines are
  *   dropped and counted, and the next batch that goes out begins with a warning giving the
  *   count. A write error (ENOSPC, EIO) drops that batch, counted the same way; EPIPE (the reader
@@ -54,6 +58,8 @@ export function batchedLog(fd: number, o: LogDestinationOptions = {}): LogDestin
   // In UTF-16 units, not bytes: only a threshold, and log lines are nearly all ASCII.
   let pending = 0
   let broken = false
+  /** A synchronous write stopped mid-line: the next one starts with a newline. */
+  let torn = false
 
   const drop = (count: number): void => {
     stats.dropped += count
@@ -116,13 +122,26 @@ export function batchedLog(fd: number, o: LogDestinationOptions = {}): LogDestin
     if (!stream) {
       const batch = take()
       if (!batch) return
+      // After a write that stopped mid-line (a full disk), a newline first: the torn piece
+      // stays a line of its own, and the warning that counts it starts a line.
+      const bytes = torn ? Buffer.concat([NEWLINE_BYTES, batch.bytes]) : batch.bytes
+      let at = 0
+      stats.writes++
       try {
-        stats.writes++
-        writeAll(fd, batch.bytes, 0)
+        at = writeUntil(fd, bytes, 0, bytes.length, 0)
       } catch (err) {
         if ((err as NodeJS.ErrnoException).code === 'EPIPE') broken = true
-        lost(batch)
+        at = (err as { writtenBytes?: number }).writtenBytes ?? 0
       }
+      if (at === bytes.length) {
+        torn = false
+        return
+      }
+      // Lines wholly written stay written; the rest (a torn one included) is counted.
+      torn = at > 0 ? bytes[at - 1] !== NEWLINE : torn
+      const rest = countLines(bytes.subarray(at))
+      drop(rest.lines)
+      unreported += rest.reported
       return
     }
     if (lines.length === 0) return
@@ -152,10 +171,15 @@ export function batchedLog(fd: number, o: LogDestinationOptions = {}): LogDestin
       // may begin mid-line), the count of lines dropped so far, the queue, and the lines not yet
       // batched: in order, each byte once.
       const parts: Buffer[] = []
+      let startsMidLine = false
       if (outstanding && stream) {
-        const left = Math.min(outstanding.bytes.length, writeQueueSize(stream))
-        if (left > 0) parts.push(outstanding.bytes.subarray(outstanding.bytes.length - left))
+        const all = outstanding.bytes
+        const left = Math.min(all.length, writeQueueSize(stream))
+        if (left > 0) parts.push(all.subarray(all.length - left))
+        startsMidLine = left > 0 && left < all.length && all[all.length - left - 1] !== NEWLINE
       }
+      // A synchronous write that stopped mid-line: end that torn piece first.
+      if (torn) parts.push(NEWLINE_BYTES)
       if (unreported > 0) parts.push(Buffer.from(droppedLine(unreported, o.name)))
       unreported = 0
       for (const b of queue) parts.push(b.bytes)
@@ -166,7 +190,7 @@ export function batchedLog(fd: number, o: LogDestinationOptions = {}): LogDestin
       pending = 0
       if (parts.length === 0) return
       broken = true // whatever happens next, the stream is not used again
-      writeAtExit(fd, Buffer.concat(parts), exitWaitMs, o.name)
+      writeAtExit(stream ? streamFd(stream, fd) : fd, Buffer.concat(parts), startsMidLine, exitWaitMs, o.name)
     },
     stats,
   }
@@ -188,13 +212,27 @@ interface Batch {
   reported: number
 }
 
-/** A libuv stream on `fd` when it is a pipe or a socket; undefined for anything written synchronously. */
+/** A libuv stream on `fd` when it is a pipe, a socket or a terminal; undefined for anything written synchronously (a file, /dev/null). */
 function openStream(fd: number): Socket | undefined {
   let kind
   try {
     kind = fstatSync(fd)
   } catch {
     return undefined
+  }
+  if (kind.isCharacterDevice() && isatty(fd)) {
+    try {
+      // A terminal: Node makes its writes blocking, so a stalled terminal (a paused `script`,
+      // a full pty) would stop the event loop (found from outside). libuv opened it anew, so
+      // non-blocking affects only this process's own file description.
+      const tty = new WriteStream(fd)
+      ;(tty as unknown as { _handle?: { setBlocking?: (on: boolean) => number } })._handle?.setBlocking?.(false)
+      tty.on('error', () => {})
+      tty.unref()
+      return tty
+    } catch {
+      return undefined
+    }
   }
   if (!kind.isFIFO() && !kind.isSocket()) return undefined
   try {
@@ -209,6 +247,12 @@ function openStream(fd: number): Socket | undefined {
   }
 }
 
+/** The descriptor libuv writes `socket` through (for a terminal, one it opened anew). */
+function streamFd(socket: Socket, fallback: number): number {
+  const handle = (socket as unknown as { _handle?: { fd?: number } })._handle
+  return typeof handle?.fd === 'number' && handle.fd >= 0 ? handle.fd : fallback
+}
+
 /** Bytes libuv still holds for `socket`: what its outstanding write has not written yet. */
 function writeQueueSize(socket: Socket): number {
   const handle = (socket as unknown as { _handle?: { writeQueueSize?: number } })._handle
@@ -221,43 +265,55 @@ function droppedLine(count: number, name: string | undefined): string {
 }
 
 /**
- * Writes all of `bytes` synchronously, through short writes; on EAGAIN (a full non-blocking
- * pipe) it waits and tries again for up to `waitMs` in all, then throws.
- */
-function writeAll(fd: number, bytes: Buffer, waitMs: number): void {
-  const end = writeUntil(fd, bytes, 0, bytes.length, Date.now() + waitMs)
-  if (end < bytes.length) throw Object.assign(new Error('the log pipe took nothing for too long'), { code: 'EAGAIN' })
-}
-
-/**
  * The exit's write of what the log still holds, within `waitMs`. A reader too slow to take it
  * all in time still gets whole lines and an exact count: the last quarter of the time (at most
  * 500 ms) is kept for finishing the line in progress and a warning that counts the lines left
- * out (and the counts in any warnings among them).
+ * out (and the counts in any warnings among them). `startsMidLine`: `data` continues a line
+ * already partly written.
  */
-function writeAtExit(fd: number, data: Buffer, waitMs: number, name: string | undefined): void {
+function writeAtExit(fd: number, data: Buffer, startsMidLine: boolean, waitMs: number, name: string | undefined): void {
   const deadline = Date.now() + waitMs
   let at = writeUntil(fd, data, 0, data.length, deadline - Math.min(500, waitMs / 4))
   if (at === data.length) return
-  if (at > 0 && data[at - 1] !== NEWLINE) {
+  if (at > 0 ? data[at - 1] !== NEWLINE : startsMidLine) {
     const eol = data.indexOf(NEWLINE, at)
     const end = eol === -1 ? data.length : eol + 1
     at = writeUntil(fd, data, at, end, deadline)
     if (at < end) return // a reader that took nothing in the time left: nothing more can be said
   }
-  const rest = data.subarray(at).toString('latin1')
-  let count = 0
-  for (let i = rest.indexOf('\n'); i !== -1; i = rest.indexOf('\n', i + 1)) count++
-  // Warnings among the lines left out carry counts of their own: they count, not themselves.
-  for (const m of rest.matchAll(/"droppedLines":(\d+)/g)) count += Number(m[1]) - 1
+  const rest = countLines(data.subarray(at))
+  const count = rest.lines + rest.reported
   if (count <= 0) return
   const notice = Buffer.from(droppedLine(count, name))
   writeUntil(fd, notice, 0, notice.length, deadline)
 }
 
 const NEWLINE = 0x0a
+const NEWLINE_BYTES = Buffer.from('\n')
 
-/** Writes `bytes[from..to)`, waiting on EAGAIN until `deadline`; returns how far it got. Other errors throw. */
+/**
+ * The log lines in `bytes` (a last one without its newline included) and, apart, the counts
+ * carried by the drop warnings among them (which are not log lines of their own).
+ */
+function countLines(bytes: Buffer): { lines: number; reported: number } {
+  const text = bytes.toString('latin1')
+  // Non-empty pieces between newlines: a newline written to end a torn line is not a line.
+  let lines = 0
+  let from = 0
+  for (let i = text.indexOf('\n'); i !== -1; from = i + 1, i = text.indexOf('\n', from)) if (i > from) lines++
+  if (from < text.length) lines++
+  let reported = 0
+  for (const m of text.matchAll(/"droppedLines":(\d+)/g)) {
+    reported += Number(m[1])
+    lines--
+  }
+  return { lines, reported }
+}
+
+/**
+ * Writes `bytes[from..to)`, waiting on EAGAIN until `deadline`; returns how far it got. Other
+ * errors throw, with `writtenBytes` saying how far it had got.
+ */
 function writeUntil(fd: number, bytes: Buffer, from: number, to: number, deadline: number): number {
   const sleeper = new Int32Array(new SharedArrayBuffer(4))
   let at = from
@@ -266,7 +322,7 @@ function writeUntil(fd: number, bytes: Buffer, from: number, to: number, deadlin
       at += writeSync(fd, bytes, at, to - at)
     } catch (err) {
       const code = (err as NodeJS.ErrnoException).code
-      if (code !== 'EAGAIN' && code !== 'EBUSY') throw err
+      if (code !== 'EAGAIN' && code !== 'EBUSY') throw Object.assign(err as Error, { writtenBytes: at })
       if (Date.now() >= deadline) return at
       Atomics.wait(sleeper, 0, 0, 5)
     }

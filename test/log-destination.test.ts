@@ -7,7 +7,7 @@
 import t from 'tap'
 import type { Test } from 'tap'
 import { spawn } from 'node:child_process'
-import { closeSync, openSync, writeFileSync } from 'node:fs'
+import { closeSync, openSync, readFileSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { pathToFileURL } from 'node:url'
 import { MAIN, buildIfMissing } from './fixtures/main-process.js'
@@ -261,5 +261,119 @@ void t.test('a reader too slow to take the backlog within the exit wait: whole l
   const { kept, dropped } = tally(r.out)
   t.equal(new Set(kept).size, kept.length, 'no line twice')
   t.ok(kept.length < 14000, `${kept.length} lines written: the exit wait cut the backlog`)
+  t.equal(kept.length + dropped, 20000, `${kept.length} written + ${dropped} counted = 20000`)
+})
+
+void t.test('a terminal that stops taking output (a pty nobody reads) never stops the event loop', async (t) => {
+  const dir = t.testdir({})
+  const lagFile = join(dir, 'lag')
+  const child = join(dir, 'tty-child.mjs')
+  // Under `script` stdout is a pty; script's own output goes to a pipe this test never reads,
+  // so the pty fills. The child measures how late a 10 ms timer fires while it logs 6 MB.
+  writeFileSync(
+    child,
+    `import { batchedLog } from ${JSON.stringify(MODULE)}
+import { writeFileSync } from 'node:fs'
+const log = batchedLog(1, { exitWaitMs: 300 })
+let last = Date.now(), worst = 0, n = 0
+const tick = setInterval(() => { const now = Date.now(); worst = Math.max(worst, now - last); last = now }, 10)
+const burst = setInterval(() => {
+  for (let i = 0; i < 1000; i++) log.write(JSON.stringify({ i: n++, pad: 'x'.repeat(280) }) + '\\n')
+  if (n >= 20000) {
+    clearInterval(burst)
+    setTimeout(() => { clearInterval(tick); writeFileSync(${JSON.stringify(lagFile)}, String(worst)); process.exit(0) }, 300)
+  }
+}, 20)`,
+  )
+  const started = Date.now()
+  const script = spawn('script', ['-qfc', `${process.execPath} ${child}`, '/dev/null'], { stdio: ['pipe', 'pipe', 'pipe'] })
+  script.stdout.pause()
+  const exited = await new Promise<boolean>((resolve) => {
+    const timer = setTimeout(() => resolve(false), 15_000)
+    const poll = setInterval(() => {
+      try {
+        if (readFileSync(lagFile, 'utf8') !== '') {
+          clearInterval(poll)
+          clearTimeout(timer)
+          resolve(true)
+        }
+      } catch {
+        // not written yet
+      }
+    }, 50)
+  })
+  script.kill('SIGKILL')
+  t.ok(exited, `the child got to its end (${Date.now() - started} ms) with its terminal full`)
+  const worst = exited ? Number(readFileSync(lagFile, 'utf8')) : NaN
+  t.ok(worst < 1000, `its timers ran late by ${worst} ms at most`)
+})
+
+void t.test('a file on a disk that fills mid-write: whole lines stay, the torn one ends on its own line, and the rest is counted', async (t) => {
+  const dir = t.testdir({})
+  const out = join(dir, 'log')
+  // fs.writeSync takes 100,000 bytes in all, then fails with ENOSPC, the last write part-way.
+  const body = `import fs from 'node:fs'
+import { syncBuiltinESMExports } from 'node:module'
+const real = fs.writeSync
+let room = 100000, full = true
+fs.writeSync = function (fd, buffer, offset = 0, length = buffer.length - offset, ...rest) {
+  if (fd !== 1 || !full) return real.call(this, fd, buffer, offset, length, ...rest)
+  if (room === 0) throw Object.assign(new Error('ENOSPC: no space left on device'), { code: 'ENOSPC' })
+  const n = Math.min(room, length)
+  room -= n
+  return real.call(this, fd, buffer, offset, n, ...rest)
+}
+syncBuiltinESMExports()
+const { batchedLog } = await import(${JSON.stringify(MODULE)})
+const log = batchedLog(1, { flushEveryMs: 20 })
+${burst(1000)}
+log.flush()
+setTimeout(() => {
+  full = false // space again: the next batch starts with the count
+  for (let i = 1000; i < 1010; i++) log.write(JSON.stringify({ i }) + '\\n')
+  log.flush()
+  process.exit(0)
+}, 100)`
+  writeFileSync(join(dir, 'enospc.mjs'), body)
+  const fd = openSync(out, 'w')
+  const child = spawn(process.execPath, [join(dir, 'enospc.mjs')], { stdio: ['ignore', fd, 'pipe'] })
+  closeSync(fd)
+  let err = ''
+  child.stderr?.on('data', (c: Buffer) => (err += c.toString()))
+  const code = await new Promise<number | null>((resolve) => child.on('close', resolve))
+  t.equal(code, 0, 'exits 0', { stderr: err.slice(0, 2000) })
+  const lines = readFileSync(out, 'utf8')
+    .split('\n')
+    .filter((l) => l !== '')
+  const whole = lines.filter((l) => {
+    try {
+      JSON.parse(l)
+      return true
+    } catch {
+      return false
+    }
+  })
+  t.ok(lines.length - whole.length <= 1, `${lines.length - whole.length} torn line(s), on a line of its own`)
+  const { kept, dropped } = tally(whole.join('\n'))
+  t.equal(new Set(kept).size, kept.length, 'no line twice')
+  t.ok(dropped > 0, `${dropped} counted as dropped`)
+  t.equal(kept.length + dropped, 1010, `${kept.length} whole + ${dropped} counted = 1010`)
+})
+
+void t.test('at exit, a backlog that begins mid-line and a reader that wakes late: the line is finished before the count', async (t) => {
+  const dir = t.testdir({})
+  // The pipe is full when the child exits; nothing goes out in the first three quarters of
+  // the 800 ms exit wait, then the reader starts: the half-written line is completed, then
+  // the warning counts what could not go out.
+  const r = await run(
+    dir,
+    `const log = batchedLog(1, { exitWaitMs: 800, maxBufferedBytes: 8 * 1024 * 1024 })\n${burst(20000)}\nsetTimeout(() => process.exit(0), 50)`,
+    {
+      readAfterMs: 700,
+    },
+  )
+  t.equal(r.code, 0, 'exits 0', { stderr: r.err.slice(0, 2000) })
+  const { kept, dropped } = tally(r.out)
+  t.equal(new Set(kept).size, kept.length, 'no line twice')
   t.equal(kept.length + dropped, 20000, `${kept.length} written + ${dropped} counted = 20000`)
 })
