@@ -305,7 +305,7 @@ const burst = setInterval(() => {
   script.kill('SIGKILL')
   t.ok(exited, `the child got to its end (${Date.now() - started} ms) with its terminal full`)
   const worst = exited ? Number(readFileSync(lagFile, 'utf8')) : NaN
-  t.ok(worst < 1000, `its timers ran late by ${worst} ms at most`)
+  t.ok(worst < 3000, `its timers ran late by ${worst} ms at most (blocked on its terminal, they would stop for good)`)
 })
 
 void t.test('a file on a disk that fills mid-write: whole lines stay, the torn one ends on its own line, and the rest is counted', async (t) => {
