@@ -99,9 +99,12 @@ export class CachedReads {
     }
     const file = await this.openFile(cache, digest)
     if (!file) return undefined
-    const read = file.handle.createReadStream({ start, end, highWaterMark: READ_CHUNK })
-    read.once('close', file.done)
-    return { stream: checkedAtEnd(read, end - start + 1, file.unchanged) }
+    // The handle stays open until the checked stream is done with: its last chunk may wait in
+    // the check's buffer after the read stream has ended, and the check needs the open file.
+    const read = file.handle.createReadStream({ start, end, highWaterMark: READ_CHUNK, autoClose: false })
+    const stream = checkedAtEnd(read, end - start + 1, file.unchanged)
+    stream.once('close', file.close)
+    return { stream }
   }
 
   /**

@@ -326,6 +326,26 @@ void t.test('a cached file written to in place while it is being sent: the respo
   }
 })
 
+void t.test('a Range of a large cached file to a client that pauses: whole and exact, never cut off by the end-of-send check', async (t) => {
+  const registry = await FakeRegistry.start()
+  t.teardown(() => registry.close())
+  const layer = bytes(12 * MiB, 513)
+  const image = registry.addImage('deckhouse/ce/pause', [layer])
+  const url = packageUrl({ digest: image.manifestDigest, path: 'pause' })
+  t.testdir()
+  const p = await startProxyProcess(t, { registry, cacheDirectory: join(t.testdirName, 'cache') })
+  t.equal((await fetchHashed(p.base, url)).digest, image.lastLayer.digest, 'a miss')
+  await eventually(() => cached(p, image.lastLayer.digest), 'cached', WAIT)
+  const want = `sha256:${createHash('sha256')
+    .update(layer.subarray(0, 12 * MiB - 1))
+    .digest('hex')}`
+  for (let i = 0; i < 3; i++) {
+    // The file is read to its end and closed while the last chunks wait for the client.
+    const r = await pausedGet(p.base, url, () => undefined, `bytes=0-${12 * MiB - 2}`)
+    t.same([r.status, r.complete, r.length, r.digest], [206, true, 12 * MiB - 1, want], `round ${i + 1}: a whole, exact 206`)
+  }
+})
+
 void t.test('a request that joins a hash begun before the file was written to is never sent the changed bytes whole', async (t) => {
   const registry = await FakeRegistry.start()
   t.teardown(() => registry.close())
