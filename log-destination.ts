@@ -65,12 +65,9 @@ export function batchedLog(fd: number, o: LogDestinationOptions = {}): LogDestin
     stats.dropped += count
     unreported += count
   }
-  /**
-   * The batch as bytes, behind a warning if lines were dropped since the last one; with
-   * `evenEmpty`, the warning alone when there are no lines (at exit, the count must go out).
-   */
-  const take = (evenEmpty = false): Batch | undefined => {
-    if (lines.length === 0 && !(evenEmpty && unreported > 0)) return undefined
+  /** The batch as bytes, behind a warning if lines were dropped since the last one. */
+  const take = (): Batch | undefined => {
+    if (lines.length === 0) return undefined
     const text = lines.length === 1 ? (lines[0] as string) : lines.join('')
     const count = lines.length
     lines = []

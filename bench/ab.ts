@@ -15,12 +15,7 @@ import { tmpdir } from 'node:os'
 import { join, resolve } from 'node:path'
 import { FakeRegistry } from '../tools/sample-registry.js'
 import { freePort } from '../tools/net.js'
-import { Children, fetchHashed, fmt, KiB, MiB, option, pseudoRandom, ROOT, runWrk, startProxy, waitForHit } from './lib.js'
-
-function arg(name: string, fallback?: string): string | undefined {
-  const i = process.argv.indexOf(`--${name}`)
-  return i === -1 ? fallback : (process.argv[i + 1] ?? fallback)
-}
+import { Children, fetchHashed, fmt, KiB, MiB, option, pseudoRandom, ROOT, runWrk, startProxy, textOption, waitForHit } from './lib.js'
 
 const median = (xs: number[]): number => {
   const s = [...xs].sort((a, b) => a - b)
@@ -30,12 +25,12 @@ const median = (xs: number[]): number => {
 
 async function main(): Promise<void> {
   const sizes: Record<string, number> = { '64k': 64 * KiB, '4m': 4 * MiB, '32m': 32 * MiB }
-  const size = arg('size', '64k') ?? '64k'
+  const size = textOption('size', '64k')
   const bytes = sizes[size]
   if (bytes === undefined) throw new Error(`--size must be one of ${Object.keys(sizes).join(', ')}`)
-  const a = arg('a')
+  const a = textOption('a', '')
   if (!a) throw new Error('--a <checkout> is required (a built checkout to compare with)')
-  const sides = { A: resolve(a, 'dist/main.js'), B: resolve(arg('b', ROOT) ?? ROOT, 'dist/main.js') }
+  const sides = { A: resolve(a, 'dist/main.js'), B: resolve(textOption('b', ROOT), 'dist/main.js') }
   const runs = option('runs', 8)
   const seconds = option('seconds', 5)
   const children = new Children()

@@ -30,6 +30,12 @@ export function sha256(data: Buffer): string {
 export const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms))
 
 /** The positive number after `--<name>` on the command line, else `fallback`. */
+/** The text after `--name` on the command line, or `fallback`. */
+export function textOption(name: string, fallback: string): string {
+  const i = process.argv.indexOf(`--${name}`)
+  return i === -1 ? fallback : (process.argv[i + 1] ?? fallback)
+}
+
 export function option(name: string, fallback: number): number {
   const i = process.argv.indexOf(`--${name}`)
   const value = i === -1 ? undefined : Number(process.argv[i + 1])

@@ -13,7 +13,7 @@ import { loadavg, tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { FakeRegistry } from '../tools/sample-registry.js'
 import { freePort } from '../tools/net.js'
-import { Children, fetchHashed, fmt, KiB, MiB, pseudoRandom, ROOT, runWrk, startProxy, waitForHit } from './lib.js'
+import { Children, fetchHashed, fmt, KiB, MiB, pseudoRandom, ROOT, runWrk, startProxy, textOption, waitForHit } from './lib.js'
 
 interface CallFrame {
   functionName: string
@@ -31,11 +31,6 @@ interface CpuProfile {
   timeDeltas: number[]
   startTime: number
   endTime: number
-}
-
-function arg(name: string, fallback: string): string {
-  const i = process.argv.indexOf(`--${name}`)
-  return i === -1 ? fallback : (process.argv[i + 1] ?? fallback)
 }
 
 /** `fn file:line`, with paths shortened to the package or project file. */
@@ -143,10 +138,10 @@ function summarize(profile: CpuProfile, top = 25): string {
 
 async function main(): Promise<void> {
   const sizes: Record<string, number> = { '64k': 64 * KiB, '4m': 4 * MiB, '32m': 32 * MiB }
-  const size = arg('size', '64k')
+  const size = textOption('size', '64k')
   const bytes = sizes[size]
   if (bytes === undefined) throw new Error(`--size must be one of ${Object.keys(sizes).join(', ')}`)
-  const seconds = Number(arg('seconds', '10')) || 10
+  const seconds = Number(textOption('seconds', '10')) || 10
   const children = new Children()
   const tmp = mkdtempSync(join(tmpdir(), 'rpp-profile-'))
   chmodSync(tmp, 0o755)
