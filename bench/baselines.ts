@@ -22,7 +22,7 @@ import { loadavg, tmpdir } from 'node:os'
 import { join } from 'node:path'
 import Hapi from '@hapi/hapi'
 import { freePort } from '../tools/net.js'
-import { Children, fetchHashed, fmt, KiB, MiB, pseudoRandom, ROOT, runWrk, sha256, sleep, startNginx } from './lib.js'
+import { Children, fetchHashed, fmt, KiB, MiB, pseudoRandom, ROOT, runWrk, sha256, sleep, startNginx, textOption } from './lib.js'
 
 const MODES = ['node-memory', 'hapi-memory', 'node-pread', 'node-open-stream', 'hapi-open-stream'] as const
 type Mode = (typeof MODES)[number]
@@ -66,14 +66,9 @@ async function serve(mode: Mode, port: number, file: string): Promise<void> {
   process.on('exit', () => closeSync(fd))
 }
 
-function arg(name: string, fallback: string): string {
-  const i = process.argv.indexOf(`--${name}`)
-  return i === -1 ? fallback : (process.argv[i + 1] ?? fallback)
-}
-
 async function drive(): Promise<void> {
-  const seconds = Number(arg('seconds', '10')) || 10
-  const which = arg('size', 'all')
+  const seconds = Number(textOption('seconds', '10')) || 10
+  const which = textOption('size', 'all')
   const sizes = [
     { label: '64 KiB', bytes: 64 * KiB, key: '64k' },
     { label: '4 MiB', bytes: 4 * MiB, key: '4m' },

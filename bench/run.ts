@@ -38,6 +38,7 @@ import {
   runWrk,
   sha256,
   sleep,
+  textOption,
   startNginx,
   startBaseline,
   startProxy,
@@ -60,10 +61,7 @@ const QUIET_BELOW = 0.25
 
 const HITS_ONLY = process.argv.includes('--hits-only')
 /** The proxy's log level: `info` as deployed; another only to see what the request log costs. */
-const LOG_LEVEL = ((): string => {
-  const i = process.argv.indexOf('--log-level')
-  return i === -1 ? 'info' : (process.argv[i + 1] ?? 'info')
-})()
+const LOG_LEVEL = textOption('log-level', 'info')
 
 type Target = 'proxy' | 'nginx' | 'node'
 const TARGETS: Target[] = ['proxy', 'nginx', 'node']
