@@ -1,12 +1,9 @@
 #!/usr/bin/env node
-import { pino } from 'pino'
 import { ConfigError, parseFlags } from './config/flags.js'
 import { formatBytes } from './config/quantity.js'
 import { SourceError } from './plugins/credentials/source.js'
 import { batchedLog } from './log-destination.js'
-
-/** The `name` of every log line. */
-const NAME = 'registry-packages-proxy'
+import { createLogger, NAME } from './logger.js'
 
 /** How long SIGTERM waits for in-flight responses before closing them. */
 const DRAIN_MS = 25_000
@@ -40,18 +37,7 @@ async function main(argv: string[]): Promise<void> {
   // reader that falls behind costs at most 16 MiB; lines past that are dropped and counted in a
   // warning line.
   const destination = batchedLog(1, { batchBytes: 12 * 1024, flushEveryMs: 250, maxBufferedBytes: 16 * 1024 * 1024, exitWaitMs: 2000, name: NAME })
-  const logger = pino(
-    {
-      level: flags.logLevel,
-      base: { name: NAME },
-      // Our `err` fields are already log-safe {type, code, message} objects (never raw errors, which
-      // could carry request headers): print them as they are.
-      serializers: { err: (e: unknown) => e },
-      // Belt and braces: our code never logs these, and if a header object slips in, it is hidden.
-      redact: { paths: ['*.authorization', '*.Authorization', 'headers.authorization', '*.password', '*.token'], censor: '[redacted]' },
-    },
-    destination,
-  )
+  const logger = createLogger(flags.logLevel, destination)
   // Loaded only after the flags parsed, so a typo fails in milliseconds, not after a full load.
   const { createServer } = await import('./server.js')
   let proxy

@@ -12,7 +12,7 @@ export interface FastPathDeps {
   /** hapi's own listener: every request the fast path declines, or gives back, goes there unchanged. */
   fallback: Listener
   /** Told about every request answered here, as hapi's 'response' event would be. */
-  onServed: (info: { id: string; digest: string; repository?: string; source: string; path?: string; bytes: number; ms: number; finished: boolean }) => void
+  onServed: (info: { id: string; digest: string; repository: string | undefined; source: string; path: string | undefined; bytes: number; ms: number; finished: boolean }) => void
   /** Large read buffers for hits from disk (shared by every response). */
   buffers?: ReadBuffers
 }
@@ -52,20 +52,23 @@ export function packageFastPath(deps: FastPathDeps): { listener: Listener; drain
     })
     clearTimeout(timer)
   }
+  const queries = new QueryMemo()
   const listener: Listener = (req, res) => {
-    const asked = stopping ? undefined : parse(req, deps.sources)
+    const asked = stopping ? undefined : parse(req, deps.sources, queries)
     const hit = asked && deps.packages.cachedHit(asked.query.digest)
     if (!asked || !hit) return deps.fallback(req, res)
     const { query, source } = asked
     const started = Date.now()
     const id = `fast:${started}:${++counter}`
+    // One shape for every hit (absent fields undefined, not left out): V8 keeps the code that
+    // reads it monomorphic.
     const served = (bytes: number): void =>
       deps.onServed({
         id,
         digest: query.digest,
-        ...(query.repository ? { repository: query.repository } : {}),
+        repository: query.repository,
         source,
-        ...(query.path ? { path: query.path } : {}),
+        path: query.path,
         bytes,
         ms: Date.now() - started,
         finished: res.writableFinished,
@@ -115,17 +118,42 @@ export function packageFastPath(deps: FastPathDeps): { listener: Listener; drain
 }
 
 /** The query and source of a plain whole-package GET; undefined for anything hapi must answer. */
-function parse(req: IncomingMessage, sources: SourceSet): { query: PackageQuery; source: string } | undefined {
+function parse(req: IncomingMessage, sources: SourceSet, queries: QueryMemo): { query: PackageQuery; source: string } | undefined {
+  const url = req.url
   // A fragment is not part of the query; hapi drops it, so such a request is hapi's to answer.
-  if (req.method !== 'GET' || !req.url?.startsWith('/package?') || req.url.includes('#')) return undefined
+  if (req.method !== 'GET' || url === undefined || !url.startsWith('/package?') || url.includes('#')) return undefined
   const h = req.headers
   if (h.range !== undefined || h['if-none-match'] !== undefined || h['if-range'] !== undefined) return undefined
-  const query = queryOf(req.url.slice('/package?'.length))
   try {
-    const parsed = parsePackageQuery(query)
-    return { query: parsed, source: sources.match(parsed.repository).name }
+    const query = queries.get(url)
+    // The source is matched every time: the set of sources changes with the cluster's config.
+    return { query, source: sources.match(query.repository).name }
   } catch {
     return undefined // hapi answers the 400 or 404
+  }
+}
+
+/**
+ * Valid `/package` queries by URL, as parsed. A roll-out's nodes ask for the same few URLs
+ * thousands of times, and splitting and validating each again was a twentieth of a memory hit's
+ * CPU. Parsing is a pure function of the URL, so a remembered answer is always the right one;
+ * invalid URLs are not remembered (they go to hapi), and past `max` entries the memo starts
+ * over, so hostile URLs cost at most `max` short strings.
+ */
+export class QueryMemo {
+  private readonly parsed = new Map<string, PackageQuery>()
+  constructor(private readonly max = 256) {}
+
+  /** The URL's query, validated; throws as parsePackageQuery does. */
+  get(url: string): PackageQuery {
+    const known = this.parsed.get(url)
+    if (known) return known
+    const query = parsePackageQuery(queryOf(url.slice('/package?'.length)))
+    if (url.length <= 1024) {
+      if (this.parsed.size >= this.max) this.parsed.clear()
+      this.parsed.set(url, Object.freeze(query))
+    }
+    return query
   }
 }
 
