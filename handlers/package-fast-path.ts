@@ -144,6 +144,11 @@ export class QueryMemo {
   private readonly parsed = new Map<string, PackageQuery>()
   constructor(private readonly max = 256) {}
 
+  /** URLs remembered (at most `max`). */
+  get size(): number {
+    return this.parsed.size
+  }
+
   /** The URL's query, validated; throws as parsePackageQuery does. */
   get(url: string): PackageQuery {
     const known = this.parsed.get(url)
@@ -162,7 +167,7 @@ export class QueryMemo {
  * escapes, which is what clients send, are split directly: URLSearchParams and its decoding
  * were a tenth of a memory hit's JavaScript.
  */
-function queryOf(search: string): Record<string, string | string[]> {
+export function queryOf(search: string): Record<string, string | string[]> {
   const query: Record<string, string | string[]> = {}
   const add = (key: string, value: string): void => {
     const seen = query[key]
