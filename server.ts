@@ -109,6 +109,13 @@ export async function createServer(o: ServerOptions): Promise<ProxyServer> {
   })
   // On every connection, including those answered before hapi routes them (the fast path).
   listener.setTimeout(socketIdleTimeout)
+  // Node's server.close() (hapi's stop calls it) destroys every connection with no request in
+  // progress, and a response counts as done once its last bytes are in the kernel's send
+  // buffer: the tail a client had not read yet was lost to a reset, a 200 cut short, logged
+  // as whole (test/integration/process.test.ts, "SIGTERM under a herd"). hapi's stop ends
+  // those connections itself, gracefully (a FIN after the bytes), and destroys what is left
+  // only after its drain timeout; so that is all a stop does here.
+  listener.closeIdleConnections = () => undefined
   const server = Hapi.server({
     listener,
     host: o.host ?? '127.0.0.1',

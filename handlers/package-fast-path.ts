@@ -73,17 +73,18 @@ export function packageFastPath(deps: FastPathDeps): { listener: Listener; drain
         ms: Date.now() - started,
         finished: res.writableFinished,
       })
+    // Counted until the response is done with: a drain that starts meanwhile waits for it.
+    sending++
     if ('buffer' in hit) {
       res.writeHead(200, packageHeaders(query.digest, hit.buffer.length, 'HIT'))
       res.end(hit.buffer)
       whenClosed(req, res, () => {
+        sent()
         hit.release()
         served(hit.buffer.length)
       })
       return
     }
-    // Counted from before the open: a drain that starts meanwhile waits for this send too.
-    sending++
     let counted = true
     const uncount = (): void => {
       if (!counted) return

@@ -259,6 +259,65 @@ void t.test('SIGTERM: the listener stops accepting while a response drains', asy
   t.same(await proc.exited, { code: 0, signal: null }, 'exit 0')
 })
 
+void t.test('SIGTERM under a herd of keep-alive clients: no body is cut, and no cut body is logged as whole', async (t) => {
+  // Found from outside: Node's server.close() destroyed each connection whose response it had
+  // handed to the kernel, and a tail the client had not read yet was lost to a reset, while
+  // the log said 200 with every byte. Several rounds: each SIGTERM meets the herd mid-flight.
+  const dir = t.testdir({})
+  const registry = await FakeRegistry.start()
+  t.teardown(() => registry.close())
+  const layer = randomBytes(4 * 1024 * 1024)
+  const image = registry.addImage('deckhouse/ce/herd', [layer])
+  const config = await writeRegistryConfig(dir, { default: { address: registry.host, path: '/deckhouse/ce', scheme: 'http' } })
+  let cut = 0
+  let whole = 0
+  let loggedWhole = 0
+  for (let round = 0; round < 3; round++) {
+    await mkdir(join(dir, `cache-${round}`))
+    const { proc, url } = await startProxy(t, [`--cache-directory=${join(dir, `cache-${round}`)}`, `--registry-config=${config}`])
+    const path = `/package?digest=${image.manifestDigest}&path=herd`
+    // A miss, then hits until it is served from memory (the fast path's one socket write).
+    for (let i = 0; i < 3; i++) t.equal((await request(`${url}${path}`)).status, 200)
+    const agent = new http.Agent({ keepAlive: true, maxSockets: 16 })
+    let stop = false
+    let warm = 0
+    const one = (): Promise<void> =>
+      new Promise((resolve) => {
+        const req = http.get(`${url}${path}`, { agent }, (res) => {
+          let n = 0
+          res.on('data', (c: Buffer) => (n += c.length))
+          const done = (): void => {
+            if (res.complete && n === layer.length) whole++
+            else cut++
+            resolve()
+          }
+          res.on('end', done)
+          res.on('error', done)
+        })
+        req.on('error', () => {
+          stop = true // refused or reset before any header: a request not answered, not a cut body
+          resolve()
+        })
+      })
+    const workers = Array.from({ length: 16 }, async () => {
+      while (!stop) {
+        await one()
+        warm++
+      }
+    })
+    while (warm < 32) await new Promise((r) => setTimeout(r, 20))
+    proc.child.kill('SIGTERM')
+    t.same(await proc.exited, { code: 0, signal: null }, `round ${round + 1}: exit 0`)
+    stop = true
+    await Promise.all(workers)
+    agent.destroy()
+    loggedWhole += proc.logs().filter((l) => l.msg === 'request' && l.path === '/package' && l.status === 200 && l.bytes === layer.length).length - 3
+  }
+  t.equal(cut, 0, `no response cut after its headers (${whole} whole)`)
+  t.ok(whole > 96, 'the herd was served')
+  t.ok(loggedWhole <= whole, `no more responses logged whole (${loggedWhole}) than clients received whole (${whole})`)
+})
+
 void t.test('--disable-cache: ready, serves packages, writes nothing', async (t) => {
   const dir = t.testdir({ cache: {} })
   const registry = await FakeRegistry.start()
