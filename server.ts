@@ -127,14 +127,6 @@ export async function createServer(o: ServerOptions): Promise<ProxyServer> {
       timeout: { server: false, socket: socketIdleTimeout },
     },
   })
-  // hapi answers every malformed request with a bare 400; tell clients the real reason first.
-  listener.prependListener('clientError', (err: NodeJS.ErrnoException, socket: Duplex) => {
-    const status =
-      err.code === 'HPE_HEADER_OVERFLOW' ? '431 Request Header Fields Too Large' : err.code === 'ERR_HTTP_REQUEST_TIMEOUT' ? '408 Request Timeout' : undefined
-    if (!status || !socket.writable) return
-    socket.write(`HTTP/1.1 ${status}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n`)
-    socket.destroy()
-  })
   const sources = new SourceSet()
   const metrics = new Metrics({ collectDefaults: o.collectDefaultMetrics ?? true })
   const log = o.logger
@@ -221,6 +213,31 @@ export async function createServer(o: ServerOptions): Promise<ProxyServer> {
 
   // One JSON line per request: what was asked, how it was served, how it ended (request-log.ts).
   const requestLog = new RequestLog(log)
+  // A request Node could not parse (a head over 16 KiB, an unknown method, a bad header) or
+  // whose head never finished: no hapi request exists, so its line is written here. hapi
+  // answers every such request with a bare 400; tell clients the real reason first (431, 408).
+  let clientErrors = 0
+  listener.prependListener('clientError', (err: NodeJS.ErrnoException, socket: Duplex) => {
+    const code = err.code ?? ''
+    const status = code === 'HPE_HEADER_OVERFLOW' ? 431 : code === 'ERR_HTTP_REQUEST_TIMEOUT' ? 408 : code.startsWith('HPE_') ? 400 : undefined
+    // Anything else (a reset, a timeout between requests) is a connection ending, not a request.
+    if (status === undefined || !socket.writable) return
+    // Only the code and llhttp's fixed message: the bytes received (err.rawPacket) may hold a
+    // credential, and are never logged.
+    requestLog.write({
+      id: `client-error:${Date.now()}:${++clientErrors}`,
+      method: '',
+      path: '',
+      status,
+      bytes: 0,
+      ms: undefined,
+      result: 'error',
+      err: { type: 'ClientError', code, message: err.message.slice(0, 200) },
+    })
+    if (status === 400) return // hapi's own answer
+    socket.write(`HTTP/1.1 ${status === 431 ? '431 Request Header Fields Too Large' : '408 Request Timeout'}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n`)
+    socket.destroy()
+  })
   server.events.on('response', (request) => {
     const response = request.response
     const status = finalStatus(request)
@@ -237,7 +254,8 @@ export async function createServer(o: ServerOptions): Promise<ProxyServer> {
       method: request.method,
       path: request.path,
       status,
-      bytes: aborted ? undefined : Number(headers['content-length'] ?? 0),
+      // Bytes of body sent: a HEAD's Content-Length describes a body it never sends.
+      bytes: aborted ? undefined : request.method === 'head' ? 0 : Number(headers['content-length'] ?? 0),
       sentStatus: raw.statusCode,
       ms: ended ? ended - request.info.received : undefined,
       ...(request.path === '/package'

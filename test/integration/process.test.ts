@@ -11,6 +11,7 @@ import { randomBytes } from 'node:crypto'
 import { closeSync, openSync } from 'node:fs'
 import { mkdir } from 'node:fs/promises'
 import * as http from 'node:http'
+import { connect as netConnect } from 'node:net'
 import { join } from 'node:path'
 import { FakeRegistry } from '../fixtures/fake-registry.js'
 import { MAIN, buildIfMissing, childEnv } from '../fixtures/main-process.js'
@@ -316,6 +317,47 @@ void t.test('SIGTERM under a herd of keep-alive clients: no body is cut, and no 
   t.equal(cut, 0, `no response cut after its headers (${whole} whole)`)
   t.ok(whole > 96, 'the herd was served')
   t.ok(loggedWhole <= whole, `no more responses logged whole (${loggedWhole}) than clients received whole (${whole})`)
+})
+
+void t.test('requests Node cannot parse have their line too, with nothing of what was sent; a HEAD logs 0 bytes', async (t) => {
+  const dir = t.testdir({ cache: {} })
+  const registry = await FakeRegistry.start()
+  t.teardown(() => registry.close())
+  const image = registry.addImage('deckhouse/ce/pkg', [bigPackage(10_000)])
+  const config = await writeRegistryConfig(dir, { default: { address: registry.host, path: '/deckhouse/ce', scheme: 'http' } })
+  const { proc, url } = await startProxy(t, [`--cache-directory=${join(dir, 'cache')}`, `--registry-config=${config}`])
+  const port = Number(new URL(url).port)
+  const secret = `s3cret-${randomBytes(8).toString('hex')}`
+  /** Sends raw bytes; resolves with the status line the proxy answered. */
+  const raw = (text: string): Promise<string> =>
+    new Promise((resolve, reject) => {
+      const socket = netConnect(port, '127.0.0.1', () => socket.end(text))
+      let got = ''
+      socket.on('data', (c: Buffer) => (got += c.toString('latin1')))
+      socket.on('close', () => resolve(got.split('\r\n')[0] ?? ''))
+      socket.on('error', reject)
+    })
+  t.match(await raw(`BREW /package HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${secret}\r\n\r\n`), /^HTTP\/1\.1 400/, 'an unknown method: 400')
+  t.match(await raw(`GET /package HTTP/1.1\r\nHost: x\r\nContent-Length: ${secret}\r\n\r\n`), /^HTTP\/1\.1 400/, 'a malformed header: 400')
+  t.match(await raw(`GET /package?x=${secret} HTTP/1.1\r\nHost: x\r\nX-Pad: ${'a'.repeat(20_000)}\r\n\r\n`), /^HTTP\/1\.1 431/, 'a head over 16 KiB: 431')
+  const head = await request(`${url}/package?digest=${image.manifestDigest}&path=pkg`, { method: 'HEAD' })
+  t.equal(head.status, 200)
+  proc.child.kill('SIGTERM')
+  await proc.exited
+  const lines = proc.logs().filter((l) => l.msg === 'request')
+  const bad = lines.filter((l) => String(l.req).startsWith('client-error:'))
+  t.same(
+    bad.map((l) => [l.status, (l.err as { code?: string } | undefined)?.code, l.method, l.path]),
+    [
+      [400, 'HPE_INVALID_METHOD', '', ''],
+      [400, 'HPE_INVALID_CONTENT_LENGTH', '', ''],
+      [431, 'HPE_HEADER_OVERFLOW', '', ''],
+    ],
+    'one line each, in order, with status and parser code',
+  )
+  t.notOk(proc.stdout().includes(secret) || proc.stderr().includes(secret), 'nothing the client sent is logged')
+  const headLine = lines.find((l) => l.method === 'head')
+  t.equal(headLine?.bytes, 0, 'a HEAD sent no body, and its line says 0 bytes')
 })
 
 void t.test('--disable-cache: ready, serves packages, writes nothing', async (t) => {
