@@ -263,7 +263,7 @@ export async function createServer(o: ServerOptions): Promise<ProxyServer> {
         : {}),
       ...(request.path.startsWith('/v1/') ? { route: request.route.path } : {}),
       result: app.result,
-      err: app.err,
+      err: app.err ?? codedError(response),
     })
   })
   // Plain GETs of cached packages skip hapi's lifecycle (see handlers/package-fast-path.ts);
@@ -301,4 +301,21 @@ export async function createServer(o: ServerOptions): Promise<ProxyServer> {
   }
   await server.initialize()
   return { server, sources, metrics, packages }
+}
+
+/**
+ * The `err` of a request line that no handler described: one of our coded errors answered
+ * before or beside a handler (405, 416, 403), named by the `code` its body carries (by the
+ * 'response' event hapi has turned the error into a response whose source is that body). Only
+ * ours carry a `code`: their messages are our own text, never a client's input.
+ */
+function codedError(response: unknown): { type: string; code: string; message: string } | undefined {
+  const body = Boom.isBoom(response)
+    ? response.output.payload
+    : response && typeof response === 'object' && 'statusCode' in response && Number(response.statusCode) >= 400 && 'source' in response
+      ? response.source
+      : undefined
+  if (!body || typeof body !== 'object') return undefined
+  const { code, message } = body as { code?: unknown; message?: unknown }
+  return typeof code === 'string' ? { type: 'HttpError', code, message: typeof message === 'string' ? message : '' } : undefined
 }

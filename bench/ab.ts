@@ -72,7 +72,8 @@ async function main(): Promise<void> {
       await waitForHit(url, image.lastLayer.digest)
       proxies[side] = { pid: child.pid ?? -1, url }
     }
-    const describe = (side: 'A' | 'B'): string => (sides[side] === 'node-memory' ? 'plain node:http (node-memory)' : `${sides[side]} --log-level ${levels[side]}`)
+    const describe = (side: 'A' | 'B'): string =>
+      sides[side] === 'node-memory' ? 'plain node:http (node-memory)' : `${sides[side]} --log-level ${levels[side]}`
     console.log(`A = ${describe('A')}\nB = ${describe('B')}\n${size} hits, wrk -t1 -c32 -d${seconds}s, ${runs} runs each, alternating`)
     const results: Record<'A' | 'B', { rps: number; us: number }[]> = { A: [], B: [] }
     const ratios: number[] = []
@@ -96,7 +97,9 @@ async function main(): Promise<void> {
         `${side} median: ${fmt(median(rs.map((r) => r.rps)))} req/s, ${fmt(median(rs.map((r) => r.us)), 1)} µs per request (runs: ${rs.map((r) => fmt(r.us, 1)).join(', ')})`,
       )
     }
-    console.log(`B/A CPU per request, median of ${ratios.length} adjacent pairs: ${fmt(median(ratios), 3)}x (pairs: ${ratios.map((r) => fmt(r, 2)).join(', ')})`)
+    console.log(
+      `B/A CPU per request, median of ${ratios.length} adjacent pairs: ${fmt(median(ratios), 3)}x (pairs: ${ratios.map((r) => fmt(r, 2)).join(', ')})`,
+    )
   } finally {
     await children.stopAll()
     await registry.close()

@@ -270,7 +270,15 @@ async function benchSize(
       nodeCpu: cpuPerRequestUs(b) / cpuPerRequestUs(n),
     }
   })
-  return { label, bytes, connections, rounds, median: { proxy: medianOf(rounds.proxy), nginx: medianOf(rounds.nginx), node: medianOf(rounds.node) }, ratios, probeMs }
+  return {
+    label,
+    bytes,
+    connections,
+    rounds,
+    median: { proxy: medianOf(rounds.proxy), nginx: medianOf(rounds.nginx), node: medianOf(rounds.node) },
+    ratios,
+    probeMs,
+  }
 }
 
 async function coldRequests(registry: FakeRegistry, proxyBase: string, image: FakeImage, path: string): Promise<ColdResult> {
@@ -383,7 +391,9 @@ function report(machine: Machine, sizes: SizeResult[], cold: ColdResult | undefi
   for (const s of sizes) {
     const reqs = medianNumber(s.ratios.map((r) => r.reqs))
     const cpu = medianNumber(s.ratios.map((r) => r.cpu))
-    lines.push(`| ${s.label} hits, requests/s vs nginx | **${fmt(reqs, 2)}x** (${rounds(s.ratios.map((r) => r.reqs))}) | >= ${REQS_TARGET}x | ${reqs >= REQS_TARGET ? 'PASS' : 'MISS'} |`)
+    lines.push(
+      `| ${s.label} hits, requests/s vs nginx | **${fmt(reqs, 2)}x** (${rounds(s.ratios.map((r) => r.reqs))}) | >= ${REQS_TARGET}x | ${reqs >= REQS_TARGET ? 'PASS' : 'MISS'} |`,
+    )
     lines.push(
       `| ${s.label} hits, CPU per request vs nginx | **${fmt(cpu, 2)}x** (${rounds(s.ratios.map((r) => r.cpu))}); ` +
         `vs plain node:http ${fmt(medianNumber(s.ratios.map((r) => r.cpuNode)), 2)}x (${rounds(s.ratios.map((r) => r.cpuNode))}); ` +

@@ -12,7 +12,16 @@ export interface FastPathDeps {
   /** hapi's own listener: every request the fast path declines, or gives back, goes there unchanged. */
   fallback: Listener
   /** Told about every request answered here, as hapi's 'response' event would be. */
-  onServed: (info: { id: string; digest: string; repository: string | undefined; source: string; path: string | undefined; bytes: number; ms: number; finished: boolean }) => void
+  onServed: (info: {
+    id: string
+    digest: string
+    repository: string | undefined
+    source: string
+    path: string | undefined
+    bytes: number
+    ms: number
+    finished: boolean
+  }) => void
   /** Large read buffers for hits from disk (shared by every response). */
   buffers?: ReadBuffers
 }

@@ -48,11 +48,7 @@ function throughPino(log: Logger, f: RequestFacts): void {
 
 /** True when a string anywhere in `v` has a surrogate without its pair. */
 const hasLoneSurrogate = (v: unknown): boolean =>
-  typeof v === 'string'
-    ? /[\ud800-\udfff]/u.test(v)
-    : typeof v === 'object' && v !== null
-      ? Object.values(v).some(hasLoneSurrogate)
-      : false
+  typeof v === 'string' ? /[\ud800-\udfff]/u.test(v) : typeof v === 'object' && v !== null ? Object.values(v).some(hasLoneSurrogate) : false
 
 /** Lines with their times made equal (the two are written microseconds apart). */
 const sameTime = (lines: string[]): string[] => lines.map((l) => l.replace(/"time":\d+/, '"time":0'))
@@ -83,7 +79,14 @@ void t.test('the cases the proxy writes, line for line', (t) => {
     hit,
     { ...hit, pkg: { digest: DIGEST, repository: 'registry.example:5000/a/b', source: 'module-x', path: undefined, peer: 'peer-1' }, result: 'peer' },
     { ...hit, status: 499, bytes: undefined },
-    { ...hit, status: 500, bytes: undefined, sentStatus: 200, ms: undefined, err: { type: 'DigestMismatchError', code: 'EDIGEST', message: 'layer "x" \\ did not match' } },
+    {
+      ...hit,
+      status: 500,
+      bytes: undefined,
+      sentStatus: 200,
+      ms: undefined,
+      err: { type: 'DigestMismatchError', code: 'EDIGEST', message: 'layer "x" \\ did not match' },
+    },
     { ...hit, pkg: { digest: ['a', 'b'], repository: 'x"y', source: undefined, path: 'é/ü/\u0001' }, status: 400, result: 'error' },
     { id: 'q1', method: 'get', path: '/healthz', status: 200, bytes: 2, ms: 1 },
     { id: 'q2', method: 'get', path: '/metrics', status: 503, bytes: 10, ms: 1 },

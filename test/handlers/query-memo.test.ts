@@ -18,7 +18,16 @@ const fresh = (url: string): PackageQuery | string => {
 }
 
 const DIGESTS = [`sha256:${'a'.repeat(64)}`, `sha256:${'a'.repeat(63)}b`, `sha256:${'A'.repeat(64)}`, 'sha256:abc', '']
-const REPOSITORIES = [undefined, '', 'registry.example/deckhouse', 'registry.example/deckhouse/', 'registry.example:5000/a/b', 'Registry.example/x', 'registry.example//a', '%72egistry.example/x']
+const REPOSITORIES = [
+  undefined,
+  '',
+  'registry.example/deckhouse',
+  'registry.example/deckhouse/',
+  'registry.example:5000/a/b',
+  'Registry.example/x',
+  'registry.example//a',
+  '%72egistry.example/x',
+]
 const PATHS = [undefined, '', 'pkg/a', '/pkg/a', '//pkg', 'pkg/../a', 'pkg%2Fa', 'a+b']
 
 const url: fc.Arbitrary<string> = fc

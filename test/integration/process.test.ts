@@ -319,7 +319,7 @@ void t.test('SIGTERM under a herd of keep-alive clients: no body is cut, and no 
   t.ok(loggedWhole <= whole, `no more responses logged whole (${loggedWhole}) than clients received whole (${whole})`)
 })
 
-void t.test('requests Node cannot parse have their line too, with nothing of what was sent; a HEAD logs 0 bytes', async (t) => {
+void t.test('requests Node cannot parse have their line too, with nothing of what was sent; a HEAD logs 0 bytes; refusals name their code', async (t) => {
   const dir = t.testdir({ cache: {} })
   const registry = await FakeRegistry.start()
   t.teardown(() => registry.close())
@@ -342,6 +342,8 @@ void t.test('requests Node cannot parse have their line too, with nothing of wha
   t.match(await raw(`GET /package?x=${secret} HTTP/1.1\r\nHost: x\r\nX-Pad: ${'a'.repeat(20_000)}\r\n\r\n`), /^HTTP\/1\.1 431/, 'a head over 16 KiB: 431')
   const head = await request(`${url}/package?digest=${image.manifestDigest}&path=pkg`, { method: 'HEAD' })
   t.equal(head.status, 200)
+  t.equal((await request(`${url}/package?digest=${image.manifestDigest}&path=pkg`, { method: 'POST' })).status, 405)
+  t.equal((await request(`${url}/package?digest=${image.manifestDigest}&path=pkg`, { headers: { range: 'bytes=99999999-' } })).status, 416)
   proc.child.kill('SIGTERM')
   await proc.exited
   const lines = proc.logs().filter((l) => l.msg === 'request')
@@ -358,6 +360,9 @@ void t.test('requests Node cannot parse have their line too, with nothing of wha
   t.notOk(proc.stdout().includes(secret) || proc.stderr().includes(secret), 'nothing the client sent is logged')
   const headLine = lines.find((l) => l.method === 'head')
   t.equal(headLine?.bytes, 0, 'a HEAD sent no body, and its line says 0 bytes')
+  const codeOf = (status: number): unknown => (lines.find((l) => l.status === status)?.err as { code?: string } | undefined)?.code
+  t.equal(codeOf(405), 'EMETHOD', 'a 405 line names its code')
+  t.equal(codeOf(416), 'ERANGE', 'a 416 line names its code')
 })
 
 void t.test('--disable-cache: ready, serves packages, writes nothing', async (t) => {
