@@ -19,13 +19,7 @@ import { tmpdir } from 'node:os'
 import { join, resolve } from 'node:path'
 import { FakeRegistry } from '../tools/sample-registry.js'
 import { freePort } from '../tools/net.js'
-import { Children, fetchHashed, fmt, KiB, MiB, option, pseudoRandom, ROOT, runWrk, startBaseline, startProxy, textOption, waitForHit } from './lib.js'
-
-const median = (xs: number[]): number => {
-  const s = [...xs].sort((a, b) => a - b)
-  const mid = Math.floor(s.length / 2)
-  return s.length % 2 ? (s[mid] ?? NaN) : ((s[mid - 1] ?? NaN) + (s[mid] ?? NaN)) / 2
-}
+import { Children, fetchHashed, fmt, KiB, median, MiB, option, pseudoRandom, ROOT, runWrk, startBaseline, startProxy, textOption, waitForHit } from './lib.js'
 
 async function main(): Promise<void> {
   const sizes: Record<string, number> = { '64k': 64 * KiB, '4m': 4 * MiB, '32m': 32 * MiB }

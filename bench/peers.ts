@@ -11,7 +11,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { FakeRegistry, type FakeImage } from '../tools/sample-registry.js'
 import { freePort } from '../tools/net.js'
-import { Children, fetchHashed, fmt, KiB, MiB, option, pseudoRandom, startProxy } from './lib.js'
+import { Children, fetchHashed, fmt, KiB, median, MiB, option, pseudoRandom, startProxy } from './lib.js'
 
 type Mode = 'peers' | 'no peers'
 
@@ -30,12 +30,6 @@ interface Round {
   /** Time to last byte of each of the three requests. */
   ttlbMs: number[]
   verified: boolean
-}
-
-function median(values: number[]): number {
-  const sorted = [...values].sort((a, b) => a - b)
-  const mid = Math.floor(sorted.length / 2)
-  return sorted.length % 2 ? (sorted[mid] ?? NaN) : ((sorted[mid - 1] ?? NaN) + (sorted[mid] ?? NaN)) / 2
 }
 
 /** The three replicas of `bases` asked for `image` at the same moment. */

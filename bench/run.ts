@@ -33,6 +33,7 @@ import {
   fetchHashed,
   fmt,
   KiB,
+  median,
   memoryOf,
   MiB,
   option,
@@ -115,12 +116,6 @@ interface RoundRatios {
   cpuNode: number
   /** CPU per request, plain node:http over nginx. */
   nodeCpu: number
-}
-
-const medianNumber = (xs: number[]): number => {
-  const s = [...xs].sort((a, b) => a - b)
-  const mid = Math.floor(s.length / 2)
-  return s.length % 2 ? (s[mid] ?? NaN) : ((s[mid - 1] ?? NaN) + (s[mid] ?? NaN)) / 2
 }
 
 /**
@@ -389,15 +384,15 @@ function report(machine: Machine, sizes: SizeResult[], cold: ColdResult | undefi
   lines.push('|---|---|---|---|')
   const rounds = (xs: number[]): string => xs.map((x) => fmt(x, 2)).join(', ')
   for (const s of sizes) {
-    const reqs = medianNumber(s.ratios.map((r) => r.reqs))
-    const cpu = medianNumber(s.ratios.map((r) => r.cpu))
+    const reqs = median(s.ratios.map((r) => r.reqs))
+    const cpu = median(s.ratios.map((r) => r.cpu))
     lines.push(
       `| ${s.label} hits, requests/s vs nginx | **${fmt(reqs, 2)}x** (${rounds(s.ratios.map((r) => r.reqs))}) | >= ${REQS_TARGET}x | ${reqs >= REQS_TARGET ? 'PASS' : 'MISS'} |`,
     )
     lines.push(
       `| ${s.label} hits, CPU per request vs nginx | **${fmt(cpu, 2)}x** (${rounds(s.ratios.map((r) => r.cpu))}); ` +
-        `vs plain node:http ${fmt(medianNumber(s.ratios.map((r) => r.cpuNode)), 2)}x (${rounds(s.ratios.map((r) => r.cpuNode))}); ` +
-        `node:http vs nginx ${fmt(medianNumber(s.ratios.map((r) => r.nodeCpu)), 2)}x | <= ${CPU_TARGET}x | ${cpu <= CPU_TARGET ? 'PASS' : 'MISS'} |`,
+        `vs plain node:http ${fmt(median(s.ratios.map((r) => r.cpuNode)), 2)}x (${rounds(s.ratios.map((r) => r.cpuNode))}); ` +
+        `node:http vs nginx ${fmt(median(s.ratios.map((r) => r.nodeCpu)), 2)}x | <= ${CPU_TARGET}x | ${cpu <= CPU_TARGET ? 'PASS' : 'MISS'} |`,
     )
   }
   if (cold) {

@@ -41,9 +41,9 @@ export interface FastPathDeps {
 export function packageFastPath(deps: FastPathDeps): { listener: Listener; drain: (timeoutMs: number) => Promise<void> } {
   let counter = 0
   const buffers = deps.buffers ?? new ReadBuffers()
-  // Sends from files in flight. hapi's stop ends every connection it has no request of its own
-  // on, which would cut these short: the server drains them first (see drain), and from then
-  // on leaves new requests to hapi, whose stop waits for its own.
+  // Sends in flight, from memory and from files. hapi's stop ends every connection it has no
+  // request of its own on, which would cut these short: the server drains them first (see
+  // drain), and from then on leaves new requests to hapi, whose stop waits for its own.
   let sending = 0
   let stopping = false
   let idle: (() => void) | undefined
