@@ -5,7 +5,10 @@ import { SourceError } from './plugins/credentials/source.js'
 import { batchedLog } from './log-destination.js'
 import { createLogger, NAME } from './logger.js'
 
-/** How long SIGTERM waits for in-flight responses before closing them. */
+/**
+ * How long SIGTERM waits for in-flight responses, on both listeners, before closing them: with
+ * the index close and the last log lines after it, well inside the pod's 40 s grace period.
+ */
 const DRAIN_MS = 25_000
 
 function fail(message: string): never {
@@ -64,6 +67,7 @@ async function main(argv: string[]): Promise<void> {
               },
             }
           : {}),
+      stopDrainMs: DRAIN_MS,
       logger,
     })
   } catch (err) {
@@ -97,8 +101,9 @@ async function main(argv: string[]): Promise<void> {
     if (stopping) return
     stopping = true
     logger.info({ signal }, 'stopping: draining in-flight responses')
-    // hapi stops accepting at once and waits up to DRAIN_MS for responses in flight; the
-    // onPostStop hooks then finish fills and close the index (its batched writes included).
+    // The listeners stop accepting at once, and each connection ends once its requests are
+    // answered; what is still open after DRAIN_MS is closed (connection-drain.ts). The
+    // onPostStop hooks then end downloads and close the index (its batched writes included).
     proxy.server.stop({ timeout: DRAIN_MS }).then(
       () => {
         logger.info('stopped')

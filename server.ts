@@ -1,11 +1,13 @@
 import { createServer as createHttpServer, type IncomingMessage, type ServerResponse } from 'node:http'
 import { join } from 'node:path'
+import type { Socket } from 'node:net'
 import type { Duplex } from 'node:stream'
 import Boom from '@hapi/boom'
 import Hapi from '@hapi/hapi'
 import type { Logger } from 'pino'
 import './request-state.js'
 import { RequestLog } from './request-log.js'
+import { ConnectionDrain } from './connection-drain.js'
 import { packageFastPath } from './handlers/package-fast-path.js'
 import { credentialsPlugin } from './plugins/credentials/index.js'
 import { SourceSet } from './plugins/credentials/source-set.js'
@@ -47,8 +49,11 @@ export interface ServerOptions {
   headersTimeoutMs?: number
   /** Answer memory hits before hapi routes them (default on; tests compare both paths). */
   fastPath?: boolean
-  /** How long a stop waits for hits sent from files by the fast path before hapi's own drain (default 15 s). */
-  fastPathDrainMs?: number
+  /**
+   * How long a stop waits for responses in progress, on every listener, before it closes the
+   * connections still open (default 25 s; the pod's grace period is 40 s).
+   */
+  stopDrainMs?: number
   /**
    * A connection on which nothing moved either way for this long is closed (default 300 s):
    * a client that stops reading must not hold its socket, file and cache pin forever.
@@ -109,13 +114,6 @@ export async function createServer(o: ServerOptions): Promise<ProxyServer> {
   })
   // On every connection, including those answered before hapi routes them (the fast path).
   listener.setTimeout(socketIdleTimeout)
-  // Node's server.close() (hapi's stop calls it) destroys every connection with no request in
-  // progress, and a response counts as done once its last bytes are in the kernel's send
-  // buffer: the tail a client had not read yet was lost to a reset, a 200 cut short, logged
-  // as whole (test/integration/process.test.ts, "SIGTERM under a herd"). hapi's stop ends
-  // those connections itself, gracefully (a FIN after the bytes), and destroys what is left
-  // only after its drain timeout; so that is all a stop does here.
-  listener.closeIdleConnections = () => undefined
   const server = Hapi.server({
     listener,
     host: o.host ?? '127.0.0.1',
@@ -126,6 +124,12 @@ export async function createServer(o: ServerOptions): Promise<ProxyServer> {
       // hapi re-arms the socket's inactivity timeout per request: the same one.
       timeout: { server: false, socket: socketIdleTimeout },
     },
+  })
+  // Registered before any plugin's hook: the listener stops accepting the moment a stop begins,
+  // while plugins stop their own parts; the last hook (below) waits for the connections.
+  const drainMs = o.stopDrainMs ?? 25_000
+  server.ext('onPreStop', () => {
+    void connections.stop(drainMs)
   })
   const sources = new SourceSet()
   const metrics = new Metrics({ collectDefaults: o.collectDefaultMetrics ?? true })
@@ -220,8 +224,9 @@ export async function createServer(o: ServerOptions): Promise<ProxyServer> {
   listener.prependListener('clientError', (err: NodeJS.ErrnoException, socket: Duplex) => {
     const code = err.code ?? ''
     const status = code === 'HPE_HEADER_OVERFLOW' ? 431 : code === 'ERR_HTTP_REQUEST_TIMEOUT' ? 408 : code.startsWith('HPE_') ? 400 : undefined
-    // Anything else (a reset, a timeout between requests) is a connection ending, not a request.
-    if (status === undefined || !socket.writable) return
+    // Anything else (a reset, a timeout between requests) is a connection ending, not a request;
+    // a bad body belongs to its request, which hapi answers (400) and logs as itself.
+    if (status === undefined || !socket.writable || connections.receivingBody(socket as Socket)) return
     // Only the code and llhttp's fixed message: the bytes received (err.rawPacket) may hold a
     // credential, and are never logged.
     requestLog.write({
@@ -295,10 +300,12 @@ export async function createServer(o: ServerOptions): Promise<ProxyServer> {
     })
     listener.removeAllListeners('request')
     listener.on('request', fast.listener)
-    // Before hapi ends the connections it sees no request of its own on: let the sends from
-    // files finish (bounded: hapi's own drain comes after, within the pod's grace period).
-    server.ext('onPreStop', () => fast.drain(o.fastPathDrainMs ?? 15_000))
   }
+  // A stop ends connections as their requests finish (connection-drain.ts), before hapi's own
+  // stop, whose per-socket records and Node's close() both cut responses short. Made last, so
+  // its count of each request comes before either path answers it.
+  const connections = new ConnectionDrain(listener)
+  server.ext('onPreStop', () => connections.stop(drainMs))
   await server.initialize()
   return { server, sources, metrics, packages }
 }

@@ -38,32 +38,12 @@ export interface FastPathDeps {
  * goes to the hapi route, which stays the one definition of the API: the headers are
  * {@link packageHeaders} both ways, and a test compares the two byte for byte.
  */
-export function packageFastPath(deps: FastPathDeps): { listener: Listener; drain: (timeoutMs: number) => Promise<void> } {
+export function packageFastPath(deps: FastPathDeps): { listener: Listener } {
   let counter = 0
   const buffers = deps.buffers ?? new ReadBuffers()
-  // Sends in flight, from memory and from files. hapi's stop ends every connection it has no
-  // request of its own on, which would cut these short: the server drains them first (see
-  // drain), and from then on leaves new requests to hapi, whose stop waits for its own.
-  let sending = 0
-  let stopping = false
-  let idle: (() => void) | undefined
-  const sent = (): void => {
-    sending--
-    if (sending === 0) idle?.()
-  }
-  const drain = async (timeoutMs: number): Promise<void> => {
-    stopping = true
-    if (sending === 0) return
-    let timer: NodeJS.Timeout | undefined
-    await new Promise<void>((resolve) => {
-      idle = resolve
-      timer = setTimeout(resolve, timeoutMs)
-    })
-    clearTimeout(timer)
-  }
   const queries = new QueryMemo()
   const listener: Listener = (req, res) => {
-    const asked = stopping ? undefined : parse(req, deps.sources, queries)
+    const asked = parse(req, deps.sources, queries)
     const hit = asked && deps.packages.cachedHit(asked.query.digest)
     if (!asked || !hit) return deps.fallback(req, res)
     const { query, source } = asked
@@ -82,49 +62,30 @@ export function packageFastPath(deps: FastPathDeps): { listener: Listener; drain
         ms: Date.now() - started,
         finished: res.writableFinished,
       })
-    // Counted until the response is done with: a drain that starts meanwhile waits for it.
-    sending++
     if ('buffer' in hit) {
       res.writeHead(200, packageHeaders(query.digest, hit.buffer.length, 'HIT'))
       res.end(hit.buffer)
       whenClosed(req, res, () => {
-        sent()
         hit.release()
         served(hit.buffer.length)
       })
       return
     }
-    let counted = true
-    const uncount = (): void => {
-      if (!counted) return
-      counted = false
-      sent()
-    }
     hit.open().then(
       (file) => {
-        if (!file) {
-          uncount()
-          return deps.fallback(req, res)
-        }
+        if (!file) return deps.fallback(req, res)
         if (res.destroyed || req.socket.destroyed) {
           file.close()
-          uncount()
           return served(0)
         }
         res.writeHead(200, packageHeaders(query.digest, file.size, 'HIT'))
-        whenClosed(req, res, () => {
-          uncount()
-          served(file.size)
-        })
+        whenClosed(req, res, () => served(file.size))
         sendFile(res, (f) => whenClosed(req, res, f), file.handle.fd, 0, file.size - 1, buffers, file.close, file.unchanged)
       },
-      () => {
-        uncount()
-        deps.fallback(req, res)
-      },
+      () => deps.fallback(req, res),
     )
   }
-  return { listener, drain }
+  return { listener }
 }
 
 /** The query and source of a plain whole-package GET; undefined for anything hapi must answer. */

@@ -2,6 +2,7 @@ import { createServer, type Server } from 'node:http'
 import type { AddressInfo } from 'node:net'
 import type { Plugin } from '@hapi/hapi'
 import type { Logger } from 'pino'
+import { ConnectionDrain } from '../../connection-drain.js'
 import { bootstrapHandler, RPP_GET_ROUTE } from '../../handlers/bootstrap.js'
 import type { SourceSet } from '../credentials/source-set.js'
 import type { Metrics } from '../metrics/metrics.js'
@@ -14,6 +15,8 @@ export interface BootstrapOptions {
   host: string
   port: number
   clusterUuid: string
+  /** How long a stop waits for responses in progress before closing what is left (default 25 s). */
+  drainMs?: number
   sources: SourceSet
   packages: PackageService
   metrics: Metrics
@@ -75,6 +78,8 @@ export const bootstrapPlugin: Plugin<BootstrapOptions> = {
     )
     // Writes to a node that stopped reading end after 300 s of no progress.
     listener.setTimeout(300_000)
+    // A stop must not wait those 300 s: what is in progress gets the stop's budget, as on the main listener.
+    const connections = new ConnectionDrain(listener)
     server.ext('onPreStart', async () => {
       await new Promise<void>((resolve, reject) => {
         listener.once('error', reject)
@@ -85,12 +90,7 @@ export const bootstrapPlugin: Plugin<BootstrapOptions> = {
       })
       o.log.info({ listen: `${o.host}:${(listener.address() as AddressInfo).port}` }, 'bootstrap listener (rpp-get) listening')
     })
-    server.ext('onPreStop', async () => {
-      if (!listener.listening) return
-      const closed = new Promise<void>((resolve) => listener.close(() => resolve()))
-      listener.closeIdleConnections()
-      await closed
-    })
+    server.ext('onPreStop', () => connections.stop(o.drainMs ?? 25_000))
     server.expose('api', {
       address: () => (listener.listening ? (listener.address() as AddressInfo) : undefined),
     } satisfies BootstrapApi)

@@ -319,6 +319,106 @@ void t.test('SIGTERM under a herd of keep-alive clients: no body is cut, and no 
   t.ok(loggedWhole <= whole, `no more responses logged whole (${loggedWhole}) than clients received whole (${whole})`)
 })
 
+void t.test(
+  'SIGTERM while a slow reader holds a hit: new connections are refused at once, keep-alive clients get whole answers with Connection: close',
+  async (t) => {
+    // Found from outside: the listener kept accepting while the stop waited for hits sent from
+    // files, and requests sent on keep-alive connections meanwhile were cut mid-body when that
+    // wait ended (hapi's record of a socket's request was per socket, and the previous response's
+    // late 'finish' deleted the next one's).
+    const dir = t.testdir({ cache: {} })
+    const registry = await FakeRegistry.start()
+    t.teardown(() => registry.close())
+    const small = randomBytes(4 * 1024 * 1024)
+    const large = randomBytes(12 * 1024 * 1024) // over the memory tier's 8 MiB: sent from its file
+    const smallImage = registry.addImage('deckhouse/ce/small', [small])
+    const largeImage = registry.addImage('deckhouse/ce/large', [large])
+    const config = await writeRegistryConfig(dir, { default: { address: registry.host, path: '/deckhouse/ce', scheme: 'http' } })
+    const { proc, url } = await startProxy(t, [`--cache-directory=${join(dir, 'cache')}`, `--registry-config=${config}`])
+    const port = Number(new URL(url).port)
+    const smallPath = `/package?digest=${smallImage.manifestDigest}&path=small`
+    const largePath = `/package?digest=${largeImage.manifestDigest}&path=large`
+    for (const path of [smallPath, smallPath, smallPath, largePath, largePath]) t.equal((await request(`${url}${path}`)).status, 200)
+
+    // The slow reader: a hit from a file, read a little, then not at all for 3 s after SIGTERM.
+    const slow = netConnect(port, '127.0.0.1')
+    await new Promise((r) => slow.once('connect', r))
+    const slowChunks: Buffer[] = []
+    slow.on('data', (c: Buffer) => slowChunks.push(c))
+    const slowClosed = new Promise((r) => slow.once('close', r))
+    slow.write(`GET ${largePath} HTTP/1.1\r\nHost: x\r\n\r\n`)
+    await new Promise((r) => slow.once('data', r))
+    slow.pause()
+
+    const agent = new http.Agent({ keepAlive: true, maxSockets: 8 })
+    let stop = false
+    let sigAt = 0
+    const answers: Array<{ complete: boolean; bytes: number; size: number; connection: string | undefined; after: boolean }> = []
+    let sent = 0
+    /** One request, of either package; false once the proxy no longer answers on this worker's connections. */
+    const one = (): Promise<boolean> =>
+      new Promise((resolve) => {
+        const sentAt = Date.now()
+        const [path, size] = ++sent % 2 === 0 ? [smallPath, small.length] : [largePath, large.length]
+        const req = http.get(`${url}${path}`, { agent }, (res) => {
+          let n = 0
+          res.on('data', (c: Buffer) => (n += c.length))
+          const done = (): void => {
+            answers.push({ complete: res.complete, bytes: n, size, connection: res.headers.connection, after: sigAt > 0 && sentAt > sigAt + 200 })
+            resolve(true)
+          }
+          res.on('end', done)
+          res.on('error', done)
+        })
+        // Refused, or closed before an answer: a request not answered, not a cut body.
+        req.on('error', () => resolve(false))
+      })
+    const workers = Array.from({ length: 8 }, async () => {
+      while (!stop && (await one()));
+    })
+    while (answers.length < 16) await new Promise((r) => setTimeout(r, 20))
+    sigAt = Date.now()
+    proc.child.kill('SIGTERM')
+    await proc.waitForLog((l) => l.msg === 'stopping: draining in-flight responses')
+    // Refused within a second of the stop starting, while the slow reader still holds its hit.
+    let refused = false
+    for (let i = 0; i < 100 && !refused; i++) {
+      refused = await request(`${url}/healthz`).then(
+        () => false,
+        (err: NodeJS.ErrnoException) => err.code === 'ECONNREFUSED',
+      )
+      if (!refused) await new Promise((r) => setTimeout(r, 10))
+    }
+    t.ok(refused, 'a new connection is refused while a hit is still being sent')
+    await new Promise((r) => setTimeout(r, 3000))
+    t.ok(proc.child.exitCode === null, 'the proxy still waits for the slow reader')
+    slow.resume()
+    await slowClosed
+    stop = true
+    await Promise.all(workers)
+    agent.destroy()
+    t.same(await proc.exited, { code: 0, signal: null }, 'exit 0')
+    const raw = Buffer.concat(slowChunks)
+    const body = raw.subarray(raw.indexOf('\r\n\r\n') + 4)
+    t.ok(body.equals(large), 'the slow reader got its whole hit')
+    const cut = answers.filter((a) => !a.complete || a.bytes !== a.size)
+    t.equal(cut.length, 0, `no answer cut after its headers (${answers.length} answers)`)
+    const late = answers.filter((a) => a.after)
+    t.ok(
+      late.every((a) => a.connection === 'close'),
+      `requests sent during the stop are answered with Connection: close (${late.length})`,
+    )
+    const logged = proc.logs().filter((l) => l.msg === 'request' && l.path === '/package')
+    const whole = (size: number): number => answers.filter((a) => a.size === size && a.complete && a.bytes === size).length
+    t.equal(logged.filter((l) => l.status === 200 && l.bytes === small.length).length, whole(small.length) + 3, 'one whole line per whole answer (4 MiB)')
+    t.equal(
+      logged.filter((l) => l.status === 200 && l.bytes === large.length).length,
+      whole(large.length) + 2 + 1,
+      'one whole line per whole answer (12 MiB, the slow reader too)',
+    )
+  },
+)
+
 void t.test('requests Node cannot parse have their line too, with nothing of what was sent; a HEAD logs 0 bytes; refusals name their code', async (t) => {
   const dir = t.testdir({ cache: {} })
   const registry = await FakeRegistry.start()
@@ -340,6 +440,12 @@ void t.test('requests Node cannot parse have their line too, with nothing of wha
   t.match(await raw(`BREW /package HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${secret}\r\n\r\n`), /^HTTP\/1\.1 400/, 'an unknown method: 400')
   t.match(await raw(`GET /package HTTP/1.1\r\nHost: x\r\nContent-Length: ${secret}\r\n\r\n`), /^HTTP\/1\.1 400/, 'a malformed header: 400')
   t.match(await raw(`GET /package?x=${secret} HTTP/1.1\r\nHost: x\r\nX-Pad: ${'a'.repeat(20_000)}\r\n\r\n`), /^HTTP\/1\.1 431/, 'a head over 16 KiB: 431')
+  // A head that parses and a body that does not: the request exists, and its own line says so (once).
+  t.match(
+    await raw(`PUT /cache/${image.manifestDigest} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nabcde\r\nzz${secret}\r\n\r\n`),
+    /^HTTP\/1\.1 4/,
+    'a bad chunk in a body: a 4xx',
+  )
   const head = await request(`${url}/package?digest=${image.manifestDigest}&path=pkg`, { method: 'HEAD' })
   t.equal(head.status, 200)
   t.equal((await request(`${url}/package?digest=${image.manifestDigest}&path=pkg`, { method: 'POST' })).status, 405)
@@ -357,6 +463,7 @@ void t.test('requests Node cannot parse have their line too, with nothing of wha
     ],
     'one line each, in order, with status and parser code',
   )
+  t.equal(lines.filter((l) => l.method === 'put').length, 1, 'the request with a bad body has one line, its own')
   t.notOk(proc.stdout().includes(secret) || proc.stderr().includes(secret), 'nothing the client sent is logged')
   const headLine = lines.find((l) => l.method === 'head')
   t.equal(headLine?.bytes, 0, 'a HEAD sent no body, and its line says 0 bytes')
