@@ -48,6 +48,9 @@ export class ConnectionDrain {
     const track = (req: IncomingMessage, res: ServerResponse): void => {
       const connection = this.#open.get(req.socket)
       if (!connection) return
+      // Read after this stop ended the connection (pipelined behind the last answer, or sent as
+      // the FIN crossed): nothing can be written back, so do not hold the stop for it.
+      if (req.socket.writableEnded) req.socket.destroy()
       connection.requests++
       connection.last = req
       connection.newest = res

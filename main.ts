@@ -25,6 +25,12 @@ async function main(argv: string[]): Promise<void> {
     })
     return
   }
+  // Signals are the server's from here: before it is up there is nothing to drain, and a stop
+  // is an exit 0 with the lines so far written (Node's default would die by the signal; it
+  // still does in the first tenth of a second or so, while Node itself boots).
+  let stop = (_signal: string): void => process.exit(0)
+  process.on('SIGTERM', () => stop('SIGTERM'))
+  process.on('SIGINT', () => stop('SIGINT'))
   let flags
   try {
     flags = parseFlags(argv)
@@ -41,6 +47,10 @@ async function main(argv: string[]): Promise<void> {
   // warning line.
   const destination = batchedLog(1, { batchBytes: 12 * 1024, flushEveryMs: 250, maxBufferedBytes: 16 * 1024 * 1024, exitWaitMs: 2000, name: NAME })
   const logger = createLogger(flags.logLevel, destination)
+  stop = (signal: string): void => {
+    logger.info({ signal }, 'stopped before start-up finished')
+    process.exit(0)
+  }
   // Loaded only after the flags parsed, so a typo fails in milliseconds, not after a full load.
   const { createServer } = await import('./server.js')
   let proxy
@@ -97,7 +107,7 @@ async function main(argv: string[]): Promise<void> {
   )
 
   let stopping = false
-  const stop = (signal: string): void => {
+  stop = (signal: string): void => {
     if (stopping) return
     stopping = true
     logger.info({ signal }, 'stopping: draining in-flight responses')
@@ -118,8 +128,6 @@ async function main(argv: string[]): Promise<void> {
   // SIGHUP re-reads --registry-config without a restart (it is also re-read when it changes).
   const credentials = proxy.server.plugins.credentials.api
   process.on('SIGHUP', () => void credentials.reloadFile('SIGHUP'))
-  process.on('SIGTERM', () => stop('SIGTERM'))
-  process.on('SIGINT', () => stop('SIGINT'))
 }
 
 main(process.argv.slice(2)).catch((err: unknown) => {

@@ -9,6 +9,7 @@ import './request-state.js'
 import { RequestLog } from './request-log.js'
 import { ConnectionDrain } from './connection-drain.js'
 import { packageFastPath } from './handlers/package-fast-path.js'
+import { delivered, watchDelivery } from './handlers/response-end.js'
 import { credentialsPlugin } from './plugins/credentials/index.js'
 import { SourceSet } from './plugins/credentials/source-set.js'
 import { healthPlugin } from './plugins/health/index.js'
@@ -198,7 +199,7 @@ export async function createServer(o: ServerOptions): Promise<ProxyServer> {
     { plugin: iconsPlugin, options: { sources, metrics, client: v1Client, manifests, synced: () => credentials.packageRepositoriesSynced() } },
   ])
   if (o.bootstrap) {
-    await server.register({ plugin: bootstrapPlugin, options: { ...o.bootstrap, sources, packages: packages.service, metrics, log: o.logger } })
+    await server.register({ plugin: bootstrapPlugin, options: { ...o.bootstrap, drainMs, sources, packages: packages.service, metrics, log: o.logger } })
   }
   await server.register({
     plugin: healthPlugin,
@@ -251,7 +252,7 @@ export async function createServer(o: ServerOptions): Promise<ProxyServer> {
     const raw = request.raw.res
     // hapi swaps a response whose body broke off for a Boom error; the client saw the headers
     // of a success and then a cut connection: that is an aborted response, not a clean error.
-    const aborted = (Boom.isBoom(response) && raw.headersSent && raw.statusCode < 400) || !raw.writableFinished
+    const aborted = (Boom.isBoom(response) && raw.headersSent && raw.statusCode < 400) || !delivered(raw)
     const headers = response && !Boom.isBoom(response) && 'headers' in response ? response.headers : {}
     const ended = request.info.completed || request.info.responded
     requestLog.write({
@@ -306,6 +307,9 @@ export async function createServer(o: ServerOptions): Promise<ProxyServer> {
   // its count of each request comes before either path answers it.
   const connections = new ConnectionDrain(listener)
   server.ext('onPreStop', () => connections.stop(drainMs))
+  // Whether each answer went out whole, for its log line and metrics (handlers/response-end.ts).
+  listener.prependListener('request', watchDelivery)
+  listener.prependListener('checkContinue', watchDelivery)
   await server.initialize()
   return { server, sources, metrics, packages }
 }

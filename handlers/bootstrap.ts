@@ -3,6 +3,7 @@ import { BadRequestError, MethodNotAllowedError, NotFoundError, toBoom } from '.
 import type { RppGetFiles } from '../plugins/bootstrap/rpp-get.js'
 import type { SourceSet } from '../plugins/credentials/source-set.js'
 import { DIGEST } from '../plugins/packages/manifest.js'
+import { delivered, watchDelivery, whenClosed } from './response-end.js'
 import { defaultSource } from './v1-common.js'
 
 export interface BootstrapDeps {
@@ -10,7 +11,17 @@ export interface BootstrapDeps {
   sources: SourceSet
   files: RppGetFiles
   /** Told how each request ended: its route pattern, status, result and error (metrics, log). */
-  onDone: (info: { route: string; method: string; status: number; result: string; bytes: number; ms: number; err?: unknown }) => void
+  onDone: (info: {
+    route: string
+    method: string
+    status: number
+    result: string
+    bytes: number
+    ms: number
+    /** The answer began (a 200) but was cut off: `status` is 499, as on the main listener. */
+    aborted?: boolean
+    err?: unknown
+  }) => void
 }
 
 export const RPP_GET_ROUTE = '/{uuid}/rpp-get'
@@ -42,6 +53,7 @@ function parse(req: IncomingMessage, clusterUuid: string): { digest: string } {
 export function bootstrapHandler(deps: BootstrapDeps) {
   return (req: IncomingMessage, res: ServerResponse): void => {
     const started = Date.now()
+    watchDelivery(req, res)
     // A request body is never read: drain it so the connection stays usable.
     req.resume()
     void (async () => {
@@ -62,7 +74,13 @@ export function bootstrapHandler(deps: BootstrapDeps) {
           },
           data,
         )
-        deps.onDone({ route, method: req.method ?? '', status: 200, result, bytes: data.length, ms: Date.now() - started })
+        // Told once the answer is done with: a node cut off mid-download (it stopped reading, or
+        // a stop's budget ran out) got a 499, not the whole binary.
+        whenClosed(req, res, () => {
+          const ms = Date.now() - started
+          if (delivered(res)) deps.onDone({ route, method: req.method ?? '', status: 200, result, bytes: data.length, ms })
+          else deps.onDone({ route, method: req.method ?? '', status: 499, result, bytes: 0, ms, aborted: true })
+        })
       } catch (err) {
         const boom = toBoom(err)
         const body = Buffer.from(JSON.stringify(boom.output.payload))

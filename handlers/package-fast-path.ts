@@ -2,7 +2,8 @@ import type { IncomingMessage, ServerResponse } from 'node:http'
 import type { SourceSet } from '../plugins/credentials/source-set.js'
 import { ReadBuffers, sendFile } from '../plugins/packages/file-sender.js'
 import type { PackageService } from '../plugins/packages/package-service.js'
-import { packageHeaders, parsePackageQuery, whenClosed, type PackageQuery } from './package-request.js'
+import { packageHeaders, parsePackageQuery, type PackageQuery } from './package-request.js'
+import { delivered, whenClosed } from './response-end.js'
 
 type Listener = (req: IncomingMessage, res: ServerResponse) => void
 
@@ -60,7 +61,7 @@ export function packageFastPath(deps: FastPathDeps): { listener: Listener } {
         path: query.path,
         bytes,
         ms: Date.now() - started,
-        finished: res.writableFinished,
+        finished: delivered(res),
       })
     if ('buffer' in hit) {
       res.writeHead(200, packageHeaders(query.digest, hit.buffer.length, 'HIT'))

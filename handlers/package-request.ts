@@ -1,4 +1,3 @@
-import type { IncomingMessage, ServerResponse } from 'node:http'
 import { BadRequestError } from '../errors.js'
 import { isRegistryHost, isRepositoryPath } from '../plugins/credentials/source.js'
 import { DIGEST } from '../plugins/packages/manifest.js'
@@ -110,24 +109,4 @@ export function packageHeaders(digest: string, length: number, cache: string): R
     'content-length': String(length),
     'x-cache': cache,
   }
-}
-
-/**
- * Calls `fn` once, when the response is done with: sent, cut off, or its connection gone. A
- * pipelined response queued behind another on its connection never emits 'close' when the
- * connection drops, so the socket's own 'close' counts too.
- */
-export function whenClosed(req: IncomingMessage, res: ServerResponse, fn: () => void): void {
-  const socket = req.socket
-  if (res.closed || socket.destroyed) return fn()
-  let done = false
-  const once = (): void => {
-    if (done) return
-    done = true
-    res.off('close', once)
-    socket.off('close', once)
-    fn()
-  }
-  res.once('close', once)
-  socket.once('close', once)
 }

@@ -4,7 +4,8 @@ import type { SourceSet } from '../plugins/credentials/source-set.js'
 import { verifyDigest } from '../plugins/packages/manifest.js'
 import { PEER_WORKING_INTERVAL_MS, type PeerRequest } from '../plugins/packages/peer-port.js'
 import type { PackageResult, PackageService } from '../plugins/packages/package-service.js'
-import { matchesIfNoneMatch, packageHeaders, parsePackageQuery, parseRange, whenClosed } from './package-request.js'
+import { matchesIfNoneMatch, packageHeaders, parsePackageQuery, parseRange } from './package-request.js'
+import { whenClosed } from './response-end.js'
 
 function header(request: Request, name: string): string | undefined {
   const v: unknown = request.headers[name]

@@ -6,7 +6,8 @@ import { allowedImage, imageNames, parsePlatform, parseReference, parseTag } fro
 import type { FetchedManifest, ManifestResolver } from '../plugins/images/manifest-resolver.js'
 import type { PackageService } from '../plugins/packages/package-service.js'
 import type { RegistryClient } from '../plugins/packages/registry/registry-client.js'
-import { matchesIfNoneMatch, parseRange, whenClosed } from './package-request.js'
+import { matchesIfNoneMatch, parseRange } from './package-request.js'
+import { whenClosed } from './response-end.js'
 import { defaultSource, firstFound, header, type V1ResultHook } from './v1-common.js'
 
 export interface V1ImagesDeps {

@@ -35,9 +35,17 @@ class Client {
   readonly connected: Promise<boolean>
   #buffer = Buffer.alloc(0)
 
-  constructor(port: number, id: number) {
+  /**
+   * `stubborn`: keeps its side open after the server's FIN (Node's clients close theirs), so it
+   * can still send a request the server can no longer answer.
+   */
+  constructor(
+    port: number,
+    id: number,
+    readonly stubborn = false,
+  ) {
     this.id = id
-    this.socket = connect(port, '127.0.0.1')
+    this.socket = connect({ port, host: '127.0.0.1', allowHalfOpen: stubborn })
     this.connected = new Promise((resolve) => {
       this.socket.once('connect', () => resolve(true))
       this.socket.once('error', () => {
@@ -90,6 +98,8 @@ interface Harness {
   stopAt: number | undefined
   stopped: Promise<void> | undefined
   stopResolved: boolean
+  /** The server's side of each connection, by the client's port. */
+  serverSockets: Map<number, Socket>
 }
 
 async function harness(): Promise<Harness> {
@@ -101,8 +111,20 @@ async function harness(): Promise<Harness> {
     pending.set(id, list)
   })
   const drain = new ConnectionDrain(server)
+  const serverSockets = new Map<number, Socket>()
+  server.on('connection', (socket: Socket) => serverSockets.set(socket.remotePort ?? -1, socket))
   await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
-  return { server, drain, port: (server.address() as AddressInfo).port, pending, clients: [], stopAt: undefined, stopped: undefined, stopResolved: false }
+  return {
+    server,
+    drain,
+    port: (server.address() as AddressInfo).port,
+    pending,
+    clients: [],
+    stopAt: undefined,
+    stopped: undefined,
+    stopResolved: false,
+    serverSockets,
+  }
 }
 
 const received = (h: Harness, c: Client): number => h.pending.get(c.id)?.length ?? 0
@@ -134,16 +156,17 @@ async function invariants(h: Harness): Promise<void> {
 type Command = fc.AsyncCommand<object, Harness>
 
 class Connect implements Command {
+  constructor(readonly stubborn = false) {}
   check = (): boolean => true
   async run(_: object, h: Harness): Promise<void> {
-    const c = new Client(h.port, h.clients.length)
+    const c = new Client(h.port, h.clients.length, this.stubborn)
     h.clients.push(c)
     const ok = await c.connected
     if (h.stopped && ok) throw new Error('a connection was accepted after the stop began')
     if (!h.stopped && !ok) throw new Error('a connection was refused before the stop')
     await invariants(h)
   }
-  toString = (): string => 'connect'
+  toString = (): string => (this.stubborn ? 'connect(stubborn)' : 'connect')
 }
 
 class Send implements Command {
@@ -209,6 +232,24 @@ class ClientCloses implements Command {
   toString = (): string => `client-closes(${this.which})`
 }
 
+class LateSend implements Command {
+  constructor(readonly which: number) {}
+  check = (): boolean => true
+  async run(_: object, h: Harness): Promise<void> {
+    // A client that sends after the server's FIN (it crossed on the wire, or it was pipelined
+    // and unread): it cannot be answered, and must not hold the stop until its budget.
+    const late = h.clients.filter((c) => c.ended && !c.closedByUs && !c.socket.destroyed)
+    const c = late[this.which % Math.max(1, late.length)]
+    if (!c) return
+    c.send()
+    const server = h.serverSockets.get(c.socket.localPort ?? -1)
+    await eventually(() => server?.destroyed === true, 'the server closes a connection whose request came after its FIN', { timeoutMs: 2000, intervalMs: 2 })
+    c.closedByUs = true // what it waits for will not come: the invariants leave it out
+    await invariants(h)
+  }
+  toString = (): string => `late-send(${this.which})`
+}
+
 class Stop implements Command {
   check = (): boolean => true
   async run(_: object, h: Harness): Promise<void> {
@@ -224,13 +265,14 @@ class Stop implements Command {
 
 void t.test('over arbitrary interleavings, a stop cuts nothing, closes what is idle, refuses the new, and ends when all is closed', async () => {
   const commands = [
-    fc.constant(new Connect()),
+    fc.boolean().map((stubborn) => new Connect(stubborn)),
     fc.tuple(fc.nat(7), fc.integer({ min: 1, max: 3 })).map(([w, n]) => new Send(w, n)),
     fc.tuple(fc.nat(7), fc.integer({ min: 1, max: 3 })).map(([w, n]) => new Send(w, n)),
     fc.nat(7).map((w) => new Answer(w)),
     fc.nat(7).map((w) => new Answer(w)),
     fc.nat(7).map((w) => new ClientCloses(w)),
     fc.constant(new Stop()),
+    fc.nat(7).map((w) => new LateSend(w)),
   ]
   await fc.assert(
     fc.asyncProperty(fc.commands(commands, { maxCommands: 30 }), async (cmds) => {
@@ -242,6 +284,10 @@ void t.test('over arbitrary interleavings, a stop cuts nothing, closes what is i
           h.stopResolved = true
         })
         for (const [, list] of h.pending) for (const res of list.splice(0)) res.end(BODY)
+        // Stubborn clients close their side at last, once the server has closed its own.
+        const stubborn = h.clients.filter((c) => c.stubborn && !c.refused && !c.closedByUs)
+        await eventually(() => stubborn.every((c) => c.ended || c.socket.destroyed), 'the server ends every connection', { timeoutMs: 3000, intervalMs: 2 })
+        for (const c of stubborn) c.socket.end()
         await Promise.race([
           h.stopped,
           new Promise((_, reject) => setTimeout(() => reject(new Error('the stop did not end once everything was answered')), 3000)),
@@ -256,7 +302,7 @@ void t.test('over arbitrary interleavings, a stop cuts nothing, closes what is i
     {
       numRuns: 300,
       // A request pipelined after the stop takes the `Connection: close` from the one before it.
-      examples: [[[new Connect(), new Send(0, 1), new Stop(), new Send(0, 1), new Answer(0)]]],
+      examples: [[[new Connect(), new Send(0, 1), new Stop(), new Send(0, 1), new Answer(0)]], [[new Connect(true), new Stop(), new LateSend(0)]]],
     },
   )
 })

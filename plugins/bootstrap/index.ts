@@ -56,12 +56,12 @@ export const bootstrapPlugin: Plugin<BootstrapOptions> = {
           method: info.method,
           route: info.route,
           status: info.status,
-          bytes: info.bytes,
+          ...(info.aborted ? { aborted: true, sentStatus: 200 } : { bytes: info.bytes }),
           ms: info.ms,
           result: info.result,
           ...(info.err ? { err: describe(info.err) } : {}),
         }
-        if (info.status >= 500) o.log.warn(line, 'request')
+        if (info.status >= 500 || info.aborted) o.log.warn(line, 'request')
         else o.log.info(line, 'request')
       },
     })

@@ -1,6 +1,7 @@
 import Boom from '@hapi/boom'
 import type { Plugin, Request } from '@hapi/hapi'
 import type { Metrics } from './metrics.js'
+import { delivered } from '../../handlers/response-end.js'
 
 /**
  * The status a request ended with. A response whose body broke off after the headers went out
@@ -11,8 +12,11 @@ import type { Metrics } from './metrics.js'
 export function finalStatus(request: Request): number {
   const response = request.response
   if (!response) return 0
-  if (Boom.isBoom(response)) return response.output.statusCode
-  return 'statusCode' in response ? response.statusCode : 0
+  const status = Boom.isBoom(response) ? response.output.statusCode : 'statusCode' in response ? response.statusCode : 0
+  // The head of a success went out and the body did not arrive whole (hapi saw it finish, but
+  // Node dropped what it still held for a destroyed connection): the client went away, 499.
+  const raw = request.raw.res
+  return status < 400 && raw.headersSent && !delivered(raw) ? 499 : status
 }
 
 /** `GET /metrics` in the Prometheus text format, and a request counter for every route. */

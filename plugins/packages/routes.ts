@@ -2,6 +2,7 @@ import type { Lifecycle, Request, ResponseToolkit, Server } from '@hapi/hapi'
 import { BusyError, DigestError, MethodNotAllowedError, RangeNotSatisfiableError, toBoom } from '../../errors.js'
 import { deleteCacheEntryHandler, listCacheHandler, showCacheEntryHandler, type CacheHandlerDeps, type ResultCounts } from '../../handlers/cache.js'
 import { packageHandler } from '../../handlers/package.js'
+import { delivered } from '../../handlers/response-end.js'
 import type { SourceSet } from '../credentials/source-set.js'
 import type { Metrics } from '../metrics/metrics.js'
 import { describe } from './log.js'
@@ -62,7 +63,7 @@ export function packageRoutes(
     const result = request.app.result
     const length = Number(request.response && 'headers' in request.response ? request.response.headers['content-length'] : 0)
     // Only bodies that went out whole: an aborted response did not deliver its length.
-    if (result && SERVED.has(result) && request.raw.res.writableFinished && length > 0) o.metrics.bytesServed.inc(length)
+    if (result && SERVED.has(result) && delivered(request.raw.res) && length > 0) o.metrics.bytesServed.inc(length)
   })
 }
 

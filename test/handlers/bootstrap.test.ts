@@ -5,11 +5,13 @@
 import { writeFileSync } from 'node:fs'
 import { connect } from 'node:net'
 import { join } from 'node:path'
-import { pino } from 'pino'
+import { pino, type Logger } from 'pino'
 import t, { type Test } from 'tap'
 import { createServer, type ProxyServer } from '../../server.js'
 import { FakeRegistry } from '../fixtures/fake-registry.js'
 import { layerTarGz, type LayerEntry } from '../fixtures/layers.js'
+import { captureLogger } from '../fixtures/log-capture.js'
+import { eventually } from '../fixtures/eventually.js'
 import { fetchRaw } from '../fixtures/proxy-harness.js'
 
 const UUID = '7f3c2a1e-0b9d-4c5e-8f6a-123456789abc'
@@ -21,7 +23,7 @@ interface Setup {
   base: string
 }
 
-async function setup(t: Test): Promise<Setup> {
+async function setup(t: Test, o: { logger?: Logger; stopDrainMs?: number } = {}): Promise<Setup> {
   const registry = await FakeRegistry.start()
   t.teardown(() => registry.close())
   const dir = t.testdir()
@@ -31,9 +33,10 @@ async function setup(t: Test): Promise<Setup> {
     cacheDirectory: join(dir, 'cache'),
     limitBytes: 2 ** 28,
     registryConfig: join(dir, 'r.json'),
-    logger: pino({ level: 'silent' }),
+    logger: o.logger ?? pino({ level: 'silent' }),
     collectDefaultMetrics: false,
     env: {},
+    ...(o.stopDrainMs ? { stopDrainMs: o.stopDrainMs } : {}),
     bootstrap: { host: '127.0.0.1', port: 0, clusterUuid: UUID },
   })
   await proxy.server.start()
@@ -137,4 +140,42 @@ void t.test('request heads are limited: 4 KiB, and 5 s to send them', async (t) 
   const waited = Date.now() - started
   t.match(reply, /^HTTP\/1.1 408/, 'a head never finished is answered 408 and closed')
   t.ok(waited >= 4000 && waited < 9000, `closed after the 5 s headers timeout (${waited} ms)`)
+})
+
+void t.test('a stop refuses new rpp-get connections at once, cuts a node that stopped reading at the budget, and logs it 499, not a whole 200', async (t) => {
+  // Found from outside: the line said 200 with every byte as soon as the answer was queued,
+  // and the stop waited for a stalled node up to its 300 s timeout.
+  const log = captureLogger('info')
+  const s = await setup(t, { logger: log.logger, stopDrainMs: 300 })
+  const big = Buffer.alloc(8 * 1024 * 1024, 'r') // far more than the socket buffers hold
+  const digest = await push(s, [{ name: 'rpp-get', data: big }])
+  const port = Number(new URL(s.base).port)
+  t.equal((await fetchRaw(`${s.base}/${UUID}/rpp-get?digest=${digest}`)).status, 200)
+  const socket = connect(port, '127.0.0.1')
+  socket.on('error', () => undefined)
+  await new Promise((r) => socket.once('connect', r))
+  socket.write(`GET /${UUID}/rpp-get?digest=${digest} HTTP/1.1\r\nHost: x\r\n\r\n`)
+  await new Promise((r) => socket.once('data', r))
+  socket.pause()
+  await new Promise((r) => setTimeout(r, 200))
+  let stopped = false
+  const stopping = s.proxy.server.stop().then(() => (stopped = true))
+  await new Promise((r) => setTimeout(r, 20)) // the stop's first hooks run
+  // A fresh connection (an HTTP client might reuse its idle one, which the stop ends).
+  const refused = await new Promise<boolean>((resolve) => {
+    const probe = connect(port, '127.0.0.1', () => {
+      probe.destroy()
+      resolve(false)
+    })
+    probe.once('error', (err: NodeJS.ErrnoException) => resolve(err.code === 'ECONNREFUSED'))
+  })
+  t.ok(refused, 'a new connection is refused at once')
+  t.notOk(stopped, 'the stop waits while its budget lasts')
+  await stopping
+  await eventually(() => log.lines().filter((l) => l.listener === 'bootstrap').length === 2, 'the cut answer has its line')
+  const [whole, cut] = log.lines().filter((l) => l.listener === 'bootstrap')
+  t.match(whole, { status: 200, bytes: big.length, level: 30 }, 'the whole answer: 200 with its bytes')
+  t.match(cut, { status: 499, aborted: true, level: 40 }, 'the cut one: 499, aborted, at warn')
+  t.equal(cut?.bytes, undefined, 'no byte count claimed')
+  socket.destroy()
 })

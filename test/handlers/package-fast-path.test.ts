@@ -3,6 +3,7 @@ import { connect } from 'node:net'
 import t from 'tap'
 import { BlobStore } from '../../plugins/packages/cache/blob-store.js'
 import { eventually } from '../fixtures/eventually.js'
+import { captureLogger } from '../fixtures/log-capture.js'
 import { DEFAULT_PREFIX, bytes, cacheTokenHeader, fetchRaw, packageUrl, startHarness } from '../fixtures/proxy-harness.js'
 
 async function cachedServer(t: Parameters<typeof startHarness>[0], fastPath: boolean, size = 20_000) {
@@ -156,6 +157,40 @@ void t.test('pipelined hits on a connection that drops are each logged and count
   t.ok(again.complete && again.body.equals(data))
 })
 
+void t.test('many pipelined hits from a file on one connection: all answered whole, and no listener warning', async (t) => {
+  // Found from outside: each queued response added its own 'close' listener to the socket,
+  // and past ten Node printed a MaxListenersExceededWarning on stderr.
+  const { data, url } = await cachedServer(t, true, LARGE)
+  const warnings: string[] = []
+  const onWarning = (w: Error): void => {
+    warnings.push(`${w.name}: ${w.message}`)
+  }
+  process.on('warning', onWarning)
+  t.teardown(() => process.off('warning', onWarning))
+  const { port, pathname, search } = new URL(url)
+  const socket = connect(Number(port), '127.0.0.1')
+  await new Promise((r) => socket.once('connect', r))
+  const chunks: Buffer[] = []
+  socket.on('data', (c: Buffer) => chunks.push(c))
+  const n = 14
+  socket.write(
+    `GET ${pathname}${search} HTTP/1.1\r\nHost: x\r\n\r\n`.repeat(n - 1) + `GET ${pathname}${search} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`,
+  )
+  await new Promise((r) => socket.once('close', r))
+  const got = Buffer.concat(chunks)
+  let bodies = 0
+  for (let at = 0; at < got.length;) {
+    const end = got.indexOf('\r\n\r\n', at)
+    if (end === -1) break
+    const length = Number(/content-length: (\d+)/i.exec(got.subarray(at, end).toString('latin1'))?.[1])
+    if (got.subarray(end + 4, end + 4 + length).equals(data)) bodies++
+    at = end + 4 + length
+  }
+  t.equal(bodies, n, 'every pipelined hit answered whole')
+  await new Promise((r) => setImmediate(r))
+  t.same(warnings, [], 'no warning')
+})
+
 void t.test('a stop lets hits sent from files finish', async (t) => {
   const { h, data, url } = await cachedServer(t, true, LARGE)
   const { port, pathname, search } = new URL(url)
@@ -188,3 +223,40 @@ void t.test('a fragment in the request target is answered as hapi answers it', a
   socket.destroy()
   t.equal(head, 'HTTP/1.1 400', 'the query before the fragment is empty: no digest')
 })
+
+for (const fastPath of [true, false]) {
+  for (const cause of ['the client resets', 'the stop runs out of time'] as const) {
+    void t.test(`a memory hit cut off with bytes still queued is logged 499, aborted (${cause}; ${fastPath ? 'fast path' : 'hapi route'})`, async (t) => {
+      // Found from outside: Node drops what it still holds for a destroyed connection, and its
+      // response then reads writableFinished (and emits 'finish'), so these were logged as whole 200s.
+      const log = captureLogger('info')
+      const h = await startHarness(t, { fastPath, logger: log.logger, stopDrainMs: 300 })
+      const data = bytes(4 * 1024 * 1024, 52) // far more than the socket buffers hold
+      const image = h.registry.addImage(`${DEFAULT_PREFIX}/cut`, [data])
+      await h.proxy.server.start()
+      const url = new URL(`${h.proxy.server.info.uri}${packageUrl({ digest: image.manifestDigest, path: 'cut' })}`)
+      await fetchRaw(url.href)
+      await h.proxy.packages.service.settled()
+      t.equal((await fetchRaw(url.href)).status, 200, 'the memory copy is loaded')
+      const served = (): number => log.lines().filter((l) => l.msg === 'request' && l.path === '/package').length
+      const socket = connect(Number(url.port), '127.0.0.1')
+      socket.on('error', () => undefined)
+      await new Promise((r) => socket.once('connect', r))
+      socket.write(`GET ${url.pathname}${url.search} HTTP/1.1\r\nHost: x\r\n\r\n`)
+      await new Promise((r) => socket.once('data', r))
+      socket.pause()
+      await new Promise((r) => setTimeout(r, 200)) // the server has written all the socket takes
+      if (cause === 'the client resets') socket.resetAndDestroy()
+      else await h.stop()
+      await eventually(() => served() === 3, 'the cut answer has its line')
+      const line = log.lines().filter((l) => l.msg === 'request' && l.path === '/package')[2]
+      t.equal(line?.status, 499, 'status 499')
+      t.equal(line?.aborted, true, 'aborted')
+      t.equal(line?.bytes, undefined, 'no byte count claimed')
+      t.equal(line?.level, 40, 'at warn')
+      const bytesServed = await h.proxy.metrics.registry.getSingleMetricAsString('registry_packages_proxy_served_bytes_total')
+      t.match(bytesServed, new RegExp(`_total ${2 * data.length}$`, 'm'), 'the bytes-served counter has the two whole answers only')
+      socket.destroy()
+    })
+  }
+}

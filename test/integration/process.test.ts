@@ -419,6 +419,24 @@ void t.test(
   },
 )
 
+void t.test('SIGTERM during start-up: exit 0, not death by the signal', async (t) => {
+  // Found from outside: until the server was listening, Node's default handler applied.
+  const dir = t.testdir({ cache: {} })
+  const registry = await FakeRegistry.start()
+  t.teardown(() => registry.close())
+  const config = await writeRegistryConfig(dir, { default: { address: registry.host, path: '/deckhouse/ce', scheme: 'http' } })
+  const port = await freePort()
+  const proc = spawnProxy(t, [`--listen-address=127.0.0.1:${port}`, `--cache-directory=${join(dir, 'cache')}`, `--registry-config=${config}`])
+  // Past Node's own boot, before the server listens (about 0.9 s here).
+  await new Promise((r) => setTimeout(r, 400))
+  proc.child.kill('SIGTERM')
+  t.same(await proc.exited, { code: 0, signal: null }, 'exit 0')
+  t.ok(
+    proc.logs().some((l) => l.msg === 'stopped before start-up finished' || l.msg === 'stopped'),
+    'a line says it stopped',
+  )
+})
+
 void t.test('requests Node cannot parse have their line too, with nothing of what was sent; a HEAD logs 0 bytes; refusals name their code', async (t) => {
   const dir = t.testdir({ cache: {} })
   const registry = await FakeRegistry.start()
