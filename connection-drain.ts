@@ -57,6 +57,9 @@ export class ConnectionDrain {
       if (this.#stopping) closeAfterNewest(connection)
       res.once('close', () => {
         connection.requests--
+        // An idle keep-alive connection holds no finished request or answer.
+        if (connection.last === req) connection.last = undefined
+        if (connection.newest === res) connection.newest = undefined
         if (connection.requests === 0 && this.#stopping) req.socket.end()
       })
     }
