@@ -73,6 +73,11 @@ export class ConnectionDrain {
     return this.#open.size
   }
 
+  /** True while `socket` has a request not yet done with. */
+  busy(socket: Socket): boolean {
+    return (this.#open.get(socket)?.requests ?? 0) > 0
+  }
+
   /**
    * True while the last request on `socket` is still receiving its body: a parse error then
    * belongs to that request, which is answered and logged as itself.

@@ -222,7 +222,7 @@ export async function createServer(o: ServerOptions): Promise<ProxyServer> {
   // whose head never finished: no hapi request exists, so its line is written here. hapi
   // answers every such request with a bare 400; tell clients the real reason first (431, 408).
   let clientErrors = 0
-  listener.prependListener('clientError', (err: NodeJS.ErrnoException, socket: Duplex) => {
+  const logClientError = (err: NodeJS.ErrnoException, socket: Duplex): void => {
     const code = err.code ?? ''
     const status = code === 'HPE_HEADER_OVERFLOW' ? 431 : code === 'ERR_HTTP_REQUEST_TIMEOUT' ? 408 : code.startsWith('HPE_') ? 400 : undefined
     // Anything else (a reset, a timeout between requests) is a connection ending, not a request;
@@ -243,6 +243,16 @@ export async function createServer(o: ServerOptions): Promise<ProxyServer> {
     if (status === 400) return // hapi's own answer
     socket.write(`HTTP/1.1 ${status === 431 ? '431 Request Header Fields Too Large' : '408 Request Timeout'}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n`)
     socket.destroy()
+  }
+  const hapiOnClientError = listener.listeners('clientError') as Array<(err: Error, socket: Duplex) => void>
+  listener.removeAllListeners('clientError')
+  listener.on('clientError', (err: NodeJS.ErrnoException, socket: Duplex) => {
+    // Bytes after a request that said `Connection: close` (pipelined past it): the parser stops
+    // there. The request in progress is answered and the connection closes after it, as the
+    // client asked; hapi would answer that valid request with a 400 instead.
+    if (err.code === 'HPE_CLOSED_CONNECTION' && connections.busy(socket as Socket)) return
+    logClientError(err, socket)
+    for (const l of hapiOnClientError) l.call(listener, err, socket)
   })
   server.events.on('response', (request) => {
     const response = request.response

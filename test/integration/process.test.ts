@@ -470,6 +470,22 @@ void t.test('requests Node cannot parse have their line too, with nothing of wha
     /^HTTP\/1\.1 4/,
     'a bad chunk in a body: a 4xx',
   )
+  // A valid request that says `Connection: close`, with more bytes after it in the same write:
+  // the request is answered (not with hapi's 400), and the bytes after it are not a request.
+  const closing = await new Promise<string>((resolve, reject) => {
+    // Not half-closed (a client that ends its side may get nothing for an answer still to come).
+    const socket = netConnect(port, '127.0.0.1', () =>
+      socket.write(
+        `GET /package?digest=${image.manifestDigest}&path=pkg HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n`,
+      ),
+    )
+    let got = ''
+    socket.on('data', (c: Buffer) => (got += c.toString('latin1')))
+    socket.on('close', () => resolve(got))
+    socket.on('error', reject)
+  })
+  t.match(closing, /^HTTP\/1\.1 200/, 'a request pipelined past by its client: still a 200')
+  t.equal(closing.split('HTTP/1.1 ').length, 2, 'and the only answer')
   const head = await request(`${url}/package?digest=${image.manifestDigest}&path=pkg`, { method: 'HEAD' })
   t.equal(head.status, 200)
   t.equal((await request(`${url}/package?digest=${image.manifestDigest}&path=pkg`, { method: 'POST' })).status, 405)
