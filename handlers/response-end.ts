@@ -35,6 +35,19 @@ export function delivered(res: ServerResponse): boolean {
 /** Callbacks for a socket's 'close': one listener per socket, however many responses wait on it. */
 const onSocketClose = new WeakMap<Socket, Set<() => void>>()
 
+/** The callbacks waiting for `socket` to close, with its one 'close' listener in place. */
+function closeWaiters(socket: Socket): Set<() => void> {
+  const known = onSocketClose.get(socket)
+  if (known) return known
+  const waiters = new Set<() => void>()
+  onSocketClose.set(socket, waiters)
+  socket.once('close', () => {
+    onSocketClose.delete(socket)
+    for (const f of waiters) f()
+  })
+  return waiters
+}
+
 /**
  * Calls `fn` once, when the response is done with: sent, cut off, or its connection gone. A
  * pipelined response queued behind another on its connection never emits 'close' when the
@@ -44,25 +57,15 @@ const onSocketClose = new WeakMap<Socket, Set<() => void>>()
 export function whenClosed(req: IncomingMessage, res: ServerResponse, fn: () => void): void {
   const socket = req.socket
   if (res.closed || socket.destroyed) return fn()
-  let waiting = onSocketClose.get(socket)
-  if (!waiting) {
-    const set = new Set<() => void>()
-    waiting = set
-    onSocketClose.set(socket, set)
-    socket.once('close', () => {
-      onSocketClose.delete(socket)
-      for (const f of set) f()
-    })
-  }
-  const set = waiting
+  const waiters = closeWaiters(socket)
   let done = false
   const once = (): void => {
     if (done) return
     done = true
     res.off('close', once)
-    set.delete(once)
+    waiters.delete(once)
     fn()
   }
   res.once('close', once)
-  set.add(once)
+  waiters.add(once)
 }
