@@ -20,6 +20,24 @@ export interface RequestFacts {
   err?: ReturnType<typeof describe> | undefined
 }
 
+/** What {@link RequestLog.writeHit} logs of the package asked for. */
+export interface HitPackage {
+  digest: string
+  repository?: string | undefined
+  path?: string | undefined
+}
+
+interface HitParts {
+  source: string
+  bytes: number
+  /** `{"level":30` */
+  level: string
+  /** From `,"method"` to `"ms":` */
+  fixed: string
+  /** From `,"digest"` to the line's end. */
+  tail: string
+}
+
 const QUIET = new Set(['/healthz', '/readyz', '/metrics'])
 
 /** pino's internals this writer reads, so that its lines are the logger's own (see RequestLog). */
@@ -61,6 +79,8 @@ function field(key: string, value: unknown): string {
 export class RequestLog {
   private readonly log: Logger
   private readonly internals: PinoInternals
+  /** The fixed parts of {@link writeHit}'s lines, by the package asked for (the fast path's remembered query). */
+  readonly #hitParts = new WeakMap<HitPackage, HitParts>()
 
   constructor(log: Logger) {
     this.log = log
@@ -86,5 +106,27 @@ export class RequestLog {
     if (f.route) line += field('route', f.route) + (pkg ? '' : field('result', f.result))
     if (f.err) line += field('err', f.err)
     p[symbols.streamSym].write(`${line},"${p[symbols.messageKeySym]}":"request"${p[symbols.endSym]}`)
+  }
+
+  /**
+   * The line {@link write} makes for a cache hit the fast path sent whole, `bytes` long, of
+   * `pkg` from `source`, `ms` after it was asked. Everything in it but the time, the id and `ms`
+   * is the same for every hit of one package, so that is made once and kept with `pkg`, the
+   * fast path's remembered query (a weak key: a query it forgets is forgotten here too). The
+   * request log was a tenth of a 64 KiB hit's CPU.
+   */
+  writeHit(id: string, pkg: HitPackage, source: string, bytes: number, ms: number): void {
+    if (!this.log.isLevelEnabled('info')) return
+    const p = this.internals
+    let parts = this.#hitParts.get(pkg)
+    if (parts === undefined || parts.source !== source || parts.bytes !== bytes) {
+      const level = p[symbols.lsCacheSym][this.log.levels.values.info ?? 30] ?? ''
+      const fixed = `,"method":"get","path":"/package","status":200,"bytes":${json(bytes)},"ms":`
+      let tail = field('digest', pkg.digest) + field('repository', pkg.repository) + field('source', source)
+      tail += `${field('pkgPath', pkg.path)},"result":"hit","${p[symbols.messageKeySym]}":"request"${p[symbols.endSym]}`
+      parts = { source, bytes, level, fixed, tail }
+      this.#hitParts.set(pkg, parts)
+    }
+    p[symbols.streamSym].write(`${parts.level}${p[symbols.timeSym]()}${p[symbols.chindingsSym]},"req":${json(id)}${parts.fixed}${json(ms)}${parts.tail}`)
   }
 }

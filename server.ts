@@ -292,19 +292,19 @@ export async function createServer(o: ServerOptions): Promise<ProxyServer> {
         for (const l of hapiListeners) l.call(listener, req, res)
       },
       packages: packages.service,
-      onServed: (info) => {
-        metrics.requests.inc({ route: '/package', method: 'get', code: info.finished ? '200' : '499' })
-        packages.countResult('hit')
-        if (info.finished) metrics.bytesServed.inc(info.bytes)
+      onServed: (hit) => {
+        packages.countHit(hit.finished ? hit.bytes : undefined)
+        if (hit.finished) return requestLog.writeHit(hit.id, hit.query, hit.source, hit.bytes, hit.ms)
+        const { digest, repository, path } = hit.query
         requestLog.write({
-          id: info.id,
+          id: hit.id,
           method: 'get',
           path: '/package',
-          status: info.finished ? 200 : 499, // as hapi's lifecycle reports a client that went away
-          bytes: info.finished ? info.bytes : undefined,
+          status: 499, // as hapi's lifecycle reports a client that went away
+          bytes: undefined,
           sentStatus: 200,
-          ms: info.ms,
-          pkg: { digest: info.digest, repository: info.repository, source: info.source, path: info.path },
+          ms: hit.ms,
+          pkg: { digest, repository, source: hit.source, path },
           result: 'hit',
         })
       },

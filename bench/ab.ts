@@ -12,14 +12,32 @@
  * registry; runs alternate A, B, B, A, A, B, ... so that drift falls on both alike. Prints each
  * run's requests/s and CPU per request (from /proc/<pid>/stat, all threads), both sides'
  * medians, and the median of B/A over adjacent runs: this machine's speed moves by up to 2x
- * within minutes, and a ratio of two runs seconds apart is the figure that survives it.
+ * within minutes, and a ratio of two runs seconds apart is the figure that survives it. A host
+ * probe (lib.ts) is timed before and after every run, and the median over the pairs that ran in
+ * one phase of the host is printed too: a pair that straddles a change of pace says nothing.
  */
 import { chmodSync, mkdtempSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join, resolve } from 'node:path'
 import { FakeRegistry } from '../tools/sample-registry.js'
 import { freePort } from '../tools/net.js'
-import { Children, fetchHashed, fmt, KiB, median, MiB, option, pseudoRandom, ROOT, runWrk, startBaseline, startProxy, textOption, waitForHit } from './lib.js'
+import {
+  Children,
+  fetchHashed,
+  fmt,
+  hostProbeMs,
+  KiB,
+  median,
+  MiB,
+  option,
+  pseudoRandom,
+  ROOT,
+  runWrk,
+  startBaseline,
+  startProxy,
+  textOption,
+  waitForHit,
+} from './lib.js'
 
 async function main(): Promise<void> {
   const sizes: Record<string, number> = { '64k': 64 * KiB, '4m': 4 * MiB, '32m': 32 * MiB }
@@ -71,19 +89,29 @@ async function main(): Promise<void> {
     console.log(`A = ${describe('A')}\nB = ${describe('B')}\n${size} hits, wrk -t1 -c32 -d${seconds}s, ${runs} runs each, alternating`)
     const results: Record<'A' | 'B', { rps: number; us: number }[]> = { A: [], B: [] }
     const ratios: number[] = []
-    let previous: { side: 'A' | 'B'; us: number } | undefined
+    // Pairs whose runs both fell in one phase of the host: the probes timed just before and just
+    // after each of the two runs agree within 15%.
+    const steady: number[] = []
+    let previous: { side: 'A' | 'B'; us: number; probes: number[] } | undefined
     for (let i = 0; i < runs * 2; i++) {
       // A B B A A B B A ...: each side runs first as often as second.
       const side = i % 4 === 0 || i % 4 === 3 ? 'A' : 'B'
       const p = proxies[side]
       await runWrk(children, { url: p.url, threads: 1, connections: 32, seconds: 1, serverPids: [p.pid] })
+      const before = hostProbeMs()
       const r = await runWrk(children, { url: p.url, threads: 1, connections: 32, seconds, serverPids: [p.pid], quiet: { maxMs: 30_000, threshold: 0.25 } })
+      const after = hostProbeMs()
       const us = (r.serverCpu / r.requestsPerSec) * 1e6
       results[side].push({ rps: r.requestsPerSec, us })
       // Runs 0-1, 2-3, ... are one A and one B each: a pair.
-      if (i % 2 === 1 && previous) ratios.push(side === 'B' ? us / previous.us : previous.us / us)
-      previous = { side, us }
-      console.log(`${side}: ${fmt(r.requestsPerSec)} req/s, ${fmt(us, 1)} µs CPU per request`)
+      if (i % 2 === 1 && previous) {
+        const ratio = side === 'B' ? us / previous.us : previous.us / us
+        ratios.push(ratio)
+        const probes = [...previous.probes, before, after]
+        if (Math.max(...probes) <= 1.15 * Math.min(...probes)) steady.push(ratio)
+      }
+      previous = { side, us, probes: [before, after] }
+      console.log(`${side}: ${fmt(r.requestsPerSec)} req/s, ${fmt(us, 1)} µs CPU per request (host probe ${fmt(before)} / ${fmt(after)} ms)`)
     }
     for (const side of ['A', 'B'] as const) {
       const rs = results[side]
@@ -93,6 +121,11 @@ async function main(): Promise<void> {
     }
     console.log(
       `B/A CPU per request, median of ${ratios.length} adjacent pairs: ${fmt(median(ratios), 3)}x (pairs: ${ratios.map((r) => fmt(r, 2)).join(', ')})`,
+    )
+    console.log(
+      steady.length > 0
+        ? `B/A in a steady host (the four probes around a pair within 15%), median of ${steady.length}: ${fmt(median(steady), 3)}x (${steady.map((r) => fmt(r, 2)).join(', ')})`
+        : 'B/A in a steady host: no pair had its four probes within 15%',
     )
   } finally {
     await children.stopAll()

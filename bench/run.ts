@@ -37,6 +37,7 @@ import {
   memoryOf,
   MiB,
   option,
+  hostProbeMs,
   pseudoRandom,
   resetPeakRss,
   ROOT,
@@ -116,25 +117,6 @@ interface RoundRatios {
   cpuNode: number
   /** CPU per request, plain node:http over nginx. */
   nodeCpu: number
-}
-
-/**
- * How fast this machine runs right now: ms for a fixed mix of JavaScript and hashing (the kinds
- * of work a hit does), the best of three. Only to tell rounds apart: a round that took twice as
- * long here ran on a host twice as busy.
- */
-function hostProbeMs(): number {
-  const data = pseudoRandom(4 * MiB, 'probe')
-  let best = Infinity
-  for (let k = 0; k < 3; k++) {
-    const t0 = performance.now()
-    let acc = 0
-    for (let i = 0; i < 200_000; i++) acc += JSON.stringify({ i, s: 'x'.repeat(i % 16) }).length
-    sha256(data)
-    if (acc === 0) throw new Error('unreachable')
-    best = Math.min(best, performance.now() - t0)
-  }
-  return best
 }
 
 const cpuPerRequestUs = (r: WrkResult): number => (r.serverCpu / r.requestsPerSec) * 1e6

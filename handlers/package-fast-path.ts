@@ -13,16 +13,7 @@ export interface FastPathDeps {
   /** hapi's own listener: every request the fast path declines, or gives back, goes there unchanged. */
   fallback: Listener
   /** Told about every request answered here, as hapi's 'response' event would be. */
-  onServed: (info: {
-    id: string
-    digest: string
-    repository: string | undefined
-    source: string
-    path: string | undefined
-    bytes: number
-    ms: number
-    finished: boolean
-  }) => void
+  onServed: (hit: { id: string; query: PackageQuery; source: string; bytes: number; ms: number; finished: boolean }) => void
   /** Large read buffers for hits from disk (shared by every response). */
   buffers?: ReadBuffers
 }
@@ -50,19 +41,7 @@ export function packageFastPath(deps: FastPathDeps): { listener: Listener } {
     const { query, source } = asked
     const started = Date.now()
     const id = `fast:${started}:${++counter}`
-    // One shape for every hit (absent fields undefined, not left out): V8 keeps the code that
-    // reads it monomorphic.
-    const served = (bytes: number): void =>
-      deps.onServed({
-        id,
-        digest: query.digest,
-        repository: query.repository,
-        source,
-        path: query.path,
-        bytes,
-        ms: Date.now() - started,
-        finished: delivered(res),
-      })
+    const served = (bytes: number): void => deps.onServed({ id, query, source, bytes, ms: Date.now() - started, finished: delivered(res) })
     if ('buffer' in hit) {
       res.writeHead(200, packageHeaders(query.digest, hit.buffer.length, 'HIT'))
       res.end(hit.buffer)

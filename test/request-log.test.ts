@@ -147,3 +147,45 @@ void t.test('any facts: the same bytes as pino writes, and valid JSON', (t) => {
   t.equal(compared, 2000, 'every generated line was compared')
   t.end()
 })
+
+void t.test("a hit's line (writeHit) is write()'s line for the same hit, through any sequence of hits", (t) => {
+  // writeHit keeps the fixed parts of a line per package object: a later hit of the same package
+  // from another source, or of another size, must not get the earlier line's parts.
+  const text = fc.oneof(fc.string(), fc.constantFrom('pkg/a', 'a"b', 'é\u0001'))
+  const maybe = <T>(a: fc.Arbitrary<T>): fc.Arbitrary<T | undefined> => fc.option(a, { nil: undefined })
+  const packages = fc.array(fc.record({ digest: text, repository: maybe(text), path: maybe(text) }), { minLength: 1, maxLength: 3 })
+  const hits = fc.array(
+    fc.record({ which: fc.nat(), id: fc.string(), source: fc.constantFrom('default', 'module-x', 'q"'), bytes: fc.constantFrom(0, 1, 65536), ms: fc.nat(50) }),
+    { minLength: 1, maxLength: 12 },
+  )
+  let lines = 0
+  fc.assert(
+    fc.property(packages, hits, fc.constantFrom('debug', 'info', 'warn'), (pkgs, sequence, level) => {
+      const ours = kept(level)
+      const theirs = kept(level)
+      const log = new RequestLog(ours.log)
+      const reference = new RequestLog(theirs.log)
+      for (const h of sequence) {
+        const pkg = pkgs[h.which % pkgs.length] as (typeof pkgs)[number]
+        log.writeHit(h.id, pkg, h.source, h.bytes, h.ms)
+        const { digest, repository, path } = pkg
+        reference.write({
+          id: h.id,
+          method: 'get',
+          path: '/package',
+          status: 200,
+          bytes: h.bytes,
+          sentStatus: 200,
+          ms: h.ms,
+          pkg: { digest, repository, source: h.source, path },
+          result: 'hit',
+        })
+      }
+      lines += ours.lines.length
+      return ours.lines.length === theirs.lines.length && sameTime(ours.lines).every((l, i) => l === sameTime(theirs.lines)[i])
+    }),
+    { numRuns: 500 },
+  )
+  t.ok(lines > 0, `lines were compared (${lines})`)
+  t.end()
+})

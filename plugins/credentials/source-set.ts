@@ -11,17 +11,28 @@ export class SourceSet {
   readonly #groups = new Map<string, { sources: RegistrySource[]; synced: boolean; lastSync?: number }>()
   /** {@link all}, kept between changes: every request matches against it. */
   #all: RegistrySource[] | undefined
+  /**
+   * {@link match}'s answers by `repository`, kept between changes: a roll-out's nodes name the
+   * same few repositories on every request. Only matches are kept, and at most
+   * {@link MATCHES_KEPT} (a client can spell one repository many ways: trailing slashes).
+   */
+  readonly #matched = new Map<string | undefined, RegistrySource>()
 
   /** Declares a provider before it has synced: readiness waits for it. */
   expect(provider: string): void {
     if (!this.#groups.has(provider)) this.#groups.set(provider, { sources: [], synced: false })
-    this.#all = undefined
+    this.#changed()
   }
 
   /** Replaces everything `provider` contributes and marks it synced. */
   replace(provider: string, sources: RegistrySource[], now = Date.now()): void {
     this.#groups.set(provider, { sources: [...sources], synced: true, lastSync: now })
+    this.#changed()
+  }
+
+  #changed(): void {
     this.#all = undefined
+    this.#matched.clear()
   }
 
   /** Providers that have not delivered their first sync yet. */
@@ -50,6 +61,15 @@ export class SourceSet {
    * incomplete, so "no match" is not an answer yet: {@link SourcesNotSyncedError} (503).
    */
   match(repository: string | undefined): RegistrySource {
+    const known = this.#matched.get(repository)
+    if (known) return known
+    const found = this.#find(repository)
+    if (this.#matched.size >= MATCHES_KEPT) this.#matched.clear()
+    this.#matched.set(repository, found)
+    return found
+  }
+
+  #find(repository: string | undefined): RegistrySource {
     const all = this.all()
     const wanted = (repository ?? '').replace(/\/+$/, '')
     const defaults = all.filter((s) => s.kind === 'default')
@@ -68,3 +88,5 @@ export class SourceSet {
     throw new NoSourceError(shown)
   }
 }
+
+const MATCHES_KEPT = 64

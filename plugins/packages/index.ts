@@ -45,8 +45,11 @@ export interface PackagesApi {
   notReady(): string | undefined
   /** Request outcomes since start (GET /cache). */
   counts: ResultCounts
-  /** Counts how a package request ended (metrics and {@link counts}); the fast path's hits too. */
-  countResult(result: string): void
+  /**
+   * Counts a hit the fast path answered, in {@link counts} and the metrics: `bytes` sent whole,
+   * or undefined for an answer cut off (499).
+   */
+  countHit(bytes: number | undefined): void
 }
 
 // hapi's own typing for `server.plugins.packages.api`, as hapijs/inert's lib/index.d.ts types its plugin.
@@ -149,7 +152,15 @@ export const packagesPlugin: Plugin<PackagesOptions> = {
       },
       notReady: () => lifecycle.notReady(),
       counts,
-      countResult,
+      countHit: (bytes) => {
+        counts.hit++
+        // As plain numbers, added to the counters when they are read (Metrics.hits).
+        if (bytes === undefined) m.hits.cut++
+        else {
+          m.hits.whole++
+          m.hits.bytes += bytes
+        }
+      },
     } satisfies PackagesApi)
     server.ext('onPostStop', async () => {
       await service.close()

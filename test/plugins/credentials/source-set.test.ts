@@ -1,4 +1,5 @@
 import t from 'tap'
+import fc from 'fast-check'
 import { NoSourceError, SourcesNotSyncedError } from '../../../errors.js'
 import { parseRegistryConfig } from '../../../plugins/credentials/file-source.js'
 import { SourceSet } from '../../../plugins/credentials/source-set.js'
@@ -83,5 +84,58 @@ void t.test('providers sync and replace their group atomically', (t) => {
   t.equal(set.all().length, 2)
   set.replace('secret', [])
   t.same(set.all(), def ? [def] : [], 'a provider replaces only its own group')
+  t.end()
+})
+
+void t.test('remembered matches: any interleaving of provider changes and matches answers as a fresh set would', (t) => {
+  // match() keeps its answers between changes; a change (expect, replace) must forget them all,
+  // a refusal is never kept, and however many spellings a client sends, at most 64 are kept.
+  const [other] = parseRegistryConfig({ default: { address: 'o.io', path: 'p' }, moduleSources: [{ name: 'mod2', repo: 'r.io/modules/x' }] }, 'test2')
+  const pool = [def, mod, shadow, other].filter((s) => s !== undefined)
+  const provider = fc.constantFrom('file', 'secret', 'modulesources')
+  const step = fc.oneof(
+    fc.record({ op: fc.constant('expect' as const), provider }),
+    fc.record({ op: fc.constant('replace' as const), provider, sources: fc.subarray(pool) }),
+    fc.record({
+      op: fc.constant('match' as const),
+      repository: fc.oneof(
+        fc.constant(undefined),
+        fc.constantFrom('', 'r.io', 'r.io/deckhouse/ce', 'r.io/modules/x', 'o.io/p', 'o.io', 'nope'),
+        fc.tuple(fc.constantFrom('r.io/modules/x', 'r.io', 'nope'), fc.nat(80)).map(([r, n]) => r + '/'.repeat(n)),
+      ),
+    }),
+  )
+  const answer = (set: SourceSet, repository: string | undefined): unknown => {
+    try {
+      return set.match(repository)
+    } catch (err) {
+      return `${(err as Error).constructor.name}: ${(err as Error).message}`
+    }
+  }
+  let matches = 0
+  fc.assert(
+    fc.property(fc.array(step, { minLength: 10, maxLength: 60 }), (steps) => {
+      const set = new SourceSet()
+      const done: typeof steps = []
+      for (const s of steps) {
+        if (s.op === 'expect') set.expect(s.provider)
+        else if (s.op === 'replace') set.replace(s.provider, s.sources, 0)
+        else {
+          // The reference: a new set that has seen the same changes and never matched before.
+          const fresh = new SourceSet()
+          for (const d of done) {
+            if (d.op === 'expect') fresh.expect(d.provider)
+            else if (d.op === 'replace') fresh.replace(d.provider, d.sources, 0)
+          }
+          matches++
+          if (answer(set, s.repository) !== answer(fresh, s.repository)) return false
+        }
+        done.push(s)
+      }
+      return true
+    }),
+    { numRuns: 400 },
+  )
+  t.ok(matches > 1000, `matches compared (${matches})`)
   t.end()
 })
