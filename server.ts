@@ -294,8 +294,8 @@ export async function createServer(o: ServerOptions): Promise<ProxyServer> {
       packages: packages.service,
       onServed: (hit) => {
         packages.countHit(hit.finished ? hit.bytes : undefined)
-        if (hit.finished) return requestLog.writeHit(hit.id, hit.query, hit.source, hit.bytes, hit.ms)
-        const { digest, repository, path } = hit.query
+        if (hit.finished) return requestLog.writeHit(hit.id, hit.asked, hit.source, hit.bytes, hit.ms)
+        const { digest, repository, path } = hit.asked
         requestLog.write({
           id: hit.id,
           method: 'get',

@@ -13,7 +13,7 @@ export interface FastPathDeps {
   /** hapi's own listener: every request the fast path declines, or gives back, goes there unchanged. */
   fallback: Listener
   /** Told about every request answered here, as hapi's 'response' event would be. */
-  onServed: (hit: { id: string; query: PackageQuery; source: string; bytes: number; ms: number; finished: boolean }) => void
+  onServed: (hit: { id: string; asked: AskedPackage; source: string; bytes: number; ms: number; finished: boolean }) => void
   /** Large read buffers for hits from disk (shared by every response). */
   buffers?: ReadBuffers
 }
@@ -39,9 +39,10 @@ export function packageFastPath(deps: FastPathDeps): { listener: Listener } {
     const hit = asked && deps.packages.cachedHit(asked.query.digest)
     if (!asked || !hit) return deps.fallback(req, res)
     const { query, source } = asked
+    const sent = asked.asked
     const started = Date.now()
     const id = `fast:${started}:${++counter}`
-    const served = (bytes: number): void => deps.onServed({ id, query, source, bytes, ms: Date.now() - started, finished: delivered(res) })
+    const served = (bytes: number): void => deps.onServed({ id, asked: sent, source, bytes, ms: Date.now() - started, finished: delivered(res) })
     if ('buffer' in hit) {
       res.writeHead(200, packageHeaders(query.digest, hit.buffer.length, 'HIT'))
       res.end(hit.buffer)
@@ -69,19 +70,37 @@ export function packageFastPath(deps: FastPathDeps): { listener: Listener } {
 }
 
 /** The query and source of a plain whole-package GET; undefined for anything hapi must answer. */
-function parse(req: IncomingMessage, sources: SourceSet, queries: QueryMemo): { query: PackageQuery; source: string } | undefined {
+function parse(req: IncomingMessage, sources: SourceSet, queries: QueryMemo): (Remembered & { source: string }) | undefined {
   const url = req.url
   // A fragment is not part of the query; hapi drops it, so such a request is hapi's to answer.
   if (req.method !== 'GET' || url === undefined || !url.startsWith('/package?') || url.includes('#')) return undefined
   const h = req.headers
   if (h.range !== undefined || h['if-none-match'] !== undefined || h['if-range'] !== undefined) return undefined
   try {
-    const query = queries.get(url)
+    const { query, asked } = queries.get(url)
     // The source is matched every time: the set of sources changes with the cluster's config.
-    return { query, source: sources.match(query.repository).name }
+    return { query, asked, source: sources.match(query.repository).name }
   } catch {
     return undefined // hapi answers the 400 or 404
   }
+}
+
+/**
+ * The package a request asked for, as its line in the request log shows it: the parameters as
+ * the client sent them, as hapi's route logs `request.query` (before the trailing `/` of
+ * `repository` and the leading `/` of `path` are dropped), so that one URL is logged one way
+ * whichever path answers it.
+ */
+export interface AskedPackage {
+  digest: string
+  repository: string | undefined
+  path: string | undefined
+}
+
+/** A URL's query, validated, and as it was sent. */
+export interface Remembered {
+  query: PackageQuery
+  asked: AskedPackage
 }
 
 /**
@@ -92,7 +111,7 @@ function parse(req: IncomingMessage, sources: SourceSet, queries: QueryMemo): { 
  * over, so hostile URLs cost at most `max` short strings.
  */
 export class QueryMemo {
-  private readonly parsed = new Map<string, PackageQuery>()
+  private readonly parsed = new Map<string, Remembered>()
   constructor(private readonly max = 256) {}
 
   /** URLs remembered (at most `max`). */
@@ -100,16 +119,20 @@ export class QueryMemo {
     return this.parsed.size
   }
 
-  /** The URL's query, validated; throws as parsePackageQuery does. */
-  get(url: string): PackageQuery {
+  /** The URL's query, validated, and as sent; throws as parsePackageQuery does. */
+  get(url: string): Remembered {
     const known = this.parsed.get(url)
     if (known) return known
-    const query = parsePackageQuery(queryOf(url.slice('/package?'.length)))
+    const sent = queryOf(url.slice('/package?'.length))
+    const query = parsePackageQuery(sent)
+    // parsePackageQuery refuses a parameter given twice: each is one string, or absent.
+    const asked = { digest: query.digest, repository: sent.repository as string | undefined, path: sent.path as string | undefined }
+    const remembered = Object.freeze({ query: Object.freeze(query), asked: Object.freeze(asked) })
     if (url.length <= 1024) {
       if (this.parsed.size >= this.max) this.parsed.clear()
-      this.parsed.set(url, Object.freeze(query))
+      this.parsed.set(url, remembered)
     }
-    return query
+    return remembered
   }
 }
 

@@ -260,3 +260,36 @@ for (const fastPath of [true, false]) {
     })
   }
 }
+
+void t.test("a hit's line shows the query as the client sent it, whichever path answered", async (t) => {
+  // Found from outside: the fast path logged `repository` and `path` as normalised (a trailing
+  // `/` on repository, a leading `/` on path, empty values dropped) while the hapi route logs
+  // them as sent, so one URL was logged two ways depending on which path answered it.
+  const log = captureLogger('info')
+  const h = await startHarness(t, { logger: log.logger })
+  const data = bytes(20_000, 53)
+  const image = h.registry.addImage(`${DEFAULT_PREFIX}/norm`, [data])
+  await h.proxy.server.start()
+  const base = h.proxy.server.info.uri
+  const d = image.manifestDigest
+  const repo = `${h.registry.host}/${DEFAULT_PREFIX}`
+  await fetchRaw(`${base}/package?digest=${d}&path=norm`)
+  await h.proxy.packages.service.settled()
+  const queries = [`repository=${repo}/&path=/norm`, 'repository=&path=norm', 'path=/norm', 'path=', `repository=${repo}&path=norm`]
+  const lines = () => log.lines().filter((l) => l.msg === 'request' && l.path === '/package')
+  for (const q of queries) {
+    const url = `${base}/package?digest=${d}&${q}`
+    const before = lines().length
+    const fast = await fetchRaw(url)
+    // The same hit through the hapi route: a conditional GET that does not match is a 200 too.
+    const route = await fetchRaw(url, { headers: { 'if-none-match': '"x"' } })
+    t.equal(fast.status, 200, `${q}: 200`)
+    t.equal(route.status, 200, `${q}: 200 through the route`)
+    await eventually(() => lines().length === before + 2, 'both lines written')
+    const [a, b] = lines()
+      .slice(before)
+      .map(({ time: _t, req: _r, ms: _m, ...rest }) => rest)
+    t.equal(a?.result, 'hit', `${q}: a hit`)
+    t.same(a, b, `${q}: the same line both ways`)
+  }
+})

@@ -56,8 +56,16 @@ void t.test('any sequence of URLs: the answer parsing afresh gives, within the b
       const memo = new QueryMemo(max)
       for (const u of urls) {
         let got: PackageQuery | string
+        let sent: unknown
         try {
-          got = memo.get(u)
+          const r = memo.get(u)
+          got = r.query
+          sent = r.asked
+          // What the request log shows: the parameters as sent (as hapi's request.query has them).
+          const raw = queryOf(u.slice('/package?'.length))
+          const want = { digest: raw.digest, repository: raw.repository, path: raw.path }
+          if (JSON.stringify(sent) !== JSON.stringify(want)) throw new Error(`${u}: asked ${JSON.stringify(sent)}, sent ${JSON.stringify(want)}`)
+          if (!Object.isFrozen(r) || !Object.isFrozen(r.asked)) throw new Error('a remembered query can be changed by whoever holds it')
         } catch (err) {
           got = (err as Error).message
         }
@@ -91,7 +99,7 @@ void t.test('any sequence of URLs: the answer parsing afresh gives, within the b
 void t.test('a long URL is answered but not remembered; past the bound the memo starts over', (t) => {
   const memo = new QueryMemo(2)
   const long = `/package?digest=sha256:${'a'.repeat(64)}&path=pkg&x=${'y'.repeat(1100)}`
-  t.same(memo.get(long), { digest: `sha256:${'a'.repeat(64)}`, path: 'pkg' })
+  t.same(memo.get(long).query, { digest: `sha256:${'a'.repeat(64)}`, path: 'pkg' })
   t.equal(memo.size, 0, 'a URL over 1 KiB is not kept')
   memo.get(`/package?digest=sha256:${'a'.repeat(64)}`)
   memo.get(`/package?digest=sha256:${'b'.repeat(64)}`)
