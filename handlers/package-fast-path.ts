@@ -35,14 +35,13 @@ export function packageFastPath(deps: FastPathDeps): { listener: Listener } {
   const buffers = deps.buffers ?? new ReadBuffers()
   const queries = new QueryMemo()
   const listener: Listener = (req, res) => {
-    const asked = parse(req, deps.sources, queries)
-    const hit = asked && deps.packages.cachedHit(asked.query.digest)
-    if (!asked || !hit) return deps.fallback(req, res)
-    const { query, source } = asked
-    const sent = asked.asked
+    const request = parse(req, deps.sources, queries)
+    const hit = request && deps.packages.cachedHit(request.query.digest)
+    if (!request || !hit) return deps.fallback(req, res)
+    const { query, asked, source } = request
     const started = Date.now()
     const id = `fast:${started}:${++counter}`
-    const served = (bytes: number): void => deps.onServed({ id, asked: sent, source, bytes, ms: Date.now() - started, finished: delivered(res) })
+    const served = (bytes: number): void => deps.onServed({ id, asked, source, bytes, ms: Date.now() - started, finished: delivered(res) })
     if ('buffer' in hit) {
       res.writeHead(200, packageHeaders(query.digest, hit.buffer.length, 'HIT'))
       res.end(hit.buffer)
