@@ -350,9 +350,9 @@ function report(machine: Machine, sizes: SizeResult[], cold: ColdResult | undefi
   if (busy > 1.0) {
     lines.push('')
     lines.push(
-      `**Warning: the 1-minute load average was ${busy.toFixed(2)} (> 1.0) before the run: other processes were using this ` +
-        `${machine.cpus}-CPU machine, so throughput numbers may be depressed and noisy (the load average lags by minutes; the ` +
-        `"busy before (others)" column below shows how busy the machine was just before each measured run).**`,
+      `**Warning: the 1-minute load average was ${busy.toFixed(2)} (> 1.0) before the run: other processes (or \`npm run bench\`'s own ` +
+        `build, just before) were using this ${machine.cpus}-CPU machine, so throughput numbers may be depressed and noisy (the load ` +
+        `average lags by minutes; the "busy before (others)" column below shows how busy the machine was just before each measured run).**`,
     )
   }
   lines.push('')
@@ -467,13 +467,16 @@ async function requestLogCounts(file: string): Promise<{ lines: number; dropped:
   return { lines, dropped }
 }
 
-function writeResults(md: string, json: object): void {
+/** `latest.md` and `latest.json`, and the run's own copy of the tables (`YYYY-MM-DD-HHMM.md`, UTC start time) for the history. */
+function writeResults(md: string, json: object, startedAt: Date): void {
   const resultsDir = join(ROOT, 'bench', 'results')
   mkdirSync(resultsDir, { recursive: true })
+  const dated = `${startedAt.toISOString().slice(0, 16).replace('T', '-').replace(':', '')}.md`
   writeFileSync(join(resultsDir, 'latest.md'), md)
   writeFileSync(join(resultsDir, 'latest.json'), JSON.stringify(json, null, 2) + '\n')
+  writeFileSync(join(resultsDir, dated), md)
   console.log(`\n${md}`)
-  console.log(`written to bench/results/latest.md and latest.json`)
+  console.log(`written to bench/results/latest.md, latest.json and ${dated}`)
 }
 
 async function main(): Promise<void> {
@@ -583,7 +586,7 @@ async function main(): Promise<void> {
     if (HITS_ONLY) {
       machine.loadAfter = loadavg()
       const md = report(machine, sizes, undefined, undefined, startedAt) + logNote
-      writeResults(md, { startedAt, machine, seconds: SECONDS, rounds: ROUNDS, sizes })
+      writeResults(md, { startedAt, machine, seconds: SECONDS, rounds: ROUNDS, sizes }, startedAt)
       failed = false
       return
     }
@@ -603,7 +606,7 @@ async function main(): Promise<void> {
     // 8. Report.
     machine.loadAfter = loadavg()
     const md = report(machine, sizes, coldResult, rssResult, startedAt) + logNote
-    writeResults(md, { startedAt, machine, seconds: SECONDS, rounds: ROUNDS, sizes, cold: coldResult, rss: rssResult, requestLog })
+    writeResults(md, { startedAt, machine, seconds: SECONDS, rounds: ROUNDS, sizes, cold: coldResult, rss: rssResult, requestLog }, startedAt)
     failed = false
   } finally {
     // 9. Nothing outlives the run; a failed run keeps its logs for a look.
