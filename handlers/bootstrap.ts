@@ -86,10 +86,17 @@ export function bootstrapHandler(deps: BootstrapDeps) {
         const body = Buffer.from(JSON.stringify(boom.output.payload))
         const headers: Record<string, string> = { 'Content-Type': 'application/json; charset=utf-8' }
         for (const [k, v] of Object.entries(boom.output.headers)) if (v !== undefined) headers[k] = String(v)
-        if (!res.headersSent) send(res, boom.output.statusCode, headers, body)
-        else res.destroy()
         const status = boom.output.statusCode
-        deps.onDone({ route, method: req.method ?? '', status, result: status === 404 ? 'not-found' : 'error', bytes: 0, ms: Date.now() - started, err })
+        const done = (bytes: number): void =>
+          deps.onDone({ route, method: req.method ?? '', status, result: status === 404 ? 'not-found' : 'error', bytes, ms: Date.now() - started, err })
+        if (res.headersSent) {
+          res.destroy()
+          return done(0)
+        }
+        send(res, status, headers, body)
+        // As for a 200: told once the answer is done with, counting the body only if it went
+        // out (a HEAD's never does).
+        whenClosed(req, res, () => done(delivered(res) && req.method !== 'HEAD' ? body.length : 0))
       }
     })()
   }

@@ -179,3 +179,23 @@ void t.test('a stop refuses new rpp-get connections at once, cuts a node that st
   t.equal(cut?.bytes, undefined, 'no byte count claimed')
   socket.destroy()
 })
+
+void t.test("an error answer's line counts the bytes of its body, once it is sent", async (t) => {
+  // Seen in a review: error lines said `bytes: 0` for bodies of about 100 bytes.
+  const log = captureLogger('info')
+  const s = await setup(t, { logger: log.logger })
+  const lines = () => log.lines().filter((l) => l.listener === 'bootstrap')
+  const answers = [
+    await fetchRaw(`${s.base}/${UUID}/rpp-get?digest=sha256:${'0'.repeat(64)}`), // no such manifest: 404
+    await fetchRaw(`${s.base}/${UUID}/rpp-get`), // no digest: 400
+    await fetchRaw(`${s.base}/${UUID}/rpp-get?digest=sha256:${'0'.repeat(64)}`, { method: 'HEAD' }),
+  ]
+  await eventually(() => lines().length === 3, 'three lines')
+  for (const [i, line] of lines().entries()) {
+    const answer = answers[i]
+    t.equal(line.status, answer?.status, `line ${i}: the status sent`)
+    const sent = answer?.body.length ?? -1
+    t.equal(line.bytes, sent, `line ${i}: ${sent} bytes, the body the client got`)
+  }
+  t.ok((answers[0]?.body.length ?? 0) > 0, 'the 404 has a body')
+})
