@@ -65,7 +65,10 @@ export class ConnectionDrain {
     }
     // Before hapi's and the fast path's listeners, so the count is up before any answer starts.
     listener.prependListener('request', track)
-    listener.prependListener('checkContinue', track)
+    // Only where someone answers 'checkContinue' (hapi does): a listener there makes Node stop
+    // sending `100 Continue` itself and stop emitting 'request' for such requests, which then
+    // went unanswered on a server that handles 'request' alone (found from outside).
+    if (listener.listenerCount('checkContinue') > 0) listener.prependListener('checkContinue', track)
   }
 
   /** Connections open now. */

@@ -199,3 +199,23 @@ void t.test("an error answer's line counts the bytes of its body, once it is sen
   }
   t.ok((answers[0]?.body.length ?? 0) > 0, 'the 404 has a body')
 })
+
+void t.test('a request that says Expect: 100-continue is answered, and logged', async (t) => {
+  // Found from outside: the stop's bookkeeping listened for 'checkContinue', so Node stopped
+  // answering 100 Continue itself and never emitted 'request', which is all this listener
+  // handles: such a request hung until its socket timed out, with no line.
+  const log = captureLogger('info')
+  const s = await setup(t, { logger: log.logger })
+  const digest = await push(s, [{ name: 'rpp-get', data: RPP_GET }])
+  const port = Number(new URL(s.base).port)
+  const socket = connect(port, '127.0.0.1')
+  socket.on('error', () => undefined)
+  t.teardown(() => socket.destroy())
+  let text = ''
+  socket.on('data', (d: Buffer) => (text += d.toString('latin1')))
+  await new Promise((r) => socket.once('connect', r))
+  socket.write(`GET /${UUID}/rpp-get?digest=${digest} HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n\r\n`)
+  await eventually(() => text.includes('echo rpp-get'), 'the file arrives', { timeoutMs: 5000 })
+  t.match(text, /^HTTP\/1\.1 100 Continue\r\n\r\nHTTP\/1\.1 200 /, '100 Continue, then the 200')
+  await eventually(() => log.lines().some((l) => l.listener === 'bootstrap' && l.status === 200), 'its line')
+})
