@@ -9,6 +9,7 @@ import './request-state.js'
 import { RequestLog } from './request-log.js'
 import { ConnectionDrain } from './connection-drain.js'
 import { packageFastPath } from './handlers/package-fast-path.js'
+import { requestQuery } from './handlers/package-request.js'
 import { delivered, watchDelivery } from './handlers/response-end.js'
 import { credentialsPlugin } from './plugins/credentials/index.js'
 import { SourceSet } from './plugins/credentials/source-set.js'
@@ -258,7 +259,8 @@ export async function createServer(o: ServerOptions): Promise<ProxyServer> {
     const response = request.response
     const status = finalStatus(request)
     const app = request.app
-    const query = request.query as Record<string, unknown>
+    // As the route read it (not hapi's request.query, which keeps 1,000 parameters at most).
+    const query = request.path === '/package' ? requestQuery(request.raw.req.url) : {}
     const raw = request.raw.res
     // hapi swaps a response whose body broke off for a Boom error; the client saw the headers
     // of a success and then a cut connection: that is an aborted response, not a clean error.

@@ -2,7 +2,7 @@ import type { IncomingMessage, ServerResponse } from 'node:http'
 import type { SourceSet } from '../plugins/credentials/source-set.js'
 import { ReadBuffers, sendFile } from '../plugins/packages/file-sender.js'
 import type { PackageService } from '../plugins/packages/package-service.js'
-import { packageHeaders, parsePackageQuery, type PackageQuery } from './package-request.js'
+import { packageHeaders, parsePackageQuery, queryOf, type PackageQuery } from './package-request.js'
 import { delivered, whenClosed } from './response-end.js'
 
 type Listener = (req: IncomingMessage, res: ServerResponse) => void
@@ -86,9 +86,9 @@ function parse(req: IncomingMessage, sources: SourceSet, queries: QueryMemo): (R
 
 /**
  * The package a request asked for, as its line in the request log shows it: the parameters as
- * the client sent them, as hapi's route logs `request.query` (before the trailing `/` of
- * `repository` and the leading `/` of `path` are dropped), so that one URL is logged one way
- * whichever path answers it.
+ * the client sent them, as the hapi route logs them (package-request.ts, requestQuery: before the trailing
+ * `/` of `repository` and the leading `/` of `path` are dropped), so that one URL is logged one
+ * way whichever path answers it.
  */
 export interface AskedPackage {
   digest: string
@@ -133,27 +133,4 @@ export class QueryMemo {
     }
     return remembered
   }
-}
-
-/**
- * The query's parameters, a repeated one as a list (as hapi gives them). Queries without
- * escapes, which is what clients send, are split directly: URLSearchParams and its decoding
- * were a tenth of a memory hit's JavaScript.
- */
-export function queryOf(search: string): Record<string, string | string[]> {
-  const query: Record<string, string | string[]> = {}
-  const add = (key: string, value: string): void => {
-    const seen = query[key]
-    query[key] = seen === undefined ? value : Array.isArray(seen) ? [...seen, value] : [seen, value]
-  }
-  if (search.includes('%') || search.includes('+')) {
-    for (const [key, value] of new URLSearchParams(search)) add(key, value)
-    return query
-  }
-  for (const part of search.split('&')) {
-    if (part === '') continue
-    const eq = part.indexOf('=')
-    add(eq === -1 ? part : part.slice(0, eq), eq === -1 ? '' : part.slice(eq + 1))
-  }
-  return query
 }

@@ -49,6 +49,42 @@ export function parsePackageQuery(query: Record<string, unknown>): PackageQuery 
   }
 }
 
+/**
+ * The query's parameters, a repeated one as a list (as hapi gives them). Queries without
+ * escapes, which is what clients send, are split directly: URLSearchParams and its decoding
+ * were a tenth of a memory hit's JavaScript.
+ */
+export function queryOf(search: string): Record<string, string | string[]> {
+  const query: Record<string, string | string[]> = {}
+  const add = (key: string, value: string): void => {
+    const seen = query[key]
+    query[key] = seen === undefined ? value : Array.isArray(seen) ? [...seen, value] : [seen, value]
+  }
+  if (search.includes('%') || search.includes('+')) {
+    for (const [key, value] of new URLSearchParams(search)) add(key, value)
+    return query
+  }
+  for (const part of search.split('&')) {
+    if (part === '') continue
+    const eq = part.indexOf('=')
+    add(eq === -1 ? part : part.slice(0, eq), eq === -1 ? '' : part.slice(eq + 1))
+  }
+  return query
+}
+
+/**
+ * The query of a request-target (`/package?…`, or the absolute form), read by {@link queryOf}:
+ * what the hapi route reads too. hapi's own `request.query` keeps only the first 1,000
+ * parameters, so a `repository` or `path` after them would be lost there and read on the fast
+ * path (found from outside).
+ */
+export function requestQuery(target: string | undefined): Record<string, string | string[]> {
+  const q = target?.indexOf('?') ?? -1
+  if (target === undefined || q === -1) return {}
+  const hash = target.indexOf('#', q)
+  return queryOf(target.slice(q + 1, hash === -1 ? undefined : hash))
+}
+
 /** A byte range `start..end` (inclusive) of an object of `size` bytes. */
 export interface ByteRange {
   start: number

@@ -4,7 +4,7 @@ import type { SourceSet } from '../plugins/credentials/source-set.js'
 import { verifyDigest } from '../plugins/packages/manifest.js'
 import { PEER_WORKING_INTERVAL_MS, type PeerRequest } from '../plugins/packages/peer-port.js'
 import type { PackageResult, PackageService } from '../plugins/packages/package-service.js'
-import { matchesIfNoneMatch, packageHeaders, parsePackageQuery, parseRange } from './package-request.js'
+import { matchesIfNoneMatch, packageHeaders, parsePackageQuery, parseRange, requestQuery } from './package-request.js'
 import { whenClosed } from './response-end.js'
 
 function header(request: Request, name: string): string | undefined {
@@ -40,7 +40,7 @@ export interface PackageHandlerDeps {
  */
 export function packageHandler(deps: PackageHandlerDeps) {
   return async (request: Request, h: ResponseToolkit): Promise<ResponseObject> => {
-    const query = parsePackageQuery(request.query)
+    const query = parsePackageQuery(requestQuery(request.raw.req.url))
     const source = deps.sources.match(query.repository)
     request.app.source = source.name
     const name = [source.namePrefix, query.path].filter(Boolean).join('/')

@@ -293,3 +293,34 @@ void t.test("a hit's line shows the query as the client sent it, whichever path 
     t.same(a, b, `${q}: the same line both ways`)
   }
 })
+
+void t.test('a query of over 1,000 parameters is read whole on every path', async (t) => {
+  // Found from outside: hapi's own query parsing keeps the first 1,000 parameters, so on the
+  // hapi route a `repository` or `path` after them was dropped (an unknown repository served
+  // from the default source, a repeated path accepted), while the fast path read them all.
+  const log = captureLogger('info')
+  const h = await startHarness(t, { logger: log.logger })
+  const image = h.registry.addImage(`${DEFAULT_PREFIX}/many`, [bytes(5_000, 54)])
+  await h.proxy.server.start()
+  const base = h.proxy.server.info.uri
+  const d = image.manifestDigest
+  const fillers = Array.from({ length: 999 }, (_, i) => `j${i}=1`).join('&')
+  const at = (tail: string): string => `${base}/package?digest=${d}&${fillers}&${tail}`
+  t.equal((await fetchRaw(at('path=many'))).status, 200, 'a miss: path is read')
+  await h.proxy.packages.service.settled()
+  for (const headers of [{}, { 'if-none-match': '"x"' }]) {
+    const how = 'if-none-match' in headers ? 'hapi route' : 'fast path'
+    t.equal((await fetchRaw(at('repository=nope.example/zz&path=many'), { headers })).status, 404, `${how}: an unknown repository is a 404`)
+    t.equal((await fetchRaw(at('path=many&path=other'), { headers })).status, 400, `${how}: a repeated path is a 400`)
+  }
+  const lines = () => log.lines().filter((l) => l.msg === 'request' && l.path === '/package')
+  const before = lines().length
+  await fetchRaw(at('path=many'))
+  await fetchRaw(at('path=many'), { headers: { 'if-none-match': '"x"' } })
+  await eventually(() => lines().length === before + 2, 'both lines')
+  const [a, b] = lines()
+    .slice(before)
+    .map(({ time: _t, req: _r, ms: _m, ...rest }) => rest)
+  t.match(a, { status: 200, result: 'hit', pkgPath: 'many' }, 'the hit, with its path')
+  t.same(a, b, 'the same line both ways')
+})

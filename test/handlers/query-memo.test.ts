@@ -6,8 +6,8 @@
  */
 import t from 'tap'
 import fc from 'fast-check'
-import { QueryMemo, queryOf } from '../../handlers/package-fast-path.js'
-import { parsePackageQuery, type PackageQuery } from '../../handlers/package-request.js'
+import { QueryMemo } from '../../handlers/package-fast-path.js'
+import { parsePackageQuery, queryOf, type PackageQuery } from '../../handlers/package-request.js'
 
 const fresh = (url: string): PackageQuery | string => {
   try {
