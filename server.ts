@@ -9,6 +9,7 @@ import './request-state.js'
 import { RequestLog } from './request-log.js'
 import { ConnectionDrain } from './connection-drain.js'
 import { packageFastPath } from './handlers/package-fast-path.js'
+import { answerClientError, clientErrorFacts, clientErrorStatus } from './handlers/client-error.js'
 import { requestQuery } from './handlers/package-request.js'
 import { delivered, watchDelivery } from './handlers/response-end.js'
 import { credentialsPlugin } from './plugins/credentials/index.js'
@@ -224,13 +225,10 @@ export async function createServer(o: ServerOptions): Promise<ProxyServer> {
   // answers every such request with a bare 400; tell clients the real reason first (431, 408).
   let clientErrors = 0
   const logClientError = (err: NodeJS.ErrnoException, socket: Duplex): void => {
-    const code = err.code ?? ''
-    const status = code === 'HPE_HEADER_OVERFLOW' ? 431 : code === 'ERR_HTTP_REQUEST_TIMEOUT' ? 408 : code.startsWith('HPE_') ? 400 : undefined
+    const status = clientErrorStatus(err)
     // Anything else (a reset, a timeout between requests) is a connection ending, not a request;
     // a bad body belongs to its request, which hapi answers (400) and logs as itself.
     if (status === undefined || !socket.writable || connections.receivingBody(socket as Socket)) return
-    // Only the code and llhttp's fixed message: the bytes received (err.rawPacket) may hold a
-    // credential, and are never logged.
     requestLog.write({
       id: `client-error:${Date.now()}:${++clientErrors}`,
       method: '',
@@ -239,11 +237,9 @@ export async function createServer(o: ServerOptions): Promise<ProxyServer> {
       bytes: 0,
       ms: undefined,
       result: 'error',
-      err: { type: 'ClientError', code, message: err.message.slice(0, 200) },
+      err: clientErrorFacts(err),
     })
-    if (status === 400) return // hapi's own answer
-    socket.write(`HTTP/1.1 ${status === 431 ? '431 Request Header Fields Too Large' : '408 Request Timeout'}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n`)
-    socket.destroy()
+    if (status !== 400) answerClientError(socket, status) // hapi's own answer is a bare 400
   }
   const hapiOnClientError = listener.listeners('clientError') as Array<(err: Error, socket: Duplex) => void>
   listener.removeAllListeners('clientError')

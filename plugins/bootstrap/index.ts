@@ -1,9 +1,11 @@
 import { createServer, type Server } from 'node:http'
-import type { AddressInfo } from 'node:net'
+import type { AddressInfo, Socket } from 'node:net'
+import type { Duplex } from 'node:stream'
 import type { Plugin } from '@hapi/hapi'
 import type { Logger } from 'pino'
 import { ConnectionDrain } from '../../connection-drain.js'
 import { bootstrapHandler, RPP_GET_ROUTE } from '../../handlers/bootstrap.js'
+import { answerClientError, clientErrorFacts, clientErrorStatus } from '../../handlers/client-error.js'
 import type { SourceSet } from '../credentials/source-set.js'
 import type { Metrics } from '../metrics/metrics.js'
 import { v1Results } from '../metrics/v1-metrics.js'
@@ -80,6 +82,31 @@ export const bootstrapPlugin: Plugin<BootstrapOptions> = {
     listener.setTimeout(300_000)
     // A stop must not wait those 300 s: what is in progress gets the stop's budget, as on the main listener.
     const connections = new ConnectionDrain(listener)
+    // A request Node could not parse (a head over 4 KiB, a bad header, one not finished in 5 s)
+    // is answered as Node would (431, 400, 408) and, as on the main listener, has its line: Node
+    // answered these itself with no line at all (found from outside).
+    let clientErrors = 0
+    listener.on('clientError', (err: NodeJS.ErrnoException, socket: Duplex) => {
+      // Bytes after a request that said `Connection: close`: that request is still answered.
+      if (err.code === 'HPE_CLOSED_CONNECTION' && connections.busy(socket as Socket)) return
+      const status = clientErrorStatus(err)
+      // A connection ending, or an answer already under way: Node would only close it.
+      if (status === undefined || !socket.writable || (socket as Socket).bytesWritten > 0) return void socket.destroy()
+      o.log.info(
+        {
+          listener: 'bootstrap',
+          req: `client-error:${Date.now()}:${++clientErrors}`,
+          method: '',
+          route: '',
+          status,
+          bytes: 0,
+          result: 'error',
+          err: clientErrorFacts(err),
+        },
+        'request',
+      )
+      answerClientError(socket, status)
+    })
     server.ext('onPreStart', async () => {
       await new Promise<void>((resolve, reject) => {
         listener.once('error', reject)

@@ -219,3 +219,28 @@ void t.test('a request that says Expect: 100-continue is answered, and logged', 
   t.match(text, /^HTTP\/1\.1 100 Continue\r\n\r\nHTTP\/1\.1 200 /, '100 Continue, then the 200')
   await eventually(() => log.lines().some((l) => l.listener === 'bootstrap' && l.status === 200), 'its line')
 })
+
+void t.test('a request Node cannot parse is answered as Node would, and has its line', async (t) => {
+  // Found from outside: Node answered these (431, 400) itself, and no line was written.
+  const log = captureLogger('info')
+  const s = await setup(t, { logger: log.logger })
+  const port = Number(new URL(s.base).port)
+  const send = (text: string): Promise<string> =>
+    new Promise((resolve) => {
+      const socket = connect(port, '127.0.0.1')
+      let got = ''
+      socket.on('data', (d: Buffer) => (got += d.toString('latin1')))
+      socket.on('error', () => undefined)
+      socket.on('close', () => resolve(got))
+      socket.write(text)
+    })
+  const big = await send(`GET /${UUID}/rpp-get HTTP/1.1\r\nHost: x\r\nX-Big: ${'a'.repeat(5000)}\r\n\r\n`)
+  t.match(big, /^HTTP\/1\.1 431 /, 'a head over 4 KiB: 431')
+  const bad = await send(`GET /${UUID}/rpp-get HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n`)
+  t.match(bad, /^HTTP\/1\.1 400 /, 'a malformed header: 400')
+  await eventually(() => log.lines().filter((l) => l.listener === 'bootstrap').length === 2, 'two lines')
+  const [a, b] = log.lines().filter((l) => l.listener === 'bootstrap')
+  t.match(a, { status: 431, bytes: 0, result: 'error', err: { code: 'HPE_HEADER_OVERFLOW' } })
+  t.match(b, { status: 400, bytes: 0, result: 'error', err: { code: /^HPE_/ } })
+  t.notOk(JSON.stringify([a, b]).includes('aaaa'), 'nothing of what the client sent')
+})
