@@ -11,7 +11,8 @@ type Watched = ServerResponse & { [DELIVERED]?: boolean }
  * Neither `writableFinished` nor 'finish' says so by itself. When a connection is destroyed
  * with bytes still queued in Node (a client that stopped reading, cut off by a stop's budget
  * or by its own reset), the queue is dropped, `writableFinished` then reads true, and 'finish'
- * is still emitted. What differs is that the socket is already destroyed when 'finish' comes.
+ * is still emitted. What differs is that the socket is already destroyed when 'finish' comes, or
+ * (a write that failed) has its error recorded.
  * The listener goes first: on a `Connection: close` answer Node's own 'finish' listener
  * destroys the socket after a successful send.
  */
@@ -19,7 +20,9 @@ export function watchDelivery(req: IncomingMessage, res: ServerResponse): void {
   const socket = req.socket
   ;(res as Watched)[DELIVERED] = false
   res.prependListener('finish', () => {
-    ;(res as Watched)[DELIVERED] = !socket.destroyed
+    // A write that failed (the client reset) calls its callback, which emits 'finish', before
+    // the socket is destroyed; by then the socket has recorded the error (found from outside).
+    ;(res as Watched)[DELIVERED] = !socket.destroyed && !socket.errored
   })
 }
 

@@ -244,3 +244,26 @@ void t.test('a request Node cannot parse is answered as Node would, and has its 
   t.match(b, { status: 400, bytes: 0, result: 'error', err: { code: /^HPE_/ } })
   t.notOk(JSON.stringify([a, b]).includes('aaaa'), 'nothing of what the client sent')
 })
+
+void t.test('a node that half-closes and then resets mid-download is logged 499, not a whole 200', async (t) => {
+  // Found from outside: Node emitted 'finish' from the failed write's callback before it
+  // destroyed the socket, so the cut answer was logged 200 with every byte.
+  const log = captureLogger('info')
+  const s = await setup(t, { logger: log.logger })
+  const big = Buffer.alloc(24 * 1024 * 1024, 'h') // far more than the socket buffers hold
+  const digest = await push(s, [{ name: 'rpp-get', data: big }])
+  t.equal((await fetchRaw(`${s.base}/${UUID}/rpp-get?digest=${digest}`)).status, 200, 'extracted and kept')
+  const socket = connect(Number(new URL(s.base).port), '127.0.0.1')
+  socket.on('error', () => undefined)
+  await new Promise((r) => socket.once('connect', r))
+  socket.write(`GET /${UUID}/rpp-get?digest=${digest} HTTP/1.1\r\nHost: x\r\n\r\n`)
+  socket.end()
+  await new Promise((r) => socket.once('data', r))
+  socket.pause()
+  await new Promise((r) => setTimeout(r, 200))
+  socket.resetAndDestroy()
+  await eventually(() => log.lines().filter((l) => l.listener === 'bootstrap').length === 2, 'the cut answer has its line')
+  const cut = log.lines().filter((l) => l.listener === 'bootstrap')[1]
+  t.match(cut, { status: 499, aborted: true, level: 40 }, '499, aborted, at warn')
+  t.equal(cut?.bytes, undefined, 'no byte count claimed')
+})
