@@ -59,7 +59,8 @@ export function bootstrapHandler(deps: BootstrapDeps) {
     void (async () => {
       let route = 'bootstrap:/{p*}'
       try {
-        if (/^\/[^/?]+\/rpp-get(?:\?|$)/.test(req.url ?? '')) route = RPP_GET_ROUTE
+        // The path as parse() reads it: an absolute-form target (`GET http://host/…`) too.
+        if (/^\/[^/]+\/rpp-get$/.test(new URL(req.url ?? '/', 'http://bootstrap').pathname)) route = RPP_GET_ROUTE
         const { digest } = parse(req, deps.clusterUuid)
         const source = defaultSource(deps.sources)
         const { data, result } = await deps.files.get(source, digest)

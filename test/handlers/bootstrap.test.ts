@@ -267,3 +267,26 @@ void t.test('a node that half-closes and then resets mid-download is logged 499,
   t.match(cut, { status: 499, aborted: true, level: 40 }, '499, aborted, at warn')
   t.equal(cut?.bytes, undefined, 'no byte count claimed')
 })
+
+void t.test('an absolute-form request is served and labelled with its route', async (t) => {
+  // Found from outside: `GET http://host/<uuid>/rpp-get?…` was served, but its line and metric
+  // said the catch-all route.
+  const log = captureLogger('info')
+  const s = await setup(t, { logger: log.logger })
+  const digest = await push(s, [{ name: 'rpp-get', data: RPP_GET }])
+  const socket = connect(Number(new URL(s.base).port), '127.0.0.1')
+  socket.on('error', () => undefined)
+  t.teardown(() => socket.destroy())
+  let text = ''
+  socket.on('data', (d: Buffer) => (text += d.toString('latin1')))
+  await new Promise((r) => socket.once('connect', r))
+  socket.write(`GET http://nodes.example/${UUID}/rpp-get?digest=${digest} HTTP/1.1\r\nHost: nodes.example\r\n\r\n`)
+  await eventually(() => text.includes('echo rpp-get'), 'the file arrives')
+  t.match(text, /^HTTP\/1\.1 200 /)
+  await eventually(() => log.lines().some((l) => l.listener === 'bootstrap'), 'its line')
+  t.match(
+    log.lines().find((l) => l.listener === 'bootstrap'),
+    { status: 200, route: '/{uuid}/rpp-get' },
+    'the rpp-get route',
+  )
+})
